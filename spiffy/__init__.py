@@ -1,0 +1,30 @@
+"""spiffy: lossless speculative decoding for diffusion LLMs (Spiffy, arXiv 2509.18085).
+
+Public API (SPEC §11): `load_model`, `build_decoder`, `Speculation`, `DraftGraph` and the graph helpers.
+"""
+
+from spiffy.api import build_decoder
+from spiffy.decoding.block_decoder import BlockDecoder
+from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.speculative import Speculation, SpiffyDecoder
+from spiffy.decoding.types import DecodeResult, DecodeStats
+from spiffy.graph import DraftGraph, chain, fig2, parse_graph_spec, two_level_topk
+from spiffy.models import ModelSpec, load_model, model_spec
+
+__all__ = [
+    "BlockDecoder",
+    "DecodeResult",
+    "DecodeStats",
+    "DraftGraph",
+    "GenerationConfig",
+    "ModelSpec",
+    "Speculation",
+    "SpiffyDecoder",
+    "build_decoder",
+    "chain",
+    "fig2",
+    "load_model",
+    "model_spec",
+    "parse_graph_spec",
+    "two_level_topk",
+]

@@ -1,0 +1,154 @@
+"""The one semi-autoregressive block loop: transition rule × cache mode (SPEC §2, §3, §4, §5.4).
+
+`BlockDecoder` is LLaDA's sampler (`rule="schedule"`, `cache="none"`), Fast-dLLM's (`threshold`/`factor`,
+`prefix`/`dual`) and every other combination; presets are configurations, not forks. The loop is written as
+Spiffy's acceptance walk (SPEC §5.4) with two hooks, `propose` and `accept`; the base decoder proposes no drafts
+and accepts nothing, so each of its transitions costs exactly one forward. `SpiffyDecoder` overrides the hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.forward import STRATEGIES, ForwardStrategy
+from spiffy.decoding.randomness import NoiseKey
+from spiffy.decoding.rules import TransitionRule
+from spiffy.decoding.sampling import TransitionContext, transition
+from spiffy.decoding.types import DecodeResult, DecodeStats
+from spiffy.models.loading import ModelSpec, model_spec
+
+
+@dataclass
+class Verified:
+    """Draft states verified by the last forward, their logits (K, Lb, V) and graph levels (K,)."""
+
+    states: torch.Tensor
+    logits: torch.Tensor
+    levels: torch.Tensor
+
+    @classmethod
+    def none(cls, like: torch.Tensor) -> Verified:
+        return cls(like.new_empty((0, like.numel())), like.new_empty(0), like.new_empty(0))
+
+
+class BlockDecoder:
+    """Base decoder. `generate(prompt_ids, request_id=, seed=)` returns a `DecodeResult`."""
+
+    verify = "exact"
+
+    def __init__(
+        self, model: torch.nn.Module, cfg: GenerationConfig, spec: ModelSpec | None = None
+    ):
+        self.model = model
+        self.cfg = cfg
+        self.spec = spec or model_spec(model)
+        self.rule = TransitionRule.from_config(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prepare_prompt(self, prompt_ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """Validate a prompt (P,) or (1, P) and return it as a 1-D LongTensor on the model's device."""
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1:
+            raise ValueError(f"prompt_ids of shape {tuple(prompt.shape)}: expected (P,) or (1, P)")
+        if (prompt == self.spec.mask_id).any():
+            raise ValueError(f"prompt_ids contain the mask id {self.spec.mask_id}")
+        total = prompt.numel() + self.cfg.gen_length
+        if total > self.spec.max_length:
+            raise ValueError(
+                f"prompt length {prompt.numel()} + gen_length {self.cfg.gen_length} = {total} "
+                f"exceeds the model's max_length={self.spec.max_length}"
+            )
+        return prompt.to(self.device)
+
+    def generate(
+        self, prompt_ids: torch.Tensor | list[int], *, request_id: int | str = 0, seed: int = 0
+    ) -> DecodeResult:
+        """Decode `gen_length` tokens after the prompt, block by block, left to right."""
+        t0 = time.perf_counter()
+        prompt = self.prepare_prompt(prompt_ids)
+        p, lb = prompt.numel(), self.cfg.block_length
+        canvas = torch.cat([prompt, prompt.new_full((self.cfg.gen_length,), self.spec.mask_id)])
+        strategy = STRATEGIES[self.cfg.cache](self.model)
+        stats, noise = DecodeStats(), NoiseKey(seed, request_id)
+        for b in range(self.cfg.num_blocks):
+            block = slice(p + b * lb, p + (b + 1) * lb)
+            self.decode_block(canvas, block, b, strategy, stats, noise)
+        tokens = canvas[p:].clone()
+        timer = strategy.timer
+        stats.model_s, stats.mask_s = timer.model_s, timer.mask_s
+        stats.query_tokens, stats.draft_query_tokens = timer.query_tokens, timer.draft_query_tokens
+        stats.wall_s = time.perf_counter() - t0
+        eos = (tokens == self.spec.eos_id).nonzero() if self.spec.eos_id is not None else []
+        stats.generated_tokens = int(eos[0]) if len(eos) else tokens.numel()
+        return DecodeResult(tokens=tokens, stats=stats)
+
+    def decode_block(
+        self,
+        canvas: torch.Tensor,
+        block: slice,
+        b: int,
+        strategy: ForwardStrategy,
+        stats: DecodeStats,
+        noise: NoiseKey,
+    ) -> None:
+        """Run one block to completion: the acceptance walk of SPEC §5.4 (updates `canvas` in place)."""
+        state = canvas[block].clone()
+        ctx = TransitionContext(
+            self.cfg,
+            self.rule,
+            self.spec,
+            noise,
+            b,
+            masked_at_start=int((state == self.spec.mask_id).sum()),
+        )
+        # Step 1 - the block-start forward carries no drafts (anchor = none in every cache mode).
+        dist = strategy.begin_block(canvas, block)
+        stats.nfe += 1
+        verified, step, advanced, stalled = Verified.none(state), 0, 0, 0
+        while True:
+            # Step 2 - the ordinary transition, keyed by (block, step): this IS the output.
+            new = transition(dist, state, step, ctx)
+            step, advanced = step + 1, advanced + 1
+            stats.transitions += 1
+            canvas[block] = new
+            if self.rule.is_complete(bool((new == self.spec.mask_id).any()), step):
+                break
+            stalled = stalled + 1 if torch.equal(new, state) else 0
+            if stalled >= self.cfg.block_length:
+                raise RuntimeError(
+                    f"block {b}: {stalled} consecutive transitions committed nothing "
+                    "(the model keeps predicting the mask id)"
+                )
+            # Step 3 - continue without a forward if the new state's distribution is already known.
+            known = self.accept(new, state, dist, verified, stats)
+            if known is not None:
+                dist, state = known, new
+                continue
+            stats.accepted_per_forward[advanced - 1] += 1
+            advanced = 0
+            # Step 4 - draft from the anchor (the distribution `new` was sampled from), verify in one forward.
+            anchor, state = dist, new
+            drafts, levels = self.propose(anchor, state, ctx, step, stats)
+            logits = strategy.block_logits(
+                canvas, block, torch.cat([state[None], drafts]), self.verify
+            )
+            stats.nfe += 1
+            dist, verified = logits[0], Verified(drafts, logits[1:], levels)
+        stats.accepted_per_forward[advanced - 1] += 1
+
+    def propose(self, anchor, state, ctx, step, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft states (K, Lb) and their graph levels; the base decoder drafts nothing."""
+        return state.new_empty((0, state.numel())), state.new_empty(0)
+
+    def accept(self, new, state, dist, verified, stats) -> torch.Tensor | None:
+        """The distribution of `new` if this forward already computed it; the base decoder never knows."""
+        return None

@@ -1,0 +1,98 @@
+"""Pure functions of one transition: logit processing, keyed sampling, confidence, position choice (SPEC §2).
+
+`transition` is *the* output rule: the base decoders and Spiffy's acceptance walk call exactly this function,
+with the same keyed noise, which is why Spiffy's output equals the base decoder's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.randomness import NoiseKey
+from spiffy.decoding.rules import TransitionRule
+from spiffy.models.loading import ModelSpec
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class TransitionContext:
+    """Everything a transition needs besides the distribution and the state."""
+
+    cfg: GenerationConfig
+    rule: TransitionRule
+    spec: ModelSpec
+    noise: NoiseKey
+    block: int
+    masked_at_start: int
+
+
+def sampling_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
+    """Float64 logits the token is sampled from (after `logits_eos_inf`; SPEC §2 step 6)."""
+    out = logits.to(torch.float64)
+    if ctx.cfg.logits_eos_inf and ctx.spec.eos_id is not None:
+        out = out.clone()
+        out[..., ctx.spec.eos_id] = NEG_INF
+    return out
+
+
+def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
+    """Probabilities used for confidence, with the optional EoT/EOS removal (SPEC §2 steps 4, 6)."""
+    cfg, spec = ctx.cfg, ctx.spec
+    out = sampling_logits(logits, ctx)
+    if cfg.confidence_eos_eot_inf:
+        out = out.clone()
+        if spec.eot_id is not None:
+            out[..., spec.eot_id] = NEG_INF
+        if cfg.temperature == 0 and spec.eos_id is not None:
+            out[..., spec.eos_id] = NEG_INF
+    if cfg.softmax_dtype == "model":  # LLaDA's current `generate`: softmax in the logits' dtype
+        return torch.softmax(out.to(logits.dtype), dim=-1).to(torch.float64)
+    return torch.softmax(out, dim=-1)
+
+
+def predict_tokens(logits: torch.Tensor, ctx: TransitionContext, step: int) -> torch.Tensor:
+    """Predicted token per position: argmax at T=0, keyed float64 Gumbel-max at T>0 (SPEC §2 step 3)."""
+    scores = sampling_logits(logits, ctx)  # (Lb, V)
+    if ctx.cfg.temperature > 0:
+        u = ctx.noise.uniforms(ctx.block, step, "gumbel", tuple(scores.shape), scores.device)
+        scores = scores.exp() / (-torch.log(u)) ** ctx.cfg.temperature
+    return scores.argmax(dim=-1)
+
+
+def top_positions(conf: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest values, ties to the lowest index (stable sort, never `topk`)."""
+    order = torch.sort(conf, descending=True, stable=True).indices
+    return order[:count]
+
+
+def transition(
+    logits: torch.Tensor, state: torch.Tensor, step: int, ctx: TransitionContext
+) -> torch.Tensor:
+    """One denoising transition of the block state (SPEC §2 steps 3-5, §3).
+
+    Args:
+        logits: the distribution of `state`, (Lb, V) in any dtype.
+        state: block tokens (Lb,), masked positions hold `spec.mask_id`.
+        step: the block's transition index (keys the noise and the schedule).
+    Returns:
+        The next block state (Lb,); the input is not modified.
+    """
+    masked = state == ctx.spec.mask_id  # (Lb,)
+    x0 = predict_tokens(logits, ctx, step)  # (Lb,)
+    if ctx.cfg.remasking == "low_confidence":
+        probs = confidence_probs(logits, ctx)
+        conf = probs.gather(-1, x0[:, None]).squeeze(-1)  # (Lb,) float64
+    else:
+        conf = ctx.noise.uniforms(ctx.block, step, "remask", (state.numel(),), state.device)
+    conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+    masked_conf = conf[masked]
+    sorted_conf = torch.sort(masked_conf, descending=True, stable=True).values
+    count = ctx.rule.count(sorted_conf, step, ctx.masked_at_start)
+    chosen = top_positions(conf, count)
+    new_state = state.clone()
+    new_state[chosen] = x0[chosen]
+    return new_state

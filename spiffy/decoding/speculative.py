@@ -1,0 +1,92 @@
+"""Spiffy (arXiv 2509.18085): auto-speculative drafts from a directed draft graph, verified in one forward.
+
+`SpiffyDecoder` is any base `BlockDecoder` plus two hooks of its acceptance walk (SPEC §5.4):
+`propose` instantiates the graph from the anchor (SPEC §5.1) and `accept` looks the new real state up among the
+drafts verified in the last forward. Because every committed token comes from `transition` on the true
+distribution of the current state, under the same keyed noise, the output equals the base decoder's (SPEC §6) in
+the lossless layouts (`exact`, and any layout with the dual cache); `shared` is the paper's near-lossless layout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from spiffy.decoding.block_decoder import BlockDecoder, Verified
+from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.drafting import GraphTensors, instantiate, rank_tables
+from spiffy.graph.builtin import resolve_graph
+from spiffy.graph.draft_graph import DraftGraph
+from spiffy.models.loading import ModelSpec
+
+VERIFY_MODES = ("exact", "shared")
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Spiffy's settings: the draft graph (a `DraftGraph`, a JSON path or a spec such as `"chain:5"`) and the
+    verification layout."""
+
+    graph: DraftGraph | str
+    verify: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify={self.verify!r} must be one of {list(VERIFY_MODES)}")
+        object.__setattr__(self, "graph", resolve_graph(self.graph))
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.verify == "exact"
+
+
+class SpiffyDecoder(BlockDecoder):
+    """Speculative wrapper over the base configuration `cfg`; same output, fewer forwards."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: GenerationConfig,
+        speculation: Speculation,
+        spec: ModelSpec | None = None,
+    ):
+        super().__init__(model, cfg, spec)
+        self.speculation = speculation
+        self.graph = speculation.graph
+        # the dual cache verifies each draft as its own query block: exact whatever the layout
+        self.verify = "exact" if cfg.cache == "dual" else speculation.verify
+        self._tensors = GraphTensors.from_graph(self.graph, self.device)
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.verify == "exact"
+
+    def propose(self, anchor, state, ctx, step, stats):
+        t = time.perf_counter()
+        pos_by_rank, top_tokens = rank_tables(anchor, state, ctx, self._tensors.max_token_rank)
+        drafts, levels = instantiate(
+            self._tensors, pos_by_rank, top_tokens, state, self.spec.mask_id
+        )
+        for level in levels.tolist():
+            stats.drafted_per_level[level] += 1
+        stats.drafts_verified += drafts.shape[0]
+        stats.draft_s += time.perf_counter() - t
+        return drafts, levels
+
+    def accept(self, new, state, dist, verified: Verified, stats):
+        t = time.perf_counter()
+        try:
+            if torch.equal(new, state):  # nothing committed: same state, same distribution
+                return dist
+            if verified.states.shape[0] == 0:
+                return None
+            match = (verified.states == new).all(dim=1).nonzero()
+            if match.numel() == 0:
+                return None
+            i = int(match[0, 0])
+            stats.accepted_per_level[int(verified.levels[i])] += 1
+            return verified.logits[i]
+        finally:
+            stats.bookkeeping_s += time.perf_counter() - t

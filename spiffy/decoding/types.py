@@ -1,0 +1,82 @@
+"""Result types every decoder returns (SPEC §7): tokens plus typed statistics, never bare dicts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DecodeStats:
+    """Per-request counters and timings.
+
+    `nfe` counts every model call (block starts and verification calls included); `transitions` counts
+    denoising transitions, which equals the base decoder's NFE for the same request (SPEC §7).
+    `accepted_per_forward[n]` is how many forwards advanced `n + 1` transitions.
+    """
+
+    nfe: int = 0
+    transitions: int = 0
+    accepted_per_forward: Counter = field(default_factory=Counter)
+    accepted_per_level: Counter = field(default_factory=Counter)
+    drafted_per_level: Counter = field(default_factory=Counter)
+    drafts_verified: int = 0
+    draft_query_tokens: int = 0
+    query_tokens: int = 0
+    model_s: float = 0.0
+    draft_s: float = 0.0
+    mask_s: float = 0.0
+    bookkeeping_s: float = 0.0
+    wall_s: float = 0.0
+    generated_tokens: int = 0
+
+    @property
+    def nfe_base(self) -> int:
+        """The base decoder's NFE for this request: one forward per transition."""
+        return self.transitions
+
+    @property
+    def speedup_nfe(self) -> float:
+        return self.transitions / self.nfe if self.nfe else float("nan")
+
+    @property
+    def mean_accepted_per_forward(self) -> float:
+        """Transitions per forward minus one."""
+        return self.transitions / self.nfe - 1 if self.nfe else float("nan")
+
+    @property
+    def overhead_s(self) -> float:
+        """Time outside the model spent on Spiffy's drafting, masks and bookkeeping."""
+        return self.draft_s + self.mask_s + self.bookkeeping_s
+
+    def to_dict(self) -> dict:
+        """Flat, JSON-ready view (logging edge only)."""
+        return {
+            "nfe": self.nfe,
+            "nfe_base": self.nfe_base,
+            "transitions": self.transitions,
+            "speedup_nfe": self.speedup_nfe,
+            "accepted_per_forward_mean": self.mean_accepted_per_forward,
+            "accepted_per_forward_hist": dict(sorted(self.accepted_per_forward.items())),
+            "accepted_per_level": dict(sorted(self.accepted_per_level.items())),
+            "drafted_per_level": dict(sorted(self.drafted_per_level.items())),
+            "drafts_verified": self.drafts_verified,
+            "draft_query_tokens": self.draft_query_tokens,
+            "query_tokens": self.query_tokens,
+            "model_s": self.model_s,
+            "draft_s": self.draft_s,
+            "mask_s": self.mask_s,
+            "bookkeeping_s": self.bookkeeping_s,
+            "wall_s": self.wall_s,
+            "generated_tokens": self.generated_tokens,
+        }
+
+
+@dataclass
+class DecodeResult:
+    """`tokens` is the generated region only (gen_length,); `stats` its counters."""
+
+    tokens: torch.Tensor
+    stats: DecodeStats

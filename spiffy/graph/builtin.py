@@ -1,0 +1,63 @@
+"""Hand-built draft graphs and the graph spec strings of the public API (SPEC §11; paper Fig. 2).
+
+* `chain:D`    — `{(1,1)}, {(1,1),(2,1)}, ...`: bets on the anchor's confidence order, one token per level.
+* `topk:K`     — two levels: the top-K tokens at the most confident position, each followed by the top token
+  at the second position (D = 2K).
+* `fig2`       — the paper's Figure-2 graph `{c11}, {c21}, {c11,c21}, {c11,c31}, {c11,c21,c31}`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from spiffy.graph.draft_graph import DraftGraph
+
+
+def chain(depth: int) -> DraftGraph:
+    if depth < 1:
+        raise ValueError(f"chain depth={depth} must be >= 1")
+    return DraftGraph.from_formulas(
+        [[(i, 1) for i in range(1, d + 1)] for d in range(1, depth + 1)], selection="chain"
+    )
+
+
+def two_level_topk(k: int) -> DraftGraph:
+    if k < 1:
+        raise ValueError(f"topk k={k} must be >= 1")
+    level1 = [[(1, j)] for j in range(1, k + 1)]
+    level2 = [[(1, j), (2, 1)] for j in range(1, k + 1)]
+    return DraftGraph.from_formulas(level1 + level2, selection="topk")
+
+
+def fig2() -> DraftGraph:
+    return DraftGraph.from_formulas(
+        [[(1, 1)], [(2, 1)], [(1, 1), (2, 1)], [(1, 1), (3, 1)], [(1, 1), (2, 1), (3, 1)]],
+        selection="fig2",
+    )
+
+
+SPECS = {"chain": chain, "topk": two_level_topk}
+
+
+def parse_graph_spec(spec: str) -> DraftGraph:
+    """`"chain:5"`, `"topk:3"` or `"fig2"`."""
+    if spec == "fig2":
+        return fig2()
+    name, _, arg = spec.partition(":")
+    if name not in SPECS or not arg.isdigit():
+        raise ValueError(
+            f"graph={spec!r} is not a graph spec ('chain:D', 'topk:K', 'fig2') or an existing file"
+        )
+    return SPECS[name](int(arg))
+
+
+def resolve_graph(graph: DraftGraph | str | os.PathLike) -> DraftGraph:
+    """A `DraftGraph` from a graph, a path to a graph JSON, or a spec string."""
+    if isinstance(graph, DraftGraph):
+        return graph
+    if isinstance(graph, os.PathLike) or str(graph).endswith(".json"):
+        return DraftGraph.load(Path(graph))
+    if isinstance(graph, str):
+        return parse_graph_spec(graph)
+    raise ValueError(f"graph={graph!r} must be a DraftGraph, a JSON path or a spec string")

@@ -1,0 +1,186 @@
+"""The directed draft graph as plain, validated, serialisable data (SPEC §5.1, §5.2; paper §3.2, Fig. 2).
+
+A node is a formula: a set of `(i, j)` rank pairs with distinct position ranks `i` (1-based position rank among
+the still-masked positions, ordered by the anchor's confidence; `j` the token rank at that position). The root is
+the real state (the empty formula) and is implicit. Parents are explicit (`-1` = root), so multi-token rules can
+add several pairs per edge. Construction validates everything and errors name the bad node; `to_json` /
+`from_json` round-trip a small versioned format. This module imports nothing from the decoders or calibration.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "spiffy.draft_graph"
+VERSION = 1
+ROOT = -1
+
+Formula = tuple[tuple[int, int], ...]
+
+
+def canonical(formula: Iterable[Sequence[int]]) -> Formula:
+    """Sorted tuple of `(i, j)` int pairs."""
+    return tuple(sorted((int(i), int(j)) for i, j in formula))
+
+
+@dataclass(frozen=True)
+class DraftGraph:
+    """Nodes (formulas), their parents (indices, `-1` = root) and the budget D.
+
+    Invariants checked on construction: at least one node, no empty or duplicate node, ranks >= 1, distinct
+    position ranks within a node, parents are strict subsets, every node reachable from the root, and
+    `len(nodes) <= budget`.
+    """
+
+    nodes: tuple[Formula, ...]
+    parents: tuple[tuple[int, ...], ...]
+    budget: int
+    selection: str = "manual"
+    provenance: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", tuple(canonical(n) for n in self.nodes))
+        object.__setattr__(self, "parents", tuple(tuple(int(p) for p in ps) for ps in self.parents))
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"budget={self.budget!r} must be a positive integer")
+        if len(self.nodes) > self.budget:
+            raise ValueError(f"{len(self.nodes)} nodes exceed budget={self.budget}")
+        if len(self.parents) != len(self.nodes):
+            raise ValueError(f"{len(self.parents)} parent lists for {len(self.nodes)} nodes")
+        seen: dict[Formula, int] = {}
+        for n, node in enumerate(self.nodes):
+            if not node:
+                raise ValueError(f"node {n} is empty (the root is implicit)")
+            if any(i < 1 or j < 1 for i, j in node):
+                raise ValueError(f"node {n} {list(node)} has a rank < 1 (ranks are 1-based)")
+            if len({i for i, _ in node}) != len(node):
+                raise ValueError(f"node {n} {list(node)} repeats a position rank i")
+            if node in seen:
+                raise ValueError(f"node {n} {list(node)} duplicates node {seen[node]}")
+            seen[node] = n
+            for p in self.parents[n]:
+                if p != ROOT and not 0 <= p < len(self.nodes):
+                    raise ValueError(f"node {n} {list(node)} has unknown parent {p}")
+                if p != ROOT and not set(self.nodes[p]) < set(node):
+                    raise ValueError(
+                        f"node {n} {list(node)}: parent {p} {list(self.nodes[p])} is not a subset"
+                    )
+        levels = self.levels
+        for n, level in enumerate(levels):
+            if level is None:
+                raise ValueError(f"node {n} {list(self.nodes[n])} is not reachable from the root")
+
+    @property
+    def levels(self) -> list[int | None]:
+        """Shortest number of edges from the root per node (None if unreachable)."""
+        levels: list[int | None] = [None] * len(self.nodes)
+        changed = True
+        while changed:
+            changed = False
+            for n, ps in enumerate(self.parents):
+                cands = [
+                    1 if p == ROOT else (levels[p] + 1 if levels[p] is not None else None)
+                    for p in ps
+                ]
+                cands = [c for c in cands if c is not None]
+                if cands and (levels[n] is None or min(cands) < levels[n]):
+                    levels[n], changed = min(cands), True
+        return levels
+
+    @property
+    def max_position_rank(self) -> int:
+        return max(i for node in self.nodes for i, _ in node)
+
+    @property
+    def max_token_rank(self) -> int:
+        return max(j for node in self.nodes for _, j in node)
+
+    def children(self) -> list[list[int]]:
+        """Child indices per node."""
+        out: list[list[int]] = [[] for _ in self.nodes]
+        for n, ps in enumerate(self.parents):
+            for p in ps:
+                if p != ROOT:
+                    out[p].append(n)
+        return out
+
+    @classmethod
+    def from_formulas(
+        cls,
+        formulas: Iterable[Iterable[Sequence[int]]],
+        *,
+        budget: int | None = None,
+        max_added: int = 1,
+        selection: str = "manual",
+        provenance: dict | None = None,
+    ) -> DraftGraph:
+        """Build a graph, inferring parents: A is a parent of B iff A is a strict subset of B that adds at
+        most `max_added` pairs (one-token rules: exactly one); nodes of size <= `max_added` hang off the root.
+        """
+        nodes = [canonical(f) for f in formulas]
+        parents = []
+        for node in nodes:
+            ps = [ROOT] if len(node) <= max_added else []
+            ps += [
+                a
+                for a, other in enumerate(nodes)
+                if set(other) < set(node) and len(node) - len(other) <= max_added
+            ]
+            parents.append(tuple(ps))
+        return cls(
+            tuple(nodes),
+            tuple(parents),
+            budget if budget is not None else len(nodes),
+            selection,
+            provenance or {},
+        )
+
+    def to_json(self) -> str:
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "budget": self.budget,
+            "selection": self.selection,
+            "nodes": [[list(p) for p in node] for node in self.nodes],
+            "parents": [list(ps) for ps in self.parents],
+            "provenance": self.provenance,
+        }
+        return json.dumps(payload, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "<string>") -> DraftGraph:
+        """Parse and validate; any problem raises `ValueError` naming `source`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"draft graph {source}: not valid JSON ({err})") from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"draft graph {source}: missing 'format': {FORMAT!r}")
+        if data.get("version") != VERSION:
+            raise ValueError(
+                f"draft graph {source}: version={data.get('version')!r}, expected {VERSION}"
+            )
+        try:
+            return cls(
+                nodes=tuple(tuple(tuple(p) for p in node) for node in data["nodes"]),
+                parents=tuple(tuple(ps) for ps in data["parents"]),
+                budget=data["budget"],
+                selection=data.get("selection", "manual"),
+                provenance=data.get("provenance", {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"draft graph {source}: {err}") from err
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> DraftGraph:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"draft graph file {str(path)!r} does not exist")
+        return cls.from_json(path.read_text(), source=str(path))

@@ -1,0 +1,16 @@
+"""Model adapters: native LLaDA implementation, loading, and the `ModelSpec` decoders rely on."""
+
+from spiffy.models.kv import KVCache
+from spiffy.models.llada import DiffusionLMOutput, LLaDAConfig, LLaDAModelLM
+from spiffy.models.loading import EMBEDDED_MODEL_DIR, ModelSpec, load_model, model_spec
+
+__all__ = [
+    "EMBEDDED_MODEL_DIR",
+    "DiffusionLMOutput",
+    "KVCache",
+    "LLaDAConfig",
+    "LLaDAModelLM",
+    "ModelSpec",
+    "load_model",
+    "model_spec",
+]

@@ -1,0 +1,59 @@
+"""Key/value caches that a query block attends to (SPEC §4, §5.3).
+
+A `KVCache` holds post-RoPE keys and values for some canvas positions, one `(k, v)` pair per layer.
+A forward that receives a cache *splices* its freshly computed keys into the cached sequence:
+`keys = cache[:insert_at] ++ new ++ cache[insert_at + replace:]`. Both cache modes are this one rule:
+
+* prefix cache: the cache holds positions `[0, s)`; queries are `[s, L)`; `insert_at = s`, `replace = 0`.
+* dual cache:   the cache holds the whole canvas; queries are the block `[s, e)`;
+  `insert_at = s`, `replace = e - s` (the block's own K/V are always recomputed).
+
+Forwards never write into a cache: drafts and real-state steps only read it (SPEC §5.3 constraints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Frozen per-layer keys/values, each `(B, H_kv, L_c, head_dim)`, plus the splice point."""
+
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    insert_at: int
+    replace: int = 0
+
+    @property
+    def length(self) -> int:
+        """Number of cached key positions."""
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+    def keys_after_splice(self, num_new: int) -> int:
+        """Total key length seen by a query block of `num_new` fresh positions."""
+        return self.length - self.replace + num_new
+
+    def splice(
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the full key/value sequences for `layer` with the fresh K/V spliced in."""
+        k_c, v_c = self.layers[layer]
+        batch = k_new.shape[0]
+        if k_c.shape[0] != batch:  # one cache shared by every draft row
+            k_c = k_c.expand(batch, *k_c.shape[1:])
+            v_c = v_c.expand(batch, *v_c.shape[1:])
+        lo, hi = self.insert_at, self.insert_at + self.replace
+        k = torch.cat([k_c[:, :, :lo], k_new, k_c[:, :, hi:]], dim=2)
+        v = torch.cat([v_c[:, :, :lo], v_new, v_c[:, :, hi:]], dim=2)
+        return k, v
+
+    def with_splice(self, insert_at: int, replace: int) -> KVCache:
+        """The same cached tensors with another splice point."""
+        return KVCache(self.layers, insert_at, replace)
+
+    def slice_positions(self, end: int) -> KVCache:
+        """Keep only cached positions `[0, end)` (the prefix cache)."""
+        layers = tuple((k[:, :, :end], v[:, :, :end]) for k, v in self.layers)
+        return KVCache(layers, insert_at=end, replace=0)

@@ -1,0 +1,115 @@
+"""Load dLLM checkpoints (published or embedded) through one path, and describe their token ids (SPEC §9, §11).
+
+`load_model` reads `config.json`, picks the native class registered for its `model_type`, and loads weights with
+transformers' `from_pretrained` (offline for local directories; hub ids need network). `ModelSpec` is everything
+a decoder may know about a model: token ids and limits. Decoders never hard-code ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+
+from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
+
+# model_type -> native class. A new family is one adapter file plus one entry here.
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"llada": LLaDAModelLM}
+
+for _cfg, _cls in ((LLaDAConfig, LLaDAModelLM),):
+    AutoConfig.register(_cfg.model_type, _cfg, exist_ok=True)
+    AutoModel.register(_cfg, _cls, exist_ok=True)
+    AutoModelForMaskedLM.register(_cfg, _cls, exist_ok=True)
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-llada-arith"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Token ids and limits a decoder needs (SPEC §2 step 6: ids always come from the adapter)."""
+
+    mask_id: int
+    eos_id: int | None
+    eot_id: int | None
+    pad_id: int | None
+    vocab_size: int
+    max_length: int
+    logits_shift: int = 0  # Dream-style families predict position i from hidden state i - shift
+
+
+def model_spec(model: PreTrainedModel) -> ModelSpec:
+    """Read the `ModelSpec` from a loaded model's config."""
+    cfg = model.config
+    return ModelSpec(
+        mask_id=int(cfg.mask_token_id),
+        eos_id=cfg.eos_token_id,
+        eot_id=getattr(cfg, "eot_token_id", None),
+        pad_id=cfg.pad_token_id,
+        vocab_size=int(getattr(cfg, "embedding_size", cfg.vocab_size)),
+        max_length=int(cfg.max_sequence_length),
+        logits_shift=int(getattr(cfg, "logits_shift", 0)),
+    )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_path(name: str) -> bool:
+    return not _HUB_ID.match(name)
+
+
+def resolve_model_path(path_or_id: str | os.PathLike) -> str:
+    """Return a local directory or a hub id; raise `FileNotFoundError` for a missing local directory."""
+    name = str(path_or_id)
+    if name in ("embedded", "tiny-llada-arith"):
+        name = str(EMBEDDED_MODEL_DIR)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+        return str(path)
+    if path.exists() or _looks_like_path(name):
+        raise FileNotFoundError(
+            f"model directory {name!r} does not exist (a hub id looks like 'org/name')"
+        )
+    return name  # a hub id such as GSAI-ML/LLaDA-8B-Instruct: needs network or the HF cache
+
+
+def load_model(
+    path_or_id: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Load a LLaDA-format (or other registered) checkpoint as a native model in eval mode.
+
+    Args:
+        path_or_id: a local checkpoint directory, `"embedded"`, or a hub id.
+        dtype: parameter dtype (`torch.float64` for exactness tests, `torch.bfloat16` on GPUs).
+        device: target device.
+
+    Raises:
+        FileNotFoundError: the directory does not exist or has no `config.json`.
+        ValueError: the config's `model_type` has no native implementation here.
+    """
+    name = resolve_model_path(path_or_id)
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype")
+        dtype = getattr(torch, dtype)
+    if Path(name).is_dir():
+        model_type = json.loads((Path(name) / "config.json").read_text()).get("model_type")
+    else:
+        model_type = AutoConfig.from_pretrained(name).model_type
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(
+            f"model_type={model_type!r} in {name!r} is not supported; "
+            f"supported: {sorted(MODEL_CLASSES)}"
+        )
+    model = MODEL_CLASSES[model_type].from_pretrained(name, dtype=dtype)
+    return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Training utilities for small masked-diffusion LMs (LLaDA's SFT objective)."""
