@@ -1,0 +1,86 @@
+"""Shared fixtures: the reference checkpoint (skipped when ../shared is absent), a random tiny LLaDA config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SPIFFY_SHARED", REPO.parent / "shared"))
+LLADA_FIXTURE = SHARED / "fixtures" / "llada_reference"
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the reference fixtures live in ../shared (CI has them)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llada_fixture_dir() -> Path:
+    return need_shared(LLADA_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def llada_expected(llada_fixture_dir) -> dict:
+    return json.loads((llada_fixture_dir / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def fixture_model(llada_fixture_dir):
+    import spiffy
+
+    return spiffy.load_model(llada_fixture_dir, dtype=torch.float64)
+
+
+def tiny_random_model(seed: int = 0, vocab: int = 24, layers: int = 2, kv_heads: int = 2):
+    """A random LLaDA-architecture model in float64 (GQA, small vocab: drafts often match)."""
+    from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
+
+    torch.manual_seed(seed)
+    cfg = LLaDAConfig(
+        d_model=32, n_heads=4, n_kv_heads=kv_heads, n_layers=layers, mlp_hidden_size=48,
+        vocab_size=vocab, max_sequence_length=128, rope_theta=10000.0,
+        mask_token_id=vocab - 1, eos_token_id=vocab - 2, pad_token_id=vocab - 2,
+        eot_token_id=vocab - 3,
+    )
+    model = LLaDAModelLM(cfg).to(torch.float64).eval()
+    with torch.no_grad():  # sharpen the distributions so that drafts are sometimes right
+        model.model.transformer["ff_out"].weight.mul_(8.0)
+    model.register_forward_hook(_never_predict_mask)
+    return model
+
+
+def _never_predict_mask(module, args, output):
+    """A trained dLLM never predicts the mask token; a random one may, which stalls every decoder."""
+    output.logits[..., module.config.mask_token_id] = float("-inf")
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny_random_model()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and CI's two cores are not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype():
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)

@@ -1,0 +1,59 @@
+"""Verification layouts: one forward gives every state's own distribution, with no leak between drafts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spiffy.decoding.forward import STRATEGIES
+from tests.conftest import tiny_random_model
+
+
+def make_states(mask_id: int, lb: int = 8):
+    g = torch.Generator().manual_seed(0)
+    states = torch.randint(0, 20, (4, lb), generator=g)
+    states[:, 3:] = mask_id
+    states[1:, 3] = torch.tensor([1, 2, 3])
+    return states
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_each_row_equals_a_separate_forward_and_drafts_do_not_leak(cache):
+    model = tiny_random_model()
+    mask_id = model.config.mask_token_id
+    canvas = torch.cat([torch.randint(0, 20, (6,)), torch.full((24,), mask_id)])
+    block = slice(14, 22)
+    states = make_states(mask_id)
+    canvas[block] = states[0]
+    strategy = STRATEGIES[cache](model)
+    strategy.begin_block(canvas, block)
+    together = strategy.block_logits(canvas, block, states, "exact")
+    for r in range(states.shape[0]):
+        alone = strategy.block_logits(canvas, block, states[r : r + 1], "exact")[0]
+        torch.testing.assert_close(together[r], alone, rtol=0, atol=1e-12)
+    perturbed = states.clone()
+    perturbed[2, 4] = 7  # change one draft: the other rows must not move
+    again = strategy.block_logits(canvas, block, perturbed, "exact")
+    for r in (0, 1, 3):
+        torch.testing.assert_close(again[r], together[r], rtol=0, atol=1e-12)
+    assert not torch.allclose(again[2], together[2])
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_shared_layout_real_row_is_exact_and_drafts_are_isolated(cache):
+    model = tiny_random_model()
+    mask_id = model.config.mask_token_id
+    canvas = torch.cat([torch.randint(0, 20, (6,)), torch.full((24,), mask_id)])
+    block = slice(14, 22)
+    states = make_states(mask_id)
+    canvas[block] = states[0]
+    strategy = STRATEGIES[cache](model)
+    strategy.begin_block(canvas, block)
+    exact = strategy.block_logits(canvas, block, states[:1], "exact")[0]
+    shared = strategy.block_logits(canvas, block, states, "shared")
+    torch.testing.assert_close(shared[0], exact, rtol=0, atol=1e-12)  # the canvas never sees drafts
+    perturbed = states.clone()
+    perturbed[2, 4] = 7
+    again = strategy.block_logits(canvas, block, perturbed, "shared")
+    for r in (0, 1, 3):
+        torch.testing.assert_close(again[r], shared[r], rtol=0, atol=1e-12)
