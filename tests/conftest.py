@@ -47,9 +47,17 @@ def tiny_random_model(seed: int = 0, vocab: int = 24, layers: int = 2, kv_heads:
 
     torch.manual_seed(seed)
     cfg = LLaDAConfig(
-        d_model=32, n_heads=4, n_kv_heads=kv_heads, n_layers=layers, mlp_hidden_size=48,
-        vocab_size=vocab, max_sequence_length=128, rope_theta=10000.0,
-        mask_token_id=vocab - 1, eos_token_id=vocab - 2, pad_token_id=vocab - 2,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=kv_heads,
+        n_layers=layers,
+        mlp_hidden_size=48,
+        vocab_size=vocab,
+        max_sequence_length=128,
+        rope_theta=10000.0,
+        mask_token_id=vocab - 1,
+        eos_token_id=vocab - 2,
+        pad_token_id=vocab - 2,
         eot_token_id=vocab - 3,
     )
     model = LLaDAModelLM(cfg).to(torch.float64).eval()

@@ -113,3 +113,57 @@ def instantiate(
     )
     best.scatter_reduce_(0, inverse, levels, reduce="amin")
     return unique, best
+
+
+def pair_probabilities(
+    graph: GraphTensors, pos_by_rank: torch.Tensor, top_tokens: torch.Tensor, probs: torch.Tensor
+) -> torch.Tensor:
+    """Anchor probability `a(c_ij)` of every pair (N, P); 0 where the rank is out of range."""
+    n_masked = pos_by_rank.numel()
+    if n_masked == 0:
+        return torch.zeros(graph.pos_rank.shape, dtype=probs.dtype, device=probs.device)
+    pos = pos_by_rank[(graph.pos_rank - 1).clamp(max=n_masked - 1)]
+    tok = top_tokens[pos, (graph.tok_rank - 1).clamp(max=top_tokens.shape[1] - 1)]
+    p = probs[pos, tok]
+    return torch.where(graph.pos_rank <= n_masked, p, torch.zeros_like(p))
+
+
+def prune_nodes(
+    pair_probs: torch.Tensor, valid: torch.Tensor, graph: DraftGraph, keep: int
+) -> list[int]:
+    """Dynamic pruning (SPEC §5.6): indices of the `keep` best nodes by the geometric-mean score,
+    closed under reachability."""
+    n = len(graph.nodes)
+    if keep >= n:
+        return list(range(n))
+    logp = torch.where(valid, pair_probs.clamp_min(1e-300).log(), torch.zeros_like(pair_probs))
+    local = (logp.sum(1) / valid.sum(1)).tolist()  # log of the geometric mean
+    children = graph.children()
+    score = [0.0] * n
+    for q in sorted(range(n), key=lambda q: -len(graph.nodes[q])):  # leaves (largest) first
+        kids = children[q]
+        child = sum(score[c] for c in kids) / len(kids) if kids else local[q]
+        score[q] = 0.5 * (local[q] + child)
+    kept: list[int] = []
+    while len(kept) < keep:
+        admissible = [
+            q
+            for q in range(n)
+            if q not in kept and any(p == -1 or p in kept for p in graph.parents[q])
+        ]
+        if not admissible:
+            break
+        kept.append(max(admissible, key=lambda q: (score[q], -q)))
+    return sorted(kept)
+
+
+def subset(graph: GraphTensors, rows: list[int]) -> GraphTensors:
+    """The graph tensors of the node rows `rows`."""
+    index = torch.tensor(rows, dtype=torch.long, device=graph.pos_rank.device)
+    return GraphTensors(
+        graph.pos_rank[index],
+        graph.tok_rank[index],
+        graph.valid[index],
+        graph.levels[index],
+        graph.max_token_rank,
+    )

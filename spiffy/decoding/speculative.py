@@ -16,9 +16,18 @@ import torch
 
 from spiffy.decoding.block_decoder import BlockDecoder, Verified
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.drafting import GraphTensors, instantiate, rank_tables
+from spiffy.decoding.drafting import (
+    GraphTensors,
+    instantiate,
+    pair_probabilities,
+    prune_nodes,
+    rank_tables,
+    subset,
+)
+from spiffy.decoding.sampling import sampling_logits
 from spiffy.graph.builtin import resolve_graph
 from spiffy.graph.draft_graph import DraftGraph
+from spiffy.graph.provenance import warn_if_mismatched
 from spiffy.models.loading import ModelSpec
 
 VERIFY_MODES = ("exact", "shared")
@@ -31,10 +40,13 @@ class Speculation:
 
     graph: DraftGraph | str
     verify: str = "exact"
+    prune: int | None = None  # keep only the best `prune` nodes per forward (SPEC §5.6)
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"verify={self.verify!r} must be one of {list(VERIFY_MODES)}")
+        if self.prune is not None and (not isinstance(self.prune, int) or self.prune < 1):
+            raise ValueError(f"prune={self.prune!r} must be None or a positive integer")
         object.__setattr__(self, "graph", resolve_graph(self.graph))
 
     @property
@@ -55,6 +67,7 @@ class SpiffyDecoder(BlockDecoder):
         super().__init__(model, cfg, spec)
         self.speculation = speculation
         self.graph = speculation.graph
+        warn_if_mismatched(self.graph, cfg)
         # the dual cache verifies each draft as its own query block: exact whatever the layout
         self.verify = "exact" if cfg.cache == "dual" else speculation.verify
         self._tensors = GraphTensors.from_graph(self.graph, self.device)
@@ -66,9 +79,12 @@ class SpiffyDecoder(BlockDecoder):
     def propose(self, anchor, state, ctx, step, stats):
         t = time.perf_counter()
         pos_by_rank, top_tokens = rank_tables(anchor, state, ctx, self._tensors.max_token_rank)
-        drafts, levels = instantiate(
-            self._tensors, pos_by_rank, top_tokens, state, self.spec.mask_id
-        )
+        tensors, keep = self._tensors, self.speculation.prune
+        if keep is not None and keep < len(self.graph.nodes):  # dynamic pruning (SPEC §5.6)
+            probs = torch.softmax(sampling_logits(anchor, ctx), dim=-1)
+            pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, probs)
+            tensors = subset(tensors, prune_nodes(pair_probs, tensors.valid, self.graph, keep))
+        drafts, levels = instantiate(tensors, pos_by_rank, top_tokens, state, self.spec.mask_id)
         for level in levels.tolist():
             stats.drafted_per_level[level] += 1
         stats.drafts_verified += drafts.shape[0]

@@ -34,15 +34,26 @@ def assert_lossless(model, prompt, graph, request_id=0, seed=0, verify="exact", 
     return base, spec
 
 
-@pytest.mark.parametrize(("rule", "cache", "temperature"),
-                         list(itertools.product(RULES, ["none", "prefix", "dual"], [0.0, 0.7])))
+@pytest.mark.parametrize(
+    ("rule", "cache", "temperature"),
+    list(itertools.product(RULES, ["none", "prefix", "dual"], [0.0, 0.7])),
+)
 def test_every_base_decoder_on_the_fixture(fixture_model, rule, cache, temperature):
     prompt = torch.tensor([71, 124, 84, 108, 88])
     saved = 0
     for graph in GRAPHS:
         base, spec = assert_lossless(
-            fixture_model, prompt, graph, request_id=7, seed=3, gen_length=32, block_length=8,
-            rule=rule, cache=cache, temperature=temperature, **RULES[rule],
+            fixture_model,
+            prompt,
+            graph,
+            request_id=7,
+            seed=3,
+            gen_length=32,
+            block_length=8,
+            rule=rule,
+            cache=cache,
+            temperature=temperature,
+            **RULES[rule],
         )
         saved += base.stats.nfe - spec.stats.nfe
     if rule == "schedule":
@@ -54,9 +65,17 @@ def test_every_base_decoder_on_the_fixture(fixture_model, rule, cache, temperatu
 def test_remasking_and_eos_options(tiny_model, remasking, cache):
     for temperature, eos_opts in itertools.product([0.0, 1.0], [False, True]):
         assert_lossless(
-            tiny_model, torch.tensor([1, 2, 3, 4]), "fig2", seed=11, gen_length=24,
-            block_length=8, cache=cache, temperature=temperature, remasking=remasking,
-            logits_eos_inf=eos_opts, confidence_eos_eot_inf=eos_opts,
+            tiny_model,
+            torch.tensor([1, 2, 3, 4]),
+            "fig2",
+            seed=11,
+            gen_length=24,
+            block_length=8,
+            cache=cache,
+            temperature=temperature,
+            remasking=remasking,
+            logits_eos_inf=eos_opts,
+            confidence_eos_eot_inf=eos_opts,
         )
 
 
@@ -74,8 +93,9 @@ def draft_graphs(draw):
     return DraftGraph.from_formulas(nodes)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
-          phases=[Phase.explicit, Phase.generate])  # no shrinking: bounded CI time
+@settings(
+    max_examples=60, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate]
+)  # no shrinking: bounded CI time
 @given(
     model_seed=st.integers(0, 3),
     prompt=st.lists(st.integers(0, 19), min_size=1, max_size=6),
@@ -86,14 +106,23 @@ def draft_graphs(draw):
     graph=draft_graphs(),
     seed=st.integers(0, 1000),
 )
-def test_property_spiffy_equals_base(model_seed, prompt, blocks, rule, cache, temperature,
-                                     graph, seed):
+def test_property_spiffy_equals_base(
+    model_seed, prompt, blocks, rule, cache, temperature, graph, seed
+):
     model = tiny_random_model(seed=model_seed)
     gen_length, block_length = blocks
     assert_lossless(
-        model, torch.tensor(prompt), graph, request_id=seed % 7, seed=seed,
-        gen_length=gen_length, block_length=block_length, rule=rule, cache=cache,
-        temperature=temperature, **RULES[rule],
+        model,
+        torch.tensor(prompt),
+        graph,
+        request_id=seed % 7,
+        seed=seed,
+        gen_length=gen_length,
+        block_length=block_length,
+        rule=rule,
+        cache=cache,
+        temperature=temperature,
+        **RULES[rule],
     )
 
 

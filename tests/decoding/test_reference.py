@@ -14,8 +14,12 @@ FUNCTION_CACHE = {
 
 
 def fastdllm_kwargs(case: dict) -> dict:
-    kwargs = dict(gen_length=case["gen_length"], block_length=case["block_length"],
-                  cache=FUNCTION_CACHE[case["function"]], temperature=case["temperature"])
+    kwargs = dict(
+        gen_length=case["gen_length"],
+        block_length=case["block_length"],
+        cache=FUNCTION_CACHE[case["function"]],
+        temperature=case["temperature"],
+    )
     if case["threshold"] is not None:
         kwargs.update(rule="threshold", tau=case["threshold"])
     elif case["factor"] is not None:
@@ -30,8 +34,12 @@ def test_vanilla_matches_llada_generate(fixture_model, llada_expected):
     assert cases
     for case in cases:
         decoder = spiffy.build_decoder(
-            fixture_model, gen_length=case["gen_length"], block_length=case["block_length"],
-            steps=case["steps"], temperature=case["temperature"], remasking=case["remasking"],
+            fixture_model,
+            gen_length=case["gen_length"],
+            block_length=case["block_length"],
+            steps=case["steps"],
+            temperature=case["temperature"],
+            remasking=case["remasking"],
         )
         result = decoder.generate(torch.tensor(case["prompt"]))
         assert result.tokens.tolist() == case["output"], case

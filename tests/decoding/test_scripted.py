@@ -18,7 +18,9 @@ GEN, BLOCK = 32, 8
 def decode(model, graph):
     kwargs = dict(gen_length=GEN, block_length=BLOCK, steps=GEN)
     base = spiffy.build_decoder(model, **kwargs).generate(PROMPT)
-    spec = spiffy.build_decoder(model, speculate=spiffy.Speculation(graph), **kwargs).generate(PROMPT)
+    spec = spiffy.build_decoder(model, speculate=spiffy.Speculation(graph), **kwargs).generate(
+        PROMPT
+    )
     assert torch.equal(base.tokens, spec.tokens)
     assert base.stats.nfe == GEN and spec.stats.transitions == GEN
     return spec.stats

@@ -33,15 +33,18 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1, dtype=torch.float64))
         self.calls = 0
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                return_kv=False, **_):
+    def forward(
+        self, input_ids, position_ids=None, attention_mask=None, kv_cache=None, return_kv=False, **_
+    ):
         self.calls += 1
         B, Q = input_ids.shape
         vocab = self.config.vocab_size
         if position_ids is None:
             position_ids = torch.arange(Q)
         pos = position_ids.expand(B, Q)
-        shift = (input_ids != self.config.mask_token_id).sum(1, keepdim=True) if self.drifting else 0
+        shift = (
+            (input_ids != self.config.mask_token_id).sum(1, keepdim=True) if self.drifting else 0
+        )
         target = (pos + shift) % (vocab - 1)  # never the mask id
         logits = torch.zeros(B, Q, vocab, dtype=torch.float64)
         logits.scatter_(2, target[..., None], (20.0 - 0.1 * pos.to(torch.float64))[..., None])

@@ -29,7 +29,9 @@ def test_auto_model_loads_without_remote_code(llada_fixture_dir):
 def test_spec_reads_ids_from_config(fixture_model, llada_expected):
     spec = spiffy.model_spec(fixture_model)
     assert (spec.mask_id, spec.eos_id, spec.pad_id) == (
-        llada_expected["mask_id"], llada_expected["eos_id"], llada_expected["pad_id"],
+        llada_expected["mask_id"],
+        llada_expected["eos_id"],
+        llada_expected["pad_id"],
     )
 
 

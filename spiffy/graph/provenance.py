@@ -1,0 +1,55 @@
+"""Calibration provenance: which decoder settings a graph was calibrated under (SPEC §5.5 step 3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+
+from spiffy.decoding.config import GenerationConfig
+from spiffy.graph.draft_graph import DraftGraph
+
+DECODER_KEYS = (
+    "gen_length",
+    "block_length",
+    "rule",
+    "steps",
+    "k",
+    "tau",
+    "factor",
+    "cache",
+    "temperature",
+    "remasking",
+    "softmax_dtype",
+    "logits_eos_inf",
+    "confidence_eos_eot_inf",
+)
+
+
+def decoder_settings(cfg: GenerationConfig) -> dict:
+    return {key: getattr(cfg, key) for key in DECODER_KEYS}
+
+
+def calibration_key(provenance: dict) -> str:
+    text = json.dumps(provenance, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def warn_if_mismatched(graph: DraftGraph, cfg: GenerationConfig) -> None:
+    """Warn when a graph was calibrated under other decoder settings (it stays lossless, maybe slower)."""
+    recorded = graph.provenance.get("decoder")
+    if not recorded:
+        return
+    current = decoder_settings(cfg)
+    diff = {
+        k: (recorded.get(k), v)
+        for k, v in current.items()
+        if k in recorded and recorded.get(k) != v and k != "gen_length"
+    }
+    if diff:
+        detail = ", ".join(f"{k}: calibrated {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        warnings.warn(
+            f"draft graph was calibrated under other decoder settings ({detail}); "
+            "output stays lossless but acceptance may be lower",
+            stacklevel=3,
+        )

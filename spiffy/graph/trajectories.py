@@ -1,0 +1,137 @@
+"""Trajectory recording for calibration (SPEC §5.5 step 1; the paper's Algorithm 2, first half).
+
+`TrajectoryRecorder` *is* the base decoder B (same rule, cache mode, block length, temperature, EOS options):
+it overrides only the `propose` hook, which the base loop calls at every state that has an anchor, to remember
+the anchor's ranks. For each such state X_t it records the next `h` states X_{t+1..t+h} of the block as formulas
+relative to X_t's anchor: the `(i, j)` pairs of every token added since X_t. Complete states are never drafts,
+so they are not recorded. Memory is bounded: only the last `h` anchors are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from spiffy.decoding.block_decoder import BlockDecoder
+from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.drafting import rank_tables
+from spiffy.decoding.sampling import sampling_logits
+from spiffy.graph.draft_graph import Formula
+
+FORMAT = "spiffy.trajectories"
+
+
+@dataclass
+class BlockTrajectory:
+    """One block: its number of transitions T and, for each state X_t (t = 1..T-1), the keys of
+    X_{t+1}, ..., X_{t+h} (complete states excluded)."""
+
+    transitions: int
+    keys: list[list[Formula]] = field(default_factory=list)
+
+
+@dataclass
+class Trajectories:
+    """Recorded blocks plus the settings they were recorded under."""
+
+    blocks: list[BlockTrajectory]
+    horizon: int
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        payload = {
+            "format": FORMAT,
+            "horizon": self.horizon,
+            "meta": self.meta,
+            "blocks": [asdict(b) for b in self.blocks],
+        }
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trajectories:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a spiffy trajectories file")
+        blocks = [
+            BlockTrajectory(
+                b["transitions"], [[tuple(tuple(p) for p in key) for key in ks] for ks in b["keys"]]
+            )
+            for b in data["blocks"]
+        ]
+        return cls(blocks, data["horizon"], data.get("meta", {}))
+
+
+@dataclass
+class _Origin:
+    state: torch.Tensor
+    scores: torch.Tensor  # (Lb, V) anchor sampling scores
+    pos_rank: dict[int, int]
+    keys: list[Formula] = field(default_factory=list)
+
+
+def token_rank(scores: torch.Tensor, token: int) -> int:
+    """1-based rank of `token` in `scores` (V,), ties to the lower id (SPEC §5.1)."""
+    s = scores[token]
+    ids = torch.arange(scores.numel(), device=scores.device)
+    return 1 + int((scores > s).sum()) + int(((scores == s) & (ids < token)).sum())
+
+
+class TrajectoryRecorder(BlockDecoder):
+    """The base decoder, recording every block's trajectory as anchor-relative formulas."""
+
+    def __init__(self, model: torch.nn.Module, cfg: GenerationConfig, horizon: int = 12):
+        super().__init__(model, cfg)
+        self.horizon = horizon
+        self.blocks: list[BlockTrajectory] = []
+        self._pending: deque[_Origin] = deque()
+        self._done: list[list[Formula]] = []
+
+    def decode_block(self, canvas, block, b, strategy, stats, noise):
+        self._pending.clear()
+        self._done = []
+        before = stats.transitions
+        super().decode_block(canvas, block, b, strategy, stats, noise)
+        self._done.extend(o.keys for o in self._pending)
+        self.blocks.append(BlockTrajectory(stats.transitions - before, self._done))
+
+    def propose(self, anchor, state, ctx, step, stats):
+        for origin in self._pending:  # X_step is a later state of every pending origin
+            added = (state != origin.state).nonzero().squeeze(-1).tolist()
+            key = tuple(
+                sorted(
+                    (origin.pos_rank[p], token_rank(origin.scores[p], int(state[p]))) for p in added
+                )
+            )
+            origin.keys.append(key)
+        while self._pending and len(self._pending[0].keys) >= self.horizon:
+            self._done.append(self._pending.popleft().keys)
+        pos_by_rank, _ = rank_tables(anchor, state, ctx, 1)
+        pos_rank = {int(p): r + 1 for r, p in enumerate(pos_by_rank.tolist())}
+        self._pending.append(_Origin(state.clone(), sampling_logits(anchor, ctx), pos_rank))
+        return super().propose(anchor, state, ctx, step, stats)
+
+
+def record_trajectories(
+    model: torch.nn.Module,
+    cfg: GenerationConfig,
+    prompts: list[torch.Tensor],
+    *,
+    horizon: int = 12,
+    seed: int = 0,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> Trajectories:
+    """Run the base decoder `cfg` on `prompts` (request ids 0..n-1) and record their trajectories."""
+    from tqdm.auto import tqdm
+
+    recorder = TrajectoryRecorder(model, cfg, horizon)
+    for request_id, prompt in enumerate(
+        tqdm(prompts, desc="calibrate: record", disable=not progress)
+    ):
+        recorder.generate(prompt, request_id=request_id, seed=seed)
+    return Trajectories(recorder.blocks, horizon, meta or {})

@@ -1,0 +1,128 @@
+"""Calibration: exact trajectory counting, selection rules, the NFE evaluator, caching and pruning."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import spiffy
+from spiffy.decoding.config import GenerationConfig
+from spiffy.graph.calibrate import SELECTION_RULES, evaluate, key_statistics, select_graph
+from spiffy.graph.store import load_or_calibrate
+from spiffy.graph.trajectories import Trajectories, record_trajectories
+from tests.helpers.scripted_model import ScriptedModel
+
+SETTINGS = [
+    dict(gen_length=32, block_length=8, steps=32),
+    dict(gen_length=32, block_length=8, rule="fixed_k", k=2, cache="prefix"),
+    dict(gen_length=32, block_length=8, rule="threshold", tau=0.5, cache="dual"),
+    dict(gen_length=32, block_length=8, steps=32, temperature=0.8),
+]
+
+
+def prompts(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, 120, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g)
+        for _ in range(n)
+    ]
+
+
+def test_scripted_trajectories_are_counted_exactly():
+    # the stable scripted model commits the leftmost position with its top token every step:
+    # relative to X_t's anchor, X_{t+l} adds exactly (1,1), ..., (l,1)
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16)
+    traj = record_trajectories(
+        ScriptedModel(), cfg, [torch.tensor([1, 2])], horizon=4, progress=False
+    )
+    assert [b.transitions for b in traj.blocks] == [8, 8]
+    keys = traj.blocks[0].keys
+    assert len(keys) == 7  # X_1 .. X_7 have anchors; X_8 is complete
+    assert keys[0] == [
+        ((1, 1),),
+        ((1, 1), (2, 1)),
+        ((1, 1), (2, 1), (3, 1)),
+        ((1, 1), (2, 1), (3, 1), (4, 1)),
+    ]
+    assert keys[5] == [((1, 1),)] and keys[6] == []  # X_8 is complete: never a draft
+    counts, parents = key_statistics(traj)
+    assert counts[((1, 1),)] == 12 and parents[((1, 1), (2, 1))] == {((1, 1),)}
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_evaluator_predicts_the_measured_nfe(fixture_model, settings, tmp_path):
+    cfg = GenerationConfig(**settings)
+    calib = prompts()
+    traj = record_trajectories(fixture_model, cfg, calib, progress=False, seed=4)
+    traj.save(tmp_path / "t.json")
+    traj = Trajectories.load(tmp_path / "t.json")  # selection re-runs from disk
+    for rule in SELECTION_RULES:
+        graph = select_graph(traj, 5, rule)
+        assert len(graph.nodes) <= 5 and all(level is not None for level in graph.levels)
+        decoder = spiffy.build_decoder(
+            fixture_model, speculate=spiffy.Speculation(graph), **settings
+        )
+        measured = sum(
+            decoder.generate(p, request_id=i, seed=4).stats.nfe for i, p in enumerate(calib)
+        )
+        assert evaluate(graph, traj).nfe == measured, rule
+
+
+def test_greedy_never_loses_on_its_calibration_data(fixture_model):
+    traj = record_trajectories(
+        fixture_model, GenerationConfig(**SETTINGS[0]), prompts(10), progress=False
+    )
+    greedy = evaluate(select_graph(traj, 6, "greedy"), traj).nfe
+    for rule in ("degree0", "degree1", "total"):
+        assert greedy <= evaluate(select_graph(traj, 6, rule), traj).nfe
+
+
+def test_store_caches_by_provenance_and_warns_on_other_settings(fixture_model, tmp_path):
+    cfg = GenerationConfig(**SETTINGS[0])
+    calls = []
+
+    def calib_prompts():
+        calls.append(1)
+        return prompts(4)
+
+    kw = dict(model_name="fixture", task="random", n_samples=4, root=tmp_path, progress=False)
+    g1 = load_or_calibrate(fixture_model, cfg, calib_prompts, budget=4, **kw)
+    g2 = load_or_calibrate(fixture_model, cfg, calib_prompts, budget=4, **kw)
+    g3 = load_or_calibrate(fixture_model, cfg, calib_prompts, budget=3, rule="total", **kw)
+    assert g1 == g2 and len(calls) == 1  # graph and trajectories reused
+    assert g3.provenance["selection"] == "total" and g1.provenance["decoder"]["rule"] == "schedule"
+    with pytest.warns(UserWarning, match="rule: calibrated 'schedule', now 'threshold'"):
+        spiffy.build_decoder(
+            fixture_model,
+            gen_length=32,
+            block_length=8,
+            rule="threshold",
+            tau=0.9,
+            speculate=spiffy.Speculation(g1),
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spiffy.build_decoder(
+            fixture_model, gen_length=32, block_length=8, steps=32, speculate=spiffy.Speculation(g1)
+        )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("keep", [1, 3, 6])
+def test_pruned_graphs_stay_lossless(fixture_model, temperature, keep):
+    traj = record_trajectories(
+        fixture_model, GenerationConfig(**SETTINGS[0]), prompts(6), progress=False
+    )
+    graph = select_graph(traj, 10, "degree1")
+    kw = dict(gen_length=32, block_length=8, temperature=temperature)
+    for i, prompt in enumerate(prompts(4, seed=1)):
+        base = spiffy.build_decoder(fixture_model, **kw).generate(prompt, request_id=i)
+        pruned = spiffy.build_decoder(
+            fixture_model, speculate=spiffy.Speculation(graph, prune=keep), **kw
+        ).generate(prompt, request_id=i)
+        assert torch.equal(base.tokens, pruned.tokens)
+        assert pruned.stats.nfe <= base.stats.nfe
+        forwards_with_drafts = pruned.stats.nfe - kw["gen_length"] // kw["block_length"]
+        assert pruned.stats.drafts_verified <= keep * forwards_with_drafts
