@@ -39,6 +39,7 @@ class BlockDecoder:
     """Base decoder. `generate(prompt_ids, request_id=, seed=)` returns a `DecodeResult`."""
 
     verify = "exact"
+    record_confidence = False  # keep the confidence of every committed token in the stats
 
     def __init__(
         self, model: torch.nn.Module, cfg: GenerationConfig, spec: ModelSpec | None = None
@@ -79,6 +80,8 @@ class BlockDecoder:
         canvas = torch.cat([prompt, prompt.new_full((self.cfg.gen_length,), self.spec.mask_id)])
         strategy = STRATEGIES[self.cfg.cache](self.model)
         stats, noise = DecodeStats(), NoiseKey(seed, request_id)
+        if self.record_confidence:
+            stats.committed_confidence = []
         for b in range(self.cfg.num_blocks):
             block = slice(p + b * lb, p + (b + 1) * lb)
             self.decode_block(canvas, block, b, strategy, stats, noise)
@@ -116,7 +119,9 @@ class BlockDecoder:
         verified, step, advanced, stalled = Verified.none(state), 0, 0, 0
         while True:
             # Step 2 - the ordinary transition, keyed by (block, step): this IS the output.
-            new = transition(dist, state, step, ctx)
+            new, conf = transition(dist, state, step, ctx)
+            if stats.committed_confidence is not None:
+                stats.committed_confidence.extend(conf[new != state].tolist())
             step, advanced = step + 1, advanced + 1
             stats.transitions += 1
             canvas[block] = new

@@ -71,7 +71,7 @@ def top_positions(conf: torch.Tensor, count: int) -> torch.Tensor:
 
 def transition(
     logits: torch.Tensor, state: torch.Tensor, step: int, ctx: TransitionContext
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One denoising transition of the block state (SPEC §2 steps 3-5, §3).
 
     Args:
@@ -79,7 +79,8 @@ def transition(
         state: block tokens (Lb,), masked positions hold `spec.mask_id`.
         step: the block's transition index (keys the noise and the schedule).
     Returns:
-        The next block state (Lb,); the input is not modified.
+        The next block state (Lb,) (the input is not modified) and the confidences (Lb,) the rule
+        ranked (float64, -inf at positions that were not masked).
     """
     masked = state == ctx.spec.mask_id  # (Lb,)
     x0 = predict_tokens(logits, ctx, step)  # (Lb,)
@@ -95,4 +96,4 @@ def transition(
     chosen = top_positions(conf, count)
     new_state = state.clone()
     new_state[chosen] = x0[chosen]
-    return new_state
+    return new_state, conf

@@ -31,6 +31,7 @@ class DecodeStats:
     bookkeeping_s: float = 0.0
     wall_s: float = 0.0
     generated_tokens: int = 0
+    committed_confidence: list[float] | None = None
 
     @property
     def nfe_base(self) -> int:

@@ -1,0 +1,1 @@
+"""Evaluation: offline scoring loops, the lm-eval LM class and task presets."""

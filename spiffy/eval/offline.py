@@ -1,0 +1,74 @@
+"""Decode-and-score loops that need no lm-eval: used by the embedded model's evaluation, benchmarks, tests.
+
+`decode_prompts` runs any decoder over tokenised prompts with stable request ids; `score_arith` decodes test
+problems of the `arith` task and scores them with the GSM8K extraction (SPEC §7 metrics per request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from spiffy.decoding.block_decoder import BlockDecoder
+from spiffy.decoding.types import DecodeResult
+from spiffy.tasks.arith import format_prompt
+from spiffy.tasks.scoring import extract_strict, is_correct
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    """Prompt ids without special tokens (P,)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def completion_text(tokenizer, tokens: torch.Tensor, eos_id: int | None) -> str:
+    """Generated text up to the first EOS."""
+    ids = tokens.tolist()
+    if eos_id is not None and eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class ScoredSample:
+    """One decoded test problem."""
+
+    request_id: int
+    prompt: str
+    completion: str
+    target: str
+    correct: bool
+    result: DecodeResult
+
+
+def score_arith(
+    decoder: BlockDecoder,
+    tokenizer,
+    problems: list[dict],
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "decode",
+) -> list[ScoredSample]:
+    """Decode each problem's GSM8K-format prompt and score the strict `#### n` answer."""
+    samples = []
+    for i, problem in enumerate(tqdm(problems, desc=desc, disable=not progress)):
+        prompt = format_prompt(problem["question"])
+        result = decoder.generate(encode(tokenizer, prompt), request_id=i, seed=seed)
+        text = completion_text(tokenizer, result.tokens, decoder.spec.eos_id)
+        samples.append(
+            ScoredSample(
+                i, prompt, text, problem["target"], is_correct(text, problem["target"]), result
+            )
+        )
+    return samples
+
+
+def accuracy(samples: list[ScoredSample]) -> float:
+    return sum(s.correct for s in samples) / max(1, len(samples))
+
+
+def formatted_share(samples: list[ScoredSample]) -> float:
+    """Share of completions that end in a `#### n` line (format learned, right or wrong)."""
+    return sum(extract_strict(s.completion) is not None for s in samples) / max(1, len(samples))

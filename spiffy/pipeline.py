@@ -1,0 +1,238 @@
+"""`run(cfg)`: the one place that wires a job together (STYLE §4): model → graph → lm-eval → metrics → logs.
+
+1. validate the composed config (`OmegaConf.to_object` runs every `__post_init__`) before loading anything;
+2. skip the job if the result store already has its row (unless `force`);
+3. load model and tokenizer (cached across the jobs of one multirun);
+4. calibrate the draft graph or load it from the provenance-keyed cache;
+5. evaluate the task through lm-eval with `SpiffyLM` (and the base decoder beside it, for agreement);
+6. summarise, append the result row, mirror to W&B, print a summary table.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from spiffy import results as store
+from spiffy.api import build_decoder
+from spiffy.config import RunConfig
+from spiffy.decoding.speculative import Speculation
+from spiffy.graph.builtin import chain, fig2, two_level_topk
+from spiffy.graph.draft_graph import DraftGraph
+from spiffy.graph.store import load_or_calibrate
+from spiffy.models.loading import load_model, resolve_model_path
+
+TASKS_DIR = Path(__file__).resolve().parent / "eval" / "tasks"
+_MODELS: dict[tuple, tuple] = {}
+
+
+def generation_kwargs(cfg: RunConfig) -> dict:
+    """Base-decoder settings: the task's lengths plus the decoder preset."""
+    d, t = cfg.decoder, cfg.task
+    kwargs = dict(
+        gen_length=t.gen_length,
+        block_length=t.block_length,
+        rule=d.rule,
+        k=d.k,
+        tau=d.tau,
+        factor=d.factor,
+        cache=d.cache,
+        temperature=d.temperature,
+        remasking=d.remasking,
+        softmax_dtype=d.softmax_dtype,
+        logits_eos_inf=d.logits_eos_inf,
+        confidence_eos_eot_inf=d.confidence_eos_eot_inf,
+    )
+    if d.rule == "schedule":
+        kwargs["steps"] = t.gen_length // d.steps_per_token
+    return kwargs
+
+
+def load(cfg: RunConfig):
+    """Model and tokenizer, cached per (path, dtype, device) across multirun jobs."""
+    from transformers import AutoTokenizer
+
+    key = (cfg.model.path, cfg.model.dtype, cfg.model.device)
+    if key not in _MODELS:
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+        _MODELS[key] = (model, tokenizer)
+    return _MODELS[key]
+
+
+def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | None:
+    """The job's draft graph, or None for budget 0 (the base decoder)."""
+    g = cfg.graph
+    if g.budget == 0:
+        return None
+    if g.source == "chain":
+        return chain(g.budget)
+    if g.source == "topk":
+        return two_level_topk(max(1, g.budget // 2))
+    if g.source == "fig2":
+        return fig2()
+    if g.source == "file":
+        return DraftGraph.load(g.path)
+    from spiffy.decoding.config import GenerationConfig
+    from spiffy.eval.offline import encode
+    from spiffy.tasks.registry import TASKS
+
+    calib_task = cfg.task.calibration_task or cfg.task.name
+    if calib_task not in TASKS or TASKS[calib_task].calibration is None:
+        raise ValueError(f"task.calibration_task={calib_task!r} has no calibration prompts")
+    source = TASKS[calib_task].calibration
+
+    def prompts():
+        return [encode(tokenizer, text) for text in source(g.n_samples, cfg.seed)]
+
+    return load_or_calibrate(
+        model,
+        GenerationConfig(**gen),
+        prompts,
+        model_name=cfg.model.name,
+        task=calib_task,
+        n_samples=g.n_samples,
+        budget=g.budget,
+        rule=g.rule,
+        seed=cfg.seed,
+        horizon=g.horizon,
+        root=g.root,
+        force=cfg.force,
+        progress=cfg.eval.progress,
+    )
+
+
+def evaluate_task(cfg: RunConfig, lm) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    return simple_evaluate(
+        model=lm,
+        tasks=[cfg.task.lm_eval_task],
+        num_fewshot=cfg.task.num_fewshot,
+        limit=cfg.task.limit,
+        task_manager=manager,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        confirm_run_unsafe_code=cfg.task.unsafe_code,
+        log_samples=False,
+        apply_chat_template=cfg.model.chat_template,
+        bootstrap_iters=0,
+    )
+
+
+def run(dict_cfg: DictConfig) -> float:
+    """Run one job and return its headline accuracy (the sweep objective)."""
+    cfg: RunConfig = OmegaConf.to_object(dict_cfg)  # semantic validation, before any model loads
+    resolved = OmegaConf.to_container(dict_cfg, resolve=True)
+    results_path = Path(cfg.results_dir) / f"{cfg.experiment_name}.jsonl"
+    key = store.job_key(resolved)
+    if not cfg.force and (row := store.finished(results_path, key)) is not None:
+        print(f"skip: job {key} already in {results_path} (force=true reruns it)")
+        return float(row["metrics"].get("accuracy", float("nan")))
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if cfg.eval.threads:
+        torch.set_num_threads(cfg.eval.threads)
+    torch.manual_seed(cfg.seed)
+    from spiffy.eval.harness import SpiffyLM
+    from spiffy.metrics import summarize, task_scores
+    from spiffy.tracking import track
+
+    model, tokenizer = load(cfg)
+    gen = generation_kwargs(cfg)
+    t0 = time.perf_counter()
+    graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
+    calibration_s = time.perf_counter() - t0
+    base = build_decoder(model, **gen)
+    decoder = base
+    if graph is not None:
+        decoder = build_decoder(
+            model,
+            **gen,
+            speculate=Speculation(graph, verify=cfg.decoder.verify, prune=cfg.graph.prune),
+        )
+    lm = SpiffyLM(
+        decoder,
+        tokenizer,
+        base=base if cfg.eval.compare_base and decoder is not base else None,
+        seed=cfg.seed,
+        chat_template=cfg.model.chat_template,
+        progress=cfg.eval.progress,
+    )
+    results = evaluate_task(cfg, lm)
+    metrics = summarize(lm.records, task_scores(results, cfg.task.lm_eval_task))
+    metrics["calibration_s"] = calibration_s
+    metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
+    name = f"{cfg.task.name}-{cfg.decoder.name}-D{cfg.graph.budget if graph else 0}"
+    row = {
+        "job_key": key,
+        "experiment": cfg.experiment_name,
+        "name": name,
+        "config": resolved,
+        "metrics": metrics,
+        "env": store.environment(cfg.model.device),
+        "dtype": cfg.model.dtype,
+        "softmax_dtype": cfg.decoder.softmax_dtype,
+        "graph": graph.to_json() if graph is not None else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    store.append_row(results_path, row)
+    job_dir = Path(cfg.tracking.dir) / "wandb_jobs" / key
+    with track(
+        cfg.tracking, config=resolved, name=name, group=cfg.experiment_name, job_dir=job_dir
+    ) as log:
+        log(
+            metrics,
+            [
+                {
+                    "request_id": r.request_id,
+                    "completion": r.completion,
+                    "nfe": r.stats.nfe,
+                    "agrees": r.agrees,
+                }
+                for r in lm.records
+            ],
+        )
+    print_summary(name, metrics)
+    return float(metrics["accuracy"])
+
+
+def print_summary(name: str, metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"spiffy: {name}")
+    for column in (
+        "accuracy",
+        "nfe",
+        "nfe base",
+        "NFE speedup",
+        "tokens/s",
+        "wall speedup",
+        "agreement",
+        "overhead",
+    ):
+        table.add_column(column, justify="right")
+
+    def fmt(key, spec):
+        value = metrics.get(key)
+        return "-" if value is None else format(value, spec)
+
+    table.add_row(
+        fmt("accuracy", ".3f"),
+        fmt("nfe_mean", ".1f"),
+        fmt("nfe_base_mean", ".1f"),
+        fmt("speedup_nfe", ".2f") + "x",
+        fmt("tokens_per_s", ".1f"),
+        fmt("speedup_wall", ".2f") + "x",
+        fmt("agreement", ".3f"),
+        fmt("overhead_share", ".1%"),
+    )
+    Console(width=120).print(table)

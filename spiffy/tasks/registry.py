@@ -1,0 +1,58 @@
+"""Task presets: generation settings and prompt sources per task (documented per task in the README).
+
+`arith` is the embedded model's task (gen 48, block 16, one token per step). `gsm8k` and `humaneval` follow the
+paper's LLaDA settings (gen 256, block 32, steps 256). Calibration prompts come from a split disjoint from test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spiffy.tasks.arith import ArithConfig, format_prompt, generate_split
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    """A task's standard generation settings and its calibration-prompt source."""
+
+    name: str
+    generation: dict = field(default_factory=dict)
+    calibration: Callable[[int, int], list[str]] | None = None
+
+
+def arith_calibration(n: int, seed: int = 0) -> list[str]:
+    return [
+        format_prompt(p["question"])
+        for p in generate_split("calib", n, seed=seed, cfg=ArithConfig())
+    ]
+
+
+def gsm8k_dir() -> Path:
+    """Local GSM8K JSONL: `$SPIFFY_GSM8K_DIR`, else `../shared/data/gsm8k` beside the repository."""
+    return Path(os.environ.get("SPIFFY_GSM8K_DIR", REPO_ROOT.parent / "shared" / "data" / "gsm8k"))
+
+
+def gsm8k_calibration(n: int, seed: int = 0) -> list[str]:
+    path = gsm8k_dir() / "train.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"GSM8K train split not found at {path}; set SPIFFY_GSM8K_DIR to a folder holding "
+            "train.jsonl/test.jsonl"
+        )
+    rows = [json.loads(line) for line in path.read_text().splitlines()[seed : seed + n]]
+    return [f"Question: {r['question']}\nAnswer:" for r in rows]
+
+
+TASKS: dict[str, TaskPreset] = {
+    "arith": TaskPreset("arith", dict(gen_length=48, block_length=16, steps=48), arith_calibration),
+    "gsm8k": TaskPreset(
+        "gsm8k", dict(gen_length=256, block_length=32, steps=256), gsm8k_calibration
+    ),
+    "humaneval": TaskPreset("humaneval", dict(gen_length=256, block_length=32, steps=256)),
+}
