@@ -1,0 +1,105 @@
+"""Benchmark decoders side by side in one process and print medians and ratios (plus the cost curve).
+
+    python scripts/bench.py --decoders vanilla vanilla+spiffy@calibrated:10 dual dual+spiffy@calibrated:10
+    python scripts/bench.py --device cuda --dtype bfloat16 ...      # unchanged on a GPU
+
+Writes `<out>/<name>.json` and `<out>/<name>.md`. NFE ratios are hardware-independent; wall-clock ratios are
+measured interleaved on this device (stated in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformers import AutoTokenizer
+
+import spiffy
+from spiffy.bench import (
+    DecoderSpec,
+    cost_curve,
+    environment,
+    make_decoder,
+    run_side_by_side,
+    summarize_rows,
+)
+from spiffy.models.loading import resolve_model_path
+from spiffy.tasks.arith import generate_split
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--model-name", default="tiny-llada-arith")
+    p.add_argument("--task", default="arith")
+    p.add_argument("--decoders", nargs="+", default=["vanilla", "vanilla+spiffy"])
+    p.add_argument("--graph", default="calibrated:10", help="graph for '+spiffy' without '@'")
+    p.add_argument("--n", type=int, default=50, help="held-out test problems")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--cost-curve", type=int, nargs="*", default=[0, 1, 2, 3, 5, 8, 10, 16])
+    p.add_argument("--name", default="bench")
+    p.add_argument("--out", default="results/bench")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = spiffy.load_model(args.model, dtype=args.dtype, device=args.device)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    specs = [DecoderSpec.parse(s, args.graph) for s in args.decoders]
+    decoders = {
+        s.label: make_decoder(
+            model, tok, s, task=args.task, model_name=args.model_name, temperature=args.temperature
+        )
+        for s in specs
+    }
+    problems = generate_split("test", args.n)
+    rows = run_side_by_side(decoders, tok, problems)
+    table = pd.DataFrame(summarize_rows(rows, {s.label: s.base for s in specs}))
+    device = next(model.parameters()).device
+    env = environment(model, device)
+    gen = decoders[specs[0].label].cfg
+    curve = (
+        pd.DataFrame(cost_curve(model, 110 + gen.gen_length, gen.block_length, args.cost_curve))
+        if args.cost_curve
+        else pd.DataFrame()
+    )
+    pd.set_option("display.width", 200)
+    print(json.dumps(env))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if not curve.empty:
+        print(curve.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "args": vars(args),
+        "env": env,
+        "decoders": table.to_dict("records"),
+        "cost_curve": curve.to_dict("records"),
+    }
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
+    md = [
+        f"# {args.name}",
+        "",
+        f"Device: {env['device_name']} ({env['device']}), dtype "
+        f"{env['dtype']}, torch {env['torch']}, {env['threads']} threads; {args.n} held-out "
+        f"`{args.task}` problems, T={args.temperature}.",
+        "",
+        table.to_markdown(index=False, floatfmt=".3f"),
+    ]
+    if not curve.empty:
+        md += [
+            "",
+            "Cost curve (one verification forward):",
+            "",
+            curve.to_markdown(index=False, floatfmt=".3f"),
+        ]
+    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

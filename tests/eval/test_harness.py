@@ -1,0 +1,64 @@
+"""`SpiffyLM.generate_until` on hand-built lm-eval Instances: stop strings, max tokens, one record each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+import spiffy
+from spiffy.eval.harness import SpiffyLM, cut_at_stop
+from spiffy.tasks.char_tokenizer import build_char_tokenizer
+from tests.helpers.scripted_model import ScriptedModel
+
+
+def instance(text, kwargs, doc_id=0):
+    return Instance(
+        request_type="generate_until",
+        doc={},
+        arguments=(text, kwargs),
+        idx=0,
+        metadata=("t", doc_id, 1),
+    )
+
+
+@pytest.fixture()
+def lm():
+    tok = build_char_tokenizer()
+    model = ScriptedModel(vocab=len(tok))
+    # the scripted model's vocab ids are the tokenizer's: outputs decode to characters
+    model.config.mask_token_id = tok.mask_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    kwargs = dict(gen_length=16, block_length=8, steps=16)
+    base = spiffy.build_decoder(model, **kwargs)
+    spec = spiffy.build_decoder(model, speculate=spiffy.Speculation("chain:3"), **kwargs)
+    return SpiffyLM(spec, tok, base=base, progress=False)
+
+
+def test_stop_strings_and_max_tokens(lm):
+    full = lm.generate_until([instance("ab", {"until": []})])[0]
+    assert len(full) == 16
+    stop = full[5:7]
+    cut = lm.generate_until([instance("ab", {"until": [stop]})])[0]
+    assert cut == full[: full.index(stop)]
+    short = lm.generate_until([instance("ab", {"until": [], "max_gen_toks": 4})])[0]
+    assert short == full[:4]
+    assert len(lm.records) == 3
+    assert all(r.agrees and r.base_stats.nfe == 16 and r.stats.nfe < 16 for r in lm.records)
+    assert [r.request_id for r in lm.records] == ["t:0:0"] * 3
+
+
+def test_cut_at_earliest_stop():
+    assert cut_at_stop("x = 1\ndef f():\n#", ["\n#", "\ndef"]) == "x = 1"
+    assert cut_at_stop("abc", []) == "abc"
+
+
+def test_loglikelihood_is_out_of_scope(lm):
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        lm.loglikelihood([])
+
+
+def test_prompt_too_long_is_a_clear_error(lm):
+    with pytest.raises(ValueError, match="exceeds the model's max_length"):
+        lm.generate_until([instance("x" * 600, {"until": []})])
+    assert torch.tensor(0) == 0
