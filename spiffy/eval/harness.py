@@ -32,6 +32,15 @@ class RequestRecord:
     agrees: bool | None = None
 
 
+def _literal(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
 def cut_at_stop(text: str, until: list[str]) -> str:
     """Text before the earliest stop string."""
     cut = len(text)
@@ -59,6 +68,51 @@ class SpiffyLM(LM):
         self.decoder, self.base, self.tokenizer = decoder, base, tokenizer
         self.seed, self.use_chat_template, self.progress = seed, chat_template, progress
         self.records: list[RequestRecord] = []
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """Build from lm-eval's `--model_args` string (see `create_from_arg_obj`)."""
+        args = {k: _literal(v) for k, v in (kv.split("=", 1) for kv in arg_string.split(",") if kv)}
+        return cls.create_from_arg_obj(args, additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """Build from lm-eval's parsed `--model_args`, e.g.
+        `pretrained=embedded,gen_length=48,block_length=16,steps=48,graph=chain:5,compare_base=true`.
+        Keys: `pretrained`, `dtype`, `device`, `graph`, `verify`, `prune`, `seed`, `compare_base`,
+        `chat_template`, and any `spiffy.build_decoder` argument."""
+        from transformers import AutoTokenizer
+
+        from spiffy.api import build_decoder
+        from spiffy.decoding.speculative import Speculation
+        from spiffy.models.loading import load_model, resolve_model_path
+
+        args = {k: _literal(v) if isinstance(v, str) else v for k, v in arg_dict.items()}
+        path = str(args.pop("pretrained", "embedded"))
+        model = load_model(
+            path, dtype=args.pop("dtype", "float32"), device=args.pop("device", "cpu")
+        )
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+        graph, verify = args.pop("graph", None), args.pop("verify", "exact")
+        prune, seed = args.pop("prune", None), int(args.pop("seed", 0))
+        compare = bool(args.pop("compare_base", False))
+        chat = bool(args.pop("chat_template", False))
+        kwargs = args
+        base = build_decoder(model, **kwargs)
+        decoder = (
+            base
+            if graph is None
+            else build_decoder(
+                model, **kwargs, speculate=Speculation(graph, verify=verify, prune=prune)
+            )
+        )
+        return cls(
+            decoder,
+            tokenizer,
+            base=base if compare and graph else None,
+            seed=seed,
+            chat_template=chat,
+        )
 
     @property
     def tokenizer_name(self) -> str:
