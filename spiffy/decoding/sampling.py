@@ -54,13 +54,19 @@ def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tens
     return torch.softmax(out, dim=-1)
 
 
-def predict_tokens(logits: torch.Tensor, ctx: TransitionContext, step: int) -> torch.Tensor:
-    """Predicted token per position: argmax at T=0, keyed float64 Gumbel-max at T>0 (SPEC §2 step 3)."""
+def noised_scores(logits: torch.Tensor, ctx: TransitionContext, step: int) -> torch.Tensor:
+    """Scores whose argmax is transition `step`'s token: the logits at T=0, keyed float64 Gumbel-max
+    scores `exp(logits) / (-log u)^T` at T>0 (SPEC §2 step 3)."""
     scores = sampling_logits(logits, ctx)  # (Lb, V)
     if ctx.cfg.temperature > 0:
         u = ctx.noise.uniforms(ctx.block, step, "gumbel", tuple(scores.shape), scores.device)
         scores = scores.exp() / (-torch.log(u)) ** ctx.cfg.temperature
-    return scores.argmax(dim=-1)
+    return scores
+
+
+def predict_tokens(logits: torch.Tensor, ctx: TransitionContext, step: int) -> torch.Tensor:
+    """Predicted token per position (Lb,) of transition `step`."""
+    return noised_scores(logits, ctx, step).argmax(dim=-1)
 
 
 def top_positions(conf: torch.Tensor, count: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from spiffy.decoding.drafting import (
     GraphTensors,
     instantiate,
     pair_probabilities,
-    prune_nodes,
+    prune_rows,
     rank_tables,
     subset,
 )
@@ -31,6 +31,7 @@ from spiffy.graph.provenance import warn_if_mismatched
 from spiffy.models.loading import ModelSpec
 
 VERIFY_MODES = ("exact", "shared")
+DRAFT_NOISE = ("none", "keyed")
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,15 @@ class Speculation:
     graph: DraftGraph | str
     verify: str = "exact"
     prune: int | None = None  # keep only the best `prune` nodes per forward (SPEC §5.6)
+    draft_noise: str = (
+        "none"  # "keyed": rank tokens/positions under future steps' keyed noise (§5.7)
+    )
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"verify={self.verify!r} must be one of {list(VERIFY_MODES)}")
+        if self.draft_noise not in DRAFT_NOISE:
+            raise ValueError(f"draft_noise={self.draft_noise!r} must be one of {list(DRAFT_NOISE)}")
         if self.prune is not None and (not isinstance(self.prune, int) or self.prune < 1):
             raise ValueError(f"prune={self.prune!r} must be None or a positive integer")
         object.__setattr__(self, "graph", resolve_graph(self.graph))
@@ -67,10 +73,13 @@ class SpiffyDecoder(BlockDecoder):
         super().__init__(model, cfg, spec)
         self.speculation = speculation
         self.graph = speculation.graph
-        warn_if_mismatched(self.graph, cfg)
+        warn_if_mismatched(self.graph, cfg, speculation.draft_noise)
         # the dual cache verifies each draft as its own query block: exact whatever the layout
         self.verify = "exact" if cfg.cache == "dual" else speculation.verify
-        self._tensors = GraphTensors.from_graph(self.graph, self.device)
+        self._tensors = GraphTensors.from_graph(
+            self.graph, self.device, keyed=speculation.draft_noise == "keyed"
+        )
+        self._max_level = int(self._tensors.pair_level.max())
 
     @property
     def is_lossless(self) -> bool:
@@ -78,12 +87,20 @@ class SpiffyDecoder(BlockDecoder):
 
     def propose(self, anchor, state, ctx, step, stats):
         t = time.perf_counter()
-        pos_by_rank, top_tokens = rank_tables(anchor, state, ctx, self._tensors.max_token_rank)
+        pos_by_rank, top_tokens = rank_tables(
+            anchor,
+            state,
+            ctx,
+            self._tensors.max_token_rank,
+            step=step,
+            levels=self._max_level,
+            keyed=self.speculation.draft_noise == "keyed",
+        )
         tensors, keep = self._tensors, self.speculation.prune
         if keep is not None and keep < len(self.graph.nodes):  # dynamic pruning (SPEC §5.6)
             probs = torch.softmax(sampling_logits(anchor, ctx), dim=-1)
             pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, probs)
-            tensors = subset(tensors, prune_nodes(pair_probs, tensors.valid, self.graph, keep))
+            tensors = subset(tensors, prune_rows(tensors, pair_probs, self.graph, keep))
         drafts, levels = instantiate(tensors, pos_by_rank, top_tokens, state, self.spec.mask_id)
         for level in levels.tolist():
             stats.drafted_per_level[level] += 1

@@ -35,12 +35,13 @@ def calibration_key(provenance: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def warn_if_mismatched(graph: DraftGraph, cfg: GenerationConfig) -> None:
+def warn_if_mismatched(graph: DraftGraph, cfg: GenerationConfig, draft_noise: str = "none") -> None:
     """Warn when a graph was calibrated under other decoder settings (it stays lossless, maybe slower)."""
     recorded = graph.provenance.get("decoder")
     if not recorded:
         return
-    current = decoder_settings(cfg)
+    current = {**decoder_settings(cfg), "draft_noise": draft_noise}
+    recorded = {"draft_noise": "none", **recorded}
     diff = {
         k: (recorded.get(k), v)
         for k, v in current.items()

@@ -32,6 +32,7 @@ def load_or_calibrate(
     rule: str = "degree1",
     seed: int = 0,
     horizon: int = 12,
+    draft_noise: str = "none",
     root: str | Path = "results/graphs",
     force: bool = False,
     progress: bool = True,
@@ -58,7 +59,14 @@ def load_or_calibrate(
     else:
         t0 = time.perf_counter()
         trajectories = record_trajectories(
-            model, cfg, prompts(), horizon=horizon, seed=seed, progress=progress, meta=dict(base)
+            model,
+            cfg,
+            prompts(),
+            horizon=horizon,
+            seed=seed,
+            progress=progress,
+            meta=dict(base),
+            draft_noise=draft_noise,
         )
         record_s = time.perf_counter() - t0
         trajectories.meta["record_s"] = record_s

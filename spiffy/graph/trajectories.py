@@ -18,8 +18,7 @@ import torch
 
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.drafting import rank_tables
-from spiffy.decoding.sampling import sampling_logits
+from spiffy.decoding.drafting import level_scores
 from spiffy.graph.draft_graph import Formula
 
 FORMAT = "spiffy.trajectories"
@@ -68,10 +67,40 @@ class Trajectories:
 
 @dataclass
 class _Origin:
+    """A state X_t with an anchor, and the keys of the states after it."""
+
     state: torch.Tensor
-    scores: torch.Tensor  # (Lb, V) anchor sampling scores
-    pos_rank: dict[int, int]
+    anchor: torch.Tensor  # (Lb, V) the anchor's logits
+    ctx: object
+    step: int
+    keyed: bool
+    last: torch.Tensor | None = None
     keys: list[Formula] = field(default_factory=list)
+    _tables: dict = field(default_factory=dict)
+
+    def tables(self, level: int) -> tuple[dict[int, int], torch.Tensor]:
+        """Position ranks and token scores for pairs added at `level` (SPEC §5.1, §5.7)."""
+        level = level if self.keyed else 1
+        if level not in self._tables:
+            scores, conf = level_scores(self.anchor, self.ctx, self.step + level - 1, self.keyed)
+            if level == 1:  # one position order for every level, as in drafting
+                masked = (self.state == self.ctx.spec.mask_id).nonzero().squeeze(-1)
+                order = masked[torch.sort(conf[masked], descending=True, stable=True).indices]
+                pos_rank = {int(p): r + 1 for r, p in enumerate(order.tolist())}
+            else:
+                pos_rank = self.tables(1)[0]
+            self._tables[level] = (pos_rank, scores)
+        return self._tables[level]
+
+    def observe(self, state: torch.Tensor) -> None:
+        """Record the key of the next state: the previous key plus the pairs added at this level."""
+        level = len(self.keys) + 1
+        previous = self.state if self.last is None else self.last
+        pos_rank, scores = self.tables(level)
+        added = (state != previous).nonzero().squeeze(-1).tolist()
+        pairs = {(pos_rank[p], token_rank(scores[p], int(state[p]))) for p in added}
+        self.keys.append(tuple(sorted(set(self.keys[-1] if self.keys else ()) | pairs)))
+        self.last = state
 
 
 def token_rank(scores: torch.Tensor, token: int) -> int:
@@ -84,9 +113,16 @@ def token_rank(scores: torch.Tensor, token: int) -> int:
 class TrajectoryRecorder(BlockDecoder):
     """The base decoder, recording every block's trajectory as anchor-relative formulas."""
 
-    def __init__(self, model: torch.nn.Module, cfg: GenerationConfig, horizon: int = 12):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: GenerationConfig,
+        horizon: int = 12,
+        draft_noise: str = "none",
+    ):
         super().__init__(model, cfg)
         self.horizon = horizon
+        self.keyed = draft_noise == "keyed"
         self.blocks: list[BlockTrajectory] = []
         self._pending: deque[_Origin] = deque()
         self._done: list[list[Formula]] = []
@@ -101,18 +137,10 @@ class TrajectoryRecorder(BlockDecoder):
 
     def propose(self, anchor, state, ctx, step, stats):
         for origin in self._pending:  # X_step is a later state of every pending origin
-            added = (state != origin.state).nonzero().squeeze(-1).tolist()
-            key = tuple(
-                sorted(
-                    (origin.pos_rank[p], token_rank(origin.scores[p], int(state[p]))) for p in added
-                )
-            )
-            origin.keys.append(key)
+            origin.observe(state)
         while self._pending and len(self._pending[0].keys) >= self.horizon:
             self._done.append(self._pending.popleft().keys)
-        pos_by_rank, _ = rank_tables(anchor, state, ctx, 1)
-        pos_rank = {int(p): r + 1 for r, p in enumerate(pos_by_rank.tolist())}
-        self._pending.append(_Origin(state.clone(), sampling_logits(anchor, ctx), pos_rank))
+        self._pending.append(_Origin(state.clone(), anchor, ctx, step, self.keyed))
         return super().propose(anchor, state, ctx, step, stats)
 
 
@@ -125,11 +153,12 @@ def record_trajectories(
     seed: int = 0,
     progress: bool = True,
     meta: dict | None = None,
+    draft_noise: str = "none",
 ) -> Trajectories:
     """Run the base decoder `cfg` on `prompts` (request ids 0..n-1) and record their trajectories."""
     from tqdm.auto import tqdm
 
-    recorder = TrajectoryRecorder(model, cfg, horizon)
+    recorder = TrajectoryRecorder(model, cfg, horizon, draft_noise)
     for request_id, prompt in enumerate(
         tqdm(prompts, desc="calibrate: record", disable=not progress)
     ):

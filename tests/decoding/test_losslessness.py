@@ -139,3 +139,43 @@ def test_shared_mode_reports_agreement(fixture_model):
         agree += torch.equal(base.tokens, shared.tokens)
         assert shared.stats.nfe <= base.stats.nfe
     print(f"shared-mode agreement: {agree}/{len(prompts) * 2}")
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+@pytest.mark.parametrize("temperature", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_keyed_draft_noise_is_lossless(fixture_model, remasking, temperature, cache):
+    """SPEC §5.7: drafts ranked under future steps' keyed noise; verification still decides."""
+    prompt = torch.tensor([71, 124, 84, 108, 88])
+    for graph in ("chain:6", "fig2"):
+        assert_lossless_keyed = dict(
+            gen_length=32, block_length=8, cache=cache, temperature=temperature, remasking=remasking
+        )
+        base = spiffy.build_decoder(fixture_model, **assert_lossless_keyed).generate(
+            prompt, request_id=2, seed=9
+        )
+        for noise in ("none", "keyed"):
+            spec = spiffy.build_decoder(
+                fixture_model,
+                **assert_lossless_keyed,
+                speculate=spiffy.Speculation(graph, draft_noise=noise),
+            ).generate(prompt, request_id=2, seed=9)
+            assert torch.equal(spec.tokens, base.tokens)
+            assert spec.stats.nfe <= base.stats.nfe
+
+
+def test_keyed_drafts_recover_acceptance_at_high_temperature(fixture_model):
+    """At T = 1 the keyed drafts follow the real noisy transitions; the stale argmax does not."""
+    nfe = {}
+    for noise in ("none", "keyed"):
+        decoder = spiffy.build_decoder(
+            fixture_model,
+            gen_length=32,
+            block_length=8,
+            temperature=1.0,
+            speculate=spiffy.Speculation("chain:6", draft_noise=noise),
+        )
+        nfe[noise] = sum(
+            decoder.generate(torch.tensor([5, 9, 14, i]), request_id=i).stats.nfe for i in range(6)
+        )
+    assert nfe["keyed"] < nfe["none"]

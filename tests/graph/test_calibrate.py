@@ -51,23 +51,37 @@ def test_scripted_trajectories_are_counted_exactly():
     assert counts[((1, 1),)] == 12 and parents[((1, 1), (2, 1))] == {((1, 1),)}
 
 
-@pytest.mark.parametrize("settings", SETTINGS)
-def test_evaluator_predicts_the_measured_nfe(fixture_model, settings, tmp_path):
+@pytest.mark.parametrize(
+    ("settings", "noise"),
+    [(s, "none") for s in SETTINGS]
+    + [
+        (dict(gen_length=32, block_length=8, steps=32, temperature=1.0), "keyed"),
+        (
+            dict(gen_length=32, block_length=8, steps=32, temperature=0.5, remasking="random"),
+            "keyed",
+        ),
+    ],
+)
+def test_evaluator_predicts_the_measured_nfe(fixture_model, settings, noise, tmp_path):
     cfg = GenerationConfig(**settings)
     calib = prompts()
-    traj = record_trajectories(fixture_model, cfg, calib, progress=False, seed=4)
+    traj = record_trajectories(fixture_model, cfg, calib, progress=False, seed=4, draft_noise=noise)
     traj.save(tmp_path / "t.json")
     traj = Trajectories.load(tmp_path / "t.json")  # selection re-runs from disk
     for rule in SELECTION_RULES:
         graph = select_graph(traj, 5, rule)
         assert len(graph.nodes) <= 5 and all(level is not None for level in graph.levels)
         decoder = spiffy.build_decoder(
-            fixture_model, speculate=spiffy.Speculation(graph), **settings
+            fixture_model, speculate=spiffy.Speculation(graph, draft_noise=noise), **settings
         )
         measured = sum(
             decoder.generate(p, request_id=i, seed=4).stats.nfe for i, p in enumerate(calib)
         )
-        assert evaluate(graph, traj).nfe == measured, rule
+        predicted = evaluate(graph, traj).nfe
+        if noise == "none":
+            assert predicted == measured, rule
+        else:  # keyed rank tables differ per level: two formulas may rarely build one state
+            assert measured <= predicted <= measured * 1.05, rule
 
 
 def test_greedy_never_loses_on_its_calibration_data(fixture_model):
