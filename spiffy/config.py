@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from spiffy.decoding.config import CACHE_MODES, REMASKING, RULES, SOFTMAX_DTYPES
-from spiffy.decoding.speculative import VERIFY_MODES
+from spiffy.decoding.speculative import DRAFT_NOISE, VERIFY_MODES
 from spiffy.graph.calibrate import SELECTION_RULES
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -81,7 +81,7 @@ class DecoderConfig:
         _choice("decoder", "remasking", self.remasking, REMASKING)
         _choice("decoder", "softmax_dtype", self.softmax_dtype, SOFTMAX_DTYPES)
         _choice("decoder", "verify", self.verify, VERIFY_MODES)
-        _choice("decoder", "draft_noise", self.draft_noise, ("none",))
+        _choice("decoder", "draft_noise", self.draft_noise, DRAFT_NOISE)
         if self.steps_per_token < 1:
             raise ValueError(f"decoder.steps_per_token={self.steps_per_token} must be >= 1")
 

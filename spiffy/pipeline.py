@@ -98,6 +98,7 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
         n_samples=g.n_samples,
         budget=g.budget,
         rule=g.rule,
+        draft_noise=cfg.decoder.draft_noise,
         seed=cfg.seed,
         horizon=g.horizon,
         root=g.root,
@@ -156,7 +157,8 @@ def run(dict_cfg: DictConfig) -> float:
         decoder = build_decoder(
             model,
             **gen,
-            speculate=Speculation(graph, verify=cfg.decoder.verify, prune=cfg.graph.prune),
+            speculate=Speculation(graph, verify=cfg.decoder.verify, prune=cfg.graph.prune,
+                                  draft_noise=cfg.decoder.draft_noise),
         )
     lm = SpiffyLM(
         decoder,
