@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import AutoTokenizer
 
 import spiffy
 from spiffy.bench import (
@@ -26,7 +25,7 @@ from spiffy.bench import (
     run_side_by_side,
     summarize_rows,
 )
-from spiffy.models.loading import resolve_model_path
+from spiffy.models.loading import load_tokenizer
 from spiffy.tasks.arith import generate_split
 
 
@@ -49,7 +48,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = spiffy.load_model(args.model, dtype=args.dtype, device=args.device)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    tok = load_tokenizer(args.model)
     specs = [DecoderSpec.parse(s, args.graph) for s in args.decoders]
     decoders = {
         s.label: make_decoder(

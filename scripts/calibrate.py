@@ -13,14 +13,13 @@ import argparse
 import json
 
 import torch
-from transformers import AutoTokenizer
 
 import spiffy
 from spiffy.decoding.config import GenerationConfig
 from spiffy.eval.offline import encode
 from spiffy.graph.calibrate import SELECTION_RULES
 from spiffy.graph.store import load_or_calibrate
-from spiffy.models.loading import resolve_model_path
+from spiffy.models.loading import load_tokenizer
 from spiffy.tasks.registry import TASKS
 
 
@@ -45,7 +44,7 @@ def main() -> None:
     p.add_argument("--force", action="store_true")
     args = p.parse_args()
     model = spiffy.load_model(args.model, dtype=args.dtype)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    tok = load_tokenizer(args.model)
     gen = dict(TASKS[args.task].generation)
     if args.rule_name != "schedule":
         gen.pop("steps")

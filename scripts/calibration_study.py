@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import AutoTokenizer
 
 import spiffy
 from spiffy.bench import generation_for
@@ -26,7 +25,7 @@ from spiffy.eval.offline import encode
 from spiffy.graph import chain, fig2, two_level_topk
 from spiffy.graph.calibrate import SELECTION_RULES, evaluate, select_graph
 from spiffy.graph.trajectories import Trajectories, record_trajectories
-from spiffy.models.loading import resolve_model_path
+from spiffy.models.loading import load_tokenizer
 from spiffy.tasks.arith import ArithConfig, format_prompt, generate_split
 from spiffy.tasks.registry import TASKS, gsm8k_calibration
 
@@ -70,7 +69,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = spiffy.load_model(args.model, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    tok = load_tokenizer(args.model)
     test = [encode(tok, format_prompt(q["question"])) for q in generate_split("test", args.n_test)]
     calib_texts = {
         "arith": [format_prompt(q["question"]) for q in generate_split("calib", max(args.n_calib))],

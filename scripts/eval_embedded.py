@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 import spiffy
 from spiffy.eval.offline import accuracy, formatted_share, score_arith
+from spiffy.models.loading import load_tokenizer
 from spiffy.tasks.arith import ArithConfig, generate_split
 from spiffy.tasks.registry import TASKS
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = spiffy.load_model(args.model, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(spiffy.models.loading.resolve_model_path(args.model))
+    tok = load_tokenizer(args.model)
     task = TASKS["arith"]
     decoder = spiffy.build_decoder(model, **task.generation)
     decoder.record_confidence = True

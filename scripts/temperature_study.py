@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import AutoTokenizer
 
 import spiffy
 from spiffy.decoding.config import GenerationConfig
 from spiffy.eval.offline import encode
 from spiffy.graph.calibrate import evaluate, select_graph
 from spiffy.graph.trajectories import record_trajectories
-from spiffy.models.loading import resolve_model_path
+from spiffy.models.loading import load_tokenizer
 from spiffy.tasks.arith import format_prompt, generate_split
 from spiffy.tasks.registry import TASKS
 
@@ -44,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = spiffy.load_model(args.model, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    tok = load_tokenizer(args.model)
     test = [encode(tok, format_prompt(q["question"])) for q in generate_split("test", args.n_test)]
     calib = [encode(tok, t) for t in TASKS["arith"].calibration(args.n_calib, 0)]
     rows = []

@@ -9,7 +9,7 @@ from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.decoding.types import DecodeResult, DecodeStats
 from spiffy.graph import DraftGraph, chain, fig2, parse_graph_spec, two_level_topk
-from spiffy.models import ModelSpec, load_model, model_spec
+from spiffy.models import ModelSpec, load_model, load_tokenizer, model_spec
 
 __all__ = [
     "BlockDecoder",
@@ -24,6 +24,7 @@ __all__ = [
     "chain",
     "fig2",
     "load_model",
+    "load_tokenizer",
     "model_spec",
     "parse_graph_spec",
     "two_level_topk",

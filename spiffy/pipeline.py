@@ -24,7 +24,7 @@ from spiffy.decoding.speculative import Speculation
 from spiffy.graph.builtin import chain, fig2, two_level_topk
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.graph.store import load_or_calibrate
-from spiffy.models.loading import load_model, resolve_model_path
+from spiffy.models.loading import load_model, load_tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval" / "tasks"
 _MODELS: dict[tuple, tuple] = {}
@@ -54,12 +54,11 @@ def generation_kwargs(cfg: RunConfig) -> dict:
 
 def load(cfg: RunConfig):
     """Model and tokenizer, cached per (path, dtype, device) across multirun jobs."""
-    from transformers import AutoTokenizer
 
     key = (cfg.model.path, cfg.model.dtype, cfg.model.device)
     if key not in _MODELS:
         model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+        tokenizer = load_tokenizer(cfg.model.path)
         _MODELS[key] = (model, tokenizer)
     return _MODELS[key]
 
@@ -157,8 +156,12 @@ def run(dict_cfg: DictConfig) -> float:
         decoder = build_decoder(
             model,
             **gen,
-            speculate=Speculation(graph, verify=cfg.decoder.verify, prune=cfg.graph.prune,
-                                  draft_noise=cfg.decoder.draft_noise),
+            speculate=Speculation(
+                graph,
+                verify=cfg.decoder.verify,
+                prune=cfg.graph.prune,
+                draft_noise=cfg.decoder.draft_noise,
+            ),
         )
     lm = SpiffyLM(
         decoder,

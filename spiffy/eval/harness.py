@@ -81,18 +81,16 @@ class SpiffyLM(LM):
         `pretrained=embedded,gen_length=48,block_length=16,steps=48,graph=chain:5,compare_base=true`.
         Keys: `pretrained`, `dtype`, `device`, `graph`, `verify`, `prune`, `seed`, `compare_base`,
         `chat_template`, and any `spiffy.build_decoder` argument."""
-        from transformers import AutoTokenizer
-
         from spiffy.api import build_decoder
         from spiffy.decoding.speculative import Speculation
-        from spiffy.models.loading import load_model, resolve_model_path
+        from spiffy.models.loading import load_model, load_tokenizer
 
         args = {k: _literal(v) if isinstance(v, str) else v for k, v in arg_dict.items()}
         path = str(args.pop("pretrained", "embedded"))
         model = load_model(
             path, dtype=args.pop("dtype", "float32"), device=args.pop("device", "cpu")
         )
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+        tokenizer = load_tokenizer(path)
         graph, verify = args.pop("graph", None), args.pop("verify", "exact")
         prune, seed = args.pop("prune", None), int(args.pop("seed", 0))
         compare = bool(args.pop("compare_base", False))

@@ -2,7 +2,13 @@
 
 from spiffy.models.kv import KVCache
 from spiffy.models.llada import DiffusionLMOutput, LLaDAConfig, LLaDAModelLM
-from spiffy.models.loading import EMBEDDED_MODEL_DIR, ModelSpec, load_model, model_spec
+from spiffy.models.loading import (
+    EMBEDDED_MODEL_DIR,
+    ModelSpec,
+    load_model,
+    load_tokenizer,
+    model_spec,
+)
 
 __all__ = [
     "EMBEDDED_MODEL_DIR",
@@ -12,5 +18,6 @@ __all__ = [
     "LLaDAModelLM",
     "ModelSpec",
     "load_model",
+    "load_tokenizer",
     "model_spec",
 ]

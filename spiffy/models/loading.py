@@ -113,3 +113,10 @@ def load_model(
         )
     model = MODEL_CLASSES[model_type].from_pretrained(name, dtype=dtype)
     return model.to(device).eval()
+
+
+def load_tokenizer(path_or_id: str | os.PathLike):
+    """The checkpoint's tokenizer through the same path resolution as `load_model`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(path_or_id))

@@ -17,8 +17,8 @@ def make_states(mask_id: int, lb: int = 8):
     return states
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-def test_each_row_equals_a_separate_forward_and_drafts_do_not_leak(cache):
+def prepared(cache: str):
+    """A random model, a canvas whose block holds row 0 of `make_states`, and a started strategy."""
     model = tiny_random_model()
     mask_id = model.config.mask_token_id
     canvas = torch.cat([torch.randint(0, 20, (6,)), torch.full((24,), mask_id)])
@@ -27,6 +27,12 @@ def test_each_row_equals_a_separate_forward_and_drafts_do_not_leak(cache):
     canvas[block] = states[0]
     strategy = STRATEGIES[cache](model)
     strategy.begin_block(canvas, block)
+    return canvas, block, states, strategy
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_each_row_equals_a_separate_forward_and_drafts_do_not_leak(cache):
+    canvas, block, states, strategy = prepared(cache)
     together = strategy.block_logits(canvas, block, states, "exact")
     for r in range(states.shape[0]):
         alone = strategy.block_logits(canvas, block, states[r : r + 1], "exact")[0]
@@ -41,14 +47,7 @@ def test_each_row_equals_a_separate_forward_and_drafts_do_not_leak(cache):
 
 @pytest.mark.parametrize("cache", ["none", "prefix"])
 def test_shared_layout_real_row_is_exact_and_drafts_are_isolated(cache):
-    model = tiny_random_model()
-    mask_id = model.config.mask_token_id
-    canvas = torch.cat([torch.randint(0, 20, (6,)), torch.full((24,), mask_id)])
-    block = slice(14, 22)
-    states = make_states(mask_id)
-    canvas[block] = states[0]
-    strategy = STRATEGIES[cache](model)
-    strategy.begin_block(canvas, block)
+    canvas, block, states, strategy = prepared(cache)
     exact = strategy.block_logits(canvas, block, states[:1], "exact")[0]
     shared = strategy.block_logits(canvas, block, states, "shared")
     torch.testing.assert_close(shared[0], exact, rtol=0, atol=1e-12)  # the canvas never sees drafts
