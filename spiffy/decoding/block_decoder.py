@@ -128,7 +128,7 @@ class BlockDecoder:
             if self.rule.is_complete(bool((new == self.spec.mask_id).any()), step):
                 break
             stalled = stalled + 1 if torch.equal(new, state) else 0
-            if stalled >= self.cfg.block_length:
+            if stalled >= self.cfg.block_length and not self.rule.bounded:
                 raise RuntimeError(
                     f"block {b}: {stalled} consecutive transitions committed nothing "
                     "(the model keeps predicting the mask id)"

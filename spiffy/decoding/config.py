@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-RULES = ("schedule", "fixed_k", "threshold", "factor")
+RULES = ("schedule", "fixed_k", "threshold", "factor", "dream_steps", "dream_threshold")
+STEP_RULES = ("schedule", "dream_steps", "dream_threshold")  # rules that need `steps`
 CACHE_MODES = ("none", "prefix", "dual")
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
 SOFTMAX_DTYPES = ("float64", "model")
 
 
@@ -54,8 +55,8 @@ class GenerationConfig:
         ):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {list(choices)}")
-        if self.rule == "schedule" and self.steps is None:
-            raise bad("steps", "rule='schedule' needs steps")
+        if self.rule in STEP_RULES and self.steps is None:
+            raise bad("steps", f"rule={self.rule!r} needs steps")
         if self.steps is not None:
             nb = self.num_blocks
             if not isinstance(self.steps, int) or not nb <= self.steps <= self.gen_length:
@@ -65,13 +66,13 @@ class GenerationConfig:
                 )
             if self.steps % nb:
                 raise bad("steps", f"must be a multiple of num_blocks={nb}")
-        owners = {"k": "fixed_k", "tau": "threshold", "factor": "factor"}
-        for name, rule in owners.items():
+        owners = {"k": ("fixed_k",), "tau": ("threshold", "dream_threshold"), "factor": ("factor",)}
+        for name, rules in owners.items():
             value = getattr(self, name)
-            if self.rule == rule and value is None:
-                raise bad(name, f"rule={rule!r} needs {name}")
-            if self.rule != rule and value is not None:
-                raise bad(name, f"only used by rule={rule!r}, but rule={self.rule!r}")
+            if self.rule in rules and value is None:
+                raise bad(name, f"rule={self.rule!r} needs {name}")
+            if self.rule not in rules and value is not None:
+                raise bad(name, f"only used by rule={rules[0]!r}, but rule={self.rule!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
             raise bad("k", "must be a positive integer")
         if self.tau is not None and not 0.0 < self.tau <= 1.0:

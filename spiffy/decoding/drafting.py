@@ -16,6 +16,7 @@ import torch
 
 from spiffy.decoding.sampling import (
     TransitionContext,
+    confidence,
     confidence_probs,
     noised_scores,
     sampling_logits,
@@ -100,11 +101,11 @@ def level_scores(
     scores = (
         noised_scores(anchor_logits, ctx, step) if keyed else sampling_logits(anchor_logits, ctx)
     )
-    if keyed and ctx.cfg.remasking == "random":
-        conf = ctx.noise.uniforms(ctx.block, step, "remask", (scores.shape[0],), scores.device)
-    else:
-        x0 = scores.argmax(dim=-1, keepdim=True)
-        conf = confidence_probs(anchor_logits, ctx).gather(-1, x0).squeeze(-1)
+    x0 = scores.argmax(dim=-1)
+    if keyed or ctx.cfg.remasking != "random":  # the rule's own confidence of that prediction
+        conf = confidence(anchor_logits, x0, step, ctx)
+    else:  # un-keyed random remasking: the paper's anchor confidence
+        conf = confidence_probs(anchor_logits, ctx).gather(-1, x0[:, None]).squeeze(-1)
     return scores, conf
 
 

@@ -71,10 +71,10 @@ class ForwardStrategy:
     def begin_block(self, canvas: torch.Tensor, block: slice) -> torch.Tensor:
         """Full-canvas forward at block start; returns block logits (Lb, V)."""
         out = self._call(canvas[None], return_kv=self.name != "none")
-        self._keep_cache(out.present, block, canvas.numel())
+        self._keep_cache(out, block)
         return out.logits[0, block]
 
-    def _keep_cache(self, present, block: slice, length: int) -> None:
+    def _keep_cache(self, out, block: slice) -> None:
         self.cache = None
 
     def block_logits(
@@ -148,8 +148,9 @@ class PrefixCache(ForwardStrategy):
 
     name = "prefix"
 
-    def _keep_cache(self, present, block, length):
-        self.cache = KVCache(tuple(present), insert_at=0).slice_positions(block.start)
+    def _keep_cache(self, out, block):
+        cache = KVCache(tuple(out.present), insert_at=0, logits=out.logits)
+        self.cache = cache.slice_positions(block.start)
 
     def block_logits(self, canvas, block, states, verify="exact"):
         n, lb = states.shape
@@ -176,9 +177,12 @@ class DualCache(ForwardStrategy):
 
     name = "dual"
 
-    def _keep_cache(self, present, block, length):
+    def _keep_cache(self, out, block):
         self.cache = KVCache(
-            tuple(present), insert_at=block.start, replace=block.stop - block.start
+            tuple(out.present),
+            insert_at=block.start,
+            replace=block.stop - block.start,
+            logits=out.logits,
         )
 
     def block_logits(self, canvas, block, states, verify="exact"):

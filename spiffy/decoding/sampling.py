@@ -75,6 +75,23 @@ def top_positions(conf: torch.Tensor, count: int) -> torch.Tensor:
     return order[:count]
 
 
+def confidence(
+    logits: torch.Tensor, x0: torch.Tensor, step: int, ctx: TransitionContext
+) -> torch.Tensor:
+    """Per-position confidence (Lb,) float64 of the remasking strategy (SPEC §2 step 4; Dream's
+    `topk_margin` = top-1 minus top-2 probability, `entropy` = sum p log(p + 1e-10))."""
+    kind = ctx.cfg.remasking
+    if kind == "random":
+        return ctx.noise.uniforms(ctx.block, step, "remask", (x0.numel(),), x0.device)
+    probs = confidence_probs(logits, ctx)
+    if kind == "low_confidence":  # Dream's `maskgit_plus`
+        return probs.gather(-1, x0[:, None]).squeeze(-1)
+    if kind == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    return (probs * torch.log(probs + 1e-10)).sum(-1)
+
+
 def transition(
     logits: torch.Tensor, state: torch.Tensor, step: int, ctx: TransitionContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,11 +107,7 @@ def transition(
     """
     masked = state == ctx.spec.mask_id  # (Lb,)
     x0 = predict_tokens(logits, ctx, step)  # (Lb,)
-    if ctx.cfg.remasking == "low_confidence":
-        probs = confidence_probs(logits, ctx)
-        conf = probs.gather(-1, x0[:, None]).squeeze(-1)  # (Lb,) float64
-    else:
-        conf = ctx.noise.uniforms(ctx.block, step, "remask", (state.numel(),), state.device)
+    conf = confidence(logits, x0, step, ctx)
     conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
     masked_conf = conf[masked]
     sorted_conf = torch.sort(masked_conf, descending=True, stable=True).values

@@ -9,6 +9,8 @@ A forward that receives a cache *splices* its freshly computed keys into the cac
   `insert_at = s`, `replace = e - s` (the block's own K/V are always recomputed).
 
 Forwards never write into a cache: drafts and real-state steps only read it (SPEC §5.3 constraints).
+The cache also keeps the block-start forward's logits, which shifted-logit families (Dream) need for the
+first query position (SPEC §9).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class KVCache:
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     insert_at: int
     replace: int = 0
+    logits: torch.Tensor | None = None  # (1, L, V) the block-start forward's aligned logits
 
     @property
     def length(self) -> int:
@@ -51,9 +54,9 @@ class KVCache:
 
     def with_splice(self, insert_at: int, replace: int) -> KVCache:
         """The same cached tensors with another splice point."""
-        return KVCache(self.layers, insert_at, replace)
+        return KVCache(self.layers, insert_at, replace, self.logits)
 
     def slice_positions(self, end: int) -> KVCache:
         """Keep only cached positions `[0, end)` (the prefix cache)."""
         layers = tuple((k[:, :, :end], v[:, :, :end]) for k, v in self.layers)
-        return KVCache(layers, insert_at=end, replace=0)
+        return KVCache(layers, insert_at=end, replace=0, logits=self.logits)

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 
+from spiffy.models.dream import DreamConfig, DreamModel
 from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
 
 # model_type -> native class. A new family is one adapter file plus one entry here.
-MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"llada": LLaDAModelLM}
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"llada": LLaDAModelLM, "Dream": DreamModel}
 
-for _cfg, _cls in ((LLaDAConfig, LLaDAModelLM),):
+for _cfg, _cls in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
     AutoConfig.register(_cfg.model_type, _cfg, exist_ok=True)
     AutoModel.register(_cfg, _cls, exist_ok=True)
     AutoModelForMaskedLM.register(_cfg, _cls, exist_ok=True)

@@ -22,7 +22,7 @@ from tests.conftest import tiny_random_model
         (dict(k=2), "k=2: only used by rule='fixed_k'"),
         (dict(rule="bogus"), "rule='bogus'"),
         (dict(cache="full"), "cache='full'"),
-        (dict(remasking="entropy"), "remasking='entropy'"),
+        (dict(remasking="margin"), "remasking='margin'"),
         (dict(temperature=-1.0), "temperature=-1.0"),
         (dict(cfg_scale=1.0), "cfg_scale=1.0"),
         (dict(speculate="chain:3"), "speculate='chain:3'"),
