@@ -62,8 +62,14 @@ def main() -> None:
     device = next(model.parameters()).device
     env = environment(model, device)
     gen = decoders[specs[0].label].cfg
+    prompt_len = round(
+        sum(len(tok(f"Question: {p['question']}\nAnswer:")["input_ids"]) for p in problems)
+        / len(problems)
+    )
     curve = (
-        pd.DataFrame(cost_curve(model, 110 + gen.gen_length, gen.block_length, args.cost_curve))
+        pd.DataFrame(
+            cost_curve(model, prompt_len + gen.gen_length, gen.block_length, args.cost_curve)
+        )
         if args.cost_curve
         else pd.DataFrame()
     )

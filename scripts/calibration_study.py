@@ -77,10 +77,10 @@ def main() -> None:
             format_prompt(q["question"])
             for q in generate_split("calib", 20, cfg=ArithConfig(min_steps=1, max_steps=1))
         ],
-        "arith-4step": [
+        "arith-max20": [
             format_prompt(q["question"])
             for q in generate_split(
-                "calib", 20, cfg=ArithConfig(max_value=30, min_steps=4, max_steps=4)
+                "calib", 20, cfg=ArithConfig(max_value=20, min_steps=2, max_steps=2)
             )
         ],
     }

@@ -4,7 +4,7 @@ Seeded and resumable: every batch is a pure function of (seed, step), and `--wor
 optimizer/model state, so rerunning the same command continues where it stopped. At the end the model is written
 in the LLaDA checkpoint format (config.json + model.safetensors) with the tokenizer and a `recipe.json`.
 
-    python scripts/train_tiny_dllm.py --steps 4000 --out spiffy/checkpoints/tiny-llada-arith
+    python scripts/train_tiny_dllm.py --out spiffy/checkpoints/tiny-llada-arith
 """
 
 from __future__ import annotations
@@ -29,19 +29,19 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="spiffy/checkpoints/tiny-llada-arith")
     p.add_argument("--work", default="runs/train_tiny", help="resumable training state")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=4200)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--d-model", type=int, default=192)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--n-heads", type=int, default=6)
-    p.add_argument("--mlp-hidden", type=int, default=512)
-    p.add_argument("--gen-length", type=int, default=48)
-    p.add_argument("--max-value", type=int, default=20)
-    p.add_argument("--min-steps", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=3)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--mlp-hidden", type=int, default=384)
+    p.add_argument("--gen-length", type=int, default=32)
+    p.add_argument("--max-value", type=int, default=10)
+    p.add_argument("--min-steps", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)

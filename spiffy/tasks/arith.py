@@ -45,9 +45,9 @@ MAX_RESULT = 99
 class ArithConfig:
     """Difficulty knobs of the generator."""
 
-    max_value: int = 20
-    min_steps: int = 2
-    max_steps: int = 3
+    max_value: int = 10
+    min_steps: int = 1
+    max_steps: int = 2
 
     def __post_init__(self) -> None:
         if self.max_value < 2:

@@ -1,6 +1,6 @@
 """Task presets: generation settings and prompt sources per task (documented per task in the README).
 
-`arith` is the embedded model's task (gen 48, block 16, one token per step). `gsm8k` and `humaneval` follow the
+`arith` is the embedded model's task (gen 32, block 8, one token per step). `gsm8k` and `humaneval` follow the
 paper's LLaDA settings (gen 256, block 32, steps 256). Calibration prompts come from a split disjoint from test.
 """
 
@@ -50,7 +50,7 @@ def gsm8k_calibration(n: int, seed: int = 0) -> list[str]:
 
 
 TASKS: dict[str, TaskPreset] = {
-    "arith": TaskPreset("arith", dict(gen_length=48, block_length=16, steps=48), arith_calibration),
+    "arith": TaskPreset("arith", dict(gen_length=32, block_length=8, steps=32), arith_calibration),
     "gsm8k": TaskPreset(
         "gsm8k", dict(gen_length=256, block_length=32, steps=256), gsm8k_calibration
     ),

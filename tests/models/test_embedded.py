@@ -11,8 +11,9 @@ from spiffy.models.loading import EMBEDDED_MODEL_DIR
 from spiffy.tasks.arith import generate_split
 from spiffy.tasks.registry import TASKS
 
-pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "model.safetensors").exists(),
-                                reason="embedded checkpoint missing")
+pytestmark = pytest.mark.skipif(
+    not (EMBEDDED_MODEL_DIR / "model.safetensors").exists(), reason="embedded checkpoint missing"
+)
 
 # Floors sit well below the model card's measured accuracy (see spiffy/checkpoints/*/README.md):
 # they catch a broken checkpoint, tokenizer or decoder, not noise.
@@ -43,10 +44,15 @@ def test_greedy_decode_solves_test_problems(embedded):
 def test_accuracy_on_100_held_out_problems_with_spiffy(embedded):
     model, tok = embedded
     gen = TASKS["arith"].generation
-    base = score_arith(spiffy.build_decoder(model, **gen), tok, generate_split("test", 100),
-                       progress=False)
-    fast = score_arith(spiffy.build_decoder(model, **gen, speculate=spiffy.Speculation("chain:8")),
-                       tok, generate_split("test", 100), progress=False)
+    base = score_arith(
+        spiffy.build_decoder(model, **gen), tok, generate_split("test", 100), progress=False
+    )
+    fast = score_arith(
+        spiffy.build_decoder(model, **gen, speculate=spiffy.Speculation("chain:8")),
+        tok,
+        generate_split("test", 100),
+        progress=False,
+    )
     assert accuracy(base) >= SLOW_FLOOR
     assert [s.completion for s in fast] == [s.completion for s in base]
     assert sum(s.result.stats.nfe for s in fast) < sum(s.result.stats.nfe for s in base)
