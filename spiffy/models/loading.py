@@ -27,7 +27,8 @@ for _cfg, _cls in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
     AutoModel.register(_cfg, _cls, exist_ok=True)
     AutoModelForMaskedLM.register(_cfg, _cls, exist_ok=True)
 
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-llada-arith"
+CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+EMBEDDED_MODEL_DIR = CHECKPOINTS_DIR / "tiny-llada-arith"
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,10 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model_path(path_or_id: str | os.PathLike) -> str:
     """Return a local directory or a hub id; raise `FileNotFoundError` for a missing local directory."""
     name = str(path_or_id)
-    if name in ("embedded", "tiny-llada-arith"):
+    if name == "embedded":
         name = str(EMBEDDED_MODEL_DIR)
+    elif name and "/" not in name and (CHECKPOINTS_DIR / name).is_dir():  # a shipped checkpoint
+        name = str(CHECKPOINTS_DIR / name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
