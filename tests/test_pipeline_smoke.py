@@ -67,3 +67,11 @@ def test_bad_override_fails_with_a_readable_message(tmp_path):
     proc = run_py(tmp_path, "graph.budget=ten")
     assert proc.returncode != 0
     assert "graph.budget" in proc.stderr and "ten" in proc.stderr
+
+
+@pytest.mark.slow
+def test_dream_family_runs_end_to_end(tmp_path):
+    proc = run_py(tmp_path, "model=dream_tiny", "experiment_name=dream")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "runs" / "dream.jsonl").read_text().splitlines()[0])
+    assert row["metrics"]["agreement"] == 1.0 and row["config"]["model"]["name"] == "tiny-dream-random"

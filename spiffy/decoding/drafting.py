@@ -49,7 +49,7 @@ class GraphTensors:
             for q, assignments in enumerate(insertion_levels(graph))
             for a in (assignments if keyed else assignments[:1])
         ]
-        width = max(len(node) for node in graph.nodes)
+        width = max((len(node) for node in graph.nodes), default=1)
         shape = (len(rows), width)
         pos, tok = torch.ones(shape, dtype=torch.long), torch.ones(shape, dtype=torch.long)
         pair_level = torch.ones(shape, dtype=torch.long)

@@ -79,7 +79,7 @@ class SpiffyDecoder(BlockDecoder):
         self._tensors = GraphTensors.from_graph(
             self.graph, self.device, keyed=speculation.draft_noise == "keyed"
         )
-        self._max_level = int(self._tensors.pair_level.max())
+        self._max_level = int(self._tensors.pair_level.max()) if len(self.graph.nodes) else 1
 
     @property
     def is_lossless(self) -> bool:

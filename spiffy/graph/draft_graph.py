@@ -30,7 +30,8 @@ def canonical(formula: Iterable[Sequence[int]]) -> Formula:
 class DraftGraph:
     """Nodes (formulas), their parents (indices, `-1` = root) and the budget D.
 
-    Invariants checked on construction: at least one node, no empty or duplicate node, ranks >= 1, distinct
+    Invariants checked on construction: no empty or duplicate node (a graph may have no nodes, e.g.
+    when calibration saw no state with a successor; Spiffy then drafts nothing), ranks >= 1, distinct
     position ranks within a node, parents are strict subsets, every node reachable from the root, and
     `len(nodes) <= budget`.
     """
@@ -92,11 +93,11 @@ class DraftGraph:
 
     @property
     def max_position_rank(self) -> int:
-        return max(i for node in self.nodes for i, _ in node)
+        return max((i for node in self.nodes for i, _ in node), default=1)
 
     @property
     def max_token_rank(self) -> int:
-        return max(j for node in self.nodes for _, j in node)
+        return max((j for node in self.nodes for _, j in node), default=1)
 
     def children(self) -> list[list[int]]:
         """Child indices per node."""

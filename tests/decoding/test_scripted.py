@@ -51,3 +51,8 @@ def test_accepted_up_to_a_known_level(good):
     assert stats.nfe == (GEN // BLOCK) * per_block
     assert good + 1 not in stats.accepted_per_level
     assert stats.accepted_per_level[good] > 0
+
+
+def test_an_empty_graph_is_the_base_decoder():
+    stats = decode(ScriptedModel(), DraftGraph((), (), 3))
+    assert stats.nfe == GEN and stats.drafts_verified == 0
