@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from spiffy.models.kv import KVCache
+from spiffy.models.kv import KVCache, bidirectional_attention
 from spiffy.models.llada import DiffusionLMOutput, RMSNorm
 
 
@@ -116,15 +116,8 @@ class DreamAttention(nn.Module):
         v = self.v_proj(x).view(B, Q, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = cos_sin
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        fresh = (k, v)
-        if cache is not None:
-            k, v = cache.splice(layer, k, v)
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask = attention_mask[:, None] if attention_mask is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
-        return self.o_proj(out.transpose(1, 2).reshape(B, Q, -1)), fresh
+        out = bidirectional_attention(q, k, v, attention_mask, cache, layer)
+        return self.o_proj(out), (k, v)
 
 
 class DreamMLP(nn.Module):

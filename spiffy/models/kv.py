@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,24 @@ class KVCache:
         """Keep only cached positions `[0, end)` (the prefix cache)."""
         layers = tuple((k[:, :, :end], v[:, :, :end]) for k, v in self.layers)
         return KVCache(layers, insert_at=end, replace=0, logits=self.logits)
+
+
+def bidirectional_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: KVCache | None,
+    layer: int,
+) -> torch.Tensor:
+    """SDPA of fresh queries (B, H, Q, hd) over the cache spliced with the fresh K/V (B, H_kv, Q, hd),
+    grouped-query heads repeated, an optional boolean mask (B, Q, K); returns (B, Q, H * hd).
+    Scaled by 1/sqrt(hd), no causal mask: the attention of LLaDA and Dream."""
+    if cache is not None:
+        k, v = cache.splice(layer, k, v)
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = attention_mask[:, None] if attention_mask is not None else None  # (B, 1, Q, K)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)

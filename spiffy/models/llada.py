@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from spiffy.models.kv import KVCache
+from spiffy.models.kv import KVCache, bidirectional_attention
 
 
 class LLaDAConfig(PretrainedConfig):
@@ -157,18 +157,10 @@ class LLaDABlock(nn.Module):
         k = self.k_proj(h).view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *sin_cos), apply_rope(k, *sin_cos)
-        fresh = (k, v)
-        if cache is not None:
-            k, v = cache.splice(layer, k, v)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask = attention_mask[:, None] if attention_mask is not None else None  # (B, 1, Q, K)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
-        x = x + self.attn_out(att.transpose(1, 2).reshape(B, Q, -1))
+        x = x + self.attn_out(bidirectional_attention(q, k, v, attention_mask, cache, layer))
         h = self.ff_norm(x)
         x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
-        return x, fresh
+        return x, (k, v)
 
 
 class LLaDATransformer(nn.Module):
