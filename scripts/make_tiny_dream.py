@@ -24,11 +24,19 @@ def main() -> None:
     args = p.parse_args()
     tok = build_char_tokenizer()
     torch.manual_seed(args.seed)
-    cfg = DreamConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, rope_theta=10000.0,
-                      mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = DreamConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        mask_token_id=tok.mask_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     DreamModel(cfg).save_pretrained(args.out)
     tok.save_pretrained(args.out)
 

@@ -74,4 +74,6 @@ def test_dream_family_runs_end_to_end(tmp_path):
     proc = run_py(tmp_path, "model=dream_tiny", "experiment_name=dream")
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((tmp_path / "runs" / "dream.jsonl").read_text().splitlines()[0])
-    assert row["metrics"]["agreement"] == 1.0 and row["config"]["model"]["name"] == "tiny-dream-random"
+    assert (
+        row["metrics"]["agreement"] == 1.0 and row["config"]["model"]["name"] == "tiny-dream-random"
+    )
