@@ -26,7 +26,7 @@ from spiffy.bench import (
     summarize_rows,
 )
 from spiffy.models.loading import load_tokenizer
-from spiffy.tasks.arith import generate_split
+from spiffy.tasks.arith import format_prompt, generate_split
 
 
 def main() -> None:
@@ -63,8 +63,7 @@ def main() -> None:
     env = environment(model, device)
     gen = decoders[specs[0].label].cfg
     prompt_len = round(
-        sum(len(tok(f"Question: {p['question']}\nAnswer:")["input_ids"]) for p in problems)
-        / len(problems)
+        sum(len(tok(format_prompt(p["question"]))["input_ids"]) for p in problems) / len(problems)
     )
     curve = (
         pd.DataFrame(

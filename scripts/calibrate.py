@@ -20,7 +20,7 @@ from spiffy.eval.offline import encode
 from spiffy.graph.calibrate import SELECTION_RULES
 from spiffy.graph.store import load_or_calibrate
 from spiffy.models.loading import load_tokenizer
-from spiffy.tasks.registry import TASKS
+from spiffy.tasks.registry import TASKS, task_generation
 
 
 def main() -> None:
@@ -45,18 +45,17 @@ def main() -> None:
     args = p.parse_args()
     model = spiffy.load_model(args.model, dtype=args.dtype)
     tok = load_tokenizer(args.model)
-    gen = dict(TASKS[args.task].generation)
-    if args.rule_name != "schedule":
-        gen.pop("steps")
     cfg = GenerationConfig(
-        **gen,
-        rule=args.rule_name,
-        k=args.k,
-        tau=args.tau,
-        factor=args.factor,
-        cache=args.cache,
-        temperature=args.temperature,
-        remasking=args.remasking,
+        **task_generation(
+            args.task,
+            rule=args.rule_name,
+            k=args.k,
+            tau=args.tau,
+            factor=args.factor,
+            cache=args.cache,
+            temperature=args.temperature,
+            remasking=args.remasking,
+        )
     )
 
     def prompts() -> list[torch.Tensor]:

@@ -25,7 +25,8 @@ from spiffy.decoding.forward import STRATEGIES
 from spiffy.decoding.speculative import Speculation
 from spiffy.eval.offline import completion_text, encode
 from spiffy.graph.store import load_or_calibrate
-from spiffy.tasks.registry import TASKS
+from spiffy.tasks.arith import format_prompt
+from spiffy.tasks.registry import TASKS, task_generation
 from spiffy.tasks.scoring import is_correct
 
 BASES: dict[str, dict] = {
@@ -67,10 +68,7 @@ class DecoderSpec:
 
 
 def generation_for(task: str, base: str, temperature: float) -> dict:
-    gen = dict(TASKS[task].generation, temperature=temperature, **BASES[base])
-    if gen.get("rule", "schedule") != "schedule":
-        gen.pop("steps", None)
-    return gen
+    return task_generation(task, temperature=temperature, **BASES[base])
 
 
 def make_decoder(
@@ -125,7 +123,7 @@ def run_side_by_side(
     decoders: dict[str, BlockDecoder], tok, problems: list[dict], *, seed: int = 0, warmup: int = 1
 ) -> dict[str, BenchRow]:
     """Decode every problem with every decoder, interleaved per problem (same noise, same prompts)."""
-    prompts = [encode(tok, f"Question: {p['question']}\nAnswer:") for p in problems]
+    prompts = [encode(tok, format_prompt(p["question"])) for p in problems]
     for decoder in decoders.values():  # warm up allocators and kernels
         for prompt in prompts[:warmup]:
             decoder.generate(prompt, request_id="warmup", seed=seed)

@@ -69,10 +69,15 @@ def predict_tokens(logits: torch.Tensor, ctx: TransitionContext, step: int) -> t
     return noised_scores(logits, ctx, step).argmax(dim=-1)
 
 
+def rank_positions(conf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidences sorted descending and their positions, ties to the lowest index (stable sort,
+    never `topk`: it orders equal values arbitrarily)."""
+    return torch.sort(conf, descending=True, stable=True)
+
+
 def top_positions(conf: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` largest values, ties to the lowest index (stable sort, never `topk`)."""
-    order = torch.sort(conf, descending=True, stable=True).indices
-    return order[:count]
+    """Indices of the `count` largest values, ties to the lowest index."""
+    return rank_positions(conf)[1][:count]
 
 
 def confidence(
@@ -109,10 +114,10 @@ def transition(
     x0 = predict_tokens(logits, ctx, step)  # (Lb,)
     conf = confidence(logits, x0, step, ctx)
     conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
-    masked_conf = conf[masked]
-    sorted_conf = torch.sort(masked_conf, descending=True, stable=True).values
-    count = ctx.rule.count(sorted_conf, step, ctx.masked_at_start)
-    chosen = top_positions(conf, count)
+    # masked confidences are finite and the others -inf, so the masked ones sort first
+    values, order = rank_positions(conf)
+    count = ctx.rule.count(values[: int(masked.sum())], step, ctx.masked_at_start)
+    chosen = order[:count]
     new_state = state.clone()
     new_state[chosen] = x0[chosen]
     return new_state, conf

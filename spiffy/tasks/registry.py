@@ -56,3 +56,13 @@ TASKS: dict[str, TaskPreset] = {
     ),
     "humaneval": TaskPreset("humaneval", dict(gen_length=256, block_length=32, steps=256)),
 }
+
+
+def task_generation(task: str, **overrides) -> dict:
+    """The task's generation preset with `overrides`; `steps` is dropped when the rule ignores it."""
+    from spiffy.decoding.config import STEP_RULES
+
+    gen = {**TASKS[task].generation, **overrides}
+    if gen.get("rule", "schedule") not in STEP_RULES:
+        gen.pop("steps", None)
+    return gen
