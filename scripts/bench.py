@@ -2,6 +2,7 @@
 
     python scripts/bench.py --decoders vanilla vanilla+spiffy@calibrated:10 dual dual+spiffy@calibrated:10
     python scripts/bench.py --device cuda --dtype bfloat16 ...      # unchanged on a GPU
+    python scripts/bench.py --decoders --name fig5_cpu              # the cost curve only (Figure 5)
 
 Writes `<out>/<name>.json` and `<out>/<name>.md`. NFE ratios are hardware-independent; wall-clock ratios are
 measured interleaved on this device (stated in the output).
@@ -21,10 +22,12 @@ from spiffy.bench import (
     DecoderSpec,
     cost_curve,
     environment,
+    generation_for,
     make_decoder,
     run_side_by_side,
     summarize_rows,
 )
+from spiffy.decoding.config import GenerationConfig
 from spiffy.models.loading import load_tokenizer
 from spiffy.tasks.arith import format_prompt, generate_split
 
@@ -34,7 +37,9 @@ def main() -> None:
     p.add_argument("--model", default="embedded")
     p.add_argument("--model-name", default="tiny-llada-arith")
     p.add_argument("--task", default="arith")
-    p.add_argument("--decoders", nargs="+", default=["vanilla", "vanilla+spiffy"])
+    p.add_argument(
+        "--decoders", nargs="*", default=["vanilla", "vanilla+spiffy"], help="none: cost curve only"
+    )
     p.add_argument("--graph", default="calibrated:10", help="graph for '+spiffy' without '@'")
     p.add_argument("--n", type=int, default=50, help="held-out test problems")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -42,6 +47,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--cost-curve", type=int, nargs="*", default=[0, 1, 2, 3, 5, 8, 10, 16])
+    p.add_argument(
+        "--prompt-len", type=int, default=None, help="cost-curve prompt length (default: task mean)"
+    )
     p.add_argument("--name", default="bench")
     p.add_argument("--out", default="results/bench")
     args = p.parse_args()
@@ -56,13 +64,15 @@ def main() -> None:
         )
         for s in specs
     }
+    if not specs and not args.cost_curve:
+        raise SystemExit("nothing to measure: pass --decoders and/or --cost-curve")
     problems = generate_split("test", args.n)
-    rows = run_side_by_side(decoders, tok, problems)
-    table = pd.DataFrame(summarize_rows(rows, {s.label: s.base for s in specs}))
+    rows = run_side_by_side(decoders, tok, problems) if specs else {}
+    table = pd.DataFrame(summarize_rows(rows, {s.label: s.base for s in specs}) if rows else [])
     device = next(model.parameters()).device
     env = environment(model, device)
-    gen = decoders[specs[0].label].cfg
-    prompt_len = round(
+    gen = GenerationConfig(**generation_for(args.task, "vanilla", args.temperature))
+    prompt_len = args.prompt_len or round(
         sum(len(tok(format_prompt(p["question"]))["input_ids"]) for p in problems) / len(problems)
     )
     curve = (
@@ -74,7 +84,8 @@ def main() -> None:
     )
     pd.set_option("display.width", 200)
     print(json.dumps(env))
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if not table.empty:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if not curve.empty:
         print(curve.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     out = Path(args.out)
@@ -92,9 +103,9 @@ def main() -> None:
         f"Device: {env['device_name']} ({env['device']}), dtype "
         f"{env['dtype']}, torch {env['torch']}, {env['threads']} threads; {args.n} held-out "
         f"`{args.task}` problems, T={args.temperature}.",
-        "",
-        table.to_markdown(index=False, floatfmt=".3f"),
     ]
+    if not table.empty:
+        md += ["", table.to_markdown(index=False, floatfmt=".3f")]
     if not curve.empty:
         md += [
             "",

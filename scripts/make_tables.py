@@ -2,6 +2,12 @@
 
 python scripts/make_tables.py                      # every experiment found
 python scripts/make_tables.py --experiment table1
+python scripts/make_tables.py --experiment fig5 --cost-curve results/bench/fig5_cpu.json
+
+Per experiment: `<name>.md` / `<name>.csv` (sweep axes + metrics, acceptance per level appended),
+`<name>_speedup.png` when D, n_samples or pruning varies (one line per setting of the other axes), and
+`<name>_acceptance.png` (share of forwards accepting a level-l draft). With `--cost-curve`, the Figure-5 join of the
+measured cost curve with the runs' NFE speedups: `<name>_cost.{md,csv,png}` with the recommended D per layout.
 """
 
 from __future__ import annotations
@@ -9,7 +15,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spiffy.report import experiment_table, load_frame, plot_speedup
+from spiffy.report import (
+    LEVEL_PREFIX,
+    blocks_per_request,
+    budget_recommendation,
+    experiment_table,
+    load_cost_curve,
+    load_frame,
+    plot_acceptance,
+    plot_axis,
+    plot_cost_curve,
+    plot_speedup,
+)
+
+
+def markdown(title: str, table, note: str = "") -> str:
+    body = table.to_markdown(index=False, floatfmt=".3f")
+    return f"# {title}\n\n" + (f"{note}\n\n" if note else "") + body + "\n"
 
 
 def main() -> None:
@@ -17,6 +39,9 @@ def main() -> None:
     p.add_argument("--results", default="results/runs")
     p.add_argument("--out", default="results/tables")
     p.add_argument("--experiment", nargs="*", default=None)
+    p.add_argument(
+        "--cost-curve", default=None, help="scripts/bench.py JSON holding a cost curve (Figure 5)"
+    )
     args = p.parse_args()
     frame = load_frame(args.results)
     if frame.empty:
@@ -24,14 +49,33 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.experiment or sorted(frame.experiment.dropna().unique()):
-        table = experiment_table(frame, name)
+        table = experiment_table(frame, name, levels=True)
         table.to_csv(out / f"{name}.csv", index=False)
-        (out / f"{name}.md").write_text(
-            f"# {name}\n\n" + table.to_markdown(index=False, floatfmt=".3f") + "\n"
-        )
-        if "graph.budget" in table and table["graph.budget"].nunique() > 1:
-            plot_speedup(table, "graph.budget", out / f"{name}_speedup_vs_D.png")
-        print(f"## {name}\n{table.to_markdown(index=False, floatfmt='.3f')}\n")
+        (out / f"{name}.md").write_text(markdown(name, table))
+        print(markdown(name, table))
+        axes = [c for c in table if "." in c and not c.startswith(LEVEL_PREFIX)]
+        if x := plot_axis(table):
+            plot_speedup(table, x, out / f"{name}_speedup.png", by=axes)
+        if any(c.startswith(LEVEL_PREFIX) for c in table):
+            plot_acceptance(table, out / f"{name}_acceptance.png")
+        if args.cost_curve:
+            curve, env = load_cost_curve(args.cost_curve)
+            blocks = blocks_per_request(frame, name)
+            runs = experiment_table(frame, name, keep=("decoder.cache", "graph.budget"))
+            rec = budget_recommendation(curve, runs, blocks_per_request=blocks)
+            device = (
+                f"{env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('dtype', '?')})"
+            )
+            note = (
+                f"Cost curve from `{args.cost_curve}` ({device}), {blocks} blocks per request. "
+                "Predicted wall speedup = (B·F_start + (N0 − B)·F(0) + N0·c) / (B·F_start + (N − B)·F(d) + N·c) "
+                "with F(d) the forward time at the mean number of drafts d the D-node graph sent "
+                "(`spiffy.report.budget_recommendation`); `recommended` = best predicted D per layout."
+            )
+            rec.to_csv(out / f"{name}_cost.csv", index=False)
+            (out / f"{name}_cost.md").write_text(markdown(f"{name}: cost vs D", rec, note))
+            plot_cost_curve(rec, out / f"{name}_cost.png", device=device)
+            print(markdown(f"{name}: cost vs D", rec, note))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# Regenerate every committed number of the README and the model card on this machine (CPU, ~30 min).
-# Each line is independent; results land in results/ and spiffy/checkpoints/tiny-llada-arith/.
+# Regenerate every committed result of the README and the model card (results/, CPU, about an hour on 2 cores).
+#
+#   bash scripts/reproduce_results.sh              # from scratch: clears results/runs/*.jsonl and results/graphs/
+#   KEEP=1 bash scripts/reproduce_results.sh       # resume after a crash: finished run.py jobs and graphs are kept
+#
+# Each step is one documented command; what it writes is listed in results/README.md.
 set -euo pipefail
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 WANDB_SILENT=true
+if [ -z "${KEEP:-}" ]; then
+  rm -rf results/runs/*.jsonl results/graphs results/tables
+fi
+step() { printf '\n=== %s\n' "$*"; "$@"; }
+
 # model card: accuracy and confidence of the embedded model (vanilla, T=0, 200 held-out problems)
-python scripts/eval_embedded.py --n 200 --json results/embedded_eval.json
+step python scripts/eval_embedded.py --n 200 --json results/embedded_eval.json
 # calibrated graphs committed for the embedded model (1 token/step, task settings), D in {3,5,8,10}
-python scripts/calibrate.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
-# Tables 1/4, sample efficiency, transfer, Spiffy over each base (exact NFE on 200 held-out problems)
-python scripts/calibration_study.py --n-test 200
+step python scripts/calibrate.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
+# Tables 1/4, sample efficiency, transfer, Spiffy over each base: exact NFE replayed on 200 held-out problems
+step python scripts/calibration_study.py --n-test 200
 # noise-aware drafting: acceptance vs temperature (SPEC 5.7)
-python scripts/temperature_study.py --n-test 100 --measure 20
+step python scripts/temperature_study.py --n-test 100 --measure 20
 # wall-clock, side by side in one process: chain/fig2 graphs in exact and shared layouts
-python scripts/bench.py --name graphs_cpu --n 30 --cost-curve --decoders vanilla vanilla+spiffy@chain:3 \
+step python scripts/bench.py --name graphs_cpu --n 30 --decoders vanilla vanilla+spiffy@chain:3 \
   vanilla+spiffy@chain:5 vanilla+spiffy@chain:5/shared vanilla+spiffy@fig2 \
   vanilla+spiffy@fig2/shared vanilla+spiffy@chain:10 vanilla+spiffy@chain:10/shared
-# Table 2 in shape: every base decoder with and without Spiffy (graphs calibrated per base, D=10)
-python scripts/bench.py --name bases_cpu --n 30 --decoders vanilla vanilla+spiffy \
+# Table 2 in full: every base decoder with and without Spiffy (graphs calibrated per base, D=8 as in the paper)
+step python scripts/bench.py --name bases_cpu --n 30 --graph calibrated:8 --decoders vanilla vanilla+spiffy \
   fixed_k2 fixed_k2+spiffy fixed_k4 fixed_k4+spiffy threshold0.9 threshold0.9+spiffy \
   threshold0.8 threshold0.8+spiffy threshold0.7 threshold0.7+spiffy prefix prefix+spiffy \
   dual dual+spiffy dual_threshold0.9 dual_threshold0.9+spiffy
-# the default job of run.py (lm-eval path, W&B offline)
-python run.py
+# the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
+step python run.py eval.progress=false
+step python run.py -m eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
+step python run.py eval.progress=false decoder=kv_cache decoder.speculate=true
+# one sweep per paper table/figure (experiments/<name>/launch.sh: run.py -m ... then make_tables.py)
+for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5; do
+  step "experiments/$experiment/launch.sh" eval.progress=false
+done
+step python scripts/make_tables.py --experiment default

@@ -53,6 +53,9 @@ def summarize(records: list[RequestRecord], scores: dict[str, float]) -> dict[st
         "mask_share": sum(s.mask_s for s in stats) / model_s if model_s else 0.0,
         "bookkeeping_share": sum(s.bookkeeping_s for s in stats) / model_s if model_s else 0.0,
         "wall_s": wall,
+        "model_s": model_s,
+        "model_ms_per_forward": 1000 * model_s / nfe if nfe else float("nan"),
+        "wall_ms_per_forward": 1000 * wall / nfe if nfe else float("nan"),
     }
     for n, count in sorted(hist.items()):
         out[f"accepted_hist/{n}"] = count

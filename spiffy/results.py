@@ -89,11 +89,15 @@ def append_row(path: str | Path, row: dict) -> None:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    rows = []
+    """Every row of a JSONL file (or of every `*.jsonl` in a folder); a job rerun with `force=true` appends a
+    new row for its key, and the newest row of each key wins. Torn lines are skipped."""
+    rows: dict[object, dict] = {}
     for file in sorted(Path(path).glob("*.jsonl")) if Path(path).is_dir() else [Path(path)]:
-        for line in file.read_text().splitlines():
+        for n, line in enumerate(file.read_text().splitlines()):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-    return rows
+            rows.pop(key := row.get("job_key") or (file, n), None)
+            rows[key] = row
+    return list(rows.values())

@@ -68,3 +68,21 @@ def test_bad_values_fail_before_any_model_loads(override, match):
     cfg = compose_with(override)
     with pytest.raises(ValueError, match=match):
         OmegaConf.to_object(cfg)
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_experiment_has_a_launcher_and_runs_on_the_published_checkpoint(experiment):
+    """Every paper experiment: one launch script (run.py sweep + make_tables), and the same config composes
+    for LLaDA-8B on GSM8K (the GPU command is the same with `model=... task=...`)."""
+    launch = (CONF.parent / "experiments" / experiment / "launch.sh").read_text()
+    assert f"run.py -m experiment={experiment}" in launch
+    assert f"make_tables.py --experiment {experiment}" in launch
+    typed = OmegaConf.to_object(
+        compose_with(f"experiment={experiment}", "model=llada_8b_instruct", "task=gsm8k")
+    )
+    assert typed.experiment_name == experiment and typed.model.name == "llada_8b_instruct"
+    gen = generation_kwargs(typed)
+    assert (gen["gen_length"], gen["block_length"]) == (256, 32)
