@@ -16,16 +16,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-import spiffy
 from spiffy.bench import generation_for
 from spiffy.decoding.config import GenerationConfig
-from spiffy.eval.offline import encode
+from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
 from spiffy.graph import chain, fig2, two_level_topk
 from spiffy.graph.calibrate import SELECTION_RULES, evaluate, select_graph
 from spiffy.graph.trajectories import Trajectories, record_trajectories
-from spiffy.models.loading import load_tokenizer
 from spiffy.tasks.arith import ArithConfig, format_prompt, generate_split
 from spiffy.tasks.registry import TASKS, gsm8k_calibration
 
@@ -67,10 +64,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/tables")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = spiffy.load_model(args.model, dtype=torch.float32)
-    tok = load_tokenizer(args.model)
-    test = [encode(tok, format_prompt(q["question"])) for q in generate_split("test", args.n_test)]
+    model, tok = load_for_study(args.model, args.threads)
+    test = arith_test_prompts(tok, args.n_test)
     calib_texts = {
         "arith": [format_prompt(q["question"]) for q in generate_split("calib", max(args.n_calib))],
         "arith-1step": [

@@ -17,15 +17,12 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 import spiffy
 from spiffy.decoding.config import GenerationConfig
-from spiffy.eval.offline import encode
+from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
 from spiffy.graph.calibrate import evaluate, select_graph
 from spiffy.graph.trajectories import record_trajectories
-from spiffy.models.loading import load_tokenizer
-from spiffy.tasks.arith import format_prompt, generate_split
 from spiffy.tasks.registry import TASKS
 
 
@@ -41,10 +38,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/tables")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = spiffy.load_model(args.model, dtype=torch.float32)
-    tok = load_tokenizer(args.model)
-    test = [encode(tok, format_prompt(q["question"])) for q in generate_split("test", args.n_test)]
+    model, tok = load_for_study(args.model, args.threads)
+    test = arith_test_prompts(tok, args.n_test)
     calib = [encode(tok, t) for t in TASKS["arith"].calibration(args.n_calib, 0)]
     rows = []
     for remasking in ("low_confidence", "random"):

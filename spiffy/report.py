@@ -305,30 +305,19 @@ def plot_cost_curve(recommendation: pd.DataFrame, path: str | Path, *, device: s
         (line,) = left.plot(
             data["graph.budget"], data["cost_vs_no_drafts"], marker="o", label=layout
         )
-        color = line.get_color()
-        right.plot(
-            data["graph.budget"],
-            data["speedup_nfe"],
-            marker="o",
-            color=color,
-            label=f"{layout}: NFE",
-        )
-        right.plot(
-            data["graph.budget"],
-            data["speedup_wall_predicted"],
-            linestyle="--",
-            color=color,
-            label=f"{layout}: wall, predicted",
-        )
-        if "speedup_wall" in data and data["speedup_wall"].notna().any():
-            right.plot(
-                data["graph.budget"],
-                data["speedup_wall"],
-                marker="s",
-                linestyle=":",
-                color=color,
-                label=f"{layout}: wall, measured",
-            )
+        for column, style, what in (
+            ("speedup_nfe", dict(marker="o"), "NFE"),
+            ("speedup_wall_predicted", dict(linestyle="--"), "wall, predicted"),
+            ("speedup_wall", dict(marker="s", linestyle=":"), "wall, measured"),
+        ):
+            if column in data and data[column].notna().any():
+                right.plot(
+                    data["graph.budget"],
+                    data[column],
+                    color=line.get_color(),
+                    label=f"{layout}: {what}",
+                    **style,
+                )
     left.set_xlabel("D (drafts per forward)")
     left.set_ylabel("forward time / forward without drafts")
     left.set_title(f"cost curve {device}".strip(), fontsize=9)

@@ -22,6 +22,21 @@ def encode(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def load_for_study(path: str = "embedded", threads: int = 1, dtype=torch.float32):
+    """Model and tokenizer for the offline study scripts, with the torch thread count they report."""
+    from spiffy.models.loading import load_model, load_tokenizer
+
+    torch.set_num_threads(threads)
+    return load_model(path, dtype=dtype), load_tokenizer(path)
+
+
+def arith_test_prompts(tokenizer, n: int) -> list[torch.Tensor]:
+    """The first `n` held-out `arith` test problems, formatted and encoded."""
+    from spiffy.tasks.arith import generate_split
+
+    return [encode(tokenizer, format_prompt(q["question"])) for q in generate_split("test", n)]
+
+
 def completion_text(tokenizer, tokens: torch.Tensor, eos_id: int | None) -> str:
     """Generated text up to the first EOS."""
     ids = tokens.tolist()
