@@ -100,9 +100,10 @@ def main() -> None:
     md = [
         f"# {args.name}",
         "",
-        f"Device: {env['device_name']} ({env['device']}), dtype "
-        f"{env['dtype']}, torch {env['torch']}, {env['threads']} threads; {args.n} held-out "
-        f"`{args.task}` problems, T={args.temperature}.",
+        f"Device: {env['device_name']} ({env['device']}), dtype {env['dtype']}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, {env['threads']} threads, peak memory "
+        f"{env['peak_memory_mb']:.0f} MB; {args.n} held-out `{args.task}` problems, "
+        f"T={args.temperature}. Decoders run interleaved per prompt; ratios are of summed wall time.",
     ]
     if not table.empty:
         md += ["", table.to_markdown(index=False, floatfmt=".3f")]

@@ -169,6 +169,7 @@ def summarize_rows(rows: dict[str, BenchRow], bases: dict[str, str]) -> list[dic
                 "wall_ms_median": 1000 * statistics.median(row.wall_s),
                 "speedup_wall_vs_first": ref_wall / sum(row.wall_s),
                 "tokens_per_s": sum(row.tokens) / sum(row.wall_s),
+                "model_share_of_wall": row.model_s / sum(row.wall_s),
                 "overhead_share_of_model": row.overhead_s / row.model_s if row.model_s else 0.0,
                 "agreement_with_base": agree,
             }

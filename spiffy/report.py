@@ -27,6 +27,7 @@ METRICS = [
     "agreement",
     "overhead_share",
     "calibration_s",
+    "calibration_speedup_nfe",
 ]
 # Table 3: where the time goes. Shares are of model (forward) time, SPEC §7.
 OVERHEAD_METRICS = [
