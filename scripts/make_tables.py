@@ -30,6 +30,8 @@ from spiffy.report import (
 
 
 def markdown(title: str, table, note: str = "") -> str:
+    # integer columns (D, n_samples) as integers: tabulate would format them with the float format
+    table = table.astype({c: str for c in table.select_dtypes("integer").columns})
     body = table.to_markdown(index=False, floatfmt=".3f")
     return f"# {title}\n\n" + (f"{note}\n\n" if note else "") + body + "\n"
 

@@ -135,10 +135,13 @@ def acceptance_frame(table: pd.DataFrame) -> pd.DataFrame:
     if not levels:
         return pd.DataFrame(columns=["label", "level", "accepted"])
     label_cols = [c for c in table if "." in c and not c.startswith(LEVEL_PREFIX)]
-    frame = table.assign(label=_labels(table, label_cols))
-    long = frame.melt(id_vars=["label"], value_vars=levels, var_name="level", value_name="accepted")
+    frame = table.assign(label=_labels(table, label_cols), row=range(len(table)))
+    long = frame.melt(
+        id_vars=["row", "label"], value_vars=levels, var_name="level", value_name="accepted"
+    )
     long["level"] = long["level"].str.removeprefix(LEVEL_PREFIX).astype(int)
-    return long.dropna(subset=["accepted"]).sort_values(["label", "level"]).reset_index(drop=True)
+    long = long.dropna(subset=["accepted"]).sort_values(["row", "level"])  # the table's row order
+    return long.drop(columns="row").reset_index(drop=True)
 
 
 def _labels(table: pd.DataFrame, columns: list[str]) -> pd.Series:
@@ -165,14 +168,31 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, path: str | Path, *axes) -> None:
+    """Integer x ticks and a grid on every axis, the last one's legend beside it; save and close."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    for n, ax in enumerate(axes, 1):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if n < len(axes):
+            ax.legend(fontsize=7)
+        else:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_speedup(
     table: pd.DataFrame, x: str, path: str | Path, *, by: list[str] | None = None
 ) -> None:
     """NFE (solid) and wall-clock (dashed) speedup against one sweep axis, one line per setting of `by`."""
     plt = _pyplot()
     by = [c for c in (by or []) if c in table and c != x]
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    groups = table.groupby(_labels(table, by)) if by else [("", table)]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    groups = table.groupby(_labels(table, by), sort=False) if by else [("", table)]
     for label, data in groups:
         data = data.sort_values(x)
         (line,) = ax.plot(data[x], data["speedup_nfe"], marker="o", label=f"NFE {label}".strip())
@@ -187,28 +207,20 @@ def plot_speedup(
             )
     ax.set_xlabel(x)
     ax.set_ylabel("× vs base decoder")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, path, ax)
 
 
 def plot_acceptance(table: pd.DataFrame, path: str | Path) -> None:
     """Acceptance per graph level: the share of forwards whose walk accepted a level-l draft."""
     long = acceptance_frame(table)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    for label, data in long.groupby("label"):
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for label, data in long.groupby("label", sort=False):
         ax.plot(data["level"], data["accepted"], marker="o", label=label)
     ax.set_xlabel("graph level l (transitions ahead of the anchor)")
     ax.set_ylabel("forwards accepting level l")
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, path, ax)
 
 
 def load_cost_curve(path: str | Path) -> tuple[pd.DataFrame, dict]:
@@ -324,9 +336,4 @@ def plot_cost_curve(recommendation: pd.DataFrame, path: str | Path, *, device: s
     left.set_title(f"cost curve {device}".strip(), fontsize=9)
     right.set_xlabel("D")
     right.set_ylabel("× vs base decoder")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, path, left, right)
