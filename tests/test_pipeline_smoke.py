@@ -77,3 +77,14 @@ def test_dream_family_runs_end_to_end(tmp_path):
     assert (
         row["metrics"]["agreement"] == 1.0 and row["config"]["model"]["name"] == "tiny-dream-random"
     )
+
+
+@pytest.mark.slow
+def test_parallel_sweep_with_the_joblib_launcher_keeps_every_row(tmp_path):
+    """`hydra/launcher=local_parallel`: two jobs in two processes append to one locked JSONL store."""
+    sweep = ["hydra/launcher=local_parallel", "decoder=vanilla,spiffy", "experiment_name=par"]
+    proc = run_py(tmp_path, *sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "par.jsonl").read_text().splitlines()]
+    assert sorted(r["config"]["decoder"]["name"] for r in rows) == ["spiffy", "vanilla"]
