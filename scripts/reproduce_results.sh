@@ -35,7 +35,7 @@ step python run.py eval.progress=false
 step python run.py -m eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
 step python run.py eval.progress=false decoder=kv_cache decoder.speculate=true
 # one sweep per paper table/figure (experiments/<name>/launch.sh: run.py -m ... then make_tables.py)
-for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5; do
+for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block; do
   step "experiments/$experiment/launch.sh" eval.progress=false
 done
 step python scripts/make_tables.py --experiment default

@@ -1,8 +1,9 @@
 """Side-by-side benchmarks in one process (SPEC §7): decoders interleaved per prompt, and the cost curve.
 
-Decoder specs are `<base>` or `<base>+spiffy[@<graph>][/shared]`, where `<base>` names a preset of `BASES` and
+Decoder specs are `<base>` or `<base>+spiffy[@<graph>][/shared|/cross]`, where `<base>` names a preset of `BASES` and
 `<graph>` is a spec string (`chain:10`, `fig2`), a JSON path, or `calibrated:<D>[:<rule>]` (calibrated for that
-base on the task's calibration split, cached in results/graphs/). Ratios are against the first spec's decoder.
+base on the task's calibration split, cached in results/graphs/); `/shared` is the paper's near-lossless layout,
+`/cross` continues the walk across blocks (SPEC §5.4). Ratios are against the first spec's decoder.
 `cost_curve` times one forward against the number of query rows (1 + D drafts) for the exact layout (full
 canvases) and the dual cache (block rows): the curve that decides when fewer NFE means less wall-clock.
 """
@@ -51,6 +52,7 @@ class DecoderSpec:
     base: str
     graph: str | None = None
     verify: str = "exact"
+    cross_block: bool = False
 
     @classmethod
     def parse(cls, text: str, default_graph: str) -> DecoderSpec:
@@ -60,11 +62,20 @@ class DecoderSpec:
         if not spiffy:
             return cls(text, base)
         if not spiffy.startswith("spiffy"):
-            raise ValueError(f"decoder spec {text!r}: expected '<base>+spiffy[@graph][/shared]'")
-        rest = spiffy[len("spiffy") :]
-        verify = "shared" if rest.endswith("/shared") else "exact"
-        rest = rest.removesuffix("/shared")
-        return cls(text, base, rest[1:] if rest.startswith("@") else default_graph, verify)
+            raise ValueError(
+                f"decoder spec {text!r}: expected '<base>+spiffy[@graph][/shared|/cross]'"
+            )
+        rest, layout = spiffy[len("spiffy") :], ""
+        for option in ("shared", "cross"):  # a suffix: graph JSON paths contain '/' too
+            if rest.endswith(f"/{option}"):
+                rest, layout = rest.removesuffix(f"/{option}"), option
+        if rest and not rest.startswith("@"):
+            raise ValueError(
+                f"decoder spec {text!r}: expected '<base>+spiffy[@graph][/shared|/cross]'"
+            )
+        graph = rest[1:] if rest.startswith("@") else default_graph
+        verify = "shared" if layout == "shared" else "exact"
+        return cls(text, base, graph, verify, cross_block=layout == "cross")
 
 
 def generation_for(task: str, base: str, temperature: float) -> dict:
@@ -103,7 +114,11 @@ def make_decoder(
             rule=rule,
             progress=False,
         )
-    return build_decoder(model, **gen, speculate=Speculation(graph, verify=spec.verify))
+    return build_decoder(
+        model,
+        **gen,
+        speculate=Speculation(graph, verify=spec.verify, cross_block=spec.cross_block),
+    )
 
 
 @dataclass

@@ -74,6 +74,9 @@ class DecoderConfig:
     speculate: bool = False  # wrap the base decoder with Spiffy
     verify: str = "exact"
     draft_noise: str = "none"
+    cross_block: bool = (
+        False  # SPEC §5.4 optional continuation across blocks (cache none, exact only)
+    )
 
     def __post_init__(self) -> None:
         _choice("decoder", "rule", self.rule, RULES)
@@ -84,6 +87,11 @@ class DecoderConfig:
         _choice("decoder", "draft_noise", self.draft_noise, DRAFT_NOISE)
         if self.steps_per_token < 1:
             raise ValueError(f"decoder.steps_per_token={self.steps_per_token} must be >= 1")
+        if self.cross_block and (self.cache != "none" or self.verify != "exact"):
+            raise ValueError(
+                f"decoder.cross_block=true needs decoder.cache='none' and decoder.verify='exact', got "
+                f"cache={self.cache!r}, verify={self.verify!r}"
+            )
 
 
 @dataclass

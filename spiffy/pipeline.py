@@ -161,6 +161,7 @@ def run(dict_cfg: DictConfig) -> float:
                 verify=cfg.decoder.verify,
                 prune=cfg.graph.prune,
                 draft_noise=cfg.decoder.draft_noise,
+                cross_block=cfg.decoder.cross_block,
             ),
         )
     lm = SpiffyLM(

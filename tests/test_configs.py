@@ -86,3 +86,11 @@ def test_each_experiment_has_a_launcher_and_runs_on_the_published_checkpoint(exp
     assert typed.experiment_name == experiment and typed.model.name == "llada_8b_instruct"
     gen = generation_kwargs(typed)
     assert (gen["gen_length"], gen["block_length"]) == (256, 32)
+
+
+def test_cross_block_needs_the_no_cache_exact_layout():
+    cfg = compose_with("decoder=spiffy_kv_cache", "decoder.cross_block=true")
+    with pytest.raises(ValueError, match="decoder.cross_block=true needs decoder.cache='none'"):
+        OmegaConf.to_object(cfg)
+    typed = OmegaConf.to_object(compose_with("decoder=spiffy", "decoder.cross_block=true"))
+    assert typed.decoder.cross_block

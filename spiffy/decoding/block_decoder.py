@@ -35,6 +35,15 @@ class Verified:
         return cls(like.new_empty((0, like.numel())), like.new_empty(0), like.new_empty(0))
 
 
+@dataclass
+class Carry:
+    """The next block's first-forward distribution (Lb, V), computed by the forward that verified the
+    complete state, and how many transitions that forward has advanced so far."""
+
+    logits: torch.Tensor
+    advanced: int
+
+
 class BlockDecoder:
     """Base decoder. `generate(prompt_ids, request_id=, seed=)` returns a `DecodeResult`."""
 
@@ -82,9 +91,10 @@ class BlockDecoder:
         stats, noise = DecodeStats(), NoiseKey(seed, request_id)
         if self.record_confidence:
             stats.committed_confidence = []
+        carry = None
         for b in range(self.cfg.num_blocks):
             block = slice(p + b * lb, p + (b + 1) * lb)
-            self.decode_block(canvas, block, b, strategy, stats, noise)
+            carry = self.decode_block(canvas, block, b, strategy, stats, noise, carry)
         tokens = canvas[p:].clone()
         timer = strategy.timer
         stats.model_s, stats.mask_s = timer.model_s, timer.mask_s
@@ -102,8 +112,13 @@ class BlockDecoder:
         strategy: ForwardStrategy,
         stats: DecodeStats,
         noise: NoiseKey,
-    ) -> None:
-        """Run one block to completion: the acceptance walk of SPEC §5.4 (updates `canvas` in place)."""
+        carry: Carry | None = None,
+    ) -> Carry | None:
+        """Run one block to completion: the acceptance walk of SPEC §5.4 (updates `canvas` in place).
+
+        `carry` is this block's first-forward distribution when the previous block's last forward already
+        computed it (optional cross-block continuation, SPEC §5.4); the returned `Carry` is the next block's.
+        """
         state = canvas[block].clone()
         ctx = TransitionContext(
             self.cfg,
@@ -113,10 +128,14 @@ class BlockDecoder:
             b,
             masked_at_start=int((state == self.spec.mask_id).sum()),
         )
-        # Step 1 - the block-start forward carries no drafts (anchor = none in every cache mode).
-        dist = strategy.begin_block(canvas, block)
-        stats.nfe += 1
-        verified, step, advanced, stalled = Verified.none(state), 0, 0, 0
+        # Step 1 - the block-start forward carries no drafts (anchor = none in every cache mode), unless the
+        # previous block ended on a verified draft whose forward also computed this block's distribution.
+        if carry is None:
+            dist, advanced = strategy.begin_block(canvas, block), 0
+            stats.nfe += 1
+        else:
+            dist, advanced = carry.logits, carry.advanced
+        verified, step, stalled = Verified.none(state), 0, 0
         while True:
             # Step 2 - the ordinary transition, keyed by (block, step): this IS the output.
             new, conf = transition(dist, state, step, ctx)
@@ -126,6 +145,10 @@ class BlockDecoder:
             stats.transitions += 1
             canvas[block] = new
             if self.rule.is_complete(bool((new == self.spec.mask_id).any()), step):
+                if block.stop < canvas.numel():
+                    nxt = self.continue_across(new, verified, strategy, stats)
+                    if nxt is not None:
+                        return Carry(nxt, advanced)
                 break
             stalled = stalled + 1 if torch.equal(new, state) else 0
             if stalled >= self.cfg.block_length and not self.rule.bounded:
@@ -144,11 +167,16 @@ class BlockDecoder:
             anchor, state = dist, new
             drafts, levels = self.propose(anchor, state, ctx, step, stats)
             logits = strategy.block_logits(
-                canvas, block, torch.cat([state[None], drafts]), self.verify
+                canvas,
+                block,
+                torch.cat([state[None], drafts]),
+                self.verify,
+                lookahead=self.lookahead(canvas, block, drafts),
             )
             stats.nfe += 1
             dist, verified = logits[0], Verified(drafts, logits[1:], levels)
         stats.accepted_per_forward[advanced - 1] += 1
+        return None
 
     def propose(self, anchor, state, ctx, step, stats) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft states (K, Lb) and their graph levels; the base decoder drafts nothing."""
@@ -156,4 +184,12 @@ class BlockDecoder:
 
     def accept(self, new, state, dist, verified, stats) -> torch.Tensor | None:
         """The distribution of `new` if this forward already computed it; the base decoder never knows."""
+        return None
+
+    def lookahead(self, canvas, block, drafts) -> slice | None:
+        """Positions whose logits the verification forward should also keep (the next block), or None."""
+        return None
+
+    def continue_across(self, new, verified, strategy, stats) -> torch.Tensor | None:
+        """The next block's first-forward distribution if the complete state `new` was verified with it."""
         return None

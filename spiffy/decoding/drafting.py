@@ -163,8 +163,13 @@ def instantiate(
     top_tokens: torch.Tensor,
     state: torch.Tensor,
     mask_id: int,
+    *,
+    keep_complete: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draft states (K, Lb) of the valid, distinct, incomplete instantiations, and their levels (K,)."""
+    """Draft states (K, Lb) of the valid, distinct, incomplete instantiations, and their levels (K,).
+
+    `keep_complete` also keeps drafts with no mask left: the cross-block continuation (SPEC §5.4) uses their
+    logits over the next block; otherwise they are never needed (SPEC §5.1)."""
     n_masked = pos_by_rank.shape[1]
     empty = state.new_empty((0, state.numel())), graph.levels.new_empty(0)
     if n_masked == 0:
@@ -178,7 +183,8 @@ def instantiate(
     pos = torch.where(graph.valid, pos, pos[:, :1])  # padding rewrites the first pair
     tok = torch.where(graph.valid, tok, tok[:, :1])
     drafts = state.repeat(pos.shape[0], 1).scatter_(1, pos, tok)  # (N, Lb)
-    ok &= (drafts == mask_id).any(dim=1)  # complete drafts are never needed (SPEC §5.1)
+    if not keep_complete:
+        ok &= (drafts == mask_id).any(dim=1)  # complete drafts are never needed (SPEC §5.1)
     drafts, levels = drafts[ok], graph.levels[ok]
     if drafts.shape[0] == 0:
         return empty

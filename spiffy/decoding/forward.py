@@ -48,6 +48,11 @@ class ForwardStrategy:
         self.model = model
         self.timer = ForwardTimer()
         self.cache: KVCache | None = None
+        self.lookahead_logits: torch.Tensor | None = None
+
+    def _no_lookahead(self, lookahead: slice | None) -> None:
+        if lookahead is not None:
+            raise ValueError(f"cache={self.name!r}: cross-block lookahead needs cache='none'")
 
     def _call(self, input_ids: torch.Tensor, draft_rows: int = 0, **kwargs):
         """One model forward (one NFE); `draft_rows` of its query rows belong to drafts."""
@@ -78,9 +83,19 @@ class ForwardStrategy:
         self.cache = None
 
     def block_logits(
-        self, canvas: torch.Tensor, block: slice, states: torch.Tensor, verify: str = "exact"
+        self,
+        canvas: torch.Tensor,
+        block: slice,
+        states: torch.Tensor,
+        verify: str = "exact",
+        lookahead: slice | None = None,
     ) -> torch.Tensor:
-        """Logits (N, Lb, V) of the block states `states` (N, Lb); `canvas` holds row 0's state."""
+        """Logits (N, Lb, V) of the block states `states` (N, Lb); `canvas` holds row 0's state.
+
+        `lookahead` (no cache, exact layout only): also keep the logits of these positions (the next block) of
+        every draft row in `self.lookahead_logits` (N - 1, Lb', V). A complete draft's next-block logits are
+        that block's first-forward distribution (SPEC §5.4, optional cross-block continuation).
+        """
         raise NotImplementedError
 
 
@@ -128,8 +143,10 @@ class NoCache(ForwardStrategy):
 
     name = "none"
 
-    def block_logits(self, canvas, block, states, verify="exact"):
+    def block_logits(self, canvas, block, states, verify="exact", lookahead=None):
         n = states.shape[0]
+        if lookahead is not None and verify != "exact":
+            raise ValueError(f"verify={verify!r}: cross-block lookahead needs the exact layout")
         if verify == "shared" and n > 1:
             positions = torch.arange(canvas.numel(), device=canvas.device)
             ids, pos, mask = self._timed_mask(
@@ -140,7 +157,9 @@ class NoCache(ForwardStrategy):
             return torch.cat([logits[block][None], logits[canvas.numel() :].view(n - 1, lb, -1)])
         rows = canvas.repeat(n, 1)  # (N, L)
         rows[:, block] = states
-        return self._call(rows, (n - 1) * canvas.numel()).logits[:, block]
+        logits = self._call(rows, (n - 1) * canvas.numel()).logits
+        self.lookahead_logits = logits[1:, lookahead].clone() if lookahead is not None else None
+        return logits[:, block]
 
 
 class PrefixCache(ForwardStrategy):
@@ -152,7 +171,8 @@ class PrefixCache(ForwardStrategy):
         cache = KVCache(tuple(out.present), insert_at=0, logits=out.logits)
         self.cache = cache.slice_positions(block.start)
 
-    def block_logits(self, canvas, block, states, verify="exact"):
+    def block_logits(self, canvas, block, states, verify="exact", lookahead=None):
+        self._no_lookahead(lookahead)
         n, lb = states.shape
         s = block.start
         positions = torch.arange(s, canvas.numel(), device=canvas.device)
@@ -185,7 +205,8 @@ class DualCache(ForwardStrategy):
             logits=out.logits,
         )
 
-    def block_logits(self, canvas, block, states, verify="exact"):
+    def block_logits(self, canvas, block, states, verify="exact", lookahead=None):
+        self._no_lookahead(lookahead)
         positions = torch.arange(block.start, block.stop, device=canvas.device)
         return self._call(
             states,

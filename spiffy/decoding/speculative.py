@@ -45,6 +45,9 @@ class Speculation:
     draft_noise: str = (
         "none"  # "keyed": rank tokens/positions under future steps' keyed noise (§5.7)
     )
+    # continue the walk across a block boundary when the complete state was a verified draft (SPEC §5.4,
+    # optional; cache="none" with verify="exact" only): saves the next block's first forward
+    cross_block: bool = False
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -53,6 +56,10 @@ class Speculation:
             raise ValueError(f"draft_noise={self.draft_noise!r} must be one of {list(DRAFT_NOISE)}")
         if self.prune is not None and (not isinstance(self.prune, int) or self.prune < 1):
             raise ValueError(f"prune={self.prune!r} must be None or a positive integer")
+        if not isinstance(self.cross_block, bool):
+            raise ValueError(f"cross_block={self.cross_block!r} must be True or False")
+        if self.cross_block and self.verify != "exact":
+            raise ValueError(f"cross_block=True needs verify='exact', got verify={self.verify!r}")
         object.__setattr__(self, "graph", resolve_graph(self.graph))
 
     @property
@@ -76,6 +83,11 @@ class SpiffyDecoder(BlockDecoder):
         warn_if_mismatched(self.graph, cfg, speculation.draft_noise)
         # the dual cache verifies each draft as its own query block: exact whatever the layout
         self.verify = "exact" if cfg.cache == "dual" else speculation.verify
+        if speculation.cross_block and cfg.cache != "none":
+            raise ValueError(
+                f"cross_block=True needs cache='none' (a cache is refreshed at every block start), "
+                f"got cache={cfg.cache!r}"
+            )
         self._tensors = GraphTensors.from_graph(
             self.graph, self.device, keyed=speculation.draft_noise == "keyed"
         )
@@ -101,25 +113,46 @@ class SpiffyDecoder(BlockDecoder):
             probs = torch.softmax(sampling_logits(anchor, ctx), dim=-1)
             pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, probs)
             tensors = subset(tensors, prune_rows(tensors, pair_probs, self.graph, keep))
-        drafts, levels = instantiate(tensors, pos_by_rank, top_tokens, state, self.spec.mask_id)
+        keep_complete = self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
+        drafts, levels = instantiate(
+            tensors, pos_by_rank, top_tokens, state, self.spec.mask_id, keep_complete=keep_complete
+        )
         for level in levels.tolist():
             stats.drafted_per_level[level] += 1
         stats.drafts_verified += drafts.shape[0]
         stats.draft_s += time.perf_counter() - t
         return drafts, levels
 
+    def _match(self, new, verified: Verified, stats) -> int | None:
+        """Index of the verified draft equal to `new` (counted as accepted at its level), or None."""
+        if verified.states.shape[0] == 0:
+            return None
+        match = (verified.states == new).all(dim=1).nonzero()
+        if match.numel() == 0:
+            return None
+        i = int(match[0, 0])
+        stats.accepted_per_level[int(verified.levels[i])] += 1
+        return i
+
     def accept(self, new, state, dist, verified: Verified, stats):
         t = time.perf_counter()
         try:
             if torch.equal(new, state):  # nothing committed: same state, same distribution
                 return dist
-            if verified.states.shape[0] == 0:
-                return None
-            match = (verified.states == new).all(dim=1).nonzero()
-            if match.numel() == 0:
-                return None
-            i = int(match[0, 0])
-            stats.accepted_per_level[int(verified.levels[i])] += 1
-            return verified.logits[i]
+            i = self._match(new, verified, stats)
+            return None if i is None else verified.logits[i]
         finally:
             stats.bookkeeping_s += time.perf_counter() - t
+
+    def lookahead(self, canvas, block, drafts):
+        if not self.speculation.cross_block or drafts.shape[0] == 0 or block.stop >= canvas.numel():
+            return None
+        return slice(block.stop, block.stop + self.cfg.block_length)
+
+    def continue_across(self, new, verified: Verified, strategy, stats):
+        if strategy.lookahead_logits is None:
+            return None
+        t = time.perf_counter()
+        i = self._match(new, verified, stats)
+        stats.bookkeeping_s += time.perf_counter() - t
+        return None if i is None else strategy.lookahead_logits[i]

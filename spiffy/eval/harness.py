@@ -79,7 +79,7 @@ class SpiffyLM(LM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         """Build from lm-eval's parsed `--model_args`, e.g.
         `pretrained=embedded,gen_length=48,block_length=16,steps=48,graph=chain:5,compare_base=true`.
-        Keys: `pretrained`, `dtype`, `device`, `graph`, `verify`, `prune`, `seed`, `compare_base`,
+        Keys: `pretrained`, `dtype`, `device`, `graph`, `verify`, `prune`, `cross_block`, `seed`, `compare_base`,
         `chat_template`, and any `spiffy.build_decoder` argument."""
         from spiffy.api import build_decoder
         from spiffy.decoding.speculative import Speculation
@@ -93,6 +93,7 @@ class SpiffyLM(LM):
         tokenizer = load_tokenizer(path)
         graph, verify = args.pop("graph", None), args.pop("verify", "exact")
         prune, seed = args.pop("prune", None), int(args.pop("seed", 0))
+        cross_block = bool(args.pop("cross_block", False))
         compare = bool(args.pop("compare_base", False))
         chat = bool(args.pop("chat_template", False))
         kwargs = args
@@ -101,7 +102,9 @@ class SpiffyLM(LM):
             base
             if graph is None
             else build_decoder(
-                model, **kwargs, speculate=Speculation(graph, verify=verify, prune=prune)
+                model,
+                **kwargs,
+                speculate=Speculation(graph, verify=verify, prune=prune, cross_block=cross_block),
             )
         )
         return cls(

@@ -127,13 +127,14 @@ class TrajectoryRecorder(BlockDecoder):
         self._pending: deque[_Origin] = deque()
         self._done: list[list[Formula]] = []
 
-    def decode_block(self, canvas, block, b, strategy, stats, noise):
+    def decode_block(self, canvas, block, b, strategy, stats, noise, carry=None):
         self._pending.clear()
         self._done = []
         before = stats.transitions
-        super().decode_block(canvas, block, b, strategy, stats, noise)
+        carry = super().decode_block(canvas, block, b, strategy, stats, noise, carry)
         self._done.extend(o.keys for o in self._pending)
         self.blocks.append(BlockTrajectory(stats.transitions - before, self._done))
+        return carry  # always None: the recorder is a base decoder, it drafts nothing
 
     def propose(self, anchor, state, ctx, step, stats):
         for origin in self._pending:  # X_step is a later state of every pending origin

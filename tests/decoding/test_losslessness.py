@@ -23,11 +23,14 @@ RULES = {
 GRAPHS = ["chain:4", "fig2", "topk:3", "chain:10"]
 
 
-def assert_lossless(model, prompt, graph, request_id=0, seed=0, verify="exact", **kwargs):
+def assert_lossless(
+    model, prompt, graph, request_id=0, seed=0, verify="exact", cross_block=False, **kwargs
+):
     base = spiffy.build_decoder(model, **kwargs).generate(prompt, request_id=request_id, seed=seed)
-    spec = spiffy.build_decoder(
-        model, speculate=spiffy.Speculation(graph, verify=verify), **kwargs
-    ).generate(prompt, request_id=request_id, seed=seed)
+    speculation = spiffy.Speculation(graph, verify=verify, cross_block=cross_block)
+    spec = spiffy.build_decoder(model, speculate=speculation, **kwargs).generate(
+        prompt, request_id=request_id, seed=seed
+    )
     assert torch.equal(spec.tokens, base.tokens), kwargs
     assert spec.stats.nfe <= base.stats.nfe
     assert spec.stats.transitions == base.stats.nfe  # nfe_base is known without running the base
@@ -105,9 +108,10 @@ def draft_graphs(draw):
     temperature=st.sampled_from([0.0, 0.5, 1.5]),
     graph=draft_graphs(),
     seed=st.integers(0, 1000),
+    cross_block=st.booleans(),
 )
 def test_property_spiffy_equals_base(
-    model_seed, prompt, blocks, rule, cache, temperature, graph, seed
+    model_seed, prompt, blocks, rule, cache, temperature, graph, seed, cross_block
 ):
     model = tiny_random_model(seed=model_seed)
     gen_length, block_length = blocks
@@ -122,8 +126,51 @@ def test_property_spiffy_equals_base(
         rule=rule,
         cache=cache,
         temperature=temperature,
+        cross_block=cross_block and cache == "none",
         **RULES[rule],
     )
+
+
+@pytest.mark.parametrize(
+    ("rule", "temperature", "remasking"),
+    [
+        *itertools.product(RULES, [0.0, 0.7], ["low_confidence"]),
+        ("schedule", 1.0, "random"),
+    ],
+)
+def test_cross_block_continuation_is_lossless_and_saves_block_start_forwards(
+    fixture_model, rule, temperature, remasking
+):
+    """SPEC §5.4 (optional): a verified complete draft's next-block logits replace that block's first
+    forward; tokens stay the base's, and it never costs a forward over the plain walk."""
+    saved = 0
+    for graph, (request_id, prompt) in itertools.product(
+        ["chain:4", "fig2", "chain:10"], enumerate([[71, 124, 84, 108, 88], [5, 9, 14, 3]])
+    ):
+        kw = dict(gen_length=32, block_length=8, rule=rule, temperature=temperature)
+        kw.update(remasking=remasking, **RULES[rule])
+        args = (fixture_model, torch.tensor(prompt), graph, request_id, 3)
+        _, plain = assert_lossless(*args, **kw)
+        _, cross = assert_lossless(*args, cross_block=True, **kw)
+        assert torch.equal(cross.tokens, plain.tokens) and cross.stats.nfe <= plain.stats.nfe
+        saved += plain.stats.nfe - cross.stats.nfe
+        assert plain.stats.nfe - cross.stats.nfe <= kw["gen_length"] // kw["block_length"] - 1
+    if rule == "schedule":
+        assert saved > 0
+
+
+def test_cross_block_needs_the_exact_no_cache_layout(fixture_model):
+    with pytest.raises(ValueError, match="cross_block=True needs verify='exact'"):
+        spiffy.Speculation("chain:3", verify="shared", cross_block=True)
+    for cache in ("prefix", "dual"):
+        with pytest.raises(ValueError, match=f"cross_block=True needs cache='none'.*'{cache}'"):
+            spiffy.build_decoder(
+                fixture_model,
+                gen_length=16,
+                block_length=8,
+                cache=cache,
+                speculate=spiffy.Speculation("chain:3", cross_block=True),
+            )
 
 
 def test_shared_mode_reports_agreement(fixture_model):

@@ -91,8 +91,10 @@ def test_spiffy_is_lossless_on_dream(dream, rule, cache, temperature):
         **RULES[rule],
     )
     base = spiffy.build_decoder(dream, **kw).generate(PROMPT, request_id=3, seed=1)
-    for graph in ("chain:4", "fig2"):
-        spec = spiffy.build_decoder(dream, speculate=spiffy.Speculation(graph), **kw).generate(
+    # cross-block continuation (no cache only) reads the next block's shifted logits from a draft row
+    for graph, cross in itertools.product(("chain:4", "fig2"), (False, cache == "none")):
+        speculation = spiffy.Speculation(graph, cross_block=cross)
+        spec = spiffy.build_decoder(dream, speculate=speculation, **kw).generate(
             PROMPT, request_id=3, seed=1
         )
         assert torch.equal(spec.tokens, base.tokens)
