@@ -62,3 +62,15 @@ def test_prompt_too_long_is_a_clear_error(lm):
     with pytest.raises(ValueError, match="exceeds the model's max_length"):
         lm.generate_until([instance("x" * 600, {"until": []})])
     assert torch.tensor(0) == 0
+
+
+def test_model_args_string_builds_spiffy_with_its_options():
+    """lm-eval's `--model_args` reach `Speculation` (graph, verify, prune, cross_block) and the base."""
+    lm = SpiffyLM.create_from_arg_string(
+        "pretrained=embedded,gen_length=32,block_length=8,steps=32,graph=chain:3,"
+        "cross_block=true,compare_base=true"
+    )
+    assert lm.decoder.speculation.cross_block and lm.decoder.speculation.verify == "exact"
+    assert lm.base is not None and lm.base.cfg == lm.decoder.cfg
+    plain = SpiffyLM.create_from_arg_string("pretrained=embedded,gen_length=32,block_length=8")
+    assert not hasattr(plain.decoder, "speculation") and plain.base is None
