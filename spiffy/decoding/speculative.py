@@ -5,6 +5,8 @@
 drafts verified in the last forward. Because every committed token comes from `transition` on the true
 distribution of the current state, under the same keyed noise, the output equals the base decoder's (SPEC §6) in
 the lossless layouts (`exact`, and any layout with the dual cache); `shared` is the paper's near-lossless layout.
+With `cross_block=True` (no cache, `exact`), `lookahead` and `continue_across` carry a verified complete draft's
+next-block logits into the next block, saving its first forward (SPEC §5.4, optional).
 """
 
 from __future__ import annotations
