@@ -193,39 +193,44 @@ def summarize_rows(rows: dict[str, BenchRow], bases: dict[str, str]) -> list[dic
 
 
 def cost_curve(
-    model, canvas_len: int, block_len: int, drafts: list[int], *, repeats: int = 5
+    model, canvas_len: int, block_len: int, drafts: list[int], *, repeats: int = 15
 ) -> list[dict]:
     """Median time of one in-block verification forward with 1 + D states, per layout (exact = no cache, and
-    the dual cache), and of the layout's block-start forward (full canvas, no drafts)."""
+    the dual cache), and of the layout's block-start forward (full canvas, no drafts).
+
+    Every round times each D once, in a fresh order, so that a slow phase of the machine (other processes,
+    frequency changes) hits all D alike instead of a contiguous run of them; the first round warms up.
+    """
     mask_id = int(model.config.mask_token_id)
     device = next(model.parameters()).device
     canvas = torch.randint(0, mask_id, (canvas_len,), device=device)
     block = slice(canvas_len - 2 * block_len, canvas_len - block_len)
+    order = torch.Generator().manual_seed(0)
+
+    def timed(fn, *args) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        fn(*args)
+        _sync(device)
+        return time.perf_counter() - t
+
     rows = []
     for cache in ("none", "dual"):
         strategy = STRATEGIES[cache](model)
-        starts = []
+        starts: list[float] = []
+        times: dict[int, list[float]] = {d: [] for d in drafts}
         for _ in range(repeats + 1):
-            _sync(device)
-            t = time.perf_counter()
-            strategy.begin_block(canvas, block)
-            _sync(device)
-            starts.append(time.perf_counter() - t)
+            starts.append(timed(strategy.begin_block, canvas, block))
+            for k in torch.randperm(len(drafts), generator=order).tolist():
+                states = canvas[block].repeat(drafts[k] + 1, 1)
+                times[drafts[k]].append(timed(strategy.block_logits, canvas, block, states))
         for d in drafts:
-            states = canvas[block].repeat(d + 1, 1)
-            times = []
-            for _ in range(repeats + 1):
-                _sync(device)
-                t = time.perf_counter()
-                strategy.block_logits(canvas, block, states)
-                _sync(device)
-                times.append(time.perf_counter() - t)
             rows.append(
                 {
                     "layout": "exact" if cache == "none" else "dual",
                     "drafts": d,
                     "query_rows": (d + 1) * (canvas_len if cache == "none" else block_len),
-                    "forward_ms": 1000 * statistics.median(times[1:]),
+                    "forward_ms": 1000 * statistics.median(times[d][1:]),
                     "block_start_ms": 1000 * statistics.median(starts[1:]),
                 }
             )
