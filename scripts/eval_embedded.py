@@ -14,11 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import spiffy
-from spiffy.eval.offline import accuracy, formatted_share, score_arith
-from spiffy.models.loading import load_tokenizer
+from spiffy.eval.offline import accuracy, formatted_share, load_for_study, score_arith
 from spiffy.tasks.arith import ArithConfig, generate_split
 from spiffy.tasks.registry import TASKS
 
@@ -31,9 +28,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the metrics here")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = spiffy.load_model(args.model, dtype=torch.float32)
-    tok = load_tokenizer(args.model)
+    model, tok = load_for_study(args.model, args.threads)
     task = TASKS["arith"]
     decoder = spiffy.build_decoder(model, **task.generation)
     decoder.record_confidence = True

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from spiffy.report import (
     LEVEL_PREFIX,
+    axis_columns,
     blocks_per_request,
     budget_recommendation,
     experiment_table,
@@ -50,18 +51,17 @@ def main() -> None:
         raise SystemExit(f"no result rows in {args.results}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    curve, env = load_cost_curve(args.cost_curve) if args.cost_curve else (None, {})
     for name in args.experiment or sorted(frame.experiment.dropna().unique()):
         table = experiment_table(frame, name, levels=True)
         table.to_csv(out / f"{name}.csv", index=False)
         (out / f"{name}.md").write_text(markdown(name, table))
         print(markdown(name, table))
-        axes = [c for c in table if "." in c and not c.startswith(LEVEL_PREFIX)]
         if x := plot_axis(table):
-            plot_speedup(table, x, out / f"{name}_speedup.png", by=axes)
+            plot_speedup(table, x, out / f"{name}_speedup.png", by=axis_columns(table))
         if any(c.startswith(LEVEL_PREFIX) for c in table):
             plot_acceptance(table, out / f"{name}_acceptance.png")
-        if args.cost_curve:
-            curve, env = load_cost_curve(args.cost_curve)
+        if curve is not None:
             blocks = blocks_per_request(frame, name)
             runs = experiment_table(frame, name, keep=("decoder.cache", "graph.budget"))
             rec = budget_recommendation(curve, runs, blocks_per_request=blocks)

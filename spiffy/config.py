@@ -74,9 +74,8 @@ class DecoderConfig:
     speculate: bool = False  # wrap the base decoder with Spiffy
     verify: str = "exact"
     draft_noise: str = "none"
-    cross_block: bool = (
-        False  # SPEC §5.4 optional continuation across blocks (cache none, exact only)
-    )
+    # SPEC §5.4 optional continuation across blocks (cache none, exact only)
+    cross_block: bool = False
 
     def __post_init__(self) -> None:
         _choice("decoder", "rule", self.rule, RULES)

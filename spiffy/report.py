@@ -129,13 +129,17 @@ def plot_axis(table: pd.DataFrame) -> str | None:
     return next((x for x in PLOT_AXES if x in table and table[x].nunique() > 1), None)
 
 
+def axis_columns(table: pd.DataFrame) -> list[str]:
+    """The config columns of an `experiment_table` (dotted keys such as `graph.budget`), not its metrics."""
+    return [c for c in table if "." in c and not c.startswith(LEVEL_PREFIX)]
+
+
 def acceptance_frame(table: pd.DataFrame) -> pd.DataFrame:
     """Long form of the per-level acceptance columns: one row per (table row, level)."""
     levels = [c for c in table if c.startswith(LEVEL_PREFIX)]
     if not levels:
         return pd.DataFrame(columns=["label", "level", "accepted"])
-    label_cols = [c for c in table if "." in c and not c.startswith(LEVEL_PREFIX)]
-    frame = table.assign(label=_labels(table, label_cols), row=range(len(table)))
+    frame = table.assign(label=_labels(table, axis_columns(table)), row=range(len(table)))
     long = frame.melt(
         id_vars=["row", "label"], value_vars=levels, var_name="level", value_name="accepted"
     )
@@ -292,8 +296,11 @@ def budget_recommendation(
         b, n = blocks_per_request, rows["nfe_mean"]
         n0 = n * rows["speedup_nfe"]
         in_block = (n - b).clip(lower=1e-9)
-        sent = rows.get("draft_query_tokens_per_forward", rows["graph.budget"] * rows_per_state)
-        rows["drafts_per_forward"] = sent.fillna(0.0) * n / in_block / rows_per_state
+        if "draft_query_tokens_per_forward" in rows:
+            sent = rows["draft_query_tokens_per_forward"].fillna(0.0) * n / in_block
+            rows["drafts_per_forward"] = sent / rows_per_state
+        else:  # not measured: assume every in-block forward sent all D drafts
+            rows["drafts_per_forward"] = rows["graph.budget"].astype(float)
         rows["forward_ms_at_d"] = np.interp(rows["drafts_per_forward"], lc.drafts, lc.forward_ms)
         rows["step_overhead_ms"] = c
         base_ms = b * f_start + (n0 - b) * f0 + n0 * c

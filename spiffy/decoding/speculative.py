@@ -44,9 +44,8 @@ class Speculation:
     graph: DraftGraph | str
     verify: str = "exact"
     prune: int | None = None  # keep only the best `prune` nodes per forward (SPEC §5.6)
-    draft_noise: str = (
-        "none"  # "keyed": rank tokens/positions under future steps' keyed noise (§5.7)
-    )
+    # "keyed": rank tokens/positions under future steps' keyed noise (§5.7)
+    draft_noise: str = "none"
     # continue the walk across a block boundary when the complete state was a verified draft (SPEC §5.4,
     # optional; cache="none" with verify="exact" only): saves the next block's first forward
     cross_block: bool = False
