@@ -1,9 +1,19 @@
 """The one semi-autoregressive block loop: transition rule × cache mode (SPEC §2, §3, §4, §5.4).
 
 `BlockDecoder` is LLaDA's sampler (`rule="schedule"`, `cache="none"`), Fast-dLLM's (`threshold`/`factor`,
-`prefix`/`dual`) and every other combination; presets are configurations, not forks. The loop is written as
-Spiffy's acceptance walk (SPEC §5.4) with two hooks, `propose` and `accept`; the base decoder proposes no drafts
-and accepts nothing, so each of its transitions costs exactly one forward. `SpiffyDecoder` overrides the hooks.
+`prefix`/`dual`) and every other combination; presets are configurations, not forks. The loop is Spiffy's
+acceptance walk (SPEC §5.4) over the rows of one forward (row 0 the real state, rows 1.. verified drafts); the
+base decoder verifies row 0 only, so each of its transitions costs exactly one forward. Subclasses plug in
+through two typed hooks: `propose` (draft states to verify with the next forward) and `lookahead` (how many
+next-block positions that forward should also project).
+
+One forward, one host read (the normal path). The walk applies the transition to every row at the step it
+would be reached at (row r of graph level l at `step + l`) in one batched call, links each row to the row its
+next state equals (`walk.py`), and follows the links on the device. A single read brings the links and the
+draft validity to the host; the host replays the walk in plain Python. The rare cases where a row is reached at
+another step (a transition that committed nothing, or a multi-token transition landing on a deeper draft) finish
+transition by transition (`_walk_slowly`), which is the SPEC loop verbatim. Drafts for the next forward are
+built from the device-side end of the walk before the read, so their validity comes with it.
 """
 
 from __future__ import annotations
@@ -14,25 +24,29 @@ from dataclasses import dataclass
 import torch
 
 from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.drafting import Drafts
 from spiffy.decoding.forward import STRATEGIES, ForwardStrategy
 from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
-from spiffy.decoding.sampling import TransitionContext, transition
+from spiffy.decoding.sampling import Distributions, TransitionContext, transition
 from spiffy.decoding.types import DecodeResult, DecodeStats
+from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay
+from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec, model_spec
 
 
-@dataclass
-class Verified:
-    """Draft states verified by the last forward, their logits (K, Lb, V) and graph levels (K,)."""
+@dataclass(frozen=True)
+class DecoderOptions:
+    """Execution options that never change the output.
 
-    states: torch.Tensor
-    logits: torch.Tensor
-    levels: torch.Tensor
+    `record_confidence`: keep the confidence of every committed token in the stats (one read per transition).
+    `profile`: on a GPU, time model calls with CUDA events (read once per request); else model time is NaN there.
+    `compile`: `torch.compile` the model forward; draft rows are then never compacted (a static row count).
+    """
 
-    @classmethod
-    def none(cls, like: torch.Tensor) -> Verified:
-        return cls(like.new_empty((0, like.numel())), like.new_empty(0), like.new_empty(0))
+    record_confidence: bool = False
+    profile: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -44,19 +58,43 @@ class Carry:
     advanced: int
 
 
+@dataclass
+class WalkEnd:
+    """Where one forward's walk stopped: transitions taken, the block state, whether the block is complete,
+    the anchor row, the next block's carried logits (cross-block), and drafts built early with their validity."""
+
+    transitions: int
+    state: torch.Tensor
+    complete: bool
+    anchor: int
+    carry: torch.Tensor | None = None
+    drafts: Drafts | None = None
+    drafts_valid: list[bool] | None = None
+
+
 class BlockDecoder:
     """Base decoder. `generate(prompt_ids, request_id=, seed=)` returns a `DecodeResult`."""
 
     verify = "exact"
-    record_confidence = False  # keep the confidence of every committed token in the stats
 
     def __init__(
-        self, model: torch.nn.Module, cfg: GenerationConfig, spec: ModelSpec | None = None
+        self,
+        model: DiffusionLM,
+        cfg: GenerationConfig,
+        spec: ModelSpec | None = None,
+        options: DecoderOptions | None = None,
     ):
         self.model = model
         self.cfg = cfg
         self.spec = spec or model_spec(model)
         self.rule = TransitionRule.from_config(cfg)
+        self.options = options or DecoderOptions()
+        # a transition whose result does not depend on its step index: any verified row may continue the walk
+        self.step_free = (
+            self.rule.name in ("fixed_k", "threshold", "factor")
+            and cfg.temperature == 0
+            and cfg.remasking != "random"
+        )
 
     @property
     def device(self) -> torch.device:
@@ -87,9 +125,10 @@ class BlockDecoder:
         prompt = self.prepare_prompt(prompt_ids)
         p, lb = prompt.numel(), self.cfg.block_length
         canvas = torch.cat([prompt, prompt.new_full((self.cfg.gen_length,), self.spec.mask_id)])
-        strategy = STRATEGIES[self.cfg.cache](self.model)
+        opts = self.options
+        strategy = STRATEGIES[self.cfg.cache](self.model, profile=opts.profile, compile=opts.compile)
         stats, noise = DecodeStats(), NoiseKey(seed, request_id)
-        if self.record_confidence:
+        if opts.record_confidence:
             stats.committed_confidence = []
         carry = None
         for b in range(self.cfg.num_blocks):
@@ -97,11 +136,12 @@ class BlockDecoder:
             carry = self.decode_block(canvas, block, b, strategy, stats, noise, carry)
         tokens = canvas[p:].clone()
         timer = strategy.timer
+        timer.resolve()
         stats.model_s, stats.mask_s = timer.model_s, timer.mask_s
         stats.query_tokens, stats.draft_query_tokens = timer.query_tokens, timer.draft_query_tokens
-        stats.wall_s = time.perf_counter() - t0
         eos = (tokens == self.spec.eos_id).nonzero() if self.spec.eos_id is not None else []
         stats.generated_tokens = int(eos[0]) if len(eos) else tokens.numel()
+        stats.wall_s = time.perf_counter() - t0
         return DecodeResult(tokens=tokens, stats=stats)
 
     def decode_block(
@@ -118,78 +158,171 @@ class BlockDecoder:
 
         `carry` is this block's first-forward distribution when the previous block's last forward already
         computed it (optional cross-block continuation, SPEC §5.4); the returned `Carry` is the next block's.
+        The block starts fully masked (the canvas is `[prompt, masks]`, decoded left to right).
         """
+        lb = block.stop - block.start
+        ctx = TransitionContext(self.cfg, self.rule, self.spec, noise, b, masked_at_start=lb)
         state = canvas[block].clone()
-        ctx = TransitionContext(
-            self.cfg,
-            self.rule,
-            self.spec,
-            noise,
-            b,
-            masked_at_start=int((state == self.spec.mask_id).sum()),
-        )
-        # Step 1 - the block-start forward carries no drafts (anchor = none in every cache mode), unless the
-        # previous block ended on a verified draft whose forward also computed this block's distribution.
+        # The block-start forward carries no drafts (anchor = none in every cache mode), unless the previous
+        # block ended on a verified draft whose forward also computed this block's distribution.
         if carry is None:
-            dist, advanced = strategy.begin_block(canvas, block), 0
+            logits, advanced = strategy.begin_block(canvas, block), 0
             stats.nfe += 1
         else:
-            dist, advanced = carry.logits, carry.advanced
-        verified, step, stalled = Verified.none(state), 0, 0
+            logits, advanced = carry.logits, carry.advanced
+        rows = Rows.single(state, Distributions(logits[None], ctx))
+        step = 0
         while True:
-            # Step 2 - the ordinary transition, keyed by (block, step): this IS the output.
-            new, conf = transition(dist, state, step, ctx)
-            if stats.committed_confidence is not None:
-                stats.committed_confidence.extend(conf[new != state].tolist())
-            step, advanced = step + 1, advanced + 1
-            stats.transitions += 1
-            canvas[block] = new
-            if self.rule.is_complete(bool((new == self.spec.mask_id).any()), step):
-                if block.stop < canvas.numel():
-                    nxt = self.continue_across(new, verified, strategy, stats)
-                    if nxt is not None:
-                        return Carry(nxt, advanced)
+            end = self._walk(rows, step, ctx, stats)
+            step, advanced = step + end.transitions, advanced + end.transitions
+            stats.transitions += end.transitions
+            canvas[block] = end.state
+            if end.complete:
+                if end.carry is not None:
+                    return Carry(end.carry, advanced)
                 break
-            stalled = stalled + 1 if torch.equal(new, state) else 0
-            if stalled >= self.cfg.block_length and not self.rule.bounded:
-                raise RuntimeError(
-                    f"block {b}: {stalled} consecutive transitions committed nothing "
-                    "(the model keeps predicting the mask id)"
-                )
-            # Step 3 - continue without a forward if the new state's distribution is already known.
-            known = self.accept(new, state, dist, verified, stats)
-            if known is not None:
-                dist, state = known, new
-                continue
             stats.accepted_per_forward[advanced - 1] += 1
             advanced = 0
-            # Step 4 - draft from the anchor (the distribution `new` was sampled from), verify in one forward.
-            anchor, state = dist, new
-            drafts, levels = self.propose(anchor, state, ctx, step, stats)
-            logits = strategy.block_logits(
-                canvas,
-                block,
-                torch.cat([state[None], drafts]),
-                self.verify,
-                lookahead=self.lookahead(canvas, block, drafts),
-            )
+            # Draft from the anchor (the distribution `end.state` was sampled from), verify in one forward.
+            drafts, known = end.drafts, end.drafts_valid
+            if drafts is None:
+                t = time.perf_counter()
+                drafts, known = self.propose(rows.dists.row(end.anchor), end.state, ctx, step), None
+                stats.draft_s += time.perf_counter() - t
+            states, levels, valid, unread = self._rows_to_send(end.state, drafts, known, stats)
+            ahead = self.lookahead(canvas.numel(), block, states.shape[0] - 1)
+            out = strategy.verify(canvas, block, states, self.verify, lookahead=ahead)
             stats.nfe += 1
-            dist, verified = logits[0], Verified(drafts, logits[1:], levels)
+            rows = Rows(states, Distributions(out.logits, ctx), levels, valid, unread, out.lookahead)
         stats.accepted_per_forward[advanced - 1] += 1
         return None
 
-    def propose(self, anchor, state, ctx, step, stats) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft states (K, Lb) and their graph levels; the base decoder drafts nothing."""
-        return state.new_empty((0, state.numel())), state.new_empty(0)
+    # ---- hooks -------------------------------------------------------------------------------------------
 
-    def accept(self, new, state, dist, verified, stats) -> torch.Tensor | None:
-        """The distribution of `new` if this forward already computed it; the base decoder never knows."""
+    def propose(
+        self, anchor: Distributions, state: torch.Tensor, ctx: TransitionContext, step: int
+    ) -> Drafts | None:
+        """Draft states for the next forward from the anchor (SPEC §5.1); the base decoder drafts nothing."""
         return None
 
-    def lookahead(self, canvas, block, drafts) -> slice | None:
-        """Positions whose logits the verification forward should also keep (the next block), or None."""
+    def propose_early(
+        self, anchor: Distributions, state: torch.Tensor, ctx: TransitionContext
+    ) -> Drafts | None:
+        """The same drafts built before the walk's host read, when they do not depend on the step index
+        (their validity then comes with that read); None defers drafting to `propose`."""
         return None
 
-    def continue_across(self, new, verified, strategy, stats) -> torch.Tensor | None:
-        """The next block's first-forward distribution if the complete state `new` was verified with it."""
-        return None
+    def lookahead(self, canvas_len: int, block: slice, n_drafts: int) -> int:
+        """How many next-block positions the verification forward should also project (0: none)."""
+        return 0
+
+    # ---- the walk ----------------------------------------------------------------------------------------
+
+    def _rows_to_send(self, state, drafts: Drafts | None, known: list[bool] | None, stats):
+        """States (N, Lb), host levels, device validity and not-yet-read validity of the next forward.
+        Drafts whose validity the host knows are compacted (unless compiling: a static row count);
+        otherwise every row is sent and invalid ones stay inert (never matched)."""
+        if drafts is None or drafts.states.shape[0] == 0:
+            return state[None], [0], None, None
+        levels = list(self.draft_levels)
+        if known is not None:
+            self._count_drafts(known, stats)
+            if not self.options.compile:
+                kept = [r for r, ok in enumerate(known) if ok]
+                order = torch.argsort((~drafts.valid).to(torch.int8), stable=True)[: len(kept)]
+                states = torch.cat([state[None], drafts.states[order]])
+                return states, [0] + [levels[r] for r in kept], None, None
+        valid = torch.cat([drafts.valid.new_ones(1), drafts.valid])
+        unread = None if known is not None else drafts.valid
+        return torch.cat([state[None], drafts.states]), [0] + levels, valid, unread
+
+    draft_levels: tuple[int, ...] = ()
+
+    def _count_drafts(self, valid: list[bool], stats: DecodeStats) -> None:
+        for ok, level in zip(valid, self.draft_levels):
+            if ok:
+                stats.drafted_per_level[level] += 1
+        stats.drafts_verified += sum(valid)
+
+    def _walk(self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats) -> WalkEnd:
+        """Every transition this forward's rows allow, with one host read on the normal path. The time of
+        walks over verified drafts is Spiffy's bookkeeping (an upper bound: it includes the real state's
+        own transition, which the base decoder pays too); on a GPU these host timings need `profile`."""
+        t0 = time.perf_counter()
+        try:
+            return self._walk_rows(rows, step, ctx, stats)
+        finally:
+            if rows.states.shape[0] > 1:
+                stats.bookkeeping_s += time.perf_counter() - t0 - self._early_s
+            self._early_s = 0.0
+
+    _early_s = 0.0
+
+    def _walk_rows(self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats) -> WalkEnd:
+        links: WalkLinks = link_rows(rows, step, ctx, self.step_free)
+        t = time.perf_counter()
+        early = self.propose_early(rows.dists.row(links.end), links.new[links.end], ctx)
+        self._early_s = time.perf_counter() - t
+        stats.draft_s += self._early_s
+        extra = [early.valid] if early is not None else []
+        if rows.unread is not None:
+            extra.append(rows.unread)
+        host = links.read(extra)  # the one device read of this forward
+        if rows.unread is not None:
+            self._count_drafts(host.extra[-1], stats)
+        path, reason = replay(host, rows.levels, stats)
+        r = path[-1]
+        if self.options.record_confidence:
+            for p in path:
+                committed = links.new[p] != rows.states[p]
+                stats.committed_confidence.extend(links.conf[p][committed].tolist())
+        new = links.new[r]
+        if reason == "complete":
+            return WalkEnd(len(path), new, True, r, self._carried(rows, host.match[r], stats))
+        if reason == "anchor":
+            valid = host.extra[0] if early is not None else None
+            return WalkEnd(len(path), new, False, r, None, early, valid)
+        # a row reached at another step than the batched transition assumed: finish one transition at a time
+        s = step + len(path)
+        if reason == "same":
+            return self._walk_slowly(rows, r, rows.states[r], s, 1, len(path), ctx, stats)
+        m = host.match[r]
+        stats.accepted_per_level[rows.levels[m]] += 1
+        return self._walk_slowly(rows, m, new, s, 0, len(path), ctx, stats)
+
+    def _carried(self, rows: Rows, match: int, stats: DecodeStats) -> torch.Tensor | None:
+        """The next block's logits of the verified row equal to the complete state, if they were computed."""
+        if rows.lookahead is None or match < 1:
+            return None
+        stats.accepted_per_level[rows.levels[match]] += 1
+        return rows.lookahead[match]
+
+    def _walk_slowly(self, rows, r, state, step, stalled, taken, ctx, stats) -> WalkEnd:
+        """SPEC §5.4 verbatim from row `r`'s distribution, `state` and `step`: one read per transition."""
+        while True:
+            if stalled >= self.cfg.block_length and not self.rule.bounded:
+                raise RuntimeError(
+                    f"block {ctx.block}: {stalled} consecutive transitions committed nothing "
+                    "(the model keeps predicting the mask id)"
+                )
+            new, conf = transition(rows.dists.row(r), state, step, ctx)
+            step, taken = step + 1, taken + 1
+            eq = (rows.states == new).all(1)
+            eq[0] = False
+            if rows.valid is not None:
+                eq &= rows.valid
+            first = torch.where(eq.any(), eq.to(torch.int8).argmax(), -1)
+            has_mask, same, match = torch.stack(
+                [(new == self.spec.mask_id).any().long(), (new == state).all().long(), first]
+            ).tolist()
+            if self.options.record_confidence:
+                stats.committed_confidence.extend(conf[new != state].tolist())
+            if self.rule.is_complete(has_mask, step):
+                return WalkEnd(taken, new, True, r, self._carried(rows, match, stats))
+            stalled = stalled + 1 if same else 0
+            if same:
+                continue
+            if match < 1:
+                return WalkEnd(taken, new, False, r)
+            stats.accepted_per_level[rows.levels[match]] += 1
+            r, state = match, new

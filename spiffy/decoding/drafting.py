@@ -1,11 +1,14 @@
-"""Auto-speculative drafting: instantiate every graph node into a draft block state (SPEC §5.1).
+"""Auto-speculative drafting: instantiate every graph node into a draft block state (SPEC §5.1, §5.6).
 
 Ranks come from the anchor (the distribution the real state was sampled from), processed exactly as the
 transition processes logits: position rank orders the real state's masked positions by the rule's confidence
 (the T=0 top-1 probability, after the EOS/EoT options), ties to the lower position; token rank orders the sampling
-logits, ties to the lower id. Only the top `J = max j` tokens are ranked. Everything is vectorised over nodes;
-invalid instantiations (rank beyond the masked count, the mask id) and complete drafts are dropped, and identical
-draft states are kept once.
+logits, ties to the lower id. Only the top `J = max j` tokens are ranked.
+
+Shapes are static and nothing is read back to the host: every graph row yields a draft row, and a validity mask
+marks the ones to verify (rank beyond the masked count, the mask id, complete drafts, rows pruned away, and
+repeats of an earlier row's state are invalid; of equal states the lowest level, then the first row, is kept).
+Dynamic pruning (SPEC §5.6) is vectorised over nodes.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from spiffy.decoding.sampling import (
+    Distributions,
     TransitionContext,
+    as_distributions,
     confidence,
-    confidence_probs,
     noised_scores,
-    sampling_logits,
 )
 from spiffy.graph.draft_graph import DraftGraph
 
@@ -27,7 +30,8 @@ from spiffy.graph.draft_graph import DraftGraph
 @dataclass(frozen=True)
 class GraphTensors:
     """A graph as padded tensors, one row per node (per node and insertion path with keyed drafting):
-    ranks (R, P), pair validity (R, P), pair insertion levels (R, P), node levels (R,), node index (R,)."""
+    ranks (R, P), pair validity (R, P), pair insertion levels (R, P), node levels (R,) on the device and on
+    the host (`row_levels`), node index (R,); plus the node-level structure pruning needs."""
 
     pos_rank: torch.Tensor
     tok_rank: torch.Tensor
@@ -36,6 +40,21 @@ class GraphTensors:
     max_token_rank: int
     pair_level: torch.Tensor
     node: torch.Tensor
+    row_levels: tuple[int, ...] = ()
+    first_row: torch.Tensor | None = None  # (n,) each node's first row
+    parent: torch.Tensor | None = None  # (n, n) bool, parent[q, p]: p is a parent of q
+    root_child: torch.Tensor | None = None  # (n,) bool
+    children: torch.Tensor | None = None  # (n, C) child indices, padded with 0
+    child_ok: torch.Tensor | None = None  # (n, C) bool
+    size_groups: tuple[torch.Tensor, ...] = ()  # node indices by formula size, largest first
+
+    @property
+    def rows(self) -> int:
+        return self.pos_rank.shape[0]
+
+    @property
+    def max_level(self) -> int:
+        return max(self.row_levels, default=1)
 
     @classmethod
     def from_graph(
@@ -59,15 +78,46 @@ class GraphTensors:
                 pos[r, c], tok[r, c], valid[r, c] = i, j, True
                 pair_level[r, c] = assignment[(i, j)] if keyed else 1
         node = torch.tensor([q for q, _ in rows], dtype=torch.long)
-        levels = torch.tensor(graph.levels, dtype=torch.long)[node]
+        row_levels = tuple(graph.levels[q] for q, _ in rows)
+        n = len(graph.nodes)
+        first = {}
+        for r, (q, _) in enumerate(rows):
+            first.setdefault(q, r)
+        parent = torch.zeros(n, n, dtype=torch.bool)
+        root_child = torch.zeros(n, dtype=torch.bool)
+        for q, ps in enumerate(graph.parents):
+            for p in ps:
+                if p == -1:
+                    root_child[q] = True
+                else:
+                    parent[q, p] = True
+        kids = graph.children()
+        width_c = max((len(k) for k in kids), default=0)
+        children = torch.zeros(n, width_c, dtype=torch.long)
+        child_ok = torch.zeros(n, width_c, dtype=torch.bool)
+        for q, ks in enumerate(kids):
+            children[q, : len(ks)] = torch.tensor(ks, dtype=torch.long)
+            child_ok[q, : len(ks)] = True
+        sizes = sorted({len(f) for f in graph.nodes}, reverse=True)
+        groups = tuple(
+            torch.tensor([q for q in range(n) if len(graph.nodes[q]) == s], device=device)
+            for s in sizes
+        )
         return cls(
             pos.to(device),
             tok.to(device),
             valid.to(device),
-            levels.to(device),
+            torch.tensor(row_levels, dtype=torch.long, device=device),
             graph.max_token_rank,
             pair_level.to(device),
             node.to(device),
+            row_levels,
+            torch.tensor([first[q] for q in range(n)], dtype=torch.long, device=device),
+            parent.to(device),
+            root_child.to(device),
+            children.to(device),
+            child_ok.to(device),
+            groups,
         )
 
 
@@ -89,7 +139,7 @@ def insertion_levels(graph: DraftGraph) -> list[list[dict[tuple[int, int], int]]
 
 
 def level_scores(
-    anchor_logits: torch.Tensor, ctx: TransitionContext, step: int, keyed: bool
+    anchor: torch.Tensor | Distributions, ctx: TransitionContext, step: int, keyed: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token scores (Lb, V) and position confidences (Lb,) predicting transition `step` from the anchor.
 
@@ -98,37 +148,34 @@ def level_scores(
     confidence of that noisy prediction, and with `random` remasking that step's remasking uniforms; exactly
     what the rule would pick at `step` if the distribution did not move.
     """
-    scores = (
-        noised_scores(anchor_logits, ctx, step) if keyed else sampling_logits(anchor_logits, ctx)
-    )
+    d = as_distributions(anchor, ctx)
+    scores = noised_scores(d, ctx, step) if keyed else d.sampling
     x0 = scores.argmax(dim=-1)
     if keyed or ctx.cfg.remasking != "random":  # the rule's own confidence of that prediction
-        conf = confidence(anchor_logits, x0, step, ctx)
+        conf = confidence(d, x0, step, ctx)
     else:  # un-keyed random remasking: the paper's anchor confidence
-        conf = confidence_probs(anchor_logits, ctx).gather(-1, x0[:, None]).squeeze(-1)
+        conf = d.probs.gather(-1, x0[:, None]).squeeze(-1)
     return scores, conf
 
 
 def top_ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (R, k) of the k largest scores per row, ties to the lower index, without a full sort."""
+    """Indices (R, k) of the k largest scores per row, ties to the lower index, without a full sort or a
+    device read: the k-th largest value splits the row into entries above it (all taken) and entries equal to
+    it (the lowest ids taken), then the k are ordered by value, ties by id."""
     vocab = scores.shape[-1]
     k = min(k, vocab)
-    width = min(vocab, k + 8)
-    vals, idx = scores.topk(width, dim=-1)  # (R, width), tie order unspecified
-    order = idx.argsort(dim=-1)
-    vals, idx = vals.gather(-1, order), idx.gather(-1, order)
-    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
-    vals, idx = vals.gather(-1, order), idx.gather(-1, order)
-    if width < vocab:  # a tie at the window's edge may continue beyond it: sort those rows fully
-        edge = vals[:, k - 1] == vals[:, width - 1]
-        if edge.any():
-            full = torch.sort(scores[edge], dim=-1, descending=True, stable=True).indices
-            idx[edge, :k] = full[:, :k]
-    return idx[:, :k]
+    kth = scores.topk(k, dim=-1).values[:, -1:]
+    ids = torch.arange(vocab, device=scores.device, dtype=torch.float64)
+    lower_id_first = torch.where(scores == kth, 1.0 - ids / vocab, -1.0)
+    key = torch.where(scores > kth, 2.0, lower_id_first)
+    idx = key.topk(k, dim=-1).indices
+    idx = idx.sort(dim=-1).values
+    order = torch.sort(scores.gather(-1, idx), dim=-1, descending=True, stable=True).indices
+    return idx.gather(-1, order)
 
 
 def rank_tables(
-    anchor_logits: torch.Tensor,
+    anchor: torch.Tensor | Distributions,
     state: torch.Tensor,
     ctx: TransitionContext,
     max_token_rank: int,
@@ -136,122 +183,114 @@ def rank_tables(
     step: int = 0,
     levels: int = 1,
     keyed: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Position order and token tables from the anchor, per draft level.
 
     Returns:
-        pos_by_rank: (levels, |M|) block positions of the real state's masked set, best first.
+        pos_by_rank: (levels, Lb) block positions, the real state's masked ones first, best first.
         top_tokens: (levels, Lb, J) token ids per position, best first.
+        n_masked: 0-dim tensor, the number of masked positions (valid entries of `pos_by_rank`).
     Without keyed noise every level shares one table (computed once). With it, token ranks use each
     level's own step key, while the position order is the first drafted step's for every level: one
     consistent order of M keeps a formula's position ranks distinct (SPEC §5.1).
     """
-    masked = (state == ctx.spec.mask_id).nonzero().squeeze(-1)  # (|M|,)
-    orders, tokens = [], []
-    for level in range(1, (levels if keyed else 1) + 1):
-        scores, conf = level_scores(anchor_logits, ctx, step + level - 1, keyed)
-        if not orders:
-            order = masked[torch.sort(conf[masked], descending=True, stable=True).indices]
-        orders.append(order)
+    d = as_distributions(anchor, ctx)
+    masked = state == ctx.spec.mask_id
+    n_levels = levels if keyed else 1
+    order, tokens = None, []
+    for level in range(1, n_levels + 1):
+        scores, conf = level_scores(d, ctx, step + level - 1, keyed)
+        if order is None:
+            key = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+            order = torch.sort(key, descending=True, stable=True).indices
         tokens.append(top_ranked(scores, max_token_rank))
-    return torch.stack(orders), torch.stack(tokens)
+    return order.expand(n_levels, -1), torch.stack(tokens), masked.sum()
+
+
+@dataclass(frozen=True)
+class Drafts:
+    """Draft states (R, Lb), which rows to verify (R,) and their graph levels (R,): static shapes."""
+
+    states: torch.Tensor
+    valid: torch.Tensor
+    levels: torch.Tensor
 
 
 def instantiate(
     graph: GraphTensors,
     pos_by_rank: torch.Tensor,
     top_tokens: torch.Tensor,
+    n_masked: torch.Tensor,
     state: torch.Tensor,
     mask_id: int,
     *,
     keep_complete: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draft states (K, Lb) of the valid, distinct, incomplete instantiations, and their levels (K,).
+    keep_rows: torch.Tensor | None = None,
+) -> Drafts:
+    """One draft row per graph row; `valid` marks the valid, distinct, incomplete, kept ones.
 
     `keep_complete` also keeps drafts with no mask left: the cross-block continuation (SPEC §5.4) uses their
-    logits over the next block; otherwise they are never needed (SPEC §5.1)."""
-    n_masked = pos_by_rank.shape[1]
-    empty = state.new_empty((0, state.numel())), graph.levels.new_empty(0)
-    if n_masked == 0:
-        return empty
-    ok = ((graph.pos_rank <= n_masked) | ~graph.valid).all(dim=1)  # (N,)
-    level = (graph.pair_level - 1).clamp(max=pos_by_rank.shape[0] - 1)  # (N, P)
-    pos = pos_by_rank[level, (graph.pos_rank - 1).clamp(max=n_masked - 1)]  # (N, P)
+    logits over the next block; otherwise they are never needed (SPEC §5.1). `keep_rows` (R,) is the pruning
+    mask (SPEC §5.6)."""
+    lb = state.numel()
+    ok = ((graph.pos_rank <= n_masked) | ~graph.valid).all(dim=1)  # (R,)
+    level = (graph.pair_level - 1).clamp(max=pos_by_rank.shape[0] - 1)  # (R, P)
+    pos = pos_by_rank[level, (graph.pos_rank - 1).clamp(max=lb - 1)]  # (R, P)
     tok_rank = (graph.tok_rank - 1).clamp(max=top_tokens.shape[2] - 1)
-    tok = top_tokens[level, pos, tok_rank]  # (N, P)
+    tok = top_tokens[level, pos, tok_rank]  # (R, P)
     ok &= ~((tok == mask_id) & graph.valid).any(dim=1)
     pos = torch.where(graph.valid, pos, pos[:, :1])  # padding rewrites the first pair
     tok = torch.where(graph.valid, tok, tok[:, :1])
-    drafts = state.repeat(pos.shape[0], 1).scatter_(1, pos, tok)  # (N, Lb)
+    drafts = state.repeat(pos.shape[0], 1).scatter_(1, pos, tok)  # (R, Lb)
     if not keep_complete:
         ok &= (drafts == mask_id).any(dim=1)  # complete drafts are never needed (SPEC §5.1)
-    drafts, levels = drafts[ok], graph.levels[ok]
-    if drafts.shape[0] == 0:
-        return empty
-    unique, inverse = torch.unique(drafts, dim=0, return_inverse=True)
-    best = torch.full(
-        (unique.shape[0],), int(levels.max()) + 1, dtype=levels.dtype, device=levels.device
-    )
-    best.scatter_reduce_(0, inverse, levels, reduce="amin")
-    return unique, best
+    if keep_rows is not None:
+        ok &= keep_rows
+    same = (drafts[:, None, :] == drafts[None, :, :]).all(-1)  # (R, R)
+    lv, row = graph.levels, torch.arange(drafts.shape[0], device=drafts.device)
+    before = (lv[None, :] < lv[:, None]) | ((lv[None, :] == lv[:, None]) & (row[None, :] < row[:, None]))
+    repeat = (same & before & ok[None, :]).any(dim=1)
+    return Drafts(drafts, ok & ~repeat, graph.levels)
 
 
 def pair_probabilities(
-    graph: GraphTensors, pos_by_rank: torch.Tensor, top_tokens: torch.Tensor, probs: torch.Tensor
+    graph: GraphTensors,
+    pos_by_rank: torch.Tensor,
+    top_tokens: torch.Tensor,
+    n_masked: torch.Tensor,
+    probs: torch.Tensor,
 ) -> torch.Tensor:
-    """Anchor probability `a(c_ij)` of every pair (N, P); 0 where the rank is out of range."""
-    n_masked = pos_by_rank.shape[1]
-    if n_masked == 0:
-        return torch.zeros(graph.pos_rank.shape, dtype=probs.dtype, device=probs.device)
+    """Anchor probability `a(c_ij)` of every pair (R, P); 0 where the rank is out of range."""
+    lb = pos_by_rank.shape[1]
     level = (graph.pair_level - 1).clamp(max=pos_by_rank.shape[0] - 1)
-    pos = pos_by_rank[level, (graph.pos_rank - 1).clamp(max=n_masked - 1)]
+    pos = pos_by_rank[level, (graph.pos_rank - 1).clamp(max=lb - 1)]
     tok = top_tokens[level, pos, (graph.tok_rank - 1).clamp(max=top_tokens.shape[2] - 1)]
     p = probs[pos, tok]
     return torch.where(graph.pos_rank <= n_masked, p, torch.zeros_like(p))
 
 
-def prune_rows(
-    tensors: GraphTensors, pair_probs: torch.Tensor, graph: DraftGraph, keep: int
-) -> list[int]:
-    """Dynamic pruning (SPEC §5.6): the rows of the `keep` best nodes by the geometric-mean score,
-    closed under reachability (a node's score uses its first row's pair probabilities)."""
-    n = len(graph.nodes)
-    node = tensors.node.tolist()
-    first = {}
-    for r, q in enumerate(node):
-        first.setdefault(q, r)
-    valid = tensors.valid[[first[q] for q in range(n)]]
-    probs = pair_probs[[first[q] for q in range(n)]]
+def prune_rows(tensors: GraphTensors, pair_probs: torch.Tensor, keep: int) -> torch.Tensor:
+    """Dynamic pruning (SPEC §5.6): a row mask (R,) of the `keep` best nodes by the geometric-mean score,
+    closed under reachability (a node's score uses its first row's pair probabilities). Vectorised over
+    nodes; the arithmetic (sums in child order, then halving) is the reference's, so ties break alike."""
+    first = tensors.first_row
+    valid = tensors.valid[first]
+    probs = pair_probs[first]
     logp = torch.where(valid, probs.clamp_min(1e-300).log(), torch.zeros_like(probs))
-    local = (logp.sum(1) / valid.sum(1)).tolist()  # log of the geometric mean
-    children = graph.children()
-    score = [0.0] * n
-    for q in sorted(range(n), key=lambda q: -len(graph.nodes[q])):  # leaves (largest) first
-        kids = children[q]
-        child = sum(score[c] for c in kids) / len(kids) if kids else local[q]
-        score[q] = 0.5 * (local[q] + child)
-    kept: list[int] = []
-    while len(kept) < keep:
-        admissible = [
-            q
-            for q in range(n)
-            if q not in kept and any(p == -1 or p in kept for p in graph.parents[q])
-        ]
-        if not admissible:
-            break
-        kept.append(max(admissible, key=lambda q: (score[q], -q)))
-    return [r for r, q in enumerate(node) if q in kept]
-
-
-def subset(graph: GraphTensors, rows: list[int]) -> GraphTensors:
-    """The graph tensors of the node rows `rows`."""
-    index = torch.tensor(rows, dtype=torch.long, device=graph.pos_rank.device)
-    return GraphTensors(
-        graph.pos_rank[index],
-        graph.tok_rank[index],
-        graph.valid[index],
-        graph.levels[index],
-        graph.max_token_rank,
-        graph.pair_level[index],
-        graph.node[index],
-    )
+    local = logp.sum(1) / valid.sum(1)  # log of the geometric mean
+    n = local.shape[0]
+    score = torch.zeros_like(local)
+    n_kids = tensors.child_ok.sum(1)
+    for group in tensors.size_groups:  # leaves (largest formulas) first: children are computed before
+        acc = torch.zeros(group.shape[0], dtype=local.dtype, device=local.device)
+        for c in range(tensors.children.shape[1]):
+            acc = torch.where(tensors.child_ok[group, c], acc + score[tensors.children[group, c]], acc)
+        kids = n_kids[group]
+        child = torch.where(kids > 0, acc / kids.clamp_min(1), local[group])
+        score[group] = 0.5 * (local[group] + child)
+    kept = torch.zeros(n, dtype=torch.bool, device=local.device)
+    for _ in range(min(keep, n)):
+        admissible = ~kept & (tensors.root_child | (tensors.parent & kept[None, :]).any(1))
+        pick = torch.where(admissible, score, float("-inf")).argmax()
+        kept = kept | ((torch.arange(n, device=kept.device) == pick) & admissible.any())
+    return kept[tensors.node]

@@ -4,39 +4,55 @@ Every strategy has two calls, each one model forward (one NFE):
 
 * `begin_block(canvas, block)`: the block-start forward on the full canvas (cache refresh in cache modes);
   returns the block's logits.
-* `block_logits(canvas, block, states, verify)`: the distributions of `N` block states in one forward. Row 0
-  is the real state, rows 1.. are Spiffy's drafts. With `N = 1` this is the base decoder's step.
+* `verify(canvas, block, states, layout, lookahead)`: the distributions of `N` block states in one forward.
+  Row 0 is the real state, rows 1.. are Spiffy's drafts. With `N = 1` this is the base decoder's step.
 
 Layouts (SPEC §5.3): `exact` gives every state its own row (batch), so each state's logits equal a separate
 forward; `shared` appends drafts after one canvas and reuses the block's position ids (the paper's layout,
-near-lossless). With the dual cache every state is a query block against the frozen cache, which is exact, so
-`verify` is ignored. No forward writes into a cache. Timings of the mask building are reported separately.
+near-lossless). With a cache, every row attends to one shared frozen cache (drafts folded into the query axis,
+`spiffy.models.kv`); with the dual cache each state is a query block against it, which is exact, so the layout
+is ignored. The model projects logits only at the rows read (`logits_at`): the block, plus the next block for
+the cross-block look-ahead, and caches keep only the block-start logits a later step reads (Dream's boundary).
+No forward writes into a cache and none reads the device back. Model time is measured with the host clock on
+CPU, with CUDA events only when `profile=True` on a GPU (else it is not measured: NaN).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from spiffy.models.base import DiffusionLM
 from spiffy.models.kv import KVCache
 
 
 @dataclass
 class ForwardTimer:
-    """Seconds spent in model calls and in building attention masks / position ids."""
+    """Seconds spent in model calls and in building attention masks / position ids; query rows sent."""
 
     model_s: float = 0.0
     mask_s: float = 0.0
     query_tokens: int = 0
     draft_query_tokens: int = 0
-    calls: int = 0
+    _events: list = field(default_factory=list, repr=False)
+
+    def resolve(self) -> None:
+        """Add the elapsed time of recorded CUDA event pairs (one synchronisation, at the end)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self.model_s += sum(a.elapsed_time(b) for a, b in self._events) / 1000
+            self._events.clear()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class Verification:
+    """One forward's distributions: block logits (N, Lb, V) per state, and with the look-ahead the next
+    block's logits (N, Lb', V) per state (SPEC §5.4 optional continuation), else None."""
+
+    logits: torch.Tensor
+    lookahead: torch.Tensor | None = None
 
 
 class ForwardStrategy:
@@ -44,27 +60,35 @@ class ForwardStrategy:
 
     name = "none"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: DiffusionLM, *, profile: bool = False, compile: bool = False):
         self.model = model
+        self._call_model = torch.compile(model, dynamic=None) if compile else model
         self.timer = ForwardTimer()
         self.cache: KVCache | None = None
-        self.lookahead_logits: torch.Tensor | None = None
-
-    def _no_lookahead(self, lookahead: slice | None) -> None:
-        if lookahead is not None:
-            raise ValueError(f"cache={self.name!r}: cross-block lookahead needs cache='none'")
+        self._cuda_timing = None  # decided on the first call (device known)
+        self.profile = profile
 
     def _call(self, input_ids: torch.Tensor, draft_rows: int = 0, **kwargs):
         """One model forward (one NFE); `draft_rows` of its query rows belong to drafts."""
         self.timer.draft_query_tokens += draft_rows
-        _sync(input_ids.device)
+        self.timer.query_tokens += input_ids.numel()
+        on_gpu = input_ids.device.type == "cuda"
+        if on_gpu and not self.profile:
+            self.timer.model_s = float("nan")
+            with torch.no_grad():
+                return self._call_model(input_ids, **kwargs)
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with torch.no_grad():
+                out = self._call_model(input_ids, **kwargs)
+            end.record()
+            self.timer._events.append((start, end))
+            return out
         t = time.perf_counter()
         with torch.no_grad():
-            out = self.model(input_ids, **kwargs)
-        _sync(input_ids.device)
+            out = self._call_model(input_ids, **kwargs)
         self.timer.model_s += time.perf_counter() - t
-        self.timer.calls += 1
-        self.timer.query_tokens += input_ids.numel()
         return out
 
     def _timed_mask(self, build, *args):
@@ -75,28 +99,37 @@ class ForwardStrategy:
 
     def begin_block(self, canvas: torch.Tensor, block: slice) -> torch.Tensor:
         """Full-canvas forward at block start; returns block logits (Lb, V)."""
-        out = self._call(canvas[None], return_kv=self.name != "none")
-        self._keep_cache(out, block)
-        return out.logits[0, block]
+        out = self._call(canvas[None], return_kv=self.name != "none", logits_at=block)
+        logits = out.logits[0]
+        self._keep_cache(out, block, logits[0])
+        return logits
 
-    def _keep_cache(self, out, block: slice) -> None:
+    def _keep_cache(self, out, block: slice, boundary: torch.Tensor) -> None:
         self.cache = None
 
-    def block_logits(
+    def verify(
         self,
         canvas: torch.Tensor,
         block: slice,
         states: torch.Tensor,
-        verify: str = "exact",
-        lookahead: slice | None = None,
-    ) -> torch.Tensor:
-        """Logits (N, Lb, V) of the block states `states` (N, Lb); `canvas` holds row 0's state.
+        layout: str = "exact",
+        lookahead: int = 0,
+    ) -> Verification:
+        """Distributions of the block states `states` (N, Lb); `canvas` holds row 0's state.
 
-        `lookahead` (no cache, exact layout only): also keep the logits of these positions (the next block) of
-        every draft row in `self.lookahead_logits` (N - 1, Lb', V). A complete draft's next-block logits are
-        that block's first-forward distribution (SPEC §5.4, optional cross-block continuation).
+        `lookahead` (no cache, exact layout only): also return the logits of the next `lookahead` positions
+        (the next block) of every row. A complete draft's next-block logits are that block's first-forward
+        distribution (SPEC §5.4, optional cross-block continuation).
         """
         raise NotImplementedError
+
+    def block_logits(self, canvas, block, states, verify: str = "exact") -> torch.Tensor:
+        """Logits (N, Lb, V) of the block states (`verify(...).logits`)."""
+        return self.verify(canvas, block, states, verify).logits
+
+    def _no_lookahead(self, lookahead: int) -> None:
+        if lookahead:
+            raise ValueError(f"cache={self.name!r}: cross-block lookahead needs cache='none'")
 
 
 def shared_layout_mask(
@@ -131,11 +164,19 @@ def _shared_inputs(
     block_pos: torch.Tensor,
     n_prefix: int,
 ):
+    """Ids (1, Q), positions (1, Q), mask (1, Q, K) and the rows to project: the real block, then the drafts."""
     n_drafts, block_len = drafts.shape
     ids = torch.cat([context, drafts.reshape(-1)])[None]  # (1, Q)
     pos = torch.cat([context_pos, block_pos.repeat(n_drafts)])[None]  # (1, Q)
     mask = shared_layout_mask(context.numel(), block_rel, n_drafts, block_len, n_prefix)
-    return ids, pos, mask.to(context.device)[None]
+    device = context.device
+    rows = torch.cat(
+        [
+            torch.arange(block_rel.start, block_rel.stop, device=device),
+            torch.arange(context.numel(), ids.shape[1], device=device),
+        ]
+    )
+    return ids, pos, mask.to(device)[None], rows
 
 
 class NoCache(ForwardStrategy):
@@ -143,23 +184,26 @@ class NoCache(ForwardStrategy):
 
     name = "none"
 
-    def block_logits(self, canvas, block, states, verify="exact", lookahead=None):
-        n = states.shape[0]
-        if lookahead is not None and verify != "exact":
-            raise ValueError(f"verify={verify!r}: cross-block lookahead needs the exact layout")
-        if verify == "shared" and n > 1:
+    def verify(self, canvas, block, states, layout="exact", lookahead=0):
+        n, lb = states.shape
+        if lookahead and layout != "exact":
+            raise ValueError(f"verify={layout!r}: cross-block lookahead needs the exact layout")
+        if layout == "shared" and n > 1:
             positions = torch.arange(canvas.numel(), device=canvas.device)
-            ids, pos, mask = self._timed_mask(
+            ids, pos, mask, rows = self._timed_mask(
                 _shared_inputs, canvas, positions, block, states[1:], positions[block], 0
             )
-            lb = states.shape[1]
-            logits = self._call(ids, (n - 1) * lb, position_ids=pos, attention_mask=mask).logits[0]
-            return torch.cat([logits[block][None], logits[canvas.numel() :].view(n - 1, lb, -1)])
+            out = self._call(
+                ids, (n - 1) * lb, position_ids=pos, attention_mask=mask, logits_at=rows
+            )
+            return Verification(out.logits[0].view(n, lb, -1))
         rows = canvas.repeat(n, 1)  # (N, L)
         rows[:, block] = states
-        logits = self._call(rows, (n - 1) * canvas.numel()).logits
-        self.lookahead_logits = logits[1:, lookahead].clone() if lookahead is not None else None
-        return logits[:, block]
+        stop = min(block.stop + lookahead, canvas.numel())
+        logits = self._call(
+            rows, (n - 1) * canvas.numel(), logits_at=slice(block.start, stop)
+        ).logits
+        return Verification(logits[:, :lb], logits[:, lb:] if lookahead else None)
 
 
 class PrefixCache(ForwardStrategy):
@@ -167,29 +211,38 @@ class PrefixCache(ForwardStrategy):
 
     name = "prefix"
 
-    def _keep_cache(self, out, block):
-        cache = KVCache(tuple(out.present), insert_at=0, logits=out.logits)
+    def _keep_cache(self, out, block, boundary):
+        cache = KVCache(tuple(out.present), insert_at=0, boundary_logits=boundary)
         self.cache = cache.slice_positions(block.start)
 
-    def block_logits(self, canvas, block, states, verify="exact", lookahead=None):
+    def verify(self, canvas, block, states, layout="exact", lookahead=0):
         self._no_lookahead(lookahead)
         n, lb = states.shape
-        s = block.start
-        positions = torch.arange(s, canvas.numel(), device=canvas.device)
-        if verify == "shared" and n > 1:
-            ids, pos, mask = self._timed_mask(
+        s, length = block.start, canvas.numel()
+        if layout == "shared" and n > 1:
+            positions = torch.arange(s, length, device=canvas.device)
+            ids, pos, mask, rows = self._timed_mask(
                 _shared_inputs, canvas[s:], positions, slice(0, lb), states[1:], positions[:lb], s
             )
-            logits = self._call(
-                ids, (n - 1) * lb, position_ids=pos, attention_mask=mask, kv_cache=self.cache
-            ).logits[0]
-            ctx = canvas.numel() - s
-            return torch.cat([logits[:lb][None], logits[ctx:].view(n - 1, lb, -1)])
+            out = self._call(
+                ids,
+                (n - 1) * lb,
+                position_ids=pos,
+                attention_mask=mask,
+                kv_cache=self.cache,
+                logits_at=rows,
+            )
+            return Verification(out.logits[0].view(n, lb, -1))
         rows = canvas[s:].repeat(n, 1)  # (N, L - s)
         rows[:, :lb] = states
-        return self._call(
-            rows, (n - 1) * rows.shape[1], position_ids=positions, kv_cache=self.cache
-        ).logits[:, :lb]
+        out = self._call(
+            rows,
+            (n - 1) * rows.shape[1],
+            position_ids=range(s, length),
+            kv_cache=self.cache,
+            logits_at=slice(0, lb),
+        )
+        return Verification(out.logits)
 
 
 class DualCache(ForwardStrategy):
@@ -197,23 +250,23 @@ class DualCache(ForwardStrategy):
 
     name = "dual"
 
-    def _keep_cache(self, out, block):
+    def _keep_cache(self, out, block, boundary):
         self.cache = KVCache(
             tuple(out.present),
             insert_at=block.start,
             replace=block.stop - block.start,
-            logits=out.logits,
+            boundary_logits=boundary,
         )
 
-    def block_logits(self, canvas, block, states, verify="exact", lookahead=None):
+    def verify(self, canvas, block, states, layout="exact", lookahead=0):
         self._no_lookahead(lookahead)
-        positions = torch.arange(block.start, block.stop, device=canvas.device)
-        return self._call(
+        out = self._call(
             states,
             (states.shape[0] - 1) * states.shape[1],
-            position_ids=positions,
+            position_ids=range(block.start, block.stop),
             kv_cache=self.cache,
-        ).logits
+        )
+        return Verification(out.logits)
 
 
 STRATEGIES: dict[str, type[ForwardStrategy]] = {

@@ -2,6 +2,8 @@
 
 Each rule sees the masked positions' confidences sorted in descending order and returns a count; the caller
 commits that many top positions. Rules are stateless; `schedule` reads the block's initial mask count.
+`count` is the reference (host, one state); `counts` is the same rule on a batch of states, on the device and
+without reading it back (the decode step's path); a test holds them equal.
 """
 
 from __future__ import annotations
@@ -88,6 +90,48 @@ class TransitionRule:
             quota = dream_quota(n, step, masked_at_start, self.steps_per_block)
             return min(quota, 1 + int((sorted_conf[1:quota] >= self.tau).sum())) if quota else 0
         return factor_count(sorted_conf, self.factor)
+
+    def counts(
+        self, sorted_conf: torch.Tensor, n_masked: torch.Tensor, steps: list[int], masked_at_start: int
+    ) -> torch.Tensor:
+        """`count` for N states at once, without a device read: `sorted_conf` (N, Lb) float64 descending with
+        -inf after the `n_masked` (N,) masked ones, `steps` the host step of each row; returns (N,) int64.
+        Steps beyond the rule's last step count everything left (such rows are never reached by a walk)."""
+        n = n_masked
+        rank = torch.arange(sorted_conf.shape[1], device=n.device)  # 0-based rank
+        if self.name in ("schedule", "fixed_k"):
+            if self.name == "schedule":
+                table = schedule_counts(masked_at_start, self.steps_per_block)
+                caps = [table[min(s, len(table) - 1)] for s in steps]
+            else:
+                caps = [self.k] * len(steps)
+            out = torch.minimum(n, torch.tensor(caps, device=n.device))
+        elif self.name == "threshold":
+            out = (sorted_conf >= self.tau).sum(1).clamp_min(1)
+        elif self.name == "factor":
+            thresholds = [1 - self.factor / (r + 2) for r in range(sorted_conf.shape[1])]
+            bound = torch.tensor(thresholds, dtype=torch.float64, device=n.device)
+            fail = (rank >= 1) & (rank < n[:, None]) & (sorted_conf < bound)  # 1-based rank r = rank + 1
+            r0 = fail.to(torch.int8).argmax(1) + 1
+            out = torch.where(fail.any(1), torch.where(r0 == n, n, r0 - 1), n)
+        elif self.name == "dream_steps":
+            t = torch.linspace(1, 1e-3, self.steps_per_block + 1, dtype=torch.float32)
+            last = self.steps_per_block - 1
+            fac = torch.stack([(1 - t[s + 1] / t[s]) if s < last else t.new_ones(()) for s in steps])
+            scaled = (n.to(torch.float32) * fac.to(n.device)).to(torch.int64)
+            out = torch.where(torch.tensor([s >= last for s in steps], device=n.device), n, scaled)
+        else:  # dream_threshold
+            if masked_at_start % self.steps_per_block:
+                dream_quota(0, 0, masked_at_start, self.steps_per_block)  # raises the clear error
+            per = masked_at_start // self.steps_per_block
+            done = masked_at_start - n
+            late = torch.tensor([s >= self.steps_per_block for s in steps], device=n.device)
+            quota = torch.tensor([(s + 1) * per for s in steps], device=n.device) - done
+            quota = torch.where(late, n, quota)
+            confident = (rank >= 1) & (rank < quota[:, None]) & (rank < n[:, None])
+            take = 1 + (confident & (sorted_conf >= self.tau)).sum(1)
+            out = torch.where(quota != 0, torch.minimum(quota, take), quota)
+        return torch.where(n == 0, torch.zeros_like(out), out)
 
     def is_complete(self, has_mask: bool, step: int) -> bool:
         """A `schedule` block ends after its steps; the other rules when no mask is left."""

@@ -1,7 +1,10 @@
 """Pure functions of one transition: logit processing, keyed sampling, confidence, position choice (SPEC §2).
 
-`transition` is *the* output rule: the base decoders and Spiffy's acceptance walk call exactly this function,
-with the same keyed noise, which is why Spiffy's output equals the base decoder's.
+`transition` is *the* output rule: the base decoders and Spiffy's acceptance walk call exactly this function
+(`transition_rows` is the same rule on a batch of states, each with its own step), with the same keyed noise,
+which is why Spiffy's output equals the base decoder's. A forward's logits are processed once (`Distributions`:
+one float64 conversion, confidence probabilities on demand) and shared by the transition, drafting and pruning.
+Nothing here reads a device value back to the host.
 """
 
 from __future__ import annotations
@@ -39,10 +42,9 @@ def sampling_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tenso
     return out
 
 
-def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
-    """Probabilities used for confidence, with the optional EoT/EOS removal (SPEC §2 steps 4, 6)."""
+def _confidence_probs(sampling: torch.Tensor, dtype: torch.dtype, ctx: TransitionContext):
     cfg, spec = ctx.cfg, ctx.spec
-    out = sampling_logits(logits, ctx)
+    out = sampling
     if cfg.confidence_eos_eot_inf:
         out = out.clone()
         if spec.eot_id is not None:
@@ -50,29 +52,80 @@ def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tens
         if cfg.temperature == 0 and spec.eos_id is not None:
             out[..., spec.eos_id] = NEG_INF
     if cfg.softmax_dtype == "model":  # LLaDA's current `generate`: softmax in the logits' dtype
-        return torch.softmax(out.to(logits.dtype), dim=-1).to(torch.float64)
+        return torch.softmax(out.to(dtype), dim=-1).to(torch.float64)
     return torch.softmax(out, dim=-1)
 
 
-def noised_scores(logits: torch.Tensor, ctx: TransitionContext, step: int) -> torch.Tensor:
+def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
+    """Probabilities used for confidence, with the optional EoT/EOS removal (SPEC §2 steps 4, 6)."""
+    return _confidence_probs(sampling_logits(logits, ctx), logits.dtype, ctx)
+
+
+class Distributions:
+    """Distributions (..., Lb, V) processed once: float64 sampling logits now, confidence probabilities on the
+    first use. `row(i)` views one state's (i an int or a device index, read without a sync)."""
+
+    def __init__(self, logits: torch.Tensor, ctx: TransitionContext, sampling=None, probs=None):
+        self.logits = logits
+        self.ctx = ctx
+        self.sampling = sampling_logits(logits, ctx) if sampling is None else sampling
+        self._probs = probs
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Confidence probabilities (..., Lb, V) float64 (SPEC §2 steps 4, 6)."""
+        if self._probs is None:
+            self._probs = _confidence_probs(self.sampling, self.logits.dtype, self.ctx)
+        return self._probs
+
+    def row(self, i: int | torch.Tensor) -> Distributions:
+        probs = None if self._probs is None else self._probs[i]
+        return Distributions(self.logits[i], self.ctx, self.sampling[i], probs)
+
+
+def as_distributions(logits: torch.Tensor | Distributions, ctx: TransitionContext) -> Distributions:
+    return logits if isinstance(logits, Distributions) else Distributions(logits, ctx)
+
+
+def _per_row(steps: int | list[int], n: int) -> list[int]:
+    return [steps] * n if isinstance(steps, int) else list(steps)
+
+
+def _keyed(ctx: TransitionContext, purpose: str, steps: list[int], shape, device) -> torch.Tensor:
+    """Keyed uniforms (N, *shape), row r drawn under step `steps[r]` (each step drawn once)."""
+    draws = {s: ctx.noise.uniforms(ctx.block, s, purpose, shape, device) for s in dict.fromkeys(steps)}
+    if len(steps) == 1:
+        return draws[steps[0]][None]
+    return torch.stack([draws[s] for s in steps])
+
+
+def noised_scores(
+    logits: torch.Tensor | Distributions, ctx: TransitionContext, step: int | list[int]
+) -> torch.Tensor:
     """Scores whose argmax is transition `step`'s token: the logits at T=0, keyed float64 Gumbel-max
-    scores `exp(logits) / (-log u)^T` at T>0 (SPEC §2 step 3)."""
-    scores = sampling_logits(logits, ctx)  # (Lb, V)
+    scores `exp(logits) / (-log u)^T` at T>0 (SPEC §2 step 3). With (N, Lb, V) distributions, `step` may
+    give each row its own step."""
+    d = as_distributions(logits, ctx)
+    scores = d.sampling
     if ctx.cfg.temperature > 0:
-        u = ctx.noise.uniforms(ctx.block, step, "gumbel", tuple(scores.shape), scores.device)
-        scores = scores.exp() / (-torch.log(u)) ** ctx.cfg.temperature
+        batched = scores.dim() == 3
+        rows = _per_row(step, scores.shape[0] if batched else 1)
+        u = _keyed(ctx, "gumbel", rows, tuple(scores.shape[-2:]), scores.device)
+        scores = scores.exp() / (-torch.log(u if batched else u[0])) ** ctx.cfg.temperature
     return scores
 
 
-def predict_tokens(logits: torch.Tensor, ctx: TransitionContext, step: int) -> torch.Tensor:
-    """Predicted token per position (Lb,) of transition `step`."""
+def predict_tokens(
+    logits: torch.Tensor | Distributions, ctx: TransitionContext, step: int | list[int]
+) -> torch.Tensor:
+    """Predicted token per position (..., Lb) of transition `step`."""
     return noised_scores(logits, ctx, step).argmax(dim=-1)
 
 
 def rank_positions(conf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidences sorted descending and their positions, ties to the lowest index (stable sort,
     never `topk`: it orders equal values arbitrarily)."""
-    return torch.sort(conf, descending=True, stable=True)
+    return torch.sort(conf, dim=-1, descending=True, stable=True)
 
 
 def top_positions(conf: torch.Tensor, count: int) -> torch.Tensor:
@@ -81,24 +134,51 @@ def top_positions(conf: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def confidence(
-    logits: torch.Tensor, x0: torch.Tensor, step: int, ctx: TransitionContext
+    logits: torch.Tensor | Distributions,
+    x0: torch.Tensor,
+    step: int | list[int],
+    ctx: TransitionContext,
 ) -> torch.Tensor:
-    """Per-position confidence (Lb,) float64 of the remasking strategy (SPEC §2 step 4; Dream's
+    """Per-position confidence (..., Lb) float64 of the remasking strategy (SPEC §2 step 4; Dream's
     `topk_margin` = top-1 minus top-2 probability, `entropy` = sum p log(p + 1e-10))."""
     kind = ctx.cfg.remasking
     if kind == "random":
-        return ctx.noise.uniforms(ctx.block, step, "remask", (x0.numel(),), x0.device)
-    probs = confidence_probs(logits, ctx)
+        rows = _per_row(step, x0.shape[0] if x0.dim() == 2 else 1)
+        u = _keyed(ctx, "remask", rows, (x0.shape[-1],), x0.device)
+        return u if x0.dim() == 2 else u[0]
+    probs = as_distributions(logits, ctx).probs
     if kind == "low_confidence":  # Dream's `maskgit_plus`
-        return probs.gather(-1, x0[:, None]).squeeze(-1)
+        return probs.gather(-1, x0[..., None]).squeeze(-1)
     if kind == "topk_margin":
         top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
+        return top2[..., 0] - top2[..., 1]
     return (probs * torch.log(probs + 1e-10)).sum(-1)
 
 
+def transition_rows(
+    logits: torch.Tensor | Distributions,
+    states: torch.Tensor,
+    steps: list[int],
+    ctx: TransitionContext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One transition of each of N states (N, Lb), row r with distribution `logits[r]` (N, Lb, V) at step
+    `steps[r]` (SPEC §2 steps 3-5, §3); returns the next states and the confidences the rule ranked
+    (float64, -inf at positions that were not masked). No device read."""
+    d = as_distributions(logits, ctx)
+    masked = states == ctx.spec.mask_id  # (N, Lb)
+    x0 = predict_tokens(d, ctx, steps)
+    conf = confidence(d, x0, steps, ctx)
+    conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+    # masked confidences are finite and the others -inf, so the masked ones sort first
+    values, order = rank_positions(conf)
+    count = ctx.rule.counts(values, masked.sum(1), steps, ctx.masked_at_start)
+    ranks = torch.arange(states.shape[1], device=states.device)
+    commit = torch.zeros_like(masked).scatter_(1, order, ranks < count[:, None])
+    return torch.where(commit, x0, states), conf
+
+
 def transition(
-    logits: torch.Tensor, state: torch.Tensor, step: int, ctx: TransitionContext
+    logits: torch.Tensor | Distributions, state: torch.Tensor, step: int, ctx: TransitionContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One denoising transition of the block state (SPEC §2 steps 3-5, §3).
 
@@ -110,14 +190,7 @@ def transition(
         The next block state (Lb,) (the input is not modified) and the confidences (Lb,) the rule
         ranked (float64, -inf at positions that were not masked).
     """
-    masked = state == ctx.spec.mask_id  # (Lb,)
-    x0 = predict_tokens(logits, ctx, step)  # (Lb,)
-    conf = confidence(logits, x0, step, ctx)
-    conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
-    # masked confidences are finite and the others -inf, so the masked ones sort first
-    values, order = rank_positions(conf)
-    count = ctx.rule.count(values[: int(masked.sum())], step, ctx.masked_at_start)
-    chosen = order[:count]
-    new_state = state.clone()
-    new_state[chosen] = x0[chosen]
-    return new_state, conf
+    d = as_distributions(logits, ctx)
+    batch = Distributions(d.logits[None], ctx, d.sampling[None], None if d._probs is None else d._probs[None])
+    new, conf = transition_rows(batch, state[None], [step], ctx)
+    return new[0], conf[0]

@@ -1,35 +1,36 @@
 """Spiffy (arXiv 2509.18085): auto-speculative drafts from a directed draft graph, verified in one forward.
 
-`SpiffyDecoder` is any base `BlockDecoder` plus two hooks of its acceptance walk (SPEC §5.4):
-`propose` instantiates the graph from the anchor (SPEC §5.1) and `accept` looks the new real state up among the
-drafts verified in the last forward. Because every committed token comes from `transition` on the true
+`SpiffyDecoder` is any base `BlockDecoder` plus its drafting hooks (SPEC §5.4): `propose` / `propose_early`
+instantiate the graph from the anchor (SPEC §5.1); the base loop's walk looks each new real state up among the
+states verified in the last forward. Because every committed token comes from `transition` on the true
 distribution of the current state, under the same keyed noise, the output equals the base decoder's (SPEC §6) in
 the lossless layouts (`exact`, and any layout with the dual cache); `shared` is the paper's near-lossless layout.
-With `cross_block=True` (no cache, `exact`), `lookahead` and `continue_across` carry a verified complete draft's
-next-block logits into the next block, saving its first forward (SPEC §5.4, optional).
+With `cross_block=True` (no cache, `exact`), `lookahead` asks the verification forward for the next block's logits
+too, and the walk carries a verified complete draft's into the next block, saving its first forward (SPEC §5.4,
+optional).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from spiffy.decoding.block_decoder import BlockDecoder, Verified
+from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.drafting import (
+    Drafts,
     GraphTensors,
     instantiate,
     pair_probabilities,
     prune_rows,
     rank_tables,
-    subset,
 )
-from spiffy.decoding.sampling import sampling_logits
+from spiffy.decoding.sampling import Distributions
 from spiffy.graph.builtin import resolve_graph
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.graph.provenance import warn_if_mismatched
+from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec
 
 VERIFY_MODES = ("exact", "shared")
@@ -73,12 +74,13 @@ class SpiffyDecoder(BlockDecoder):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: DiffusionLM,
         cfg: GenerationConfig,
         speculation: Speculation,
         spec: ModelSpec | None = None,
+        options: DecoderOptions | None = None,
     ):
-        super().__init__(model, cfg, spec)
+        super().__init__(model, cfg, spec, options)
         self.speculation = speculation
         self.graph = speculation.graph
         warn_if_mismatched(self.graph, cfg, speculation.draft_noise)
@@ -89,71 +91,51 @@ class SpiffyDecoder(BlockDecoder):
                 f"cross_block=True needs cache='none' (a cache is refreshed at every block start), "
                 f"got cache={cfg.cache!r}"
             )
-        self._tensors = GraphTensors.from_graph(
-            self.graph, self.device, keyed=speculation.draft_noise == "keyed"
-        )
-        self._max_level = int(self._tensors.pair_level.max()) if len(self.graph.nodes) else 1
+        self.keyed = speculation.draft_noise == "keyed"
+        self._tensors = GraphTensors.from_graph(self.graph, self.device, keyed=self.keyed)
+        self.draft_levels = self._tensors.row_levels
 
     @property
     def is_lossless(self) -> bool:
         return self.verify == "exact"
 
-    def propose(self, anchor, state, ctx, step, stats):
-        t = time.perf_counter()
-        pos_by_rank, top_tokens = rank_tables(
+    def propose(self, anchor, state, ctx, step):
+        return self._draft(anchor, state, ctx, step)
+
+    def propose_early(self, anchor, state, ctx):
+        # un-keyed drafting reads no step-keyed noise: the drafts can be built before the step is known
+        return None if self.keyed else self._draft(anchor, state, ctx, 0)
+
+    def _draft(self, anchor: Distributions, state, ctx, step: int) -> Drafts:
+        tensors = self._tensors
+        pos_by_rank, top_tokens, n_masked = rank_tables(
             anchor,
             state,
             ctx,
-            self._tensors.max_token_rank,
+            tensors.max_token_rank,
             step=step,
-            levels=self._max_level,
-            keyed=self.speculation.draft_noise == "keyed",
+            levels=tensors.max_level,
+            keyed=self.keyed,
         )
-        tensors, keep = self._tensors, self.speculation.prune
+        keep, rows = self.speculation.prune, None
         if keep is not None and keep < len(self.graph.nodes):  # dynamic pruning (SPEC §5.6)
-            probs = torch.softmax(sampling_logits(anchor, ctx), dim=-1)
-            pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, probs)
-            tensors = subset(tensors, prune_rows(tensors, pair_probs, self.graph, keep))
+            probs = torch.softmax(anchor.sampling, dim=-1)
+            pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, n_masked, probs)
+            rows = prune_rows(tensors, pair_probs, keep)
         keep_complete = self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
-        drafts, levels = instantiate(
-            tensors, pos_by_rank, top_tokens, state, self.spec.mask_id, keep_complete=keep_complete
+        drafts = instantiate(
+            tensors,
+            pos_by_rank,
+            top_tokens,
+            n_masked,
+            state,
+            self.spec.mask_id,
+            keep_complete=keep_complete,
+            keep_rows=rows,
         )
-        for level in levels.tolist():
-            stats.drafted_per_level[level] += 1
-        stats.drafts_verified += drafts.shape[0]
-        stats.draft_s += time.perf_counter() - t
-        return drafts, levels
+        return drafts
 
-    def _match(self, new, verified: Verified, stats) -> int | None:
-        """Index of the verified draft equal to `new` (counted as accepted at its level), or None."""
-        if verified.states.shape[0] == 0:
-            return None
-        match = (verified.states == new).all(dim=1).nonzero()
-        if match.numel() == 0:
-            return None
-        i = int(match[0, 0])
-        stats.accepted_per_level[int(verified.levels[i])] += 1
-        return i
-
-    def accept(self, new, state, dist, verified: Verified, stats):
-        t = time.perf_counter()
-        try:
-            if torch.equal(new, state):  # nothing committed: same state, same distribution
-                return dist
-            i = self._match(new, verified, stats)
-            return None if i is None else verified.logits[i]
-        finally:
-            stats.bookkeeping_s += time.perf_counter() - t
-
-    def lookahead(self, canvas, block, drafts):
-        if not self.speculation.cross_block or drafts.shape[0] == 0 or block.stop >= canvas.numel():
-            return None
-        return slice(block.stop, block.stop + self.cfg.block_length)
-
-    def continue_across(self, new, verified: Verified, strategy, stats):
-        if strategy.lookahead_logits is None:
-            return None
-        t = time.perf_counter()
-        i = self._match(new, verified, stats)
-        stats.bookkeeping_s += time.perf_counter() - t
-        return None if i is None else strategy.lookahead_logits[i]
+    def lookahead(self, canvas_len, block, n_drafts):
+        if not self.speculation.cross_block or n_drafts == 0 or block.stop >= canvas_len:
+            return 0
+        return self.cfg.block_length

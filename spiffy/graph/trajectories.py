@@ -19,6 +19,7 @@ import torch
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.drafting import level_scores
+from spiffy.decoding.sampling import Distributions
 from spiffy.graph.draft_graph import Formula
 
 FORMAT = "spiffy.trajectories"
@@ -70,7 +71,7 @@ class _Origin:
     """A state X_t with an anchor, and the keys of the states after it."""
 
     state: torch.Tensor
-    anchor: torch.Tensor  # (Lb, V) the anchor's logits
+    anchor: Distributions  # (Lb, V) the anchor's processed logits
     ctx: object
     step: int
     keyed: bool
@@ -136,13 +137,13 @@ class TrajectoryRecorder(BlockDecoder):
         self.blocks.append(BlockTrajectory(stats.transitions - before, self._done))
         return carry  # always None: the recorder is a base decoder, it drafts nothing
 
-    def propose(self, anchor, state, ctx, step, stats):
+    def propose(self, anchor, state, ctx, step):
         for origin in self._pending:  # X_step is a later state of every pending origin
             origin.observe(state)
         while self._pending and len(self._pending[0].keys) >= self.horizon:
             self._done.append(self._pending.popleft().keys)
         self._pending.append(_Origin(state.clone(), anchor, ctx, step, self.keyed))
-        return super().propose(anchor, state, ctx, step, stats)
+        return super().propose(anchor, state, ctx, step)
 
 
 def record_trajectories(

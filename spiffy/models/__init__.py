@@ -1,7 +1,8 @@
 """Model adapters: native LLaDA implementation, loading, and the `ModelSpec` decoders rely on."""
 
+from spiffy.models.base import DiffusionLM, DiffusionLMOutput
 from spiffy.models.kv import KVCache
-from spiffy.models.llada import DiffusionLMOutput, LLaDAConfig, LLaDAModelLM
+from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
 from spiffy.models.loading import (
     EMBEDDED_MODEL_DIR,
     ModelSpec,
@@ -12,6 +13,7 @@ from spiffy.models.loading import (
 
 __all__ = [
     "EMBEDDED_MODEL_DIR",
+    "DiffusionLM",
     "DiffusionLMOutput",
     "KVCache",
     "LLaDAConfig",

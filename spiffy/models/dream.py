@@ -2,12 +2,14 @@
 
 It reads Dream's `config.json` (`model_type: Dream`) and Qwen2-style weight names (q/k/v biases, grouped-query
 attention). Dream's raw logits are **shifted**: the hidden state at position i predicts position i+1. The shift
-lives here, not in the decoders: `forward` returns logits aligned to the query positions (SPEC §9). For a query
+lives here, not in the decoders: `forward` returns logits aligned to the query positions (SPEC §9) at the rows
+`logits_at` only (`spiffy.models.base.DiffusionLM`), and runs the LM head on the hidden rows those need. For a query
 row at position p the aligned logits are the raw logits of the row at position p-1 that it attends to (so
 appended drafts use their own previous row, or the canvas row before the block), `raw[0]` at position 0, and,
-when position p-1 lives only in a K/V cache, the aligned logits that the cache's block-start forward computed for p
-(Fast-dLLM's "keep its last logits"). Precision follows Qwen2: RMSNorm in float32, float32 RoPE tables cast to
-the model dtype.
+when position p-1 lives only in a K/V cache, the cache's `boundary_logits` (the aligned logits that its
+block-start forward computed for p = `insert_at`: Fast-dLLM's "keep its last logits"). With a `range` of
+positions and no mask the alignment is a fixed shift, computed without reading the device. Precision follows
+Qwen2: RMSNorm in float32, float32 RoPE tables cast to the model dtype.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from spiffy.models.kv import KVCache, bidirectional_attention
-from spiffy.models.llada import DiffusionLMOutput, RMSNorm
+from spiffy.models.base import DiffusionLMOutput, LogitsRows, Positions, position_tensor, row_slice
+from spiffy.models.kv import KVCache, bidirectional_attention, plan_attention
+from spiffy.models.llada import RMSNorm
 
 
 class DreamConfig(PretrainedConfig):
@@ -74,10 +77,6 @@ class DreamConfig(PretrainedConfig):
     def embedding_size(self) -> int:
         return self.vocab_size
 
-    @property
-    def logits_shift(self) -> int:
-        return 1
-
 
 def qwen_rope(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """Float32 cos/sin (B, 1, Q, hd) cast to `dtype` (Qwen2's rotary embedding)."""
@@ -109,14 +108,14 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, cos_sin, attention_mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos_sin, plan, cache: KVCache | None, layer: int):
         B, Q, _ = x.shape
         q = self.q_proj(x).view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, Q, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, Q, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = cos_sin
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        out = bidirectional_attention(q, k, v, attention_mask, cache, layer)
+        out = bidirectional_attention(q, k, v, plan, cache, layer)
         return self.o_proj(out), (k, v)
 
 
@@ -140,8 +139,8 @@ class DreamLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos_sin, attention_mask, cache, layer):
-        att, fresh = self.self_attn(self.input_layernorm(x), cos_sin, attention_mask, cache, layer)
+    def forward(self, x, cos_sin, plan, cache, layer):
+        att, fresh = self.self_attn(self.input_layernorm(x), cos_sin, plan, cache, layer)
         x = x + att
         return x + self.mlp(self.post_attention_layernorm(x)), fresh
 
@@ -178,63 +177,91 @@ class DreamModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
+    def hidden_states(self, input_ids, positions, attention_mask=None, kv_cache=None, return_kv=False):
+        """Final-norm hidden states (B, Q, d) and, if requested, the fresh K/V per layer."""
+        x = self.model.embed_tokens(input_ids)
+        hd = self.config.hidden_size // self.config.num_attention_heads
+        cos_sin = qwen_rope(positions, hd, self.config.rope_theta, x.dtype)
+        B, Q = input_ids.shape
+        plan = plan_attention(kv_cache, B, Q, attention_mask, input_ids.device)
+        present = []
+        for i, layer in enumerate(self.model.layers):
+            x, fresh = layer(x, cos_sin, plan, kv_cache, i)
+            if return_kv:
+                present.append(fresh)
+        return self.model.norm(x), tuple(present) if return_kv else None
+
     def raw_logits(
         self, input_ids, position_ids, attention_mask=None, kv_cache=None, return_kv=False
     ):
-        """Unshifted logits (B, Q, V) and, if requested, the fresh K/V per layer."""
-        x = self.model.embed_tokens(input_ids)
-        hd = self.config.hidden_size // self.config.num_attention_heads
-        cos_sin = qwen_rope(position_ids, hd, self.config.rope_theta, x.dtype)
-        present = []
-        for i, layer in enumerate(self.model.layers):
-            x, fresh = layer(x, cos_sin, attention_mask, kv_cache, i)
-            if return_kv:
-                present.append(fresh)
-        return self.lm_head(self.model.norm(x)), tuple(present) if return_kv else None
+        """Unshifted logits (B, Q, V) at every query row and, if requested, the fresh K/V per layer."""
+        h, present = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, return_kv)
+        return self.lm_head(h), present
 
     def forward(
         self,
-        input_ids,
-        position_ids=None,
-        attention_mask=None,
+        input_ids: torch.Tensor,
+        position_ids: Positions | None = None,
+        attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_kv: bool = False,
+        logits_at: LogitsRows | None = None,
         **_,
-    ):
-        """Aligned logits for `input_ids` (B, Q); same arguments as `LLaDAModelLM.forward`."""
+    ) -> DiffusionLMOutput:
+        """Aligned logits (B, P, V) at the rows `logits_at`; same arguments as `LLaDAModelLM.forward`."""
         B, Q = input_ids.shape
-        if position_ids is None:
-            start = kv_cache.insert_at if kv_cache is not None else 0
-            position_ids = torch.arange(start, start + Q, device=input_ids.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids.expand(B, Q)
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"position {int(position_ids.max())} exceeds "
-                f"max_position_embeddings={self.config.max_position_embeddings}"
-            )
-        raw, present = self.raw_logits(input_ids, position_ids, attention_mask, kv_cache, return_kv)
-        aligned = self._align(raw, position_ids, attention_mask, kv_cache)
-        return DiffusionLMOutput(logits=aligned, present=present)
+        start = kv_cache.insert_at if kv_cache is not None else 0
+        limit = ("max_position_embeddings", self.config.max_position_embeddings)
+        positions, span = position_tensor(position_ids, Q, start, limit, input_ids.device)
+        h, present = self.hidden_states(input_ids, positions, attention_mask, kv_cache, return_kv)
+        rows = row_slice(logits_at, Q)
+        if span is not None and attention_mask is None and rows is not None:
+            logits = self._shifted(h, rows, span.start, kv_cache)
+        else:
+            if rows is not None:
+                logits_at = torch.arange(rows.start, rows.stop, device=input_ids.device)
+            logits = self._aligned(h, logits_at, positions.expand(B, Q), attention_mask, kv_cache)
+        return DiffusionLMOutput(logits=logits, present=present)
 
-    def _align(self, raw, position_ids, attention_mask, kv_cache):
-        """aligned[r] = raw[r'] with r' the visible query row at position pos[r] - 1 (SPEC §9)."""
-        B, Q, _ = raw.shape
-        prev = position_ids[:, None, :] == (position_ids[:, :, None] - 1)  # (B, Q, Q) r -> r'
-        if attention_mask is not None:  # the query rows' own keys start at the splice point
-            lo = kv_cache.insert_at if kv_cache is not None else 0
-            prev &= attention_mask[:, :, lo : lo + Q]
-        has_prev = prev.any(-1)  # (B, Q)
-        source = prev.to(torch.int8).argmax(-1)  # (B, Q)
-        aligned = raw.gather(1, source[..., None].expand_as(raw))
-        first = position_ids == 0
-        aligned = torch.where(first[..., None], raw, aligned)
-        missing = ~has_prev & ~first
-        if missing.any():
-            if kv_cache is None or kv_cache.logits is None:
-                raise ValueError("Dream needs the logits of position p-1 for a query at position p")
-            cached = kv_cache.logits.expand(B, -1, -1).gather(
-                1, position_ids[..., None].expand(B, Q, raw.shape[-1])
+    def _boundary(self, kv_cache: KVCache | None, position: int) -> torch.Tensor:
+        if kv_cache is None or kv_cache.boundary_logits is None or kv_cache.insert_at != position:
+            raise ValueError(
+                f"Dream needs the logits of position {position - 1} for a query at position {position}: "
+                "pass a KVCache whose boundary_logits are at that position"
             )
-            aligned = torch.where(missing[..., None], cached.to(raw.dtype), aligned)
-        return aligned
+        return kv_cache.boundary_logits
+
+    def _shifted(self, h, rows: slice, first_position: int, kv_cache) -> torch.Tensor:
+        """Contiguous positions: aligned row r = raw row r - 1; row 0 = raw row 0 at position 0, else the cache's
+        boundary logits. Only the needed hidden rows go through the LM head."""
+        a, b = rows.start, rows.stop
+        if a > 0:
+            return self.lm_head(h[:, a - 1 : b - 1])
+        raw = self.lm_head(h[:, : b - 1])
+        if first_position == 0:
+            first = self.lm_head(h[:, :1])
+        else:
+            boundary = self._boundary(kv_cache, first_position)
+            first = boundary.to(raw.dtype).expand(h.shape[0], 1, -1)
+        return torch.cat([first, raw], dim=1)
+
+    def _aligned(self, h, rows: torch.Tensor, positions, attention_mask, kv_cache) -> torch.Tensor:
+        """General layouts (masks, appended drafts): aligned[r] = raw[r'] with r' the visible query row at
+        position pos[r] - 1 (SPEC §9); the LM head runs on the P selected source rows only."""
+        B, Q = positions.shape
+        pos = positions[:, rows]  # (B, P)
+        prev = positions[:, None, :] == (pos[:, :, None] - 1)  # (B, P, Q): row r -> source r'
+        if attention_mask is not None:  # the query rows' own keys follow the cached ones
+            lo = kv_cache.length if kv_cache is not None else 0
+            prev &= attention_mask[:, rows, lo : lo + Q]
+        has_prev = prev.any(-1)
+        source = torch.where(has_prev, prev.to(torch.int8).argmax(-1), rows.expand(B, -1))
+        hidden = h.gather(1, source[..., None].expand(B, -1, h.shape[-1]))
+        logits = self.lm_head(hidden)
+        missing = ~has_prev & (pos != 0)
+        if bool(missing.any()):
+            boundary = self._boundary(kv_cache, int(pos[missing].min()))
+            if bool((pos[missing] != kv_cache.insert_at).any()):
+                raise ValueError("Dream: a query row's previous position is neither visible nor cached")
+            logits = torch.where(missing[..., None], boundary.to(logits.dtype), logits)
+        return logits

@@ -1,21 +1,24 @@
-"""Key/value caches that a query block attends to (SPEC §4, §5.3).
+"""Key/value caches and the attention over them (SPEC §4, §5.3).
 
-A `KVCache` holds post-RoPE keys and values for some canvas positions, one `(k, v)` pair per layer.
-A forward that receives a cache *splices* its freshly computed keys into the cached sequence:
-`keys = cache[:insert_at] ++ new ++ cache[insert_at + replace:]`. Both cache modes are this one rule:
+A `KVCache` holds post-RoPE keys and values of canvas positions, one `(k, v)` pair per layer, with batch 1: one
+frozen cache shared by every block state verified in a forward. Queries attend to `[cached keys, fresh keys]`:
 
-* prefix cache: the cache holds positions `[0, s)`; queries are `[s, L)`; `insert_at = s`, `replace = 0`.
-* dual cache:   the cache holds the whole canvas; queries are the block `[s, e)`;
-  `insert_at = s`, `replace = e - s` (the block's own K/V are always recomputed).
+* prefix cache: the cache holds positions `[0, s)`; queries are `[s, L)`.
+* dual cache:   the cache holds the whole canvas; queries are the block `[s, e)`; the cached block columns
+  `[insert_at, insert_at + replace)` are masked out (the block's own K/V are always recomputed).
 
-Forwards never write into a cache: drafts and real-state steps only read it (SPEC §5.3 constraints).
-The cache also keeps the block-start forward's logits, which shifted-logit families (Dream) need for the
-first query position (SPEC §9).
+B > 1 query rows (drafts) are folded into the query axis of one batch-1 attention: row b's queries see the cache
+and row b's own fresh keys only (a block-diagonal mask), so no row copies the cache and no draft sees another
+(SPEC §5.3 constraints). Grouped-query heads go through SDPA's `enable_gqa` when torch has it.
+
+Forwards never write into a cache. Shifted-logit families (Dream) also keep `boundary_logits`, the block-start
+forward's aligned logits at position `insert_at`: the only cached-out position a query row can need (SPEC §9).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,62 +26,118 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class KVCache:
-    """Frozen per-layer keys/values, each `(B, H_kv, L_c, head_dim)`, plus the splice point."""
+    """Frozen per-layer keys/values, each `(1, H_kv, L_c, head_dim)`, plus the masked-out block region."""
 
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     insert_at: int
     replace: int = 0
-    logits: torch.Tensor | None = None  # (1, L, V) the block-start forward's aligned logits
+    boundary_logits: torch.Tensor | None = None  # (V,) aligned logits at position `insert_at`
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.layers and self.layers[0][0].shape[0] != 1:
+            raise ValueError(f"KVCache holds batch 1, got {self.layers[0][0].shape[0]}")
 
     @property
     def length(self) -> int:
         """Number of cached key positions."""
         return self.layers[0][0].shape[2] if self.layers else 0
 
-    def keys_after_splice(self, num_new: int) -> int:
-        """Total key length seen by a query block of `num_new` fresh positions."""
-        return self.length - self.replace + num_new
-
-    def splice(
-        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the full key/value sequences for `layer` with the fresh K/V spliced in."""
-        k_c, v_c = self.layers[layer]
-        batch = k_new.shape[0]
-        if k_c.shape[0] != batch:  # one cache shared by every draft row
-            k_c = k_c.expand(batch, *k_c.shape[1:])
-            v_c = v_c.expand(batch, *v_c.shape[1:])
-        lo, hi = self.insert_at, self.insert_at + self.replace
-        k = torch.cat([k_c[:, :, :lo], k_new, k_c[:, :, hi:]], dim=2)
-        v = torch.cat([v_c[:, :, :lo], v_new, v_c[:, :, hi:]], dim=2)
-        return k, v
-
-    def with_splice(self, insert_at: int, replace: int) -> KVCache:
-        """The same cached tensors with another splice point."""
-        return KVCache(self.layers, insert_at, replace, self.logits)
-
     def slice_positions(self, end: int) -> KVCache:
         """Keep only cached positions `[0, end)` (the prefix cache)."""
         layers = tuple((k[:, :, :end], v[:, :, :end]) for k, v in self.layers)
-        return KVCache(layers, insert_at=end, replace=0, logits=self.logits)
+        return KVCache(layers, insert_at=end, replace=0, boundary_logits=self.boundary_logits)
+
+    def visible(self, device: torch.device) -> torch.Tensor:
+        """Which cached keys a query may attend to (L_c,): all but the recomputed block."""
+        vis = torch.ones(self.length, dtype=torch.bool, device=device)
+        vis[self.insert_at : self.insert_at + self.replace] = False
+        return vis
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How B rows of Q queries attend in one forward; built once per forward, shared by every layer."""
+
+    batch: int
+    fold: bool  # B > 1 rows folded into one batch-1 query axis over the shared cache
+    mask: torch.Tensor | None  # bool, broadcastable to SDPA's (B', H, Q', K')
+
+
+def plan_attention(
+    cache: KVCache | None,
+    batch: int,
+    q_len: int,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
+) -> AttentionPlan:
+    """The attention mask of a forward. `attention_mask` (B, Q, K) uses keys `[cache (L_c), own fresh (Q)]`."""
+    if cache is None:
+        return AttentionPlan(batch, False, None if attention_mask is None else attention_mask[:, None])
+    key = (batch, q_len)
+    if attention_mask is None and key in cache._masks:
+        return cache._masks[key]
+    n_cache = cache.length
+    if attention_mask is None and cache.replace == 0 and batch == 1:
+        plan = AttentionPlan(batch, False, None)
+    else:
+        vis = cache.visible(device)
+        own = torch.ones(batch, q_len, q_len, dtype=torch.bool, device=device)
+        cached = vis.expand(batch, q_len, n_cache)
+        if attention_mask is not None:
+            cached = cached & attention_mask[:, :, :n_cache]
+            own = own & attention_mask[:, :, n_cache:]
+        if batch == 1:
+            plan = AttentionPlan(1, False, torch.cat([cached, own], dim=2)[:, None])
+        else:
+            rows = batch * q_len
+            fresh = torch.zeros(batch, q_len, batch, q_len, dtype=torch.bool, device=device)
+            b = torch.arange(batch, device=device)
+            fresh[b, :, b, :] = own  # block diagonal: row b sees its own fresh keys only
+            mask = torch.cat([cached.reshape(rows, n_cache), fresh.reshape(rows, rows)], dim=1)
+            plan = AttentionPlan(batch, True, mask[None, None])
+    if attention_mask is None:
+        cache._masks[key] = plan
+    return plan
+
+
+@functools.cache
+def sdpa_has_gqa() -> bool:
+    """Whether this torch's SDPA accepts `enable_gqa` (torch >= 2.5); else heads are repeated by hand."""
+    q, kv = torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
 
 
 def bidirectional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    plan: AttentionPlan,
     cache: KVCache | None,
     layer: int,
 ) -> torch.Tensor:
-    """SDPA of fresh queries (B, H, Q, hd) over the cache spliced with the fresh K/V (B, H_kv, Q, hd),
-    grouped-query heads repeated, an optional boolean mask (B, Q, K); returns (B, Q, H * hd).
-    Scaled by 1/sqrt(hd), no causal mask: the attention of LLaDA and Dream."""
+    """SDPA of fresh queries (B, H, Q, hd) over `[cache, fresh K/V (B, H_kv, Q, hd)]` under `plan`;
+    returns (B, Q, H * hd). Scaled by 1/sqrt(hd), no causal mask: the attention of LLaDA and Dream."""
+    B, H, Q, hd = q.shape
+    if plan.fold:  # (B, H, Q, hd) -> (1, H, B*Q, hd)
+        q = q.transpose(0, 1).reshape(1, H, B * Q, hd)
+        k = k.transpose(0, 1).reshape(1, k.shape[1], B * Q, hd)
+        v = v.transpose(0, 1).reshape(1, v.shape[1], B * Q, hd)
     if cache is not None:
-        k, v = cache.splice(layer, k, v)
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    mask = attention_mask[:, None] if attention_mask is not None else None  # (B, 1, Q, K)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        k_c, v_c = cache.layers[layer]
+        k, v = torch.cat([k_c, k], dim=2), torch.cat([v_c, v], dim=2)
+    kwargs = {}
+    if k.shape[1] != H:
+        if sdpa_has_gqa():
+            kwargs["enable_gqa"] = True
+        else:
+            rep = H // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=False, **kwargs)
+    if plan.fold:  # (1, H, B*Q, hd) -> (B, Q, H*hd)
+        return out[0].view(H, B, Q, hd).permute(1, 2, 0, 3).reshape(B, Q, H * hd)
+    return out.transpose(1, 2).reshape(B, Q, H * hd)

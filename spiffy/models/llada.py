@@ -8,18 +8,20 @@ a query block is spliced into (`spiffy.models.kv`). It deliberately has no causa
 
 Precision follows the reference (SPEC §8): RMSNorm in float32 then cast back before the weight multiply, RoPE on
 float32 q/k with float32 inverse frequencies and positions (rotate-half), bidirectional SDPA scaled by 1/sqrt(hd).
+The call follows the decoders' contract (`spiffy.models.base.DiffusionLM`): the LM head runs on `logits_at` only.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from spiffy.models.kv import KVCache, bidirectional_attention
+from spiffy.models.base import DiffusionLMOutput, LogitsRows, Positions, position_tensor, row_slice
+from spiffy.models.kv import AttentionPlan, KVCache, bidirectional_attention, plan_attention
+
+__all__ = ["DiffusionLMOutput", "LLaDAConfig", "LLaDAModelLM"]
 
 
 class LLaDAConfig(PretrainedConfig):
@@ -79,14 +81,6 @@ class LLaDAConfig(PretrainedConfig):
             raise ValueError(f"LLaDAConfig.activation_type={activation_type!r} is not supported")
 
 
-@dataclass
-class DiffusionLMOutput:
-    """Logits `(B, Q, V)` for the query positions and, if requested, their fresh per-layer K/V."""
-
-    logits: torch.Tensor
-    present: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
-
-
 class RMSNorm(nn.Module):
     """LLaDA's RMSLayerNorm: normalise in float32, cast back, then scale (SPEC §8)."""
 
@@ -106,7 +100,7 @@ class RMSNorm(nn.Module):
 def rope_sin_cos(
     position_ids: torch.Tensor, head_dim: int, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 sin/cos tables `(B, 1, Q, head_dim)` at explicit absolute positions (rotate-half layout)."""
+    """Float32 sin/cos tables `(B or 1, 1, Q, head_dim)` at explicit absolute positions (rotate-half)."""
     device = position_ids.device
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -146,7 +140,7 @@ class LLaDABlock(nn.Module):
         self,
         x: torch.Tensor,
         sin_cos: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
+        plan: AttentionPlan,
         cache: KVCache | None,
         layer: int,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -157,7 +151,7 @@ class LLaDABlock(nn.Module):
         k = self.k_proj(h).view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *sin_cos), apply_rope(k, *sin_cos)
-        x = x + self.attn_out(bidirectional_attention(q, k, v, attention_mask, cache, layer))
+        x = x + self.attn_out(bidirectional_attention(q, k, v, plan, cache, layer))
         h = self.ff_norm(x)
         x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
         return x, (k, v)
@@ -206,41 +200,39 @@ class LLaDAModelLM(PreTrainedModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
+        position_ids: Positions | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_kv: bool = False,
+        logits_at: LogitsRows | None = None,
         **_: object,
     ) -> DiffusionLMOutput:
-        """Compute logits for `input_ids` (B, Q).
+        """Logits (B, P, V) at the query rows `logits_at` of `input_ids` (B, Q); see `DiffusionLM`.
 
         Args:
             input_ids: query tokens (B, Q).
-            position_ids: absolute positions (B, Q) or (Q,); default `arange(Q)` (or, with a prefix cache,
-                continuing after its splice point). Drafts pass the block's positions explicitly.
-            attention_mask: bool (B, Q, K) with True = attend, K = keys after the cache splice; None = all.
-            kv_cache: frozen K/V the queries attend to; never modified.
+            position_ids: absolute positions, a `range` or a tensor (Q,) / (B, Q); default: continuing at the
+                cache's `insert_at` (0 without a cache). Drafts pass the block's positions explicitly.
+            attention_mask: bool (B, Q, K) with True = attend, keys `[cache, own fresh]`; None = all.
+            kv_cache: frozen K/V (batch 1) that every row attends to; never modified.
             return_kv: also return this call's fresh post-RoPE K/V per layer.
+            logits_at: query rows to project (slice or LongTensor); None = all rows.
         """
         B, Q = input_ids.shape
-        if position_ids is None:
-            start = kv_cache.insert_at if kv_cache is not None else 0
-            position_ids = torch.arange(start, start + Q, device=input_ids.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids.expand(B, Q)
-        if int(position_ids.max()) >= self.config.max_sequence_length:
-            raise ValueError(
-                f"position {int(position_ids.max())} exceeds max_sequence_length="
-                f"{self.config.max_sequence_length} of this model"
-            )
+        start = kv_cache.insert_at if kv_cache is not None else 0
+        limit = ("max_sequence_length", self.config.max_sequence_length)
+        positions, _ = position_tensor(position_ids, Q, start, limit, input_ids.device)
         tr = self.model.transformer
         x = tr["wte"](input_ids)
         hd = self.config.d_model // self.config.n_heads
-        sin_cos = rope_sin_cos(position_ids, hd, self.config.rope_theta)
+        sin_cos = rope_sin_cos(positions, hd, self.config.rope_theta)
+        plan = plan_attention(kv_cache, B, Q, attention_mask, input_ids.device)
         present = []
         for i, block in enumerate(tr["blocks"]):
-            x, fresh = block(x, sin_cos, attention_mask, kv_cache, i)
+            x, fresh = block(x, sin_cos, plan, kv_cache, i)
             if return_kv:
                 present.append(fresh)
+        rows = row_slice(logits_at, Q)
+        x = x[:, rows] if rows is not None else x.index_select(1, logits_at)
         logits = tr["ff_out"](tr["ln_f"](x))
         return DiffusionLMOutput(logits=logits, present=tuple(present) if return_kv else None)

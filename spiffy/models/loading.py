@@ -41,7 +41,6 @@ class ModelSpec:
     pad_id: int | None
     vocab_size: int
     max_length: int
-    logits_shift: int = 0  # Dream-style families predict position i from hidden state i - shift
 
 
 def model_spec(model: PreTrainedModel) -> ModelSpec:
@@ -54,7 +53,6 @@ def model_spec(model: PreTrainedModel) -> ModelSpec:
         pad_id=cfg.pad_token_id,
         vocab_size=int(getattr(cfg, "embedding_size", cfg.vocab_size)),
         max_length=int(cfg.max_sequence_length),
-        logits_shift=int(getattr(cfg, "logits_shift", 0)),
     )
 
 

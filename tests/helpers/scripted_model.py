@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spiffy.models.llada import DiffusionLMOutput
+from spiffy.models.base import DiffusionLMOutput
 
 
 class _Config:
@@ -34,13 +34,22 @@ class ScriptedModel(nn.Module):
         self.calls = 0
 
     def forward(
-        self, input_ids, position_ids=None, attention_mask=None, kv_cache=None, return_kv=False, **_
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        kv_cache=None,
+        return_kv=False,
+        logits_at=None,
+        **_,
     ):
         self.calls += 1
         B, Q = input_ids.shape
         vocab = self.config.vocab_size
         if position_ids is None:
             position_ids = torch.arange(Q)
+        if isinstance(position_ids, range):
+            position_ids = torch.arange(position_ids.start, position_ids.stop)
         pos = position_ids.expand(B, Q)
         shift = (
             (input_ids != self.config.mask_token_id).sum(1, keepdim=True) if self.drifting else 0
@@ -48,4 +57,7 @@ class ScriptedModel(nn.Module):
         target = (pos + shift) % (vocab - 1)  # never the mask id
         logits = torch.zeros(B, Q, vocab, dtype=torch.float64)
         logits.scatter_(2, target[..., None], (20.0 - 0.1 * pos.to(torch.float64))[..., None])
-        return DiffusionLMOutput(logits=logits + self.anchor)
+        logits = logits + self.anchor
+        if logits_at is not None:  # the decoders' contract: logits at the requested rows only
+            logits = logits[:, logits_at]
+        return DiffusionLMOutput(logits=logits)

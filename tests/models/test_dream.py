@@ -41,11 +41,7 @@ def test_raw_logits_match_and_the_shift_lives_in_the_model(dream, expected):
 def test_auto_class_and_spec(dream, expected):
     assert type(AutoModel.from_pretrained(DREAM, dtype=torch.float64)).__name__ == "DreamModel"
     spec = spiffy.model_spec(dream)
-    assert (spec.mask_id, spec.eos_id, spec.logits_shift) == (
-        expected["mask_id"],
-        expected["eos_id"],
-        1,
-    )
+    assert (spec.mask_id, spec.eos_id) == (expected["mask_id"], expected["eos_id"])
 
 
 def test_diffusion_generate_cases_token_for_token(dream, expected):

@@ -1,0 +1,122 @@
+"""One forward's acceptance walk (SPEC §5.4) as batched device work plus one host read.
+
+The forward verified N block states (row 0 the real state, rows 1.. drafts of graph level `levels[r]`). The
+walk from row 0 applies the transition to the state it is at, moves to the verified row equal to the result,
+and repeats. Row r is reached, if at all, at step `step + levels[r]`, so one batched `transition_rows` computes
+every transition the walk can take. `link_rows` then links each row to the row its result equals (only a row one
+level deeper, unless the transition does not depend on the step), marks complete and unchanged results, and
+follows the links from row 0 on the device (pointer doubling), so that drafts for the next forward can be built
+before the host looks. `WalkLinks.read` is the one device read; `replay` walks the links on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from spiffy.decoding.sampling import Distributions, TransitionContext, transition_rows
+from spiffy.decoding.types import DecodeStats
+
+
+@dataclass
+class Rows:
+    """The states one forward verified and their distributions: states (N, Lb), levels (host, row 0 = 0),
+    validity (N,) of padded draft rows (None: all valid), draft validity the host has not read yet (for the
+    statistics), and the next block's logits per row (N, Lb', V) when the look-ahead was computed."""
+
+    states: torch.Tensor
+    dists: Distributions
+    levels: list[int]
+    valid: torch.Tensor | None = None
+    unread: torch.Tensor | None = None
+    lookahead: torch.Tensor | None = None
+
+    @classmethod
+    def single(cls, state: torch.Tensor, dists: Distributions) -> Rows:
+        return cls(state[None], dists, [0])
+
+
+@dataclass
+class HostLinks:
+    """`WalkLinks` read to the host: per row the next row (itself = stop), completion, no change, the first
+    verified row equal to its result (-1: none), and any extra boolean vectors read along."""
+
+    nxt: list[int]
+    complete: list[int]
+    same: list[int]
+    match: list[int]
+    extra: list[list[bool]]
+
+
+@dataclass
+class WalkLinks:
+    """Per row r: its transition's result `new[r]` and confidences, the row the walk continues to, and flags;
+    `end` is where the walk from row 0 stops (a device index, or 0)."""
+
+    new: torch.Tensor
+    conf: torch.Tensor
+    nxt: torch.Tensor
+    complete: torch.Tensor
+    same: torch.Tensor
+    match: torch.Tensor
+    end: torch.Tensor | int
+
+    def read(self, extra: list[torch.Tensor]) -> HostLinks:
+        """The one host read of a forward: links, flags and `extra` boolean vectors in a single transfer."""
+        parts = [self.nxt, self.complete, self.same, self.match, *extra]
+        flat = torch.cat([p.long() for p in parts]).tolist()
+        n, out, at = self.nxt.numel(), [], 0
+        for p in parts:
+            out.append(flat[at : at + p.numel()])
+            at += p.numel()
+        return HostLinks(out[0], out[1], out[2], out[3], [[bool(v) for v in e] for e in out[4:]])
+
+
+def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) -> WalkLinks:
+    """Batched transitions of every row at the step it would be reached at, and the links between rows."""
+    n = rows.states.shape[0]
+    steps = [step + level for level in rows.levels]
+    new, conf = transition_rows(rows.dists, rows.states, steps, ctx)
+    device = new.device
+    if ctx.rule.bounded:
+        complete = torch.tensor([ctx.rule.is_complete(True, s + 1) for s in steps], device=device)
+    else:
+        complete = ~(new == ctx.spec.mask_id).any(1)
+    same = (new == rows.states).all(1)
+    if n == 1:
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        return WalkLinks(new, conf, zero, complete, same, zero - 1, 0)
+    eq = (new[:, None, :] == rows.states[None, :, :]).all(-1)  # (N, N): result of r equals state of r'
+    eq[:, 0] = False  # row 0 is the real state, never a later one
+    if rows.valid is not None:
+        eq &= rows.valid[None, :]
+    match = torch.where(eq.any(1), eq.to(torch.int8).argmax(1), -1)
+    expected = eq
+    if not step_free:  # the batched transition of r' is only right if r' is reached at its own level
+        levels = torch.tensor(rows.levels, device=device)
+        expected = eq & (levels[None, :] == levels[:, None] + 1)
+    go = ~complete & ~same & expected.any(1)
+    nxt = torch.where(go, expected.to(torch.int8).argmax(1), torch.arange(n, device=device))
+    end = nxt
+    for _ in range(math.ceil(math.log2(n))):  # pointer doubling: end[r] = where the walk from r stops
+        end = end[end]
+    return WalkLinks(new, conf, nxt, complete, same, match, end[0])
+
+
+def replay(host: HostLinks, levels: list[int], stats: DecodeStats) -> tuple[list[int], str]:
+    """The walk on the host: the rows visited from row 0 and why it stopped (`complete`: the block is done;
+    `anchor`: a forward is needed; `same` / `offlevel`: a row is reached at another step than assumed)."""
+    r, path = 0, [0]
+    while True:
+        if host.complete[r]:
+            return path, "complete"
+        if host.same[r]:
+            return path, "same"
+        if host.nxt[r] != r:
+            r = host.nxt[r]
+            path.append(r)
+            stats.accepted_per_level[levels[r]] += 1
+            continue
+        return path, ("offlevel" if host.match[r] >= 1 else "anchor")

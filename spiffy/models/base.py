@@ -1,0 +1,93 @@
+"""The model contract decoders rely on (SPEC §4, §5.3, §9): a typed `Protocol` every family adapter implements.
+
+A decoder calls a model in exactly one way:
+
+    out = model(input_ids, position_ids=..., attention_mask=..., kv_cache=..., return_kv=..., logits_at=...)
+
+- `input_ids` (B, Q): the query tokens. B is the number of block states verified together (1 for a base step).
+- `position_ids`: absolute RoPE positions, passed explicitly (never derived from a cache length). A `range` is
+  shared by every row and is validated on the host; a tensor (Q,) or (B, Q) is validated with one device read.
+  None means the range that continues at `kv_cache.insert_at` (0 without a cache).
+- `attention_mask`: bool (B, Q, K), True = attend; the key axis is `[cached keys (L_c), this row's fresh keys (Q)]`.
+- `kv_cache`: a frozen `KVCache` (batch 1) that all B rows share; no forward writes into it.
+- `return_kv`: also return this call's fresh post-RoPE K/V per layer (the block-start forward that fills a cache).
+- `logits_at`: the query rows (a slice, or a LongTensor (P,)) whose *position-aligned* logits the caller reads;
+  None = every row. The LM head runs on those rows only: a shifted family (Dream) maps each row to the hidden
+  state it needs, or to the cache's `boundary_logits` for the first cached-out position.
+
+It returns a `DiffusionLMOutput` with logits (B, P, V). A new family (SDAR, ...) implements this signature and
+registers its config class in `spiffy.models.loading`; decoders need nothing else from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from spiffy.models.kv import KVCache
+
+Positions = Union[torch.Tensor, range]
+LogitsRows = Union[slice, torch.Tensor]
+
+
+@dataclass
+class DiffusionLMOutput:
+    """Logits `(B, P, V)` at the requested query rows and, if requested, their fresh per-layer K/V."""
+
+    logits: torch.Tensor
+    present: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+
+
+@runtime_checkable
+class DiffusionLM(Protocol):
+    """What a decoder needs from a model: a config with token ids, and the call documented above."""
+
+    config: Any
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: Positions | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_kv: bool = False,
+        logits_at: LogitsRows | None = None,
+    ) -> DiffusionLMOutput: ...
+
+
+def position_tensor(
+    position_ids: Positions | None, q_len: int, start: int, limit: tuple[str, int], device
+) -> tuple[torch.Tensor, range | None]:
+    """Positions as a tensor (1 or B, Q) plus the host-known range if there is one; raises `ValueError` for
+    positions at or beyond `limit = (config key, value)`. Only a tensor argument costs a device read."""
+    name, bound = limit
+    if position_ids is None:
+        position_ids = range(start, start + q_len)
+    if isinstance(position_ids, range):
+        if len(position_ids) != q_len or position_ids.step != 1:
+            raise ValueError(f"position_ids={position_ids!r} must be a unit-step range of {q_len}")
+        if position_ids.stop > bound:
+            raise ValueError(f"position {position_ids.stop - 1} exceeds {name}={bound} of this model")
+        return torch.arange(position_ids.start, position_ids.stop, device=device)[None], position_ids
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    top = int(position_ids.max())
+    if top >= bound:
+        raise ValueError(f"position {top} exceeds {name}={bound} of this model")
+    return position_ids, None
+
+
+def row_slice(logits_at: LogitsRows | None, q_len: int) -> slice | None:
+    """`logits_at` as a normalised unit-step slice of the query rows, or None when it is an index tensor."""
+    if logits_at is None:
+        return slice(0, q_len)
+    if isinstance(logits_at, slice):
+        start, stop, step = logits_at.indices(q_len)
+        if step != 1 or stop <= start:
+            raise ValueError(f"logits_at={logits_at!r} must be a non-empty unit-step slice")
+        return slice(start, stop)
+    return None
