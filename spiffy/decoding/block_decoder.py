@@ -28,7 +28,7 @@ from spiffy.decoding.drafting import Drafts
 from spiffy.decoding.forward import STRATEGIES, ForwardStrategy
 from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
-from spiffy.decoding.sampling import Distributions, TransitionContext, transition
+from spiffy.decoding.sampling import Distributions, TransitionContext, pick, transition
 from spiffy.decoding.types import DecodeResult, DecodeStats
 from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay
 from spiffy.models.base import DiffusionLM
@@ -126,7 +126,9 @@ class BlockDecoder:
         p, lb = prompt.numel(), self.cfg.block_length
         canvas = torch.cat([prompt, prompt.new_full((self.cfg.gen_length,), self.spec.mask_id)])
         opts = self.options
-        strategy = STRATEGIES[self.cfg.cache](self.model, profile=opts.profile, compile=opts.compile)
+        strategy = STRATEGIES[self.cfg.cache](
+            self.model, profile=opts.profile, compile=opts.compile
+        )
         stats, noise = DecodeStats(), NoiseKey(seed, request_id)
         if opts.record_confidence:
             stats.committed_confidence = []
@@ -193,7 +195,9 @@ class BlockDecoder:
             ahead = self.lookahead(canvas.numel(), block, states.shape[0] - 1)
             out = strategy.verify(canvas, block, states, self.verify, lookahead=ahead)
             stats.nfe += 1
-            rows = Rows(states, Distributions(out.logits, ctx), levels, valid, unread, out.lookahead)
+            rows = Rows(
+                states, Distributions(out.logits, ctx), levels, valid, unread, out.lookahead
+            )
         stats.accepted_per_forward[advanced - 1] += 1
         return None
 
@@ -258,10 +262,12 @@ class BlockDecoder:
 
     _early_s = 0.0
 
-    def _walk_rows(self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats) -> WalkEnd:
+    def _walk_rows(
+        self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats
+    ) -> WalkEnd:
         links: WalkLinks = link_rows(rows, step, ctx, self.step_free)
         t = time.perf_counter()
-        early = self.propose_early(rows.dists.row(links.end), links.new[links.end], ctx)
+        early = self.propose_early(rows.dists.row(links.end), pick(links.new, links.end), ctx)
         self._early_s = time.perf_counter() - t
         stats.draft_s += self._early_s
         extra = [early.valid] if early is not None else []

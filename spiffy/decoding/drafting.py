@@ -248,7 +248,9 @@ def instantiate(
         ok &= keep_rows
     same = (drafts[:, None, :] == drafts[None, :, :]).all(-1)  # (R, R)
     lv, row = graph.levels, torch.arange(drafts.shape[0], device=drafts.device)
-    before = (lv[None, :] < lv[:, None]) | ((lv[None, :] == lv[:, None]) & (row[None, :] < row[:, None]))
+    before = (lv[None, :] < lv[:, None]) | (
+        (lv[None, :] == lv[:, None]) & (row[None, :] < row[:, None])
+    )
     repeat = (same & before & ok[None, :]).any(dim=1)
     return Drafts(drafts, ok & ~repeat, graph.levels)
 
@@ -281,10 +283,14 @@ def prune_rows(tensors: GraphTensors, pair_probs: torch.Tensor, keep: int) -> to
     n = local.shape[0]
     score = torch.zeros_like(local)
     n_kids = tensors.child_ok.sum(1)
-    for group in tensors.size_groups:  # leaves (largest formulas) first: children are computed before
+    for (
+        group
+    ) in tensors.size_groups:  # leaves (largest formulas) first: children are computed before
         acc = torch.zeros(group.shape[0], dtype=local.dtype, device=local.device)
         for c in range(tensors.children.shape[1]):
-            acc = torch.where(tensors.child_ok[group, c], acc + score[tensors.children[group, c]], acc)
+            acc = torch.where(
+                tensors.child_ok[group, c], acc + score[tensors.children[group, c]], acc
+            )
         kids = n_kids[group]
         child = torch.where(kids > 0, acc / kids.clamp_min(1), local[group])
         score[group] = 0.5 * (local[group] + child)

@@ -92,7 +92,11 @@ class TransitionRule:
         return factor_count(sorted_conf, self.factor)
 
     def counts(
-        self, sorted_conf: torch.Tensor, n_masked: torch.Tensor, steps: list[int], masked_at_start: int
+        self,
+        sorted_conf: torch.Tensor,
+        n_masked: torch.Tensor,
+        steps: list[int],
+        masked_at_start: int,
     ) -> torch.Tensor:
         """`count` for N states at once, without a device read: `sorted_conf` (N, Lb) float64 descending with
         -inf after the `n_masked` (N,) masked ones, `steps` the host step of each row; returns (N,) int64.
@@ -111,13 +115,17 @@ class TransitionRule:
         elif self.name == "factor":
             thresholds = [1 - self.factor / (r + 2) for r in range(sorted_conf.shape[1])]
             bound = torch.tensor(thresholds, dtype=torch.float64, device=n.device)
-            fail = (rank >= 1) & (rank < n[:, None]) & (sorted_conf < bound)  # 1-based rank r = rank + 1
+            fail = (
+                (rank >= 1) & (rank < n[:, None]) & (sorted_conf < bound)
+            )  # 1-based rank r = rank + 1
             r0 = fail.to(torch.int8).argmax(1) + 1
             out = torch.where(fail.any(1), torch.where(r0 == n, n, r0 - 1), n)
         elif self.name == "dream_steps":
             t = torch.linspace(1, 1e-3, self.steps_per_block + 1, dtype=torch.float32)
             last = self.steps_per_block - 1
-            fac = torch.stack([(1 - t[s + 1] / t[s]) if s < last else t.new_ones(()) for s in steps])
+            fac = torch.stack(
+                [(1 - t[s + 1] / t[s]) if s < last else t.new_ones(()) for s in steps]
+            )
             scaled = (n.to(torch.float32) * fac.to(n.device)).to(torch.int64)
             out = torch.where(torch.tensor([s >= last for s in steps], device=n.device), n, scaled)
         else:  # dream_threshold

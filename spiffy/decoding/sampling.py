@@ -79,8 +79,13 @@ class Distributions:
         return self._probs
 
     def row(self, i: int | torch.Tensor) -> Distributions:
-        probs = None if self._probs is None else self._probs[i]
-        return Distributions(self.logits[i], self.ctx, self.sampling[i], probs)
+        probs = None if self._probs is None else pick(self._probs, i)
+        return Distributions(pick(self.logits, i), self.ctx, pick(self.sampling, i), probs)
+
+
+def pick(t: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
+    """`t[i]` for a host int or a 0-dim device index, without reading the index back to the host."""
+    return t[i] if isinstance(i, int) else t.index_select(0, i.reshape(1))[0]
 
 
 def as_distributions(logits: torch.Tensor | Distributions, ctx: TransitionContext) -> Distributions:
@@ -93,7 +98,9 @@ def _per_row(steps: int | list[int], n: int) -> list[int]:
 
 def _keyed(ctx: TransitionContext, purpose: str, steps: list[int], shape, device) -> torch.Tensor:
     """Keyed uniforms (N, *shape), row r drawn under step `steps[r]` (each step drawn once)."""
-    draws = {s: ctx.noise.uniforms(ctx.block, s, purpose, shape, device) for s in dict.fromkeys(steps)}
+    draws = {
+        s: ctx.noise.uniforms(ctx.block, s, purpose, shape, device) for s in dict.fromkeys(steps)
+    }
     if len(steps) == 1:
         return draws[steps[0]][None]
     return torch.stack([draws[s] for s in steps])
@@ -191,6 +198,8 @@ def transition(
         ranked (float64, -inf at positions that were not masked).
     """
     d = as_distributions(logits, ctx)
-    batch = Distributions(d.logits[None], ctx, d.sampling[None], None if d._probs is None else d._probs[None])
+    batch = Distributions(
+        d.logits[None], ctx, d.sampling[None], None if d._probs is None else d._probs[None]
+    )
     new, conf = transition_rows(batch, state[None], [step], ctx)
     return new[0], conf[0]

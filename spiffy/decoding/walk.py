@@ -67,7 +67,7 @@ class WalkLinks:
         """The one host read of a forward: links, flags and `extra` boolean vectors in a single transfer."""
         parts = [self.nxt, self.complete, self.same, self.match, *extra]
         flat = torch.cat([p.long() for p in parts]).tolist()
-        n, out, at = self.nxt.numel(), [], 0
+        out, at = [], 0
         for p in parts:
             out.append(flat[at : at + p.numel()])
             at += p.numel()
@@ -88,19 +88,25 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
     if n == 1:
         zero = torch.zeros(1, dtype=torch.long, device=device)
         return WalkLinks(new, conf, zero, complete, same, zero - 1, 0)
-    eq = (new[:, None, :] == rows.states[None, :, :]).all(-1)  # (N, N): result of r equals state of r'
+    eq = (new[:, None, :] == rows.states[None, :, :]).all(
+        -1
+    )  # (N, N): result of r equals state of r'
     eq[:, 0] = False  # row 0 is the real state, never a later one
     if rows.valid is not None:
         eq &= rows.valid[None, :]
     match = torch.where(eq.any(1), eq.to(torch.int8).argmax(1), -1)
     expected = eq
-    if not step_free:  # the batched transition of r' is only right if r' is reached at its own level
+    if (
+        not step_free
+    ):  # the batched transition of r' is only right if r' is reached at its own level
         levels = torch.tensor(rows.levels, device=device)
         expected = eq & (levels[None, :] == levels[:, None] + 1)
     go = ~complete & ~same & expected.any(1)
     nxt = torch.where(go, expected.to(torch.int8).argmax(1), torch.arange(n, device=device))
     end = nxt
-    for _ in range(math.ceil(math.log2(n))):  # pointer doubling: end[r] = where the walk from r stops
+    for _ in range(
+        math.ceil(math.log2(n))
+    ):  # pointer doubling: end[r] = where the walk from r stops
         end = end[end]
     return WalkLinks(new, conf, nxt, complete, same, match, end[0])
 

@@ -22,15 +22,15 @@ registers its config class in `spiffy.models.loading`; decoders need nothing els
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 if TYPE_CHECKING:
     from spiffy.models.kv import KVCache
 
-Positions = Union[torch.Tensor, range]
-LogitsRows = Union[slice, torch.Tensor]
+Positions = torch.Tensor | range
+LogitsRows = slice | torch.Tensor
 
 
 @dataclass
@@ -71,8 +71,12 @@ def position_tensor(
         if len(position_ids) != q_len or position_ids.step != 1:
             raise ValueError(f"position_ids={position_ids!r} must be a unit-step range of {q_len}")
         if position_ids.stop > bound:
-            raise ValueError(f"position {position_ids.stop - 1} exceeds {name}={bound} of this model")
-        return torch.arange(position_ids.start, position_ids.stop, device=device)[None], position_ids
+            raise ValueError(
+                f"position {position_ids.stop - 1} exceeds {name}={bound} of this model"
+            )
+        return torch.arange(position_ids.start, position_ids.stop, device=device)[
+            None
+        ], position_ids
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
     top = int(position_ids.max())

@@ -177,7 +177,9 @@ class DreamModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
-    def hidden_states(self, input_ids, positions, attention_mask=None, kv_cache=None, return_kv=False):
+    def hidden_states(
+        self, input_ids, positions, attention_mask=None, kv_cache=None, return_kv=False
+    ):
         """Final-norm hidden states (B, Q, d) and, if requested, the fresh K/V per layer."""
         x = self.model.embed_tokens(input_ids)
         hd = self.config.hidden_size // self.config.num_attention_heads
@@ -195,7 +197,9 @@ class DreamModel(PreTrainedModel):
         self, input_ids, position_ids, attention_mask=None, kv_cache=None, return_kv=False
     ):
         """Unshifted logits (B, Q, V) at every query row and, if requested, the fresh K/V per layer."""
-        h, present = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, return_kv)
+        h, present = self.hidden_states(
+            input_ids, position_ids, attention_mask, kv_cache, return_kv
+        )
         return self.lm_head(h), present
 
     def forward(
@@ -262,6 +266,8 @@ class DreamModel(PreTrainedModel):
         if bool(missing.any()):
             boundary = self._boundary(kv_cache, int(pos[missing].min()))
             if bool((pos[missing] != kv_cache.insert_at).any()):
-                raise ValueError("Dream: a query row's previous position is neither visible nor cached")
+                raise ValueError(
+                    "Dream: a query row's previous position is neither visible nor cached"
+                )
             logits = torch.where(missing[..., None], boundary.to(logits.dtype), logits)
         return logits

@@ -73,7 +73,9 @@ def plan_attention(
 ) -> AttentionPlan:
     """The attention mask of a forward. `attention_mask` (B, Q, K) uses keys `[cache (L_c), own fresh (Q)]`."""
     if cache is None:
-        return AttentionPlan(batch, False, None if attention_mask is None else attention_mask[:, None])
+        return AttentionPlan(
+            batch, False, None if attention_mask is None else attention_mask[:, None]
+        )
     key = (batch, q_len)
     if attention_mask is None and key in cache._masks:
         return cache._masks[key]
