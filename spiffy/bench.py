@@ -10,11 +10,14 @@ canvases) and the dual cache (block rows): the curve that decides when fewer NFE
 
 from __future__ import annotations
 
+import importlib
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 from tqdm.auto import tqdm
@@ -192,11 +195,25 @@ def summarize_rows(rows: dict[str, BenchRow], bases: dict[str, str]) -> list[dic
     return out
 
 
+LAYOUTS = {  # cost-curve layout -> (cache mode, verification layout); SPEC §5.3
+    "exact": ("none", "exact"),
+    "shared": ("none", "shared"),
+    "prefix": ("prefix", "exact"),
+    "dual": ("dual", "exact"),
+}
+
+
 def cost_curve(
-    model, canvas_len: int, block_len: int, drafts: list[int], *, repeats: int = 15
+    model,
+    canvas_len: int,
+    block_len: int,
+    drafts: list[int],
+    *,
+    repeats: int = 15,
+    layouts: tuple[str, ...] = ("exact", "dual"),
 ) -> list[dict]:
-    """Median time of one in-block verification forward with 1 + D states, per layout (exact = no cache, and
-    the dual cache), and of the layout's block-start forward (full canvas, no drafts).
+    """Median time of one in-block verification forward with 1 + D states, per layout (`LAYOUTS`), and of the
+    layout's block-start forward (full canvas, no drafts).
 
     Every round times each D once, in a fresh order, so that a slow phase of the machine (other processes,
     frequency changes) hits all D alike instead of a contiguous run of them; the first round warms up.
@@ -208,14 +225,15 @@ def cost_curve(
     order = torch.Generator().manual_seed(0)
 
     def timed(fn, *args) -> float:
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         fn(*args)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - t
 
     rows = []
-    for cache in ("none", "dual"):
+    for layout in layouts:
+        cache, verify = LAYOUTS[layout]
         strategy = STRATEGIES[cache](model)
         starts: list[float] = []
         times: dict[int, list[float]] = {d: [] for d in drafts}
@@ -223,13 +241,16 @@ def cost_curve(
             starts.append(timed(strategy.begin_block, canvas, block))
             for k in torch.randperm(len(drafts), generator=order).tolist():
                 states = canvas[block].repeat(drafts[k] + 1, 1)
-                times[drafts[k]].append(timed(strategy.block_logits, canvas, block, states))
+                times[drafts[k]].append(timed(strategy.verify, canvas, block, states, verify))
+        suffix = canvas_len - block.start
+        real = {"exact": canvas_len, "shared": canvas_len, "prefix": suffix}.get(layout, block_len)
+        per_draft = {"exact": canvas_len, "prefix": suffix}.get(layout, block_len)
         for d in drafts:
             rows.append(
                 {
-                    "layout": "exact" if cache == "none" else "dual",
+                    "layout": layout,
                     "drafts": d,
-                    "query_rows": (d + 1) * (canvas_len if cache == "none" else block_len),
+                    "query_rows": real + d * per_draft,
                     "forward_ms": 1000 * statistics.median(times[d][1:]),
                     "block_start_ms": 1000 * statistics.median(starts[1:]),
                 }
@@ -240,9 +261,27 @@ def cost_curve(
     return rows
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (timing edges only; decoders never call this)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def import_checkout(path: str) -> dict[str, ModuleType]:
+    """Import another checkout's `spiffy` (e.g. `git worktree add /tmp/before <commit>`) beside this one, for
+    before/after timings in one process. Returns its `spiffy`, `spiffy.api` and `spiffy.models.loading`
+    modules; this process's own `spiffy` modules are restored afterwards (the decode path imports nothing
+    lazily, so the two packages never mix)."""
+    own = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "spiffy"}
+    sys.path.insert(0, str(path))
+    try:
+        mods = {n: importlib.import_module(n) for n in ("spiffy", "spiffy.api", "spiffy.models.loading")}
+        for k in [k for k in sys.modules if k.split(".")[0] == "spiffy"]:
+            sys.modules.pop(k)
+    finally:
+        sys.path.remove(str(path))
+        sys.modules.update(own)
+    return mods
 
 
 def environment(model, device: torch.device) -> dict:

@@ -1,4 +1,6 @@
-"""Count host synchronisations: every operation that makes the host wait for a device value.
+"""Measuring the decode step: host reads (device synchronisations) and peak memory of one call.
+
+Host reads: every operation that makes the host wait for a device value.
 
 On a GPU each of these blocks the host until the queue drains: reading a scalar (`item`, `bool`, `int`,
 `float`, which dispatch `aten._local_scalar_dense`), `tolist` / `numpy`, `torch.equal`, and every operation
@@ -9,6 +11,10 @@ the same calls are the ones that would synchronise on a GPU.
 """
 
 from __future__ import annotations
+
+import gc
+import re
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -85,3 +91,26 @@ def reads_between_forwards(model: torch.nn.Module, run) -> tuple[list[int], int,
     between = [marks[i + 1] - inside[i] for i in range(len(inside))]
     within = sum(inside[i] - marks[i] for i in range(len(inside)))
     return between, within, counter.count
+
+
+def _status(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024
+
+
+def peak_memory(run, device: torch.device | str = "cpu") -> int:
+    """Bytes by which `run()` raised peak memory above what was in use before it: CUDA's allocator peak on a
+    GPU; on Linux CPUs the resident-set high-water mark, reset first through /proc/self/clear_refs."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status("VmRSS")
+    run()
+    return _status("VmHWM") - before
