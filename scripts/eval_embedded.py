@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import spiffy
+from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.eval.offline import accuracy, formatted_share, load_for_study, score_arith
 from spiffy.tasks.arith import ArithConfig, generate_split
 from spiffy.tasks.registry import TASKS
@@ -30,8 +31,9 @@ def main() -> None:
     args = p.parse_args()
     model, tok = load_for_study(args.model, args.threads)
     task = TASKS["arith"]
-    decoder = spiffy.build_decoder(model, **task.generation)
-    decoder.record_confidence = True
+    decoder = spiffy.build_decoder(
+        model, **task.generation, options=DecoderOptions(record_confidence=True)
+    )
     problems = generate_split("test", args.n, seed=args.seed, cfg=ArithConfig())
     t0 = time.perf_counter()
     samples = score_arith(decoder, tok, problems, seed=args.seed, desc="eval")
