@@ -1,11 +1,18 @@
 """Benchmark decoders side by side in one process and print medians and ratios (plus the cost curve).
 
     python scripts/bench.py --decoders vanilla vanilla+spiffy@calibrated:10 dual dual+spiffy@calibrated:10
+    python scripts/bench.py --before /tmp/before --reads ...   # also the code of another checkout, interleaved
     python scripts/bench.py --device cuda --dtype bfloat16 ...      # unchanged on a GPU
     python scripts/bench.py --decoders --name fig5_cpu              # the cost curve only (Figure 5)
+    python scripts/bench.py --decoders --shape llada-8b --layers 2 --prompt-len 900 --gen-length 256 \\
+        --block-length 32 --cost-curve 0 1 2 3 5 8 10 --layouts exact prefix dual --name fig5_llada8b_cpu
+    python scripts/bench.py --decoders --cost-curve --shape llada-8b --layers 2 --hidden 256 \\
+        --peak-memory 10 --before /tmp/before --name peak_memory_cpu
 
 Writes `<out>/<name>.json` and `<out>/<name>.md`. NFE ratios are hardware-independent; wall-clock ratios are
-measured interleaved on this device (stated in the output).
+measured interleaved on this device (stated in the output). With `--shape` the model is a random-weight model of
+a published configuration (`spiffy.shapes`): cost curves and memory only, and the curve is also fed to
+`spiffy.report.budget_recommendation` with the paper's NFE speedups (`spiffy.bench.paper_runs`).
 """
 
 from __future__ import annotations
@@ -19,20 +26,29 @@ import torch
 
 import spiffy
 from spiffy.bench import (
+    LAYOUTS,
     DecoderSpec,
     cost_curve,
+    count_reads,
     environment,
     generation_for,
+    import_checkout,
     make_decoder,
+    paper_runs,
     run_side_by_side,
     summarize_rows,
+    verification_peak_memory,
 )
 from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.forward import STRATEGIES
+from spiffy.eval.offline import encode
 from spiffy.models.loading import load_tokenizer
+from spiffy.report import budget_recommendation
+from spiffy.shapes import SHAPES, random_model
 from spiffy.tasks.arith import format_prompt, generate_split
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded")
     p.add_argument("--model-name", default="tiny-llada-arith")
@@ -46,73 +62,169 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--before", default=None, help="another checkout: its decoders run interleaved")
+    p.add_argument("--reads", action="store_true", help="count host reads per transition/forward")
     p.add_argument("--cost-curve", type=int, nargs="*", default=[0, 1, 2, 3, 5, 8, 10, 16])
-    p.add_argument(
-        "--prompt-len", type=int, default=None, help="cost-curve prompt length (default: task mean)"
-    )
+    p.add_argument("--layouts", nargs="+", default=["exact", "dual"], choices=sorted(LAYOUTS))
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random published shape")
+    p.add_argument("--layers", type=int, default=None, help="with --shape: number of blocks")
+    p.add_argument("--hidden", type=int, default=None, help="with --shape: a narrower width")
+    p.add_argument("--prompt-len", type=int, default=None, help="cost curve (default: task mean)")
+    p.add_argument("--gen-length", type=int, default=None, help="cost curve (default: task's)")
+    p.add_argument("--block-length", type=int, default=None, help="cost curve (default: task's)")
+    p.add_argument("--peak-memory", type=int, default=None, metavar="D", help="one exact forward")
     p.add_argument("--name", default="bench")
     p.add_argument("--out", default="results/bench")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = spiffy.load_model(args.model, dtype=args.dtype, device=args.device)
-    tok = load_tokenizer(args.model)
     specs = [DecoderSpec.parse(s, args.graph) for s in args.decoders]
-    decoders = {
-        s.label: make_decoder(
-            model, tok, s, task=args.task, model_name=args.model_name, temperature=args.temperature
+    if not specs and not args.cost_curve and args.peak_memory is None:
+        raise SystemExit("nothing to measure: pass --decoders, --cost-curve and/or --peak-memory")
+    if args.shape and specs:
+        raise SystemExit("--shape has random weights: pass --decoders with no value (curves only)")
+    if args.shape and args.prompt_len is None:
+        raise SystemExit("--shape needs --prompt-len (there is no task tokenizer)")
+    old = import_checkout(args.before) if args.before else None
+    if args.shape:
+        model = random_model(
+            args.shape, layers=args.layers, hidden=args.hidden, dtype=args.dtype, device=args.device
         )
-        for s in specs
-    }
-    if not specs and not args.cost_curve:
-        raise SystemExit("nothing to measure: pass --decoders and/or --cost-curve")
-    problems = generate_split("test", args.n)
+        tok = None
+    else:
+        model = spiffy.load_model(args.model, dtype=args.dtype, device=args.device)
+        tok = load_tokenizer(args.model)
+    problems = generate_split("test", args.n) if tok is not None else []
+    decoders, bases = {}, {}
+    old_model = None
+    if old is not None and specs:
+        old_model = old["spiffy"].load_model(args.model, dtype=args.dtype, device=args.device)
+    for s in specs:
+        kw = dict(task=args.task, model_name=args.model_name, temperature=args.temperature)
+        decoders[s.label], bases[s.label] = make_decoder(model, tok, s, **kw), s.base
+        if old_model is not None:
+            label = f"before:{s.label}"
+            decoders[label] = make_decoder(
+                old_model, tok, s, **kw, package=old["spiffy"], calibration_model=model
+            )
+            bases[label] = f"before:{s.base}"
     rows = run_side_by_side(decoders, tok, problems) if specs else {}
-    table = pd.DataFrame(summarize_rows(rows, {s.label: s.base for s in specs}) if rows else [])
+    table = pd.DataFrame(summarize_rows(rows, bases) if rows else [])
+    if args.reads and specs:
+        prompts = [encode(tok, format_prompt(p["question"])) for p in problems[:3]]
+        reads = {
+            label: count_reads(d, old_model if label.startswith("before:") else model, prompts)
+            for label, d in decoders.items()
+        }
+        table = table.assign(
+            **{k: [reads[d][k] for d in table.decoder] for k in next(iter(reads.values()))}
+        )
     device = next(model.parameters()).device
     env = environment(model, device)
     gen = GenerationConfig(**generation_for(args.task, "vanilla", args.temperature))
+    gen_length = args.gen_length or gen.gen_length
+    block_length = args.block_length or gen.block_length
     prompt_len = args.prompt_len or round(
         sum(len(tok(format_prompt(p["question"]))["input_ids"]) for p in problems) / len(problems)
     )
-    curve = (
-        pd.DataFrame(
-            cost_curve(model, prompt_len + gen.gen_length, gen.block_length, args.cost_curve)
+    canvas_len = prompt_len + gen_length
+    curve = pd.DataFrame(
+        cost_curve(
+            model,
+            canvas_len,
+            block_length,
+            args.cost_curve,
+            repeats=args.repeats,
+            layouts=tuple(args.layouts),
         )
         if args.cost_curve
-        else pd.DataFrame()
+        else []
     )
-    pd.set_option("display.width", 200)
+    recommendation = pd.DataFrame()
+    if not curve.empty and args.shape:
+        runs = paper_runs(gen_length, block_length)
+        recommendation = budget_recommendation(
+            curve, runs, blocks_per_request=gen_length // block_length
+        )
+    memory = []
+    if args.peak_memory is not None:
+        mb = verification_peak_memory(model, STRATEGIES, canvas_len, block_length, args.peak_memory)
+        memory.append({"code": "after", "peak_mb": mb / 2**20})
+        if old is not None:
+            with torch.no_grad():
+                old_model_m = old["spiffy.models.loading"].MODEL_CLASSES[model.config.model_type](
+                    model.config
+                )
+                old_model_m.load_state_dict(model.state_dict())
+            old_strategies = old["spiffy.decoding.forward"].STRATEGIES
+            mb = verification_peak_memory(
+                old_model_m.eval(), old_strategies, canvas_len, block_length, args.peak_memory
+            )
+            memory.insert(0, {"code": "before", "peak_mb": mb / 2**20})
+    pd.set_option("display.width", 250)
     print(json.dumps(env))
-    if not table.empty:
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if not curve.empty:
-        print(curve.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for frame in (table, curve, recommendation, pd.DataFrame(memory)):
+        if not frame.empty:
+            print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "args": vars(args),
         "env": env,
+        "canvas_len": canvas_len,
         "decoders": table.to_dict("records"),
         "cost_curve": curve.to_dict("records"),
+        "budget_recommendation": recommendation.to_dict("records"),
+        "peak_memory": memory,
     }
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
+    what = (
+        f"random-weight `{args.shape}` ({args.layers or 'all'} layers"
+        f"{f', hidden {args.hidden}' if args.hidden else ''})"
+        if args.shape
+        else f"{args.n} held-out `{args.task}` problems, T={args.temperature}"
+    )
     md = [
         f"# {args.name}",
         "",
         f"Device: {env['device_name']} ({env['device']}), dtype {env['dtype']}, torch {env['torch']}, "
         f"transformers {env['transformers']}, {env['threads']} threads, peak memory "
-        f"{env['peak_memory_mb']:.0f} MB; {args.n} held-out `{args.task}` problems, "
-        f"T={args.temperature}. Decoders run interleaved per prompt; ratios are of summed wall time.",
+        f"{env['peak_memory_mb']:.0f} MB; {what}. Decoders run interleaved per prompt (fresh order per "
+        "prompt); ratios are of summed wall time.",
     ]
+    if args.before:
+        md.append(
+            f"`before:` rows run the code of the checkout `{args.before}` in the same process."
+        )
     if not table.empty:
         md += ["", table.to_markdown(index=False, floatfmt=".3f")]
     if not curve.empty:
         md += [
             "",
-            "Cost curve (one verification forward):",
+            f"Cost curve (one verification forward; canvas {canvas_len}, block {block_length}):",
             "",
             curve.to_markdown(index=False, floatfmt=".3f"),
+        ]
+    if not recommendation.empty:
+        md += [
+            "",
+            "Predicted wall speedup with the paper's NFE speedups (`spiffy.report.budget_recommendation`, "
+            "`spiffy.bench.paper_runs`):",
+            "",
+            recommendation.to_markdown(index=False, floatfmt=".3f"),
+        ]
+    if memory:
+        md += [
+            "",
+            f"Peak memory of one exact verification forward with {args.peak_memory} drafts "
+            f"(canvas {canvas_len}):",
+            "",
+            pd.DataFrame(memory).to_markdown(index=False, floatfmt=".1f"),
         ]
     (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from types import ModuleType
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +30,7 @@ from spiffy.decoding.forward import STRATEGIES
 from spiffy.decoding.speculative import Speculation
 from spiffy.eval.offline import completion_text, encode
 from spiffy.graph.store import load_or_calibrate
+from spiffy.profiling import peak_memory, reads_between_forwards
 from spiffy.tasks.arith import format_prompt
 from spiffy.tasks.registry import TASKS, task_generation
 from spiffy.tasks.scoring import is_correct
@@ -94,10 +96,18 @@ def make_decoder(
     temperature: float,
     model_name: str,
     n_calib: int = 20,
+    package: ModuleType | None = None,
+    calibration_model=None,
 ) -> BlockDecoder:
+    """The decoder of `spec`; with `package` (another checkout's `spiffy`, see `import_checkout`) built by that
+    checkout's code around `model` (its own model class), with the graph this checkout calibrates (or loads)
+    with `calibration_model`."""
     gen = generation_for(task, spec.base, temperature)
+    build, speculation = build_decoder, Speculation
+    if package is not None:
+        build, speculation = package.build_decoder, package.Speculation
     if spec.graph is None:
-        return build_decoder(model, **gen)
+        return build(model, **gen)
     graph = spec.graph
     if graph.startswith("calibrated:"):
         parts = graph.split(":")
@@ -107,7 +117,7 @@ def make_decoder(
             return [encode(tok, t) for t in TASKS[task].calibration(n_calib, 0)]
 
         graph = load_or_calibrate(
-            model,
+            calibration_model if calibration_model is not None else model,
             GenerationConfig(**gen),
             prompts,
             model_name=model_name,
@@ -117,10 +127,12 @@ def make_decoder(
             rule=rule,
             progress=False,
         )
-    return build_decoder(
+        if package is not None:
+            graph = package.DraftGraph.from_json(graph.to_json())
+    return build(
         model,
         **gen,
-        speculate=Speculation(graph, verify=spec.verify, cross_block=spec.cross_block),
+        speculate=speculation(graph, verify=spec.verify, cross_block=spec.cross_block),
     )
 
 
@@ -130,6 +142,7 @@ class BenchRow:
     nfe: list[int] = field(default_factory=list)
     transitions: list[int] = field(default_factory=list)
     wall_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)  # this thread's CPU time: robust on a shared machine
     tokens: list[int] = field(default_factory=list)
     model_s: float = 0.0
     overhead_s: float = 0.0
@@ -146,10 +159,15 @@ def run_side_by_side(
         for prompt in prompts[:warmup]:
             decoder.generate(prompt, request_id="warmup", seed=seed)
     rows = {label: BenchRow(label) for label in decoders}
+    order = torch.Generator().manual_seed(seed)
+    labels = list(decoders)
     for i, (prompt, problem) in enumerate(tqdm(list(zip(prompts, problems)), desc="bench")):
-        for label, decoder in decoders.items():
+        for k in torch.randperm(len(labels), generator=order).tolist():  # a fresh order per prompt
+            label, decoder = labels[k], decoders[labels[k]]
+            cpu = time.thread_time()
             result = decoder.generate(prompt, request_id=i, seed=seed)
             s, row = result.stats, rows[label]
+            row.cpu_s.append(time.thread_time() - cpu)
             row.nfe.append(s.nfe)
             row.transitions.append(s.transitions)
             row.wall_s.append(s.wall_s)
@@ -186,6 +204,13 @@ def summarize_rows(rows: dict[str, BenchRow], bases: dict[str, str]) -> list[dic
                 "speedup_nfe_vs_own_base": sum(row.transitions) / sum(row.nfe),
                 "wall_ms_median": 1000 * statistics.median(row.wall_s),
                 "speedup_wall_vs_first": ref_wall / sum(row.wall_s),
+                "speedup_wall_vs_own_base": (
+                    sum(base_row.wall_s) / sum(row.wall_s) if base_row is not None else None
+                ),
+                "cpu_ms_median": 1000 * statistics.median(row.cpu_s),
+                "speedup_cpu_vs_own_base": (
+                    sum(base_row.cpu_s) / sum(row.cpu_s) if base_row is not None else None
+                ),
                 "tokens_per_s": sum(row.tokens) / sum(row.wall_s),
                 "model_share_of_wall": row.model_s / sum(row.wall_s),
                 "overhead_share_of_model": row.overhead_s / row.model_s if row.model_s else 0.0,
@@ -270,12 +295,13 @@ def synchronize(device: torch.device) -> None:
 def import_checkout(path: str) -> dict[str, ModuleType]:
     """Import another checkout's `spiffy` (e.g. `git worktree add /tmp/before <commit>`) beside this one, for
     before/after timings in one process. Returns its `spiffy`, `spiffy.api` and `spiffy.models.loading`
-    modules; this process's own `spiffy` modules are restored afterwards (the decode path imports nothing
+    and `spiffy.decoding.forward` modules; this process's own `spiffy` modules are restored afterwards (the decode path imports nothing
     lazily, so the two packages never mix)."""
     own = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "spiffy"}
     sys.path.insert(0, str(path))
     try:
-        mods = {n: importlib.import_module(n) for n in ("spiffy", "spiffy.api", "spiffy.models.loading")}
+        names = ("spiffy", "spiffy.api", "spiffy.models.loading", "spiffy.decoding.forward")
+        mods = {n: importlib.import_module(n) for n in names}
         for k in [k for k in sys.modules if k.split(".")[0] == "spiffy"]:
             sys.modules.pop(k)
     finally:
@@ -301,3 +327,66 @@ def environment(model, device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "peak_memory_mb": peak / 2**20,
     }
+
+
+# SPEC §10: LLaDA, gen 256, block 32, one token per step: the paper's NFE speedup range per D (midpoints used)
+PAPER_NFE_SPEEDUP = {3: (2.24, 2.40), 5: (2.50, 2.71), 8: (2.74, 3.00), 10: (2.80, 3.07)}
+
+
+def paper_runs(gen_length: int = 256, block_length: int = 32) -> pd.DataFrame:
+    """Runs in `spiffy.report.budget_recommendation`'s format from the paper's NFE speedups (midpoints of
+    SPEC §10's ranges), for the exact layout and the dual cache alike (on the embedded model Spiffy's NFE gain
+    over the dual cache equals its gain without a cache). No drafts-per-forward measurement: every in-block
+    forward is assumed to send all D drafts (the conservative fallback)."""
+    rows = []
+    for cache in ("none", "dual"):
+        rows.append(
+            {"decoder.cache": cache, "graph.budget": 0, "nfe_mean": gen_length, "speedup_nfe": 1.0}
+        )
+        for d, (lo, hi) in PAPER_NFE_SPEEDUP.items():
+            s = (lo + hi) / 2
+            rows.append(
+                {
+                    "decoder.cache": cache,
+                    "graph.budget": d,
+                    "nfe_mean": gen_length / s,
+                    "speedup_nfe": s,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def count_reads(decoder, model, prompts: list, *, seed: int = 0) -> dict:
+    """Host reads (device synchronisations) per transition and per forward of `decoder` on `prompts`."""
+    reads = transitions = nfe = worst = 0
+    for i, prompt in enumerate(prompts):
+        result = {}
+        between, within, total = reads_between_forwards(
+            model,
+            lambda p=prompt, i=i: result.setdefault(
+                "r", decoder.generate(p, request_id=i, seed=seed)
+            ),
+        )
+        stats = result["r"].stats
+        reads, transitions, nfe = reads + total, transitions + stats.transitions, nfe + stats.nfe
+        worst = max([worst, *between[:-1]])
+    return {
+        "reads_per_transition": reads / transitions,
+        "reads_per_forward": reads / nfe,
+        "max_reads_between_forwards": worst,
+    }
+
+
+def verification_peak_memory(
+    model, strategies, canvas_len: int, block_len: int, drafts: int
+) -> int:
+    """Peak memory (bytes above the start) of one exact-layout verification forward with 1 + `drafts` full
+    canvases; `strategies` is a checkout's `STRATEGIES` (old checkouts call it `block_logits`)."""
+    mask_id = int(model.config.mask_token_id)
+    device = next(model.parameters()).device
+    canvas = torch.randint(0, mask_id, (canvas_len,), device=device)
+    block = slice(canvas_len - 2 * block_len, canvas_len - block_len)
+    states = canvas[block].repeat(drafts + 1, 1)
+    strategy = strategies["none"](model)
+    verify = getattr(strategy, "verify", None) or strategy.block_logits
+    return peak_memory(lambda: verify(canvas, block, states, "exact"), device)

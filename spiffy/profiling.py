@@ -48,9 +48,7 @@ class SyncCounter(TorchDispatchMode):
         packet = func.overloadpacket
         if packet in READS or func is aten.repeat_interleave.Tensor:
             self.count += 1
-        elif packet is aten.index and any(
-            i is not None and i.dtype == torch.bool for i in args[1]
-        ):
+        elif packet is aten.index and any(i is not None and i.dtype == torch.bool for i in args[1]):
             self.count += 1
         return func(*args, **(kwargs or {}))
 

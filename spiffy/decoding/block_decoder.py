@@ -91,9 +91,7 @@ class BlockDecoder:
         self.options = options or DecoderOptions()
         # a transition whose result does not depend on its step index: any verified row may continue the walk
         self.step_free = (
-            self.rule.name in ("fixed_k", "threshold", "factor")
-            and cfg.temperature == 0
-            and cfg.remasking != "random"
+            not self.rule.spec.reads_step and cfg.temperature == 0 and cfg.remasking != "random"
         )
 
     @property

@@ -47,6 +47,15 @@ class GraphTensors:
     children: torch.Tensor | None = None  # (n, C) child indices, padded with 0
     child_ok: torch.Tensor | None = None  # (n, C) bool
     size_groups: tuple[torch.Tensor, ...] = ()  # node indices by formula size, largest first
+    # instantiation constants: pair indices into the rank tables, the pair each padding slot repeats, the
+    # dedupe order (lower level, then lower row, wins) and whether rows can repeat a state at all
+    level_idx: torch.Tensor | None = None
+    pos_idx: torch.Tensor | None = None
+    tok_idx: torch.Tensor | None = None
+    pad_src: torch.Tensor | None = None
+    earlier: torch.Tensor | None = None
+    max_position_rank: int = 1
+    can_repeat: bool = False
 
     @property
     def rows(self) -> int:
@@ -98,6 +107,10 @@ class GraphTensors:
         for q, ks in enumerate(kids):
             children[q, : len(ks)] = torch.tensor(ks, dtype=torch.long)
             child_ok[q, : len(ks)] = True
+        lv = torch.tensor(row_levels, dtype=torch.long)
+        row = torch.arange(len(rows))
+        earlier = (lv[None, :] < lv[:, None]) | ((lv[None, :] == lv[:, None]) & (row[None] < row[:, None]))
+        pad_src = torch.where(valid, torch.arange(shape[1]).expand(shape), 0)
         sizes = sorted({len(f) for f in graph.nodes}, reverse=True)
         groups = tuple(
             torch.tensor([q for q in range(n) if len(graph.nodes[q]) == s], device=device)
@@ -118,6 +131,13 @@ class GraphTensors:
             children.to(device),
             child_ok.to(device),
             groups,
+            (pair_level - 1 if keyed else torch.zeros_like(pair_level)).to(device),
+            (pos - 1).to(device),
+            (tok - 1).to(device),
+            pad_src.to(device),
+            earlier.to(device),
+            graph.max_position_rank,
+            keyed,  # without keyed noise distinct nodes give distinct states (distinct pairs)
         )
 
 
@@ -159,19 +179,20 @@ def level_scores(
 
 
 def top_ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (R, k) of the k largest scores per row, ties to the lower index, without a full sort or a
-    device read: the k-th largest value splits the row into entries above it (all taken) and entries equal to
-    it (the lowest ids taken), then the k are ordered by value, ties by id."""
-    vocab = scores.shape[-1]
-    k = min(k, vocab)
-    kth = scores.topk(k, dim=-1).values[:, -1:]
-    ids = torch.arange(vocab, device=scores.device, dtype=torch.float64)
-    lower_id_first = torch.where(scores == kth, 1.0 - ids / vocab, -1.0)
-    key = torch.where(scores > kth, 2.0, lower_id_first)
-    idx = key.topk(k, dim=-1).indices
-    idx = idx.sort(dim=-1).values
-    order = torch.sort(scores.gather(-1, idx), dim=-1, descending=True, stable=True).indices
-    return idx.gather(-1, order)
+    """Indices (R, k) of the k largest scores per row, ties to the lower index, without a sort or a device
+    read: k rounds of argmax (which returns the first maximum), each taking its pick out of the next round.
+    -inf scores (tokens of probability 0) rank after every finite one, among themselves by id."""
+    k = min(k, scores.shape[-1])
+    if k == 1:
+        return scores.argmax(dim=-1, keepdim=True)
+    lowest = torch.finfo(scores.dtype).min  # -inf scores rank here, above the picks' -inf
+    s = torch.where(scores == float("-inf"), lowest, scores)
+    picks = []
+    for t in range(k):
+        picks.append(s.argmax(dim=-1, keepdim=True))
+        if t < k - 1:
+            s.scatter_(-1, picks[-1], float("-inf"))
+    return torch.cat(picks, dim=-1)
 
 
 def rank_tables(
@@ -233,26 +254,21 @@ def instantiate(
     logits over the next block; otherwise they are never needed (SPEC §5.1). `keep_rows` (R,) is the pruning
     mask (SPEC §5.6)."""
     lb = state.numel()
+    pos_idx = graph.pos_idx if graph.max_position_rank <= lb else graph.pos_idx.clamp(max=lb - 1)
     ok = ((graph.pos_rank <= n_masked) | ~graph.valid).all(dim=1)  # (R,)
-    level = (graph.pair_level - 1).clamp(max=pos_by_rank.shape[0] - 1)  # (R, P)
-    pos = pos_by_rank[level, (graph.pos_rank - 1).clamp(max=lb - 1)]  # (R, P)
-    tok_rank = (graph.tok_rank - 1).clamp(max=top_tokens.shape[2] - 1)
-    tok = top_tokens[level, pos, tok_rank]  # (R, P)
+    pos = pos_by_rank[graph.level_idx, pos_idx]  # (R, P)
+    tok = top_tokens[graph.level_idx, pos, graph.tok_idx]  # (R, P)
     ok &= ~((tok == mask_id) & graph.valid).any(dim=1)
-    pos = torch.where(graph.valid, pos, pos[:, :1])  # padding rewrites the first pair
-    tok = torch.where(graph.valid, tok, tok[:, :1])
+    pos, tok = pos.gather(1, graph.pad_src), tok.gather(1, graph.pad_src)  # padding repeats pair 0
     drafts = state.repeat(pos.shape[0], 1).scatter_(1, pos, tok)  # (R, Lb)
     if not keep_complete:
         ok &= (drafts == mask_id).any(dim=1)  # complete drafts are never needed (SPEC §5.1)
     if keep_rows is not None:
         ok &= keep_rows
-    same = (drafts[:, None, :] == drafts[None, :, :]).all(-1)  # (R, R)
-    lv, row = graph.levels, torch.arange(drafts.shape[0], device=drafts.device)
-    before = (lv[None, :] < lv[:, None]) | (
-        (lv[None, :] == lv[:, None]) & (row[None, :] < row[:, None])
-    )
-    repeat = (same & before & ok[None, :]).any(dim=1)
-    return Drafts(drafts, ok & ~repeat, graph.levels)
+    if graph.can_repeat:
+        same = (drafts[:, None, :] == drafts[None, :, :]).all(-1)  # (R, R)
+        ok &= ~(same & graph.earlier & ok[None, :]).any(dim=1)
+    return Drafts(drafts, ok, graph.levels)
 
 
 def pair_probabilities(
@@ -264,9 +280,8 @@ def pair_probabilities(
 ) -> torch.Tensor:
     """Anchor probability `a(c_ij)` of every pair (R, P); 0 where the rank is out of range."""
     lb = pos_by_rank.shape[1]
-    level = (graph.pair_level - 1).clamp(max=pos_by_rank.shape[0] - 1)
-    pos = pos_by_rank[level, (graph.pos_rank - 1).clamp(max=lb - 1)]
-    tok = top_tokens[level, pos, (graph.tok_rank - 1).clamp(max=top_tokens.shape[2] - 1)]
+    pos = pos_by_rank[graph.level_idx, graph.pos_idx.clamp(max=lb - 1)]
+    tok = top_tokens[graph.level_idx, pos, graph.tok_idx]
     p = probs[pos, tok]
     return torch.where(graph.pos_rank <= n_masked, p, torch.zeros_like(p))
 

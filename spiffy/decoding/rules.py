@@ -179,7 +179,8 @@ def _fixed_k_batched(rule, sorted_conf, n, steps, masked_at_start):
 
 @register_batched("threshold")
 def _threshold_batched(rule, sorted_conf, n, steps, masked_at_start):
-    return (sorted_conf >= rule.tau).sum(1).clamp_min(1)  # -inf (unmasked) never passes
+    # the most confident always (none if nothing is masked); -inf (unmasked) never passes
+    return (sorted_conf >= rule.tau).sum(1).clamp_min(1).minimum(n)
 
 
 @register_batched("factor")
@@ -256,9 +257,8 @@ class TransitionRule:
         no host read when the rule registered its batched form; steps beyond a bounded rule's last step count
         everything left (a walk never reaches such rows)."""
         batched = BATCHED.get(self.name)
-        if batched is not None:
-            out = batched(self, sorted_conf, n_masked, steps, masked_at_start)
-            return torch.where(n_masked == 0, torch.zeros_like(out), out)
+        if batched is not None:  # each batched form counts 0 (or less: nothing) when nothing is masked
+            return batched(self, sorted_conf, n_masked, steps, masked_at_start)
         last = (self.steps_per_block or 1) - 1
         counts = [
             self.count(row[:n], min(s, last) if self.spec.bounded else s, masked_at_start)

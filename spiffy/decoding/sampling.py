@@ -174,14 +174,23 @@ def transition_rows(
     d = as_distributions(logits, ctx)
     masked = states == ctx.spec.mask_id  # (N, Lb)
     x0 = predict_tokens(d, ctx, steps)
-    conf = confidence(d, x0, steps, ctx)
-    conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+    conf = confidence(d, x0, steps, ctx).masked_fill(~masked, NEG_INF)
     # masked confidences are finite and the others -inf, so the masked ones sort first
     values, order = rank_positions(conf)
     count = ctx.rule.counts(values, masked.sum(1), steps, ctx.masked_at_start)
-    ranks = torch.arange(states.shape[1], device=states.device)
+    ranks = _ranks(states.shape[1], states.device)
     commit = torch.zeros_like(masked).scatter_(1, order, ranks < count[:, None])
     return torch.where(commit, x0, states), conf
+
+
+_RANKS: dict = {}
+
+
+def _ranks(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, device)
+    if key not in _RANKS:
+        _RANKS[key] = torch.arange(n, device=device)
+    return _RANKS[key]
 
 
 def transition(

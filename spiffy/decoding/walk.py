@@ -65,13 +65,15 @@ class WalkLinks:
 
     def read(self, extra: list[torch.Tensor]) -> HostLinks:
         """The one host read of a forward: links, flags and `extra` boolean vectors in a single transfer."""
-        parts = [self.nxt, self.complete, self.same, self.match, *extra]
-        flat = torch.cat([p.long() for p in parts]).tolist()
+        flags = [self.complete, self.same, *extra]
+        parts = [self.nxt, self.match, *flags]
+        flat = torch.cat([self.nxt, self.match, torch.cat(flags).long()]).tolist()
         out, at = [], 0
         for p in parts:
             out.append(flat[at : at + p.numel()])
             at += p.numel()
-        return HostLinks(out[0], out[1], out[2], out[3], [[bool(v) for v in e] for e in out[4:]])
+        nxt, match, complete, same, *rest = out
+        return HostLinks(nxt, complete, same, match, [[bool(v) for v in e] for e in rest])
 
 
 def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) -> WalkLinks:
@@ -83,32 +85,47 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
     if ctx.rule.bounded:
         complete = torch.tensor([ctx.rule.is_complete(True, s + 1) for s in steps], device=device)
     else:
-        complete = ~(new == ctx.spec.mask_id).any(1)
+        complete = (new != ctx.spec.mask_id).all(1)
     same = (new == rows.states).all(1)
     if n == 1:
         zero = torch.zeros(1, dtype=torch.long, device=device)
         return WalkLinks(new, conf, zero, complete, same, zero - 1, 0)
-    eq = (new[:, None, :] == rows.states[None, :, :]).all(
-        -1
-    )  # (N, N): result of r equals state of r'
-    eq[:, 0] = False  # row 0 is the real state, never a later one
-    if rows.valid is not None:
-        eq &= rows.valid[None, :]
+    # eq[r, r']: the result of row r is the state of row r' (a later, valid draft: never row 0)
+    eq = (new[:, None, :] == rows.states[None, :, :]).all(-1) & _later(rows, device, None)
     match = torch.where(eq.any(1), eq.to(torch.int8).argmax(1), -1)
-    expected = eq
-    if (
-        not step_free
-    ):  # the batched transition of r' is only right if r' is reached at its own level
-        levels = torch.tensor(rows.levels, device=device)
-        expected = eq & (levels[None, :] == levels[:, None] + 1)
-    go = ~complete & ~same & expected.any(1)
-    nxt = torch.where(go, expected.to(torch.int8).argmax(1), torch.arange(n, device=device))
+    # the batched transition of r' is only right if r' is reached at its own level (unless step-free)
+    expected = eq if step_free else eq & _later(rows, device, "level")
+    stop = complete | same | ~expected.any(1)
+    nxt = torch.where(stop, _rows(n, device), expected.to(torch.int8).argmax(1))
     end = nxt
-    for _ in range(
-        math.ceil(math.log2(n))
-    ):  # pointer doubling: end[r] = where the walk from r stops
+    for _ in range(math.ceil(math.log2(n))):  # pointer doubling: end[r] = where the walk from r stops
         end = end[end]
-    return WalkLinks(new, conf, nxt, complete, same, match, end[0])
+    return WalkLinks(new, conf, nxt, complete, same, match, end[:1])
+
+
+_MEMO: dict = {}
+
+
+def _rows(n: int, device) -> torch.Tensor:
+    key = ("rows", n, device)
+    if key not in _MEMO:
+        _MEMO[key] = torch.arange(n, device=device)
+    return _MEMO[key]
+
+
+def _later(rows: Rows, device, kind: str | None) -> torch.Tensor:
+    """(N, N) bool: column r' may follow row r: r' > 0 and valid; with `kind="level"` also exactly one level
+    deeper. Host-built from the levels, memoised (the device validity is and-ed in, not memoised)."""
+    levels = tuple(rows.levels)
+    key = (kind, levels, device)
+    if key not in _MEMO:
+        if len(_MEMO) > 256:
+            _MEMO.clear()
+        n = len(levels)
+        allowed = [[c > 0 and (kind is None or levels[c] == levels[r] + 1) for c in range(n)] for r in range(n)]
+        _MEMO[key] = torch.tensor(allowed, device=device)
+    out = _MEMO[key]
+    return out if rows.valid is None or kind is not None else out & rows.valid[None, :]
 
 
 def replay(host: HostLinks, levels: list[int], stats: DecodeStats) -> tuple[list[int], str]:

@@ -21,6 +21,8 @@ registers its config class in `spiffy.models.loading`; decoders need nothing els
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -61,9 +63,10 @@ class DiffusionLM(Protocol):
 
 def position_tensor(
     position_ids: Positions | None, q_len: int, start: int, limit: tuple[str, int], device
-) -> tuple[torch.Tensor, range | None]:
-    """Positions as a tensor (1 or B, Q) plus the host-known range if there is one; raises `ValueError` for
-    positions at or beyond `limit = (config key, value)`. Only a tensor argument costs a device read."""
+) -> tuple[torch.Tensor | None, range | None]:
+    """Positions as a tensor (1 or B, Q), or None with the host-known range when they are one; raises
+    `ValueError` for positions at or beyond `limit = (config key, value)`. Only a tensor argument costs a
+    device read."""
     name, bound = limit
     if position_ids is None:
         position_ids = range(start, start + q_len)
@@ -95,3 +98,22 @@ def row_slice(logits_at: LogitsRows | None, q_len: int) -> slice | None:
             raise ValueError(f"logits_at={logits_at!r} must be a non-empty unit-step slice")
         return slice(start, stop)
     return None
+
+
+class RopeTables:
+    """Memoised RoPE tables per (position range, device, dtype): a block's steps reuse one range, so its
+    tables are computed once (`build(positions (1, Q)) -> tables`). Tensor positions are never memoised."""
+
+    def __init__(self, build: Callable[[torch.Tensor], tuple], size: int = 8):
+        self.build, self.size, self._tables = build, size, OrderedDict()
+
+    def __call__(self, positions: torch.Tensor | None, span: range | None, device, *key) -> tuple:
+        if span is None:
+            return self.build(positions)
+        k = (span.start, span.stop, device, *key)
+        if k not in self._tables:
+            self._tables[k] = self.build(torch.arange(span.start, span.stop, device=device)[None])
+            if len(self._tables) > self.size:
+                self._tables.popitem(last=False)
+        self._tables.move_to_end(k)
+        return self._tables[k]

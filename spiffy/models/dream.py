@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from spiffy.models.base import DiffusionLMOutput, LogitsRows, Positions, position_tensor, row_slice
+from spiffy.models.base import (
+    DiffusionLMOutput,
+    LogitsRows,
+    Positions,
+    RopeTables,
+    position_tensor,
+    row_slice,
+)
 from spiffy.models.kv import KVCache, bidirectional_attention, plan_attention
 from spiffy.models.llada import RMSNorm
 
@@ -164,6 +171,10 @@ class DreamModel(PreTrainedModel):
         super().__init__(config)
         self.model = DreamBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        hd = config.hidden_size // config.num_attention_heads
+        self._rope = RopeTables(
+            lambda pos: qwen_rope(pos, hd, config.rope_theta, self.model.embed_tokens.weight.dtype)
+        )
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -178,12 +189,11 @@ class DreamModel(PreTrainedModel):
         return self.model.embed_tokens
 
     def hidden_states(
-        self, input_ids, positions, attention_mask=None, kv_cache=None, return_kv=False
+        self, input_ids, positions, attention_mask=None, kv_cache=None, return_kv=False, span=None
     ):
         """Final-norm hidden states (B, Q, d) and, if requested, the fresh K/V per layer."""
         x = self.model.embed_tokens(input_ids)
-        hd = self.config.hidden_size // self.config.num_attention_heads
-        cos_sin = qwen_rope(positions, hd, self.config.rope_theta, x.dtype)
+        cos_sin = self._rope(positions, span, x.device, x.dtype)
         B, Q = input_ids.shape
         plan = plan_attention(kv_cache, B, Q, attention_mask, input_ids.device)
         present = []
@@ -217,13 +227,17 @@ class DreamModel(PreTrainedModel):
         start = kv_cache.insert_at if kv_cache is not None else 0
         limit = ("max_position_embeddings", self.config.max_position_embeddings)
         positions, span = position_tensor(position_ids, Q, start, limit, input_ids.device)
-        h, present = self.hidden_states(input_ids, positions, attention_mask, kv_cache, return_kv)
+        h, present = self.hidden_states(
+            input_ids, positions, attention_mask, kv_cache, return_kv, span
+        )
         rows = row_slice(logits_at, Q)
         if span is not None and attention_mask is None and rows is not None:
             logits = self._shifted(h, rows, span.start, kv_cache)
         else:
             if rows is not None:
                 logits_at = torch.arange(rows.start, rows.stop, device=input_ids.device)
+            if positions is None:
+                positions = torch.arange(span.start, span.stop, device=input_ids.device)[None]
             logits = self._aligned(h, logits_at, positions.expand(B, Q), attention_mask, kv_cache)
         return DiffusionLMOutput(logits=logits, present=present)
 

@@ -62,6 +62,16 @@ class AttentionPlan:
     batch: int
     fold: bool  # B > 1 rows folded into one batch-1 query axis over the shared cache
     mask: torch.Tensor | None  # bool, broadcastable to SDPA's (B', H, Q', K')
+    _additive: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask as SDPA's additive float mask in `dtype`, converted once per plan (not per layer)."""
+        if self.mask is None:
+            return None
+        if dtype not in self._additive:
+            additive = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._additive[dtype] = additive.masked_fill_(~self.mask, float("-inf"))
+        return self._additive[dtype]
 
 
 def plan_attention(
@@ -118,13 +128,16 @@ def bidirectional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    plan: AttentionPlan,
+    plan: AttentionPlan | torch.Tensor | None,
     cache: KVCache | None,
     layer: int,
 ) -> torch.Tensor:
     """SDPA of fresh queries (B, H, Q, hd) over `[cache, fresh K/V (B, H_kv, Q, hd)]` under `plan`;
-    returns (B, Q, H * hd). Scaled by 1/sqrt(hd), no causal mask: the attention of LLaDA and Dream."""
+    returns (B, Q, H * hd). Scaled by 1/sqrt(hd), no causal mask: the attention of LLaDA and Dream.
+    A bool mask (B, Q, K) or None instead of a plan is planned here (per layer: prefer one plan per forward)."""
     B, H, Q, hd = q.shape
+    if not isinstance(plan, AttentionPlan):
+        plan = plan_attention(cache, B, Q, plan, q.device)
     if plan.fold:  # (B, H, Q, hd) -> (1, H, B*Q, hd)
         q = q.transpose(0, 1).reshape(1, H, B * Q, hd)
         k = k.transpose(0, 1).reshape(1, k.shape[1], B * Q, hd)
@@ -139,7 +152,8 @@ def bidirectional_attention(
         else:
             rep = H // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=False, **kwargs)
+    mask = plan.sdpa_mask(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, **kwargs)
     if plan.fold:  # (1, H, B*Q, hd) -> (B, Q, H*hd)
         return out[0].view(H, B, Q, hd).permute(1, 2, 0, 3).reshape(B, Q, H * hd)
     return out.transpose(1, 2).reshape(B, Q, H * hd)

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from spiffy.models.base import DiffusionLMOutput, LogitsRows, Positions, position_tensor, row_slice
+from spiffy.models.base import (
+    DiffusionLMOutput,
+    LogitsRows,
+    Positions,
+    RopeTables,
+    position_tensor,
+    row_slice,
+)
 from spiffy.models.kv import AttentionPlan, KVCache, bidirectional_attention, plan_attention
 
 __all__ = ["DiffusionLMOutput", "LLaDAConfig", "LLaDAModelLM"]
@@ -183,6 +190,8 @@ class LLaDAModelLM(PreTrainedModel):
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
         self.model = LLaDATransformer(config)
+        hd = config.d_model // config.n_heads
+        self._rope = RopeTables(lambda pos: rope_sin_cos(pos, hd, config.rope_theta))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -221,11 +230,10 @@ class LLaDAModelLM(PreTrainedModel):
         B, Q = input_ids.shape
         start = kv_cache.insert_at if kv_cache is not None else 0
         limit = ("max_sequence_length", self.config.max_sequence_length)
-        positions, _ = position_tensor(position_ids, Q, start, limit, input_ids.device)
+        positions, span = position_tensor(position_ids, Q, start, limit, input_ids.device)
         tr = self.model.transformer
         x = tr["wte"](input_ids)
-        hd = self.config.d_model // self.config.n_heads
-        sin_cos = rope_sin_cos(positions, hd, self.config.rope_theta)
+        sin_cos = self._rope(positions, span, input_ids.device)
         plan = plan_attention(kv_cache, B, Q, attention_mask, input_ids.device)
         present = []
         for i, block in enumerate(tr["blocks"]):
