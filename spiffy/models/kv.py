@@ -7,9 +7,12 @@ frozen cache shared by every block state verified in a forward. Queries attend t
 * dual cache:   the cache holds the whole canvas; queries are the block `[s, e)`; the cached block columns
   `[insert_at, insert_at + replace)` are masked out (the block's own K/V are always recomputed).
 
-B > 1 query rows (drafts) are folded into the query axis of one batch-1 attention: row b's queries see the cache
-and row b's own fresh keys only (a block-diagonal mask), so no row copies the cache and no draft sees another
-(SPEC §5.3 constraints). Grouped-query heads go through SDPA's `enable_gqa` when torch has it.
+With a cache, attention runs in two parts merged by their log-sum-exp: every query row of every state (drafts
+folded into one query axis) against the shared cache, and each state's rows against that state's own fresh keys
+(batched over states). So no row copies the cache, no draft sees another (SPEC §5.3 constraints), and a row's
+arithmetic does not depend on how many states share the forward (batch-invariant, so a draft's distribution
+equals the base decoder's computation of the same state bit for bit, in every dtype). Grouped-query heads are
+grouped, never repeated. Without a cache (full canvases) it is SDPA, with `enable_gqa` when torch has it.
 
 Forwards never write into a cache. Shifted-logit families (Dream) also keep `boundary_logits`, the block-start
 forward's aligned logits at position `insert_at`: the only cached-out position a query row can need (SPEC §9).
@@ -57,21 +60,35 @@ class KVCache:
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """How B rows of Q queries attend in one forward; built once per forward, shared by every layer."""
+    """How B rows of Q queries attend in one forward; built once per forward, shared by every layer.
+
+    Without a cache `mask` is SDPA's bool mask (B, 1, Q, K). With one, `cached` (B, Q, L_c) or (L_c,) says which
+    cached keys each query sees and `own` (B, Q, Q) which of its own fresh keys (None: all)."""
 
     batch: int
-    fold: bool  # B > 1 rows folded into one batch-1 query axis over the shared cache
-    mask: torch.Tensor | None  # bool, broadcastable to SDPA's (B', H, Q', K')
+    mask: torch.Tensor | None = None
+    cached: torch.Tensor | None = None
+    own: torch.Tensor | None = None
     _additive: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The mask as SDPA's additive float mask in `dtype`, converted once per plan (not per layer)."""
-        if self.mask is None:
-            return None
-        if dtype not in self._additive:
-            additive = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
-            self._additive[dtype] = additive.masked_fill_(~self.mask, float("-inf"))
-        return self._additive[dtype]
+    def additive(self, name: str, dtype: torch.dtype, groups: int = 1) -> torch.Tensor | None:
+        """A bool mask as an additive float mask in `dtype`, shaped for its part; converted once per plan."""
+        key = (name, dtype, groups)
+        if key not in self._additive:
+            mask = getattr(self, name)
+            if mask is None:
+                self._additive[key] = None
+            else:
+                out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+                out.masked_fill_(~mask, float("-inf"))
+                if name == "cached" and mask.dim() == 3:  # rows (b, g, q) of the folded query axis
+                    b, q, n = mask.shape
+                    out = out[:, None].expand(b, groups, q, n).reshape(1, 1, b * groups * q, n)
+                elif name == "own":  # (B, 1, G*Q, Q)
+                    b, q, n = mask.shape
+                    out = out[:, None].expand(b, groups, q, n).reshape(b, 1, groups * q, n)
+                self._additive[key] = out
+        return self._additive[key]
 
 
 def plan_attention(
@@ -81,36 +98,20 @@ def plan_attention(
     attention_mask: torch.Tensor | None,
     device: torch.device,
 ) -> AttentionPlan:
-    """The attention mask of a forward. `attention_mask` (B, Q, K) uses keys `[cache (L_c), own fresh (Q)]`."""
+    """The attention masks of a forward. `attention_mask` (B, Q, K) uses keys `[cache (L_c), own fresh (Q)]`."""
     if cache is None:
-        return AttentionPlan(
-            batch, False, None if attention_mask is None else attention_mask[:, None]
-        )
-    key = (batch, q_len)
-    if attention_mask is None and key in cache._masks:
-        return cache._masks[key]
-    n_cache = cache.length
-    if attention_mask is None and cache.replace == 0 and batch == 1:
-        plan = AttentionPlan(batch, False, None)
-    else:
-        vis = cache.visible(device)
-        own = torch.ones(batch, q_len, q_len, dtype=torch.bool, device=device)
-        cached = vis.expand(batch, q_len, n_cache)
-        if attention_mask is not None:
-            cached = cached & attention_mask[:, :, :n_cache]
-            own = own & attention_mask[:, :, n_cache:]
-        if batch == 1:
-            plan = AttentionPlan(1, False, torch.cat([cached, own], dim=2)[:, None])
-        else:
-            rows = batch * q_len
-            fresh = torch.zeros(batch, q_len, batch, q_len, dtype=torch.bool, device=device)
-            b = torch.arange(batch, device=device)
-            fresh[b, :, b, :] = own  # block diagonal: row b sees its own fresh keys only
-            mask = torch.cat([cached.reshape(rows, n_cache), fresh.reshape(rows, rows)], dim=1)
-            plan = AttentionPlan(batch, True, mask[None, None])
+        return AttentionPlan(batch, mask=None if attention_mask is None else attention_mask[:, None])
     if attention_mask is None:
-        cache._masks[key] = plan
-    return plan
+        if batch not in cache._masks:
+            cache._masks[batch] = AttentionPlan(
+                batch, cached=cache.visible(device) if cache.replace else None
+            )
+        return cache._masks[batch]
+    n_cache = cache.length
+    cached = attention_mask[:, :, :n_cache]
+    if cache.replace:
+        cached = cached & cache.visible(device)
+    return AttentionPlan(batch, cached=cached, own=attention_mask[:, :, n_cache:])
 
 
 @functools.cache
@@ -124,6 +125,15 @@ def sdpa_has_gqa() -> bool:
     return True
 
 
+def _part(q, k, v, mask, scale):
+    """Attention of q (B, H_kv, M, hd) over k, v (B, H_kv, K, hd) under an additive mask: output and lse."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(scores - lse), v), lse
+
+
 def bidirectional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,28 +142,41 @@ def bidirectional_attention(
     cache: KVCache | None,
     layer: int,
 ) -> torch.Tensor:
-    """SDPA of fresh queries (B, H, Q, hd) over `[cache, fresh K/V (B, H_kv, Q, hd)]` under `plan`;
+    """Attention of fresh queries (B, H, Q, hd) over `[cache, fresh K/V (B, H_kv, Q, hd)]` under `plan`;
     returns (B, Q, H * hd). Scaled by 1/sqrt(hd), no causal mask: the attention of LLaDA and Dream.
     A bool mask (B, Q, K) or None instead of a plan is planned here (per layer: prefer one plan per forward)."""
     B, H, Q, hd = q.shape
     if not isinstance(plan, AttentionPlan):
         plan = plan_attention(cache, B, Q, plan, q.device)
-    if plan.fold:  # (B, H, Q, hd) -> (1, H, B*Q, hd)
-        q = q.transpose(0, 1).reshape(1, H, B * Q, hd)
-        k = k.transpose(0, 1).reshape(1, k.shape[1], B * Q, hd)
-        v = v.transpose(0, 1).reshape(1, v.shape[1], B * Q, hd)
-    if cache is not None:
-        k_c, v_c = cache.layers[layer]
-        k, v = torch.cat([k_c, k], dim=2), torch.cat([v_c, v], dim=2)
-    kwargs = {}
-    if k.shape[1] != H:
-        if sdpa_has_gqa():
-            kwargs["enable_gqa"] = True
-        else:
-            rep = H // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    mask = plan.sdpa_mask(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, **kwargs)
-    if plan.fold:  # (1, H, B*Q, hd) -> (B, Q, H*hd)
-        return out[0].view(H, B, Q, hd).permute(1, 2, 0, 3).reshape(B, Q, H * hd)
-    return out.transpose(1, 2).reshape(B, Q, H * hd)
+    if cache is None:
+        kwargs = {}
+        if k.shape[1] != H:
+            if sdpa_has_gqa():
+                kwargs["enable_gqa"] = True
+            else:
+                rep = H // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=False, **kwargs)
+        return out.transpose(1, 2).reshape(B, Q, H * hd)
+    dtype = q.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as SDPA accumulates
+    kv_heads = k.shape[1]
+    g = H // kv_heads
+    scale = hd**-0.5
+    qg = q.to(work).view(B, kv_heads, g, Q, hd)
+    out_o, lse_o = _part(  # each state's rows against its own fresh keys
+        qg.reshape(B, kv_heads, g * Q, hd), k.to(work), v.to(work), plan.additive("own", work, g), scale
+    )
+    out_o, lse_o = out_o.view(B, kv_heads, g, Q, hd), lse_o.view(B, kv_heads, g, Q, 1)
+    k_c, v_c = cache.layers[layer]
+    if k_c.shape[2] == 0:  # an empty prefix (empty prompt): nothing cached to attend to
+        return out_o.to(dtype).reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd)
+    # part 1: every query row of every state against the shared cache (rows ordered (b, g, q))
+    folded = qg.transpose(0, 1).reshape(1, kv_heads, B * g * Q, hd)
+    out_c, lse_c = _part(folded, k_c.to(work), v_c.to(work), plan.additive("cached", work, g), scale)
+    out_c = out_c.view(kv_heads, B, g, Q, hd).transpose(0, 1)
+    lse_c = lse_c.view(kv_heads, B, g, Q, 1).transpose(0, 1)
+    top = torch.maximum(lse_c, lse_o)
+    w_c, w_o = torch.exp(lse_c - top), torch.exp(lse_o - top)
+    out = (out_c * w_c + out_o * w_o) / (w_c + w_o)
+    return out.to(dtype).reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd)
