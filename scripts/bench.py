@@ -67,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cost-curve", type=int, nargs="*", default=[0, 1, 2, 3, 5, 8, 10, 16])
     p.add_argument("--layouts", nargs="+", default=["exact", "dual"], choices=sorted(LAYOUTS))
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=1, help="cost-curve rounds not timed")
     p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random published shape")
     p.add_argument("--layers", type=int, default=None, help="with --shape: number of blocks")
     p.add_argument("--hidden", type=int, default=None, help="with --shape: a narrower width")
@@ -141,6 +142,7 @@ def main() -> None:
             args.cost_curve,
             repeats=args.repeats,
             layouts=tuple(args.layouts),
+            warmup=args.warmup,
         )
         if args.cost_curve
         else []

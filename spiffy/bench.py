@@ -236,12 +236,14 @@ def cost_curve(
     *,
     repeats: int = 15,
     layouts: tuple[str, ...] = ("exact", "dual"),
+    warmup: int = 1,
 ) -> list[dict]:
     """Median time of one in-block verification forward with 1 + D states, per layout (`LAYOUTS`), and of the
     layout's block-start forward (full canvas, no drafts).
 
     Every round times each D once, in a fresh order, so that a slow phase of the machine (other processes,
-    frequency changes) hits all D alike instead of a contiguous run of them; the first round warms up.
+    frequency changes) hits all D alike instead of a contiguous run of them; the first `warmup` rounds only
+    warm up.
     """
     mask_id = int(model.config.mask_token_id)
     device = next(model.parameters()).device
@@ -262,7 +264,7 @@ def cost_curve(
         strategy = STRATEGIES[cache](model)
         starts: list[float] = []
         times: dict[int, list[float]] = {d: [] for d in drafts}
-        for _ in range(repeats + 1):
+        for _ in range(repeats + warmup):
             starts.append(timed(strategy.begin_block, canvas, block))
             for k in torch.randperm(len(drafts), generator=order).tolist():
                 states = canvas[block].repeat(drafts[k] + 1, 1)
@@ -276,8 +278,8 @@ def cost_curve(
                     "layout": layout,
                     "drafts": d,
                     "query_rows": real + d * per_draft,
-                    "forward_ms": 1000 * statistics.median(times[d][1:]),
-                    "block_start_ms": 1000 * statistics.median(starts[1:]),
+                    "forward_ms": 1000 * statistics.median(times[d][warmup:]),
+                    "block_start_ms": 1000 * statistics.median(starts[warmup:]),
                 }
             )
     for r in rows:

@@ -42,11 +42,15 @@ class DecoderOptions:
     `record_confidence`: keep the confidence of every committed token in the stats (one read per transition).
     `profile`: on a GPU, time model calls with CUDA events (read once per request); else model time is NaN there.
     `compile`: `torch.compile` the model forward; draft rows are then never compacted (a static row count).
+    `min_rows`: pad cached verification forwards with inert copies to at least this many query rows, so that
+    the base's single-state step runs matrix products of the same kernel class as Spiffy's (batch invariance
+    on BLAS libraries that switch kernels for few rows; 16 on this project's CPU, see `scripts/numerics.py`).
     """
 
     record_confidence: bool = False
     profile: bool = False
     compile: bool = False
+    min_rows: int = 0
 
 
 @dataclass
@@ -75,8 +79,6 @@ class WalkEnd:
 class BlockDecoder:
     """Base decoder. `generate(prompt_ids, request_id=, seed=)` returns a `DecodeResult`."""
 
-    verify = "exact"
-
     def __init__(
         self,
         model: DiffusionLM,
@@ -89,6 +91,8 @@ class BlockDecoder:
         self.spec = spec or model_spec(model)
         self.rule = TransitionRule.from_config(cfg)
         self.options = options or DecoderOptions()
+        self.draft_levels: tuple[int, ...] = ()  # graph level of each draft row `propose` returns
+        self.verify = "exact"  # the verification layout (Spiffy: the one its cache mode runs)
         # a transition whose result does not depend on its step index: any verified row may continue the walk
         self.step_free = (
             not self.rule.spec.reads_step and cfg.temperature == 0 and cfg.remasking != "random"
@@ -134,7 +138,7 @@ class BlockDecoder:
         canvas = torch.cat([prompt, prompt.new_full((self.cfg.gen_length,), self.spec.mask_id)])
         opts = self.options
         strategy = STRATEGIES[self.cfg.cache](
-            self.model, profile=opts.profile, compile=opts.compile
+            self.model, profile=opts.profile, compile=opts.compile, min_rows=opts.min_rows
         )
         stats, noise = DecodeStats(), NoiseKey(seed, request_id)
         if opts.record_confidence:
@@ -247,8 +251,6 @@ class BlockDecoder:
         unread = None if known is not None else drafts.valid
         return torch.cat([state[None], drafts.states]), [0] + levels, valid, unread
 
-    draft_levels: tuple[int, ...] = ()
-
     def _count_drafts(self, valid: list[bool], stats: DecodeStats) -> None:
         for ok, level in zip(valid, self.draft_levels):
             if ok:
@@ -260,23 +262,17 @@ class BlockDecoder:
         walks over verified drafts is Spiffy's bookkeeping (an upper bound: it includes the real state's
         own transition, which the base decoder pays too); on a GPU these host timings need `profile`."""
         t0 = time.perf_counter()
-        try:
-            return self._walk_rows(rows, step, ctx, stats)
-        finally:
-            if rows.states.shape[0] > 1:
-                stats.bookkeeping_s += time.perf_counter() - t0 - self._early_s
-            self._early_s = 0.0
+        draft_s = stats.draft_s
+        end = self._walk_rows(rows, step, ctx, stats)
+        if rows.states.shape[0] > 1:
+            stats.bookkeeping_s += time.perf_counter() - t0 - (stats.draft_s - draft_s)
+        return end
 
-    _early_s = 0.0
-
-    def _walk_rows(
-        self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats
-    ) -> WalkEnd:
+    def _walk_rows(self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats) -> WalkEnd:
         links: WalkLinks = link_rows(rows, step, ctx, self.step_free)
         t = time.perf_counter()
         early = self.propose_early(rows.dists.row(links.end), pick(links.new, links.end), ctx)
-        self._early_s = time.perf_counter() - t
-        stats.draft_s += self._early_s
+        stats.draft_s += time.perf_counter() - t
         extra = [early.valid] if early is not None else []
         if rows.unread is not None:
             extra.append(rows.unread)

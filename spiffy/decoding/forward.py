@@ -60,8 +60,11 @@ class ForwardStrategy:
 
     name = "none"
 
-    def __init__(self, model: DiffusionLM, *, profile: bool = False, compile: bool = False):
+    def __init__(
+        self, model: DiffusionLM, *, profile: bool = False, compile: bool = False, min_rows: int = 0
+    ):
         self.model = model
+        self.min_rows = min_rows
         self._call_model = torch.compile(model, dynamic=None) if compile else model
         self.timer = ForwardTimer()
         self.cache: KVCache | None = None
@@ -126,6 +129,13 @@ class ForwardStrategy:
     def block_logits(self, canvas, block, states, verify: str = "exact") -> torch.Tensor:
         """Logits (N, Lb, V) of the block states (`verify(...).logits`)."""
         return self.verify(canvas, block, states, verify).logits
+
+    def _padded(self, states: torch.Tensor, rows_per_state: int) -> torch.Tensor:
+        """`states` plus inert copies of row 0 up to `min_rows` query rows: every forward then multiplies
+        matrices of at least that many rows, where this CPU's BLAS gives each row the same result whatever
+        the row count (smaller products take another kernel; see `scripts/numerics.py`)."""
+        missing = -(-self.min_rows // rows_per_state) - states.shape[0]
+        return torch.cat([states, states[:1].expand(missing, -1)]) if missing > 0 else states
 
     def _no_lookahead(self, lookahead: int) -> None:
         if lookahead:
@@ -233,8 +243,9 @@ class PrefixCache(ForwardStrategy):
                 logits_at=rows,
             )
             return Verification(out.logits[0].view(n, lb, -1))
-        rows = canvas[s:].repeat(n, 1)  # (N, L - s)
-        rows[:, :lb] = states
+        padded = self._padded(states, length - s)
+        rows = canvas[s:].repeat(padded.shape[0], 1)  # (N, L - s)
+        rows[:, :lb] = padded
         out = self._call(
             rows,
             (n - 1) * rows.shape[1],
@@ -242,7 +253,7 @@ class PrefixCache(ForwardStrategy):
             kv_cache=self.cache,
             logits_at=slice(0, lb),
         )
-        return Verification(out.logits)
+        return Verification(out.logits[:n])
 
 
 class DualCache(ForwardStrategy):
@@ -260,13 +271,14 @@ class DualCache(ForwardStrategy):
 
     def verify(self, canvas, block, states, layout="exact", lookahead=0):
         self._no_lookahead(lookahead)
+        n, lb = states.shape
         out = self._call(
-            states,
-            (states.shape[0] - 1) * states.shape[1],
+            self._padded(states, lb),
+            (n - 1) * lb,
             position_ids=range(block.start, block.stop),
             kv_cache=self.cache,
         )
-        return Verification(out.logits)
+        return Verification(out.logits[:n])
 
 
 STRATEGIES: dict[str, type[ForwardStrategy]] = {

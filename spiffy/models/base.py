@@ -70,6 +70,10 @@ def position_tensor(
     name, bound = limit
     if position_ids is None:
         position_ids = range(start, start + q_len)
+    if torch.compiler.is_compiling():  # compiled forwards: the decoder validated the canvas length
+        if isinstance(position_ids, range):
+            position_ids = torch.arange(position_ids.start, position_ids.stop, device=device)
+        return (position_ids if position_ids.dim() == 2 else position_ids[None]), None
     if isinstance(position_ids, range):
         if len(position_ids) != q_len or position_ids.step != 1:
             raise ValueError(f"position_ids={position_ids!r} must be a unit-step range of {q_len}")

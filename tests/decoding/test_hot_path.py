@@ -186,3 +186,17 @@ def test_rows_reached_at_another_step_finish_one_transition_at_a_time(fixture_mo
         ).generate(torch.tensor(prompt), seed=4)
         assert torch.equal(fast.tokens, base.tokens) and fast.stats.nfe <= base.stats.nfe
     assert calls
+
+
+@pytest.mark.slow
+def test_compiled_block_forward_is_lossless():
+    """`DecoderOptions(compile=True)` (Hydra `decoder.compile=true`): the model forward under `torch.compile`,
+    draft rows padded to a fixed count; same tokens and NFE as the eager decoder."""
+    from spiffy.decoding.block_decoder import DecoderOptions
+
+    model = tiny_random_model()
+    prompt = torch.tensor([1, 2, 3, 4])
+    kw = dict(gen_length=16, block_length=8, cache="dual", speculate=spiffy.Speculation("chain:3"))
+    eager = spiffy.build_decoder(model, **kw).generate(prompt)
+    compiled = spiffy.build_decoder(model, **kw, options=DecoderOptions(compile=True)).generate(prompt)
+    assert torch.equal(compiled.tokens, eager.tokens) and compiled.stats.nfe == eager.stats.nfe

@@ -56,3 +56,45 @@ def test_shared_layout_real_row_is_exact_and_drafts_are_isolated(cache):
     again = strategy.block_logits(canvas, block, perturbed, "shared")
     for r in (0, 1, 3):
         torch.testing.assert_close(again[r], shared[r], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_rows_are_batch_invariant_in_lower_precision(llada_fixture_dir, cache, dtype):
+    """A state's logits do not depend on how many states share the forward, bit for bit in float32 and
+    bfloat16: cached attention is split per state (log-sum-exp merge), and `min_rows` keeps the base's
+    single-state products in the BLAS kernel class of Spiffy's batched ones."""
+    import spiffy
+
+    model = spiffy.load_model(llada_fixture_dir, dtype=dtype)
+    mask_id = model.config.mask_token_id
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.randint(0, mask_id, (40,), generator=g)
+    block = slice(24, 32)
+    states = torch.randint(0, mask_id, (9, 8), generator=g)
+    states[:, 5:] = mask_id
+    canvas[block] = states[0]
+    strategy = STRATEGIES[cache](model, min_rows=16)
+    strategy.begin_block(canvas, block)
+    together = strategy.verify(canvas, block, states).logits
+    for r in range(states.shape[0]):
+        assert torch.equal(together[r], strategy.verify(canvas, block, states[r : r + 1]).logits[0])
+
+
+def test_lookahead_rows_equal_the_next_blocks_first_forward():
+    canvas, block, states, strategy = prepared("none")
+    out = strategy.verify(canvas, block, states, "exact", lookahead=8)
+    for r in range(states.shape[0]):
+        row = canvas.clone()
+        row[block] = states[r]
+        nxt = slice(block.stop, block.stop + 8)
+        full = strategy.model(row[None]).logits[0]
+        torch.testing.assert_close(out.lookahead[r], full[nxt], rtol=0, atol=1e-12)
+        torch.testing.assert_close(out.logits[r], full[block], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_caches_keep_only_the_boundary_logits(cache):
+    canvas, block, states, strategy = prepared(cache)
+    vocab = strategy.model.config.vocab_size
+    assert strategy.cache.boundary_logits.shape == (vocab,)  # not (1, L, V)

@@ -85,3 +85,28 @@ def test_runs_in_lower_precision(llada_fixture_dir, dtype):
     model = spiffy.load_model(llada_fixture_dir, dtype=dtype)
     out = model(torch.tensor([[1, 2, 3, 127]])).logits
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
+
+
+def test_logits_at_projects_only_the_requested_rows():
+    model = tiny_random_model()
+    ids = torch.randint(0, 20, (3, 24))
+    full = model(ids).logits
+    torch.testing.assert_close(model(ids, logits_at=slice(8, 16)).logits, full[:, 8:16], rtol=0, atol=0)
+    rows = torch.tensor([0, 5, 23])
+    torch.testing.assert_close(model(ids, logits_at=rows).logits, full[:, rows], rtol=0, atol=0)
+    calls = []
+    head = model.model.transformer["ff_out"]
+    handle = head.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
+    model(ids, logits_at=slice(8, 16))
+    handle.remove()
+    assert calls == [8]  # the LM head saw 8 rows, not 24
+
+
+def test_gqa_without_sdpa_support_gives_the_same_logits(monkeypatch):
+    from spiffy.models import kv
+
+    model = tiny_random_model(kv_heads=2)
+    ids = torch.randint(0, 20, (2, 16))
+    with_gqa = model(ids).logits
+    monkeypatch.setattr(kv, "sdpa_has_gqa", lambda: False)
+    torch.testing.assert_close(model(ids).logits, with_gqa, rtol=0, atol=1e-12)
