@@ -243,7 +243,8 @@ def cost_curve(
 
     Every round times each D once, in a fresh order, so that a slow phase of the machine (other processes,
     frequency changes) hits all D alike instead of a contiguous run of them; the first `warmup` rounds only
-    warm up.
+    warm up. On a CPU the clock is the thread's CPU time (torch at one thread), which other processes on a
+    shared machine do not inflate; on a GPU it is wall time.
     """
     mask_id = int(model.config.mask_token_id)
     device = next(model.parameters()).device
@@ -251,12 +252,16 @@ def cost_curve(
     block = slice(canvas_len - 2 * block_len, canvas_len - block_len)
     order = torch.Generator().manual_seed(0)
 
+    # on a CPU the calling thread's CPU time (the forward runs on it; other processes on a shared machine do
+    # not count), on a GPU the wall time between synchronisations
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
+
     def timed(fn, *args) -> float:
         synchronize(device)
-        t = time.perf_counter()
+        t = clock()
         fn(*args)
         synchronize(device)
-        return time.perf_counter() - t
+        return clock() - t
 
     rows = []
     for layout in layouts:
