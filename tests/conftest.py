@@ -16,6 +16,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SPIFFY_SHARED", REPO.parent / "shared"))
 LLADA_FIXTURE = SHARED / "fixtures" / "llada_reference"
+SDAR_FIXTURE = SHARED / "fixtures" / "sdar_reference"
 
 
 def need_shared(path: Path) -> Path:
@@ -27,6 +28,11 @@ def need_shared(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def llada_fixture_dir() -> Path:
     return need_shared(LLADA_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def sdar_fixture_dir() -> Path:
+    return need_shared(SDAR_FIXTURE)
 
 
 @pytest.fixture(scope="session")
