@@ -256,10 +256,28 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+# Checks, without side effects, that the namespaces took hold; exits non-zero naming the first that did not.
+_PROBE = """
+import os
+checks = {
+    "the root filesystem is read-only": os.statvfs("/").f_flag & os.ST_RDONLY,
+    "the working directory is writable": not os.statvfs(".").f_flag & os.ST_RDONLY,
+    "the program is alone in its PID namespace": os.getpid() == 1,
+    "no network interface but lo": [line.split(":")[0].strip()
+                                    for line in open("/proc/net/dev").readlines()[2:]] in ([], ["lo"]),
+    "no capabilities": all(line.split()[1] == "0" * 16 for line in open("/proc/self/status")
+                           if line.split(":")[0] in ("CapEff", "CapPrm", "CapBnd")),
+}
+failed = [name for name, ok in checks.items() if not ok]
+if failed:
+    raise SystemExit("isolation check failed: " + ", ".join(failed))
+"""
+
+
 @functools.lru_cache(maxsize=1)
 def isolation_problem() -> str | None:
     """Why isolated execution does not work on this machine (None when it does); probed once."""
-    probe = "import os\ntry:\n    open('/probe', 'w')\nexcept OSError:\n    pass\nelse:\n    raise SystemExit(3)\n"
+    probe = _PROBE
     try:
         outcome = run_program(probe, Limits(timeout_s=30))
     except (OSError, RuntimeError) as exc:
