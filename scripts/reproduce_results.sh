@@ -30,7 +30,7 @@ step python scripts/bench.py --name bases_cpu --n 30 --graph calibrated:8 --deco
   fixed_k2 fixed_k2+spiffy fixed_k4 fixed_k4+spiffy threshold0.9 threshold0.9+spiffy \
   threshold0.8 threshold0.8+spiffy threshold0.7 threshold0.7+spiffy prefix prefix+spiffy \
   dual dual+spiffy dual_threshold0.9 dual_threshold0.9+spiffy
-# SDAR (fixture model from ../shared): model calls of the reference loop, its fusions, Spiffy (SPEC §12)
+# SDAR (fixture model, tests/fixtures): model calls of the reference loop, its fusions, Spiffy (SPEC §12)
 step python scripts/sdar_fusions.py --out results/tables
 # the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
 step python run.py eval.progress=false

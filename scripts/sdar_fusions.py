@@ -1,6 +1,6 @@
 """NFE effect of SDAR's two fusions (SPEC §12) for the base decoder and for Spiffy, with losslessness checked.
 
-    python scripts/sdar_fusions.py --model ../shared/fixtures/sdar_reference --out results/tables
+    python scripts/sdar_fusions.py --model tests/fixtures/sdar_reference --out results/tables
 
 For each SDAR rule, every prompt is decoded by the reference loop (prefill + denoising + one store forward per
 block), by the base with `fuse_next` (the store forward also starts the next block), and by Spiffy with neither,
@@ -33,7 +33,7 @@ VARIANTS = {  # label: (graph or None, fuse_store, fuse_next)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="../shared/fixtures/sdar_reference")
+    p.add_argument("--model", default="tests/fixtures/sdar_reference")
     p.add_argument(
         "--graph", default="fig2", help="a graph spec (chain:D, fig2) or a graph JSON path"
     )

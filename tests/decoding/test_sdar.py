@@ -206,7 +206,7 @@ def test_sampling_uses_keyed_noise_and_the_filtered_distribution(rule):
         assert torch.equal(one.canvas, greedy.canvas)
 
 
-def test_dream_top_p_keeps_only_the_nucleus(sdar_fixture_dir):
+def test_dream_top_p_keeps_only_the_nucleus():
     dream = spiffy.load_model("tiny-dream-random", dtype=torch.float64)
     kw = dict(gen_length=16, block_length=8, rule="dream_steps", steps=16)
     prompt = torch.tensor([5, 6, 7])
