@@ -132,6 +132,7 @@ def test_quota_depends_on_the_step_index_only():
         (dict(top_k=3), "top_k=3"),
         (dict(top_p=0.5, temperature=0.5, top_k=0), "top_k=0"),
         (dict(stop_ids=[96]), "stop_ids=\\[96\\]"),
+        (dict(stop_ids=[3, 95]), "the mask id 95"),
         (dict(remasking="random"), "remasking='random'"),
         (dict(speculate=spiffy.Speculation("chain:3", cross_block=True)), "cross_block=True"),
     ],
