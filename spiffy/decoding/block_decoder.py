@@ -1,7 +1,9 @@
 """The one semi-autoregressive block loop: transition rule × cache mode (SPEC §2, §3, §4, §5.4).
 
 `BlockDecoder` is LLaDA's sampler (`rule="schedule"`, `cache="none"`), Fast-dLLM's (`threshold`/`factor`,
-`prefix`/`dual`) and every other combination; presets are configurations, not forks. The loop is Spiffy's
+`prefix`/`dual`), SDAR's `block_diffusion_generate` (the `sdar_*` rules with the exact `block_causal` cache,
+SPEC §12: blocks aligned to absolute positions, a prefill, one store per finished block) and every other
+combination; presets are configurations, not forks. The loop is Spiffy's
 acceptance walk (SPEC §5.4) over the rows of one forward (row 0 the real state, rows 1.. verified drafts); the
 base decoder verifies row 0 only, so each of its transitions costs exactly one forward. Subclasses plug in
 through two typed hooks: `propose` (draft states to verify with the next forward) and `lookahead` (how many
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.block_causal import BlockCausalCache
+from spiffy.decoding.config import SDAR_RULES, GenerationConfig
 from spiffy.decoding.drafting import Drafts
 from spiffy.decoding.forward import STRATEGIES, ForwardStrategy
 from spiffy.decoding.randomness import NoiseKey
@@ -65,13 +68,14 @@ class Carry:
 @dataclass
 class WalkEnd:
     """Where one forward's walk stopped: transitions taken, the block state, whether the block is complete,
-    the anchor row, the next block's carried logits (cross-block), and drafts built early with their validity."""
+    the anchor row, the first verified draft row equal to the final state (-1: none), and drafts built early
+    with their validity."""
 
     transitions: int
     state: torch.Tensor
     complete: bool
     anchor: int
-    carry: torch.Tensor | None = None
+    match: int = -1
     drafts: Drafts | None = None
     drafts_valid: list[bool] | None = None
 
@@ -97,6 +101,26 @@ class BlockDecoder:
         self.step_free = (
             not self.rule.spec.reads_step and cfg.temperature == 0 and cfg.remasking != "random"
         )
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """Block-causal models (SDAR) decode with the SDAR rules, in blocks of their attention block size."""
+        spec, cfg = self.spec, self.cfg
+        if spec.block_causal != self.rule.spec.block_causal:
+            kind = "block-causal (SDAR)" if spec.block_causal else "bidirectional"
+            need = list(SDAR_RULES) if spec.block_causal else "a rule other than the SDAR rules"
+            raise ValueError(f"rule={cfg.rule!r}: the model is {kind}; use {need}")
+        if spec.block_causal and cfg.block_length != spec.attention_block_size:
+            raise ValueError(
+                f"block_length={cfg.block_length}: this SDAR model's block_size is "
+                f"{spec.attention_block_size}"
+            )
+        bad = [i for i in cfg.stop_ids or () if i >= spec.vocab_size or i == spec.mask_id]
+        if bad:
+            raise ValueError(
+                f"stop_ids={list(cfg.stop_ids)}: {bad} is the mask id {spec.mask_id} or "
+                f">= vocab_size={spec.vocab_size}"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -109,7 +133,10 @@ class BlockDecoder:
         if raw.dtype == torch.bool or raw.is_floating_point() or raw.is_complex():
             raise ValueError(f"prompt_ids of dtype {raw.dtype}: expected integer token ids")
         prompt = raw.to(torch.long)
-        if prompt.numel() and not 0 <= int(prompt.min()) <= int(prompt.max()) < self.spec.vocab_size:
+        if (
+            prompt.numel()
+            and not 0 <= int(prompt.min()) <= int(prompt.max()) < self.spec.vocab_size
+        ):
             bad = prompt[(prompt < 0) | (prompt >= self.spec.vocab_size)][0]
             raise ValueError(
                 f"prompt_ids contain {int(bad)}, outside the vocabulary [0, {self.spec.vocab_size})"
@@ -120,7 +147,7 @@ class BlockDecoder:
             raise ValueError(f"prompt_ids of shape {tuple(prompt.shape)}: expected (P,) or (1, P)")
         if (prompt == self.spec.mask_id).any():
             raise ValueError(f"prompt_ids contain the mask id {self.spec.mask_id}")
-        total = prompt.numel() + self.cfg.gen_length
+        total = self.layout(prompt.numel())[0]
         if total > self.spec.max_length:
             raise ValueError(
                 f"prompt length {prompt.numel()} + gen_length {self.cfg.gen_length} = {total} "
@@ -128,26 +155,55 @@ class BlockDecoder:
             )
         return prompt.to(self.device)
 
+    def layout(self, p: int) -> tuple[int, list[slice]]:
+        """Canvas length and the blocks to decode for a prompt of length `p`.
+
+        Bidirectional families: the prompt, then `gen_length` positions in blocks. Block-causal ones (SPEC §12):
+        blocks aligned to absolute positions, the canvas rounded up to whole blocks; the prompt's whole blocks
+        are prefilled and its partial last block is decoded as part of the first block.
+        """
+        lb = self.cfg.block_length
+        if not self.spec.block_causal:
+            return p + self.cfg.gen_length, [
+                slice(p + b * lb, p + (b + 1) * lb) for b in range(self.cfg.num_blocks)
+            ]
+        total = -(-(p + self.cfg.gen_length) // lb) * lb
+        return total, [slice(s, s + lb) for s in range(p // lb * lb, total, lb)]
+
+    def make_strategy(self) -> ForwardStrategy:
+        """The forward strategy of the cache mode (one per request)."""
+        opts = self.options
+        return STRATEGIES[self.cfg.cache](
+            self.model, profile=opts.profile, compile=opts.compile, min_rows=opts.min_rows
+        )
+
     def generate(
         self, prompt_ids: torch.Tensor | list[int], *, request_id: int | str = 0, seed: int = 0
     ) -> DecodeResult:
         """Decode `gen_length` tokens after the prompt, block by block, left to right."""
         t0 = time.perf_counter()
         prompt = self.prepare_prompt(prompt_ids)
-        p, lb = prompt.numel(), self.cfg.block_length
-        canvas = torch.cat([prompt, prompt.new_full((self.cfg.gen_length,), self.spec.mask_id)])
-        opts = self.options
-        strategy = STRATEGIES[self.cfg.cache](
-            self.model, profile=opts.profile, compile=opts.compile, min_rows=opts.min_rows
-        )
+        p = prompt.numel()
+        total, blocks = self.layout(p)
+        canvas = torch.cat([prompt, prompt.new_full((total - p,), self.spec.mask_id)])
+        strategy = self.make_strategy()
         stats, noise = DecodeStats(), NoiseKey(seed, request_id)
-        if opts.record_confidence:
+        if self.options.record_confidence:
             stats.committed_confidence = []
+        if isinstance(strategy, BlockCausalCache):  # SDAR's prefill of the whole prompt blocks
+            calls = strategy.prefill(canvas, blocks[0].start)
+            stats.nfe += calls
+            stats.base_extra_calls += calls
+        stops = torch.tensor(self.cfg.stop_ids or [], dtype=torch.long, device=canvas.device)
         carry = None
-        for b in range(self.cfg.num_blocks):
-            block = slice(p + b * lb, p + (b + 1) * lb)
-            carry = self.decode_block(canvas, block, b, strategy, stats, noise, carry)
-        tokens = canvas[p:].clone()
+        for b, block in enumerate(blocks):
+            masked = block.stop - max(block.start, p)  # positions from the prompt's end start masked
+            carry = self.decode_block(
+                canvas, block, b, strategy, stats, noise, carry, masked_at_start=masked
+            )
+            if stops.numel() and torch.isin(canvas[p:], stops).any():
+                break  # a stop id in the generated region: later blocks keep the mask id
+        tokens = canvas[p : p + self.cfg.gen_length].clone()
         timer = strategy.timer
         timer.resolve()
         stats.model_s, stats.mask_s = timer.model_s, timer.mask_s
@@ -155,7 +211,7 @@ class BlockDecoder:
         eos = (tokens == self.spec.eos_id).nonzero() if self.spec.eos_id is not None else []
         stats.generated_tokens = int(eos[0]) if len(eos) else tokens.numel()
         stats.wall_s = time.perf_counter() - t0
-        return DecodeResult(tokens=tokens, stats=stats)
+        return DecodeResult(tokens=tokens, stats=stats, canvas=canvas.clone())
 
     def decode_block(
         self,
@@ -166,16 +222,22 @@ class BlockDecoder:
         stats: DecodeStats,
         noise: NoiseKey,
         carry: Carry | None = None,
+        *,
+        masked_at_start: int | None = None,
     ) -> Carry | None:
         """Run one block to completion: the acceptance walk of SPEC §5.4 (updates `canvas` in place).
 
         `carry` is this block's first-forward distribution when the previous block's last forward already
         computed it (optional cross-block continuation, SPEC §5.4); the returned `Carry` is the next block's.
-        The block starts fully masked (the canvas is `[prompt, masks]`, decoded left to right).
+        `masked_at_start` (known to `generate` from the prompt length; else read from the canvas) is the
+        block's number of masked positions before its first transition.
         """
-        lb = block.stop - block.start
-        ctx = TransitionContext(self.cfg, self.rule, self.spec, noise, b, masked_at_start=lb)
         state = canvas[block].clone()
+        if masked_at_start is None:
+            masked_at_start = int((state == self.spec.mask_id).sum())
+        ctx = TransitionContext(
+            self.cfg, self.rule, self.spec, noise, b, masked_at_start=masked_at_start
+        )
         # The block-start forward carries no drafts (anchor = none in every cache mode), unless the previous
         # block ended on a verified draft whose forward also computed this block's distribution.
         if carry is None:
@@ -191,8 +253,9 @@ class BlockDecoder:
             stats.transitions += end.transitions
             canvas[block] = end.state
             if end.complete:
-                if end.carry is not None:
-                    return Carry(end.carry, advanced)
+                carry = self.finish_block(canvas, block, end, rows, strategy, stats, advanced)
+                if carry is not None:
+                    return carry
                 break
             stats.accepted_per_forward[advanced - 1] += 1
             advanced = 0
@@ -212,7 +275,43 @@ class BlockDecoder:
         stats.accepted_per_forward[advanced - 1] += 1
         return None
 
+    def finish_block(
+        self, canvas, block, end: WalkEnd, rows: Rows, strategy, stats, advanced: int
+    ) -> Carry | None:
+        """End the complete block; return the next block's first distribution if already known.
+
+        Block-causal models store the block's K/V (SPEC §12): from the last forward's row of the complete state
+        when it was verified there (`stored_row`), else with a store forward, which with `fuse_next` also
+        computes the next block's first distribution. The base's count is the reference's: one store call per
+        block. Other families: the optional cross-block continuation (SPEC §5.4).
+        """
+        has_next = block.stop < canvas.numel()
+        if isinstance(strategy, BlockCausalCache):
+            stats.base_extra_calls += 1
+            row = self.stored_row(end, rows, stats)
+            calls, nxt = strategy.store_block(
+                canvas, block, row, with_next=self.cfg.fuse_next and has_next
+            )
+            if calls == 0 and row is not None and rows.lookahead is not None:
+                nxt = rows.lookahead[row]  # the verifying forward also carried the next block
+            stats.nfe += calls
+            if nxt is None:
+                return None
+            if calls:  # the store forward starts the next block: a new forward's count begins
+                stats.accepted_per_forward[advanced - 1] += 1
+                advanced = 0
+            return Carry(nxt, advanced)
+        if has_next and rows.lookahead is not None and end.match >= 1:  # cross-block continuation
+            stats.accepted_per_level[rows.levels[end.match]] += 1
+            return Carry(rows.lookahead[end.match], advanced)
+        return None
+
     # ---- hooks -------------------------------------------------------------------------------------------
+
+    def stored_row(self, end: WalkEnd, rows: Rows, stats: DecodeStats) -> int | None:
+        """Row of the last forward that computed the complete state (block-causal storing); the base
+        decoder's last forward never did (its state still had masks)."""
+        return None
 
     def propose(
         self, anchor: Distributions, state: torch.Tensor, ctx: TransitionContext, step: int
@@ -287,10 +386,10 @@ class BlockDecoder:
                 stats.committed_confidence.extend(links.conf[p][committed].tolist())
         new = links.new[r]
         if reason == "complete":
-            return WalkEnd(len(path), new, True, r, self._carried(rows, host.match[r], stats))
+            return WalkEnd(len(path), new, True, r, host.match[r])
         if reason == "anchor":
             valid = host.extra[0] if early is not None else None
-            return WalkEnd(len(path), new, False, r, None, early, valid)
+            return WalkEnd(len(path), new, False, r, -1, early, valid)
         # a row reached at another step than the batched transition assumed: finish one transition at a time
         s = step + len(path)
         if reason == "same":
@@ -298,13 +397,6 @@ class BlockDecoder:
         m = host.match[r]
         stats.accepted_per_level[rows.levels[m]] += 1
         return self._walk_slowly(rows, m, new, s, 0, len(path), ctx, stats)
-
-    def _carried(self, rows: Rows, match: int, stats: DecodeStats) -> torch.Tensor | None:
-        """The next block's logits of the verified row equal to the complete state, if they were computed."""
-        if rows.lookahead is None or match < 1:
-            return None
-        stats.accepted_per_level[rows.levels[match]] += 1
-        return rows.lookahead[match]
 
     def _walk_slowly(self, rows, r, state, step, stalled, taken, ctx, stats) -> WalkEnd:
         """SPEC §5.4 verbatim from row `r`'s distribution, `state` and `step`: one read per transition."""
@@ -327,7 +419,7 @@ class BlockDecoder:
             if self.options.record_confidence:
                 stats.committed_confidence.extend(conf[new != state].tolist())
             if self.rule.is_complete(has_mask, step):
-                return WalkEnd(taken, new, True, r, self._carried(rows, match, stats))
+                return WalkEnd(taken, new, True, r, match)
             stalled = stalled + 1 if same else 0
             if same:
                 continue

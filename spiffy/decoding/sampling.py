@@ -61,6 +61,45 @@ def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tens
     return _confidence_probs(sampling_logits(logits, ctx), logits.dtype, ctx)
 
 
+def top_k_filter(scaled: torch.Tensor, k: int) -> torch.Tensor:
+    """-inf below the k-th largest value of each row (ties at the cut are kept), as Dream and SDAR do."""
+    kth = scaled.topk(min(k, scaled.shape[-1]), dim=-1).values[..., -1:]
+    return scaled.masked_fill(scaled < kth, NEG_INF)
+
+
+def top_p_filter(scaled: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest prefix of the sorted tokens whose probability reaches `p` (the
+    token that crosses `p` is kept, the first always), as Dream's and SDAR's `top_p_logits`."""
+    values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    cumulative = torch.softmax(values, dim=-1).cumsum(dim=-1)
+    remove = torch.zeros_like(cumulative, dtype=torch.bool)
+    remove[..., 1:] = cumulative[..., :-1] > p
+    return scaled.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), NEG_INF)
+
+
+def _filtered(sampling: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
+    cfg = ctx.cfg
+    if cfg.top_k is None and cfg.top_p is None:
+        return sampling
+    scaled = sampling / cfg.temperature
+    filters = [("k", cfg.top_k), ("p", cfg.top_p)]
+    if not ctx.rule.spec.block_causal:  # SDAR's sampler filters top-k first, Dream's top-p first
+        filters.reverse()
+    for kind, value in filters:
+        if value is not None:
+            scaled = top_k_filter(scaled, value) if kind == "k" else top_p_filter(scaled, value)
+    return sampling.masked_fill(scaled == NEG_INF, NEG_INF)
+
+
+def filtered_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
+    """The float64 sampling logits with the tokens `top_k`/`top_p` remove set to -inf (temperature > 0).
+
+    Both filters act on `logits / T`, in the reference's order: SDAR filters top-k then top-p, Dream top-p
+    then top-k (the two differ: top-p after top-k renormalises over the k kept tokens).
+    """
+    return _filtered(sampling_logits(logits, ctx), ctx)
+
+
 class Distributions:
     """Distributions (..., Lb, V) processed once: float64 sampling logits now, confidence probabilities on the
     first use. `row(i)` views one state's (i an int or a device index, read without a sync)."""
@@ -70,6 +109,14 @@ class Distributions:
         self.ctx = ctx
         self.sampling = sampling_logits(logits, ctx) if sampling is None else sampling
         self._probs = probs
+        self._filtered = None
+
+    @property
+    def filtered(self) -> torch.Tensor:
+        """The sampling logits after `top_k` / `top_p` (temperature > 0; the same tensor without them)."""
+        if self._filtered is None:
+            self._filtered = _filtered(self.sampling, self.ctx)
+        return self._filtered
 
     @property
     def probs(self) -> torch.Tensor:
@@ -110,11 +157,12 @@ def noised_scores(
     logits: torch.Tensor | Distributions, ctx: TransitionContext, step: int | list[int]
 ) -> torch.Tensor:
     """Scores whose argmax is transition `step`'s token: the logits at T=0, keyed float64 Gumbel-max
-    scores `exp(logits) / (-log u)^T` at T>0 (SPEC §2 step 3). With (N, Lb, V) distributions, `step` may
-    give each row its own step."""
+    scores `exp(logits) / (-log u)^T` at T>0 (SPEC §2 step 3), after `top_k`/`top_p`. With (N, Lb, V)
+    distributions, `step` may give each row its own step."""
     d = as_distributions(logits, ctx)
     scores = d.sampling
     if ctx.cfg.temperature > 0:
+        scores = d.filtered
         batched = scores.dim() == 3
         rows = _per_row(step, scores.shape[0] if batched else 1)
         u = _keyed(ctx, "gumbel", rows, tuple(scores.shape[-2:]), scores.device)
@@ -147,8 +195,20 @@ def confidence(
     ctx: TransitionContext,
 ) -> torch.Tensor:
     """Per-position confidence (..., Lb) float64 of the remasking strategy (SPEC §2 step 4; Dream's
-    `topk_margin` = top-1 minus top-2 probability, `entropy` = sum p log(p + 1e-10))."""
-    kind = ctx.cfg.remasking
+    `topk_margin` = top-1 minus top-2 probability, `entropy` = sum p log(p + 1e-10)).
+
+    Block-causal rules (SDAR, SPEC §12): the probability of the token under SDAR's sampler, i.e. after
+    temperature, `top_k` and `top_p` at T>0 (the float64 softmax of the logits at T=0); a rule that
+    `ranks_by_position` (`sdar_sequential`) takes positions left to right: its "confidence" is -position."""
+    cfg, rule = ctx.cfg, ctx.rule.spec
+    if rule.ranks_by_position:
+        lb = x0.shape[-1]
+        return -torch.arange(lb, dtype=torch.float64, device=x0.device).expand(x0.shape)
+    if rule.block_causal and cfg.temperature > 0:
+        d = as_distributions(logits, ctx)
+        probs = torch.softmax(d.filtered / cfg.temperature, dim=-1)
+        return probs.gather(-1, x0[..., None]).squeeze(-1)
+    kind = cfg.remasking
     if kind == "random":
         rows = _per_row(step, x0.shape[0] if x0.dim() == 2 else 1)
         u = _keyed(ctx, "remask", rows, (x0.shape[-1],), x0.device)
@@ -175,6 +235,14 @@ def transition_rows(
     masked = states == ctx.spec.mask_id  # (N, Lb)
     x0 = predict_tokens(d, ctx, steps)
     conf = confidence(d, x0, steps, ctx).masked_fill(~masked, NEG_INF)
+    if ctx.rule.spec.select is not None:  # the rule chooses positions itself (SDAR, SPEC §12): host, per row
+        new, last = states.clone(), ctx.rule.steps_per_block
+        for r, (step, left) in enumerate(zip(steps, masked.sum(1).tolist())):
+            if r and (left == 0 or (last is not None and step >= last)):
+                continue  # a complete draft, or one past the rule's last step: no walk transitions from it
+            chosen = ctx.rule.spec.select(ctx.rule, conf[r], masked[r], step)
+            new[r, chosen] = x0[r, chosen]
+        return new, conf
     # masked confidences are finite and the others -inf, so the masked ones sort first
     values, order = rank_positions(conf)
     count = ctx.rule.counts(values, masked.sum(1), steps, ctx.masked_at_start)

@@ -8,6 +8,11 @@ the lossless layouts (`exact`, and any layout with the dual cache); `shared` is 
 With `cross_block=True` (no cache, `exact`), `lookahead` asks the verification forward for the next block's logits
 too, and the walk carries a verified complete draft's into the next block, saving its first forward (SPEC §5.4,
 optional).
+
+On SDAR (block-causal, SPEC §12) drafts are extra block rows against the exact cache, so every layout is exact.
+`fuse_store=True` keeps complete drafts: when the block finishes on one, its K/V come from the verifying forward
+instead of a store forward (`stored_row`), and with the base option `fuse_next` that forward also carries the next
+block's rows, so the next block starts without a forward of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from spiffy.decoding.drafting import (
     prune_rows,
     rank_tables,
 )
-from spiffy.decoding.modes import check_cross_block, effective_layout, get_layout
+from spiffy.decoding.modes import check_cross_block, effective_layout, get_cache_mode, get_layout
 from spiffy.decoding.sampling import Distributions
 from spiffy.graph.builtin import resolve_graph
 from spiffy.graph.draft_graph import DraftGraph
@@ -50,6 +55,8 @@ class Speculation:
     # continue the walk across a block boundary when the complete state was a verified draft (SPEC §5.4,
     # optional; cache="none" with verify="exact" only): saves the next block's first forward
     cross_block: bool = False
+    # SDAR only (SPEC §12): store a finished block's K/V from the forward that verified it as a draft
+    fuse_store: bool = False
 
     def __post_init__(self) -> None:
         get_layout(self.verify)
@@ -57,8 +64,9 @@ class Speculation:
             raise ValueError(f"draft_noise={self.draft_noise!r} must be one of {list(DRAFT_NOISE)}")
         if self.prune is not None and (not isinstance(self.prune, int) or self.prune < 1):
             raise ValueError(f"prune={self.prune!r} must be None or a positive integer")
-        if not isinstance(self.cross_block, bool):
-            raise ValueError(f"cross_block={self.cross_block!r} must be True or False")
+        for name in ("cross_block", "fuse_store"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         object.__setattr__(self, "graph", resolve_graph(self.graph))
 
 
@@ -81,6 +89,10 @@ class SpiffyDecoder(BlockDecoder):
         self.verify = effective_layout(cfg.cache, speculation.verify)
         if speculation.cross_block:
             check_cross_block(cfg.cache, speculation.verify)
+        if speculation.fuse_store and not get_cache_mode(cfg.cache).stores_blocks:
+            raise ValueError(
+                f"fuse_store=True needs a block-causal (SDAR) model and rule, got rule={cfg.rule!r}"
+            )
         self.keyed = speculation.draft_noise == "keyed"
         self._tensors = GraphTensors.from_graph(self.graph, self.device, keyed=self.keyed)
         self.draft_levels = self._tensors.row_levels
@@ -108,7 +120,9 @@ class SpiffyDecoder(BlockDecoder):
             probs = torch.softmax(anchor.sampling, dim=-1)
             pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, n_masked, probs)
             rows = prune_rows(tensors, pair_probs, keep)
-        keep_complete = self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
+        keep_complete = self.speculation.fuse_store or (
+            self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
+        )
         drafts = instantiate(
             tensors,
             pos_by_rank,
@@ -121,7 +135,21 @@ class SpiffyDecoder(BlockDecoder):
         )
         return drafts
 
+    def make_strategy(self):
+        strategy = super().make_strategy()
+        if self.speculation.fuse_store:  # keep the verified rows' K/V to store a finished draft
+            strategy.keep_kv = True
+        return strategy
+
+    def stored_row(self, end, rows, stats):
+        if not self.speculation.fuse_store or end.match < 1:
+            return None
+        stats.accepted_per_level[rows.levels[end.match]] += 1
+        return end.match  # row 0 is the real state
+
     def lookahead(self, canvas_len, block, n_drafts):
-        if not self.speculation.cross_block or n_drafts == 0 or block.stop >= canvas_len:
+        if n_drafts == 0 or block.stop >= canvas_len:
             return 0
-        return self.cfg.block_length
+        if get_cache_mode(self.cfg.cache).stores_blocks:  # SDAR: both fusions carry the next block
+            return self.cfg.block_length if self.speculation.fuse_store and self.cfg.fuse_next else 0
+        return self.cfg.block_length if self.speculation.cross_block else 0

@@ -14,7 +14,7 @@ arithmetic does not depend on how many states share the forward (batch-invariant
 equals the base decoder's computation of the same state bit for bit, in every dtype). Grouped-query heads are
 grouped, never repeated. Without a cache (full canvases) it is SDPA, with `enable_gqa` when torch has it.
 
-Forwards never write into a cache. Shifted-logit families (Dream) also keep `boundary_logits`, the block-start
+Forwards never write into a cache (`append_kv` builds a new one: SDAR's stored blocks). Shifted-logit families (Dream) also keep `boundary_logits`, the block-start
 forward's aligned logits at position `insert_at`: the only cached-out position a query row can need (SPEC §9).
 """
 
@@ -180,3 +180,20 @@ def bidirectional_attention(
     w_c, w_o = torch.exp(lse_c - top), torch.exp(lse_o - top)
     out = (out_c * w_c + out_o * w_o) / (w_c + w_o)
     return out.to(dtype).reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd)
+
+
+def append_kv(
+    cache: KVCache | None,
+    present: tuple[tuple[torch.Tensor, torch.Tensor], ...] | list,
+    row: int = 0,
+) -> KVCache:
+    """A new cache holding `cache`'s positions followed by batch row `row` of a forward's fresh K/V
+    (`present`, per layer `(B, H_kv, Q, hd)`): storing a finished block of a block-causal model (SPEC §12).
+    The input cache is not modified; the result's splice point is its end (queries are appended)."""
+    fresh = tuple((k[row : row + 1], v[row : row + 1]) for k, v in present)
+    if cache is not None:
+        fresh = tuple(
+            (torch.cat([kc[:1], k], dim=2), torch.cat([vc[:1], v], dim=2))
+            for (kc, vc), (k, v) in zip(cache.layers, fresh, strict=True)
+        )
+    return KVCache(fresh, insert_at=fresh[0][0].shape[2] if fresh else 0)
