@@ -142,7 +142,9 @@ class BenchRow:
     nfe: list[int] = field(default_factory=list)
     transitions: list[int] = field(default_factory=list)
     wall_s: list[float] = field(default_factory=list)
-    cpu_s: list[float] = field(default_factory=list)  # this thread's CPU time: robust on a shared machine
+    cpu_s: list[float] = field(
+        default_factory=list
+    )  # this thread's CPU time: robust on a shared machine
     tokens: list[int] = field(default_factory=list)
     model_s: float = 0.0
     overhead_s: float = 0.0

@@ -197,7 +197,9 @@ class BlockDecoder:
         stops = torch.tensor(self.cfg.stop_ids or [], dtype=torch.long, device=canvas.device)
         carry = None
         for b, block in enumerate(blocks):
-            masked = block.stop - max(block.start, p)  # positions from the prompt's end start masked
+            masked = block.stop - max(
+                block.start, p
+            )  # positions from the prompt's end start masked
             carry = self.decode_block(
                 canvas, block, b, strategy, stats, noise, carry, masked_at_start=masked
             )
@@ -367,7 +369,9 @@ class BlockDecoder:
             stats.bookkeeping_s += time.perf_counter() - t0 - (stats.draft_s - draft_s)
         return end
 
-    def _walk_rows(self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats) -> WalkEnd:
+    def _walk_rows(
+        self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats
+    ) -> WalkEnd:
         links: WalkLinks = link_rows(rows, step, ctx, self.step_free)
         t = time.perf_counter()
         early = self.propose_early(rows.dists.row(links.end), pick(links.new, links.end), ctx)

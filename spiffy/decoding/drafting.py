@@ -109,7 +109,9 @@ class GraphTensors:
             child_ok[q, : len(ks)] = True
         lv = torch.tensor(row_levels, dtype=torch.long)
         row = torch.arange(len(rows))
-        earlier = (lv[None, :] < lv[:, None]) | ((lv[None, :] == lv[:, None]) & (row[None] < row[:, None]))
+        earlier = (lv[None, :] < lv[:, None]) | (
+            (lv[None, :] == lv[:, None]) & (row[None] < row[:, None])
+        )
         pad_src = torch.where(valid, torch.arange(shape[1]).expand(shape), 0)
         sizes = sorted({len(f) for f in graph.nodes}, reverse=True)
         groups = tuple(

@@ -319,7 +319,9 @@ class TransitionRule:
         no host read when the rule registered its batched form; steps beyond a bounded rule's last step count
         everything left (a walk never reaches such rows)."""
         batched = BATCHED.get(self.name)
-        if batched is not None:  # each batched form counts 0 (or less: nothing) when nothing is masked
+        if (
+            batched is not None
+        ):  # each batched form counts 0 (or less: nothing) when nothing is masked
             return batched(self, sorted_conf, n_masked, steps, masked_at_start)
         last = (self.steps_per_block or 1) - 1
         counts = [

@@ -235,7 +235,9 @@ def transition_rows(
     masked = states == ctx.spec.mask_id  # (N, Lb)
     x0 = predict_tokens(d, ctx, steps)
     conf = confidence(d, x0, steps, ctx).masked_fill(~masked, NEG_INF)
-    if ctx.rule.spec.select is not None:  # the rule chooses positions itself (SDAR, SPEC §12): host, per row
+    if (
+        ctx.rule.spec.select is not None
+    ):  # the rule chooses positions itself (SDAR, SPEC §12): host, per row
         new, last = states.clone(), ctx.rule.steps_per_block
         for r, (step, left) in enumerate(zip(steps, masked.sum(1).tolist())):
             if r and (left == 0 or (last is not None and step >= last)):

@@ -151,5 +151,7 @@ class SpiffyDecoder(BlockDecoder):
         if n_drafts == 0 or block.stop >= canvas_len:
             return 0
         if get_cache_mode(self.cfg.cache).stores_blocks:  # SDAR: both fusions carry the next block
-            return self.cfg.block_length if self.speculation.fuse_store and self.cfg.fuse_next else 0
+            return (
+                self.cfg.block_length if self.speculation.fuse_store and self.cfg.fuse_next else 0
+            )
         return self.cfg.block_length if self.speculation.cross_block else 0

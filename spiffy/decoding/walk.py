@@ -98,7 +98,9 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
     stop = complete | same | ~expected.any(1)
     nxt = torch.where(stop, _rows(n, device), expected.to(torch.int8).argmax(1))
     end = nxt
-    for _ in range(math.ceil(math.log2(n))):  # pointer doubling: end[r] = where the walk from r stops
+    for _ in range(
+        math.ceil(math.log2(n))
+    ):  # pointer doubling: end[r] = where the walk from r stops
         end = end[end]
     return WalkLinks(new, conf, nxt, complete, same, match, end[:1])
 
@@ -122,7 +124,10 @@ def _later(rows: Rows, device, kind: str | None) -> torch.Tensor:
         if len(_MEMO) > 256:
             _MEMO.clear()
         n = len(levels)
-        allowed = [[c > 0 and (kind is None or levels[c] == levels[r] + 1) for c in range(n)] for r in range(n)]
+        allowed = [
+            [c > 0 and (kind is None or levels[c] == levels[r] + 1) for c in range(n)]
+            for r in range(n)
+        ]
         _MEMO[key] = torch.tensor(allowed, device=device)
     out = _MEMO[key]
     return out if rows.valid is None or kind is not None else out & rows.valid[None, :]

@@ -100,7 +100,9 @@ def plan_attention(
 ) -> AttentionPlan:
     """The attention masks of a forward. `attention_mask` (B, Q, K) uses keys `[cache (L_c), own fresh (Q)]`."""
     if cache is None:
-        return AttentionPlan(batch, mask=None if attention_mask is None else attention_mask[:, None])
+        return AttentionPlan(
+            batch, mask=None if attention_mask is None else attention_mask[:, None]
+        )
     if attention_mask is None:
         if batch not in cache._masks:
             cache._masks[batch] = AttentionPlan(
@@ -156,16 +158,24 @@ def bidirectional_attention(
             else:
                 rep = H // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=False, **kwargs)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=plan.mask, is_causal=False, **kwargs
+        )
         return out.transpose(1, 2).reshape(B, Q, H * hd)
     dtype = q.dtype
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as SDPA accumulates
+    work = (
+        torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    )  # as SDPA accumulates
     kv_heads = k.shape[1]
     g = H // kv_heads
     scale = hd**-0.5
     qg = q.to(work).view(B, kv_heads, g, Q, hd)
     out_o, lse_o = _part(  # each state's rows against its own fresh keys
-        qg.reshape(B, kv_heads, g * Q, hd), k.to(work), v.to(work), plan.additive("own", work, g), scale
+        qg.reshape(B, kv_heads, g * Q, hd),
+        k.to(work),
+        v.to(work),
+        plan.additive("own", work, g),
+        scale,
     )
     out_o, lse_o = out_o.view(B, kv_heads, g, Q, hd), lse_o.view(B, kv_heads, g, Q, 1)
     k_c, v_c = cache.layers[layer]
@@ -173,7 +183,9 @@ def bidirectional_attention(
         return out_o.to(dtype).reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd)
     # part 1: every query row of every state against the shared cache (rows ordered (b, g, q))
     folded = qg.transpose(0, 1).reshape(1, kv_heads, B * g * Q, hd)
-    out_c, lse_c = _part(folded, k_c.to(work), v_c.to(work), plan.additive("cached", work, g), scale)
+    out_c, lse_c = _part(
+        folded, k_c.to(work), v_c.to(work), plan.additive("cached", work, g), scale
+    )
     out_c = out_c.view(kv_heads, B, g, Q, hd).transpose(0, 1)
     lse_c = lse_c.view(kv_heads, B, g, Q, 1).transpose(0, 1)
     top = torch.maximum(lse_c, lse_o)

@@ -243,7 +243,9 @@ class SDARForCausalLM(PreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(start, start + Q, device=input_ids.device)
         if isinstance(position_ids, range):
-            position_ids = torch.arange(position_ids.start, position_ids.stop, device=input_ids.device)
+            position_ids = torch.arange(
+                position_ids.start, position_ids.stop, device=input_ids.device
+            )
         if position_ids.dim() == 1:
             position_ids = position_ids.expand(B, Q)
         if int(position_ids.max()) >= self.config.max_position_embeddings:

@@ -45,8 +45,12 @@ def test_at_most_one_host_read_per_forward(fixture_model, name):
     )
     assert inside == 0
     assert out["r"].stats.nfe == len(between)
-    assert between[-1] <= 3  # the last walk's read, then the EOS search of the result (once per request)
-    if name == "cross+spiffy":  # a block started from carried logits walks once more without a forward
+    assert (
+        between[-1] <= 3
+    )  # the last walk's read, then the EOS search of the result (once per request)
+    if (
+        name == "cross+spiffy"
+    ):  # a block started from carried logits walks once more without a forward
         assert max(between[:-1]) <= 2 and sum(between[:-1]) <= len(between) - 1 + 32 // 8 - 1
     else:
         assert max(between[:-1]) <= 1, between
@@ -85,9 +89,13 @@ def test_batched_counts_equal_the_reference_rule(rule):
         steps = torch.randint(0, 6, (6,), generator=g).tolist()
         if rule == "schedule":
             steps = [min(s, spb - 1) for s in steps]
-        if rule == "dream_threshold":  # reachable states: never more committed than the quota so far
+        if (
+            rule == "dream_threshold"
+        ):  # reachable states: never more committed than the quota so far
             n = torch.maximum(n, torch.tensor([max(0, start - (s * start // spb)) for s in steps]))
-            conf = torch.rand(6, lb, generator=g, dtype=torch.float64).sort(1, descending=True).values
+            conf = (
+                torch.rand(6, lb, generator=g, dtype=torch.float64).sort(1, descending=True).values
+            )
             conf[torch.arange(lb) >= n[:, None]] = float("-inf")
         got = r.counts(conf, n, steps, start).tolist()
         want = [r.count(conf[i, : n[i]], steps[i], start) for i in range(6)]
@@ -198,5 +206,7 @@ def test_compiled_block_forward_is_lossless():
     prompt = torch.tensor([1, 2, 3, 4])
     kw = dict(gen_length=16, block_length=8, cache="dual", speculate=spiffy.Speculation("chain:3"))
     eager = spiffy.build_decoder(model, **kw).generate(prompt)
-    compiled = spiffy.build_decoder(model, **kw, options=DecoderOptions(compile=True)).generate(prompt)
+    compiled = spiffy.build_decoder(model, **kw, options=DecoderOptions(compile=True)).generate(
+        prompt
+    )
     assert torch.equal(compiled.tokens, eager.tokens) and compiled.stats.nfe == eager.stats.nfe

@@ -109,11 +109,17 @@ def test_logits_at_and_the_cache_boundary_match_the_full_forward(dream):
 
     ids = PROMPT[None].repeat(2, 1)
     full = dream(ids).logits
-    torch.testing.assert_close(dream(ids, logits_at=slice(4, 9)).logits, full[:, 4:9], rtol=0, atol=0)
-    torch.testing.assert_close(dream(ids, logits_at=slice(0, 3)).logits, full[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(
+        dream(ids, logits_at=slice(4, 9)).logits, full[:, 4:9], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        dream(ids, logits_at=slice(0, 3)).logits, full[:, :3], rtol=0, atol=0
+    )
     out = dream(ids[:1], return_kv=True, logits_at=slice(4, 8))
     cache = KVCache(out.present, insert_at=4, replace=4, boundary_logits=out.logits[0, 0])
-    block = dream(ids[:, 4:8], position_ids=range(4, 8), kv_cache=cache).logits  # 2 states, one cache
+    block = dream(
+        ids[:, 4:8], position_ids=range(4, 8), kv_cache=cache
+    ).logits  # 2 states, one cache
     torch.testing.assert_close(block, full[:, 4:8], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="boundary_logits"):
         dream(ids[:, 4:8], position_ids=range(4, 8), kv_cache=KVCache(out.present, 4, 4))

@@ -91,7 +91,9 @@ def test_logits_at_projects_only_the_requested_rows():
     model = tiny_random_model()
     ids = torch.randint(0, 20, (3, 24))
     full = model(ids).logits
-    torch.testing.assert_close(model(ids, logits_at=slice(8, 16)).logits, full[:, 8:16], rtol=0, atol=0)
+    torch.testing.assert_close(
+        model(ids, logits_at=slice(8, 16)).logits, full[:, 8:16], rtol=0, atol=0
+    )
     rows = torch.tensor([0, 5, 23])
     torch.testing.assert_close(model(ids, logits_at=rows).logits, full[:, rows], rtol=0, atol=0)
     calls = []
