@@ -7,9 +7,9 @@ frozen cache shared by every block state verified in a forward. Queries attend t
 * dual cache:   the cache holds the whole canvas; queries are the block `[s, e)`; the cached block columns
   `[insert_at, insert_at + replace)` are masked out (the block's own K/V are always recomputed).
 
-With a cache, attention runs in two parts merged by their log-sum-exp: every query row of every state (drafts
-folded into one query axis) against the shared cache, and each state's rows against that state's own fresh keys
-(batched over states). So no row copies the cache, no draft sees another (SPEC §5.3 constraints), and a row's
+With a cache, the attention scores come in two products joined under one softmax: every query row of every state
+(drafts folded into one query axis) against the shared cache, and each state's rows against that state's own
+fresh keys (batched over states). So no row copies the cache, no draft sees another (SPEC §5.3 constraints), and a row's
 arithmetic does not depend on how many states share the forward (batch-invariant, so a draft's distribution
 equals the base decoder's computation of the same state bit for bit, in every dtype). Grouped-query heads are
 grouped, never repeated. Without a cache (full canvases) it is SDPA, with `enable_gqa` when torch has it.
@@ -60,35 +60,49 @@ class KVCache:
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """How B rows of Q queries attend in one forward; built once per forward, shared by every layer.
+    """How B states of Q query rows attend in one forward; built once per forward, shared by every layer.
 
     Without a cache `mask` is SDPA's bool mask (B, 1, Q, K). With one, `cached` (B, Q, L_c) or (L_c,) says which
     cached keys each query sees and `own` (B, Q, Q) which of its own fresh keys (None: all)."""
 
     batch: int
+    q_len: int = 0
     mask: torch.Tensor | None = None
     cached: torch.Tensor | None = None
     own: torch.Tensor | None = None
     _additive: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def additive(self, name: str, dtype: torch.dtype, groups: int = 1) -> torch.Tensor | None:
-        """A bool mask as an additive float mask in `dtype`, shaped for its part; converted once per plan."""
-        key = (name, dtype, groups)
+    def joint(self, dtype: torch.dtype, groups: int, n_cache: int) -> torch.Tensor | None:
+        """The additive mask over `[cached keys, own fresh keys]` for query rows `(g, q)` of each state,
+        broadcastable to (B, H_kv, G*Q, L_c + Q); None when every key is visible. Built once per plan."""
+        key = (dtype, groups)
         if key not in self._additive:
-            mask = getattr(self, name)
-            if mask is None:
+            if self.own is None and self.cached is None:
                 self._additive[key] = None
+            elif self.own is None and self.cached.dim() == 1:  # the same visibility for every row
+                vis = torch.cat([self.cached, self.cached.new_ones(self.q_len)])
+                self._additive[key] = _additive(vis, dtype)
             else:
-                out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-                out.masked_fill_(~mask, float("-inf"))
-                if name == "cached" and mask.dim() == 3:  # rows (b, g, q) of the folded query axis
-                    b, q, n = mask.shape
-                    out = out[:, None].expand(b, groups, q, n).reshape(1, 1, b * groups * q, n)
-                elif name == "own":  # (B, 1, G*Q, Q)
-                    b, q, n = mask.shape
-                    out = out[:, None].expand(b, groups, q, n).reshape(b, 1, groups * q, n)
-                self._additive[key] = out
+                b, q = self.batch, self.q_len
+                cached = self.cached if self.cached is not None else torch.ones(1, dtype=torch.bool)
+                own = self.own if self.own is not None else torch.ones(1, dtype=torch.bool)
+                device = (self.cached if self.cached is not None else self.own).device
+                both = torch.cat(
+                    [
+                        cached.to(device).expand(b, q, n_cache),
+                        own.to(device).expand(b, q, q),
+                    ],
+                    dim=2,
+                )
+                out = _additive(both, dtype)[:, None].expand(b, groups, q, n_cache + q)
+                self._additive[key] = out.reshape(b, 1, groups * q, n_cache + q)
         return self._additive[key]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")
+    )
 
 
 def plan_attention(
@@ -104,16 +118,16 @@ def plan_attention(
             batch, mask=None if attention_mask is None else attention_mask[:, None]
         )
     if attention_mask is None:
-        if batch not in cache._masks:
-            cache._masks[batch] = AttentionPlan(
-                batch, cached=cache.visible(device) if cache.replace else None
+        if (batch, q_len) not in cache._masks:
+            cache._masks[batch, q_len] = AttentionPlan(
+                batch, q_len, cached=cache.visible(device) if cache.replace else None
             )
-        return cache._masks[batch]
+        return cache._masks[batch, q_len]
     n_cache = cache.length
     cached = attention_mask[:, :, :n_cache]
     if cache.replace:
         cached = cached & cache.visible(device)
-    return AttentionPlan(batch, cached=cached, own=attention_mask[:, :, n_cache:])
+    return AttentionPlan(batch, q_len, cached=cached, own=attention_mask[:, :, n_cache:])
 
 
 @functools.cache
@@ -125,15 +139,6 @@ def sdpa_has_gqa() -> bool:
     except (TypeError, RuntimeError):
         return False
     return True
-
-
-def _part(q, k, v, mask, scale):
-    """Attention of q (B, H_kv, M, hd) over k, v (B, H_kv, K, hd) under an additive mask: output and lse."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores + mask
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return torch.matmul(torch.exp(scores - lse), v), lse
 
 
 def bidirectional_attention(
@@ -168,29 +173,23 @@ def bidirectional_attention(
     )  # as SDPA accumulates
     kv_heads = k.shape[1]
     g = H // kv_heads
-    scale = hd**-0.5
-    qg = q.to(work).view(B, kv_heads, g, Q, hd)
-    out_o, lse_o = _part(  # each state's rows against its own fresh keys
-        qg.reshape(B, kv_heads, g * Q, hd),
-        k.to(work),
-        v.to(work),
-        plan.additive("own", work, g),
-        scale,
-    )
-    out_o, lse_o = out_o.view(B, kv_heads, g, Q, hd), lse_o.view(B, kv_heads, g, Q, 1)
     k_c, v_c = cache.layers[layer]
-    if k_c.shape[2] == 0:  # an empty prefix (empty prompt): nothing cached to attend to
-        return out_o.to(dtype).reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd)
-    # part 1: every query row of every state against the shared cache (rows ordered (b, g, q))
-    folded = qg.transpose(0, 1).reshape(1, kv_heads, B * g * Q, hd)
-    out_c, lse_c = _part(
-        folded, k_c.to(work), v_c.to(work), plan.additive("cached", work, g), scale
-    )
-    out_c = out_c.view(kv_heads, B, g, Q, hd).transpose(0, 1)
-    lse_c = lse_c.view(kv_heads, B, g, Q, 1).transpose(0, 1)
-    top = torch.maximum(lse_c, lse_o)
-    w_c, w_o = torch.exp(lse_c - top), torch.exp(lse_o - top)
-    out = (out_c * w_c + out_o * w_o) / (w_c + w_o)
+    n_cache = k_c.shape[2]
+    qg = (q.to(work) * hd**-0.5).view(B, kv_heads, g, Q, hd)
+    # scores against the shared cache, every row of every state folded into one product (rows (b, g, q))
+    folded = qg.transpose(0, 1).reshape(kv_heads, B * g * Q, hd)
+    s_c = torch.matmul(folded, k_c[0].to(work).transpose(-1, -2))  # (H_kv, B*G*Q, L_c)
+    s_c = s_c.view(kv_heads, B, g * Q, n_cache).transpose(0, 1)
+    # and against each state's own fresh keys (batched over states): one softmax over both
+    s_o = torch.matmul(qg.reshape(B, kv_heads, g * Q, hd), k.to(work).transpose(-1, -2))
+    scores = torch.cat([s_c, s_o], dim=-1)
+    mask = plan.joint(work, g, n_cache)
+    if mask is not None:
+        scores = scores + mask
+    p = torch.softmax(scores, dim=-1)
+    p_c = p[..., :n_cache].transpose(0, 1).reshape(kv_heads, B * g * Q, n_cache)
+    out_c = torch.matmul(p_c, v_c[0].to(work)).view(kv_heads, B, g * Q, hd).transpose(0, 1)
+    out = out_c + torch.matmul(p[..., n_cache:], v.to(work))  # (B, H_kv, G*Q, hd)
     return out.to(dtype).reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd)
 
 
