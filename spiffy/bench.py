@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spiffy.api import build_decoder
-from spiffy.decoding.block_decoder import BlockDecoder
+from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.forward import STRATEGIES
 from spiffy.decoding.speculative import Speculation
@@ -104,7 +104,9 @@ def make_decoder(
     with `calibration_model`."""
     gen = generation_for(task, spec.base, temperature)
     build, speculation = build_decoder, Speculation
-    if package is not None:
+    if package is None:  # model time through CUDA events on a GPU (no effect on a CPU)
+        gen["options"] = DecoderOptions(profile=True)
+    else:
         build, speculation = package.build_decoder, package.Speculation
     if spec.graph is None:
         return build(model, **gen)
@@ -118,7 +120,7 @@ def make_decoder(
 
         graph = load_or_calibrate(
             calibration_model if calibration_model is not None else model,
-            GenerationConfig(**gen),
+            GenerationConfig(**{k: v for k, v in gen.items() if k != "options"}),
             prompts,
             model_name=model_name,
             task=task,
