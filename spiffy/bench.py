@@ -10,6 +10,7 @@ canvases) and the dual cache (block rows): the curve that decides when fewer NFE
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import platform
 import resource
@@ -106,8 +107,14 @@ def make_decoder(
     build, speculation = build_decoder, Speculation
     if package is None:  # model time through CUDA events on a GPU (no effect on a CPU)
         gen["options"] = DecoderOptions(profile=True)
-    else:
+    else:  # the other checkout's settings: fields it does not know must be at their defaults here
         build, speculation = package.build_decoder, package.Speculation
+        known = {f.name for f in dataclasses.fields(package.GenerationConfig)}
+        extra = {k: v for k, v in gen.items() if k not in known}
+        defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+        if any(v != defaults[k] for k, v in extra.items()):
+            raise ValueError(f"the checkout {package.__file__} has no settings {sorted(extra)}")
+        gen = {k: v for k, v in gen.items() if k in known}
     if spec.graph is None:
         return build(model, **gen)
     graph = spec.graph

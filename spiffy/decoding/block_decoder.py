@@ -373,9 +373,11 @@ class BlockDecoder:
         self, rows: Rows, step: int, ctx: TransitionContext, stats: DecodeStats
     ) -> WalkEnd:
         links: WalkLinks = link_rows(rows, step, ctx, self.step_free)
-        t = time.perf_counter()
-        early = self.propose_early(rows.dists.row(links.end), pick(links.new, links.end), ctx)
-        stats.draft_s += time.perf_counter() - t
+        early = None
+        if type(self).propose_early is not BlockDecoder.propose_early:  # a drafting decoder
+            t = time.perf_counter()
+            early = self.propose_early(rows.dists.row(links.end), pick(links.new, links.end), ctx)
+            stats.draft_s += time.perf_counter() - t
         extra = [early.valid] if early is not None else []
         if rows.unread is not None:
             extra.append(rows.unread)

@@ -100,7 +100,8 @@ class GenerationConfig:
             nb = self.num_blocks
             if not nb <= self.steps <= self.gen_length:
                 raise self._bad(
-                    "steps", f"must satisfy num_blocks={nb} <= steps <= gen_length={self.gen_length}"
+                    "steps",
+                    f"must satisfy num_blocks={nb} <= steps <= gen_length={self.gen_length}",
                 )
             if self.steps % nb:
                 raise self._bad("steps", f"must be a multiple of num_blocks={nb}")
@@ -161,8 +162,9 @@ class GenerationConfig:
             if name not in needed and name not in SHARED_PARAMS:
                 owners = rules_needing(name)
                 raise self._bad(
-                    name, f"only used by rule={owners[0]!r}{' (and others)' * (len(owners) > 1)}, "
-                    f"but rule={self.rule!r}"
+                    name,
+                    f"only used by rule={owners[0]!r}{' (and others)' * (len(owners) > 1)}, "
+                    f"but rule={self.rule!r}",
                 )
             if not ok(value):
                 raise self._bad(name, why)

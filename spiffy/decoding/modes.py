@@ -49,7 +49,11 @@ CACHE_MODES: dict[str, CacheMode] = {
         "none", True, {"exact": "exact", "shared": "shared"}, True, "full canvas every step"
     ),
     "prefix": CacheMode(
-        "prefix", False, {"exact": "exact", "shared": "shared"}, False, "prefix K/V from the block start"
+        "prefix",
+        False,
+        {"exact": "exact", "shared": "shared"},
+        False,
+        "prefix K/V from the block start",
     ),
     "dual": CacheMode(
         "dual", False, {"exact": "exact", "shared": "exact"}, False, "prefix and suffix K/V"

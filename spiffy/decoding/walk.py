@@ -57,15 +57,18 @@ class WalkLinks:
 
     new: torch.Tensor
     conf: torch.Tensor
-    nxt: torch.Tensor
+    nxt: torch.Tensor | None
     complete: torch.Tensor
     same: torch.Tensor
-    match: torch.Tensor
+    match: torch.Tensor | None
     end: torch.Tensor | int
 
     def read(self, extra: list[torch.Tensor]) -> HostLinks:
         """The one host read of a forward: links, flags and `extra` boolean vectors in a single transfer."""
         flags = [self.complete, self.same, *extra]
+        if self.new.shape[0] == 1:  # one row: its links are known (it stops where it is)
+            complete, same, *rest = _split(torch.cat(flags).tolist(), flags)
+            return HostLinks([0], complete, same, [-1], rest)
         parts = [self.nxt, self.match, *flags]
         flat = torch.cat([self.nxt, self.match, torch.cat(flags).long()]).tolist()
         out, at = [], 0
@@ -74,6 +77,14 @@ class WalkLinks:
             at += p.numel()
         nxt, match, complete, same, *rest = out
         return HostLinks(nxt, complete, same, match, [[bool(v) for v in e] for e in rest])
+
+
+def _split(flat: list, parts: list[torch.Tensor]) -> list[list[bool]]:
+    out, at = [], 0
+    for p in parts:
+        out.append([bool(v) for v in flat[at : at + p.numel()]])
+        at += p.numel()
+    return out
 
 
 def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) -> WalkLinks:
@@ -87,9 +98,8 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
     else:
         complete = (new != ctx.spec.mask_id).all(1)
     same = (new == rows.states).all(1)
-    if n == 1:
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        return WalkLinks(new, conf, zero, complete, same, zero - 1, 0)
+    if n == 1:  # links of a single row are known on the host (`read`)
+        return WalkLinks(new, conf, None, complete, same, None, 0)
     # eq[r, r']: the result of row r is the state of row r' (a later, valid draft: never row 0)
     eq = (new[:, None, :] == rows.states[None, :, :]).all(-1) & _later(rows, device, None)
     match = torch.where(eq.any(1), eq.to(torch.int8).argmax(1), -1)
