@@ -236,6 +236,7 @@ LAYOUTS = {  # cost-curve layout -> (cache mode, verification layout); SPEC §5.
     "shared": ("none", "shared"),
     "prefix": ("prefix", "exact"),
     "dual": ("dual", "exact"),
+    "block_causal": ("block_causal", "exact"),  # SDAR: one block of rows against its exact cache
 }
 
 
@@ -278,6 +279,8 @@ def cost_curve(
     for layout in layouts:
         cache, verify = LAYOUTS[layout]
         strategy = STRATEGIES[cache](model)
+        if hasattr(strategy, "prefill"):  # SDAR: the positions before the block are stored first
+            strategy.prefill(canvas, block.start)
         starts: list[float] = []
         times: dict[int, list[float]] = {d: [] for d in drafts}
         for _ in range(repeats + warmup):
