@@ -6,8 +6,9 @@ SPEC §12: blocks aligned to absolute positions, a prefill, one store per finish
 combination; presets are configurations, not forks. The loop is Spiffy's
 acceptance walk (SPEC §5.4) over the rows of one forward (row 0 the real state, rows 1.. verified drafts); the
 base decoder verifies row 0 only, so each of its transitions costs exactly one forward. Subclasses plug in
-through two typed hooks: `propose` (draft states to verify with the next forward) and `lookahead` (how many
-next-block positions that forward should also project).
+through typed hooks: `propose` / `propose_early` (draft states to verify with the next forward), `lookahead`
+(how many next-block positions that forward should also project) and `stored_row` (SDAR: the verified row whose
+K/V store the finished block).
 
 One forward, one host read (the normal path). The walk applies the transition to every row at the step it
 would be reached at (row r of graph level l at `step + l`) in one batched call, links each row to the row its
