@@ -27,10 +27,16 @@ def build_decoder(
     logits_eos_inf: bool = False,
     confidence_eos_eot_inf: bool = False,
     cfg_scale: float = 0.0,
+    steps_per_block: int | None = None,
+    stop_ids: list[int] | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    fuse_next: bool = False,
 ) -> BlockDecoder:
     """A base decoder (`speculate=None`) or Spiffy over it. Wrong arguments raise `ValueError`.
 
-    `steps` defaults to `gen_length` (one token per step) for the `schedule` rule.
+    `steps` defaults to `gen_length` (one token per step) for the `schedule` rule. SDAR models take the
+    `sdar_*` rules with `steps_per_block` (and `tau` for `sdar_dynamic`); their cache is implied (SPEC §12).
     """
     if rule == "schedule" and steps is None:
         steps = gen_length
@@ -49,6 +55,11 @@ def build_decoder(
         logits_eos_inf=logits_eos_inf,
         confidence_eos_eot_inf=confidence_eos_eot_inf,
         cfg_scale=cfg_scale,
+        steps_per_block=steps_per_block,
+        stop_ids=stop_ids,
+        top_k=top_k,
+        top_p=top_p,
+        fuse_next=fuse_next,
     )
     if speculate is None:
         return BlockDecoder(model, cfg)

@@ -65,7 +65,7 @@ class TransitionRule:
     def from_config(cls, cfg: GenerationConfig) -> TransitionRule:
         return cls(
             cfg.rule,
-            cfg.steps_per_block if cfg.rule in STEP_RULES else None,
+            cfg.schedule_steps_per_block if cfg.rule in STEP_RULES else cfg.steps_per_block,
             cfg.k,
             cfg.tau,
             cfg.factor,

@@ -26,14 +26,21 @@ EMPTY: Formula = ()
 
 @dataclass(frozen=True)
 class Prediction:
-    """Simulated NFE of a graph on recorded trajectories."""
+    """Simulated NFE of a graph on recorded trajectories (model calls: SDAR's prefill and stores included)."""
 
     nfe: int
     transitions: int
+    base_extra_calls: int = (
+        0  # the published base's calls that perform no transition (SDAR's prefill, stores)
+    )
+
+    @property
+    def nfe_base(self) -> int:
+        return self.transitions + self.base_extra_calls
 
     @property
     def speedup_nfe(self) -> float:
-        return self.transitions / self.nfe
+        return self.nfe_base / self.nfe
 
     @property
     def accepted_per_forward(self) -> float:
@@ -55,8 +62,10 @@ def _block_nfe(transitions: int, keys: list[list[Formula]], nodes: set[Formula])
 def evaluate(graph: DraftGraph | set[Formula], trajectories: Trajectories) -> Prediction:
     """Exact NFE the acceptance walk would need with `graph` on these trajectories."""
     nodes = set(graph.nodes) if isinstance(graph, DraftGraph) else set(graph)
-    nfe = sum(_block_nfe(b.transitions, b.keys, nodes) for b in trajectories.blocks)
-    return Prediction(nfe, sum(b.transitions for b in trajectories.blocks))
+    blocks = trajectories.blocks
+    nfe = sum(_block_nfe(b.transitions, b.keys, nodes) + b.extra_calls for b in blocks)
+    base_extra = sum(b.base_extra_calls for b in blocks)
+    return Prediction(nfe, sum(b.transitions for b in blocks), base_extra)
 
 
 def key_statistics(trajectories: Trajectories) -> tuple[Counter, dict[Formula, set[Formula]]]:

@@ -26,8 +26,18 @@ DECODER_KEYS = (
 )
 
 
+# settings recorded only when set (not None / not False), so that graphs calibrated before they existed keep
+# their provenance key
+OPTIONAL_KEYS = ("steps_per_block", "stop_ids", "top_k", "top_p", "fuse_next")
+
+
 def decoder_settings(cfg: GenerationConfig) -> dict:
-    return {key: getattr(cfg, key) for key in DECODER_KEYS}
+    out = {key: getattr(cfg, key) for key in DECODER_KEYS}
+    for key in OPTIONAL_KEYS:
+        value = getattr(cfg, key)
+        if value is not None and value is not False:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def calibration_key(provenance: dict) -> str:
