@@ -1,39 +1,57 @@
-"""Validated generation settings shared by every decoder (SPEC §2 step 1, §3, §4).
+"""Validated generation settings shared by every decoder (docs/algorithm.md §2–§4): the one definition.
 
-`GenerationConfig` is the single source of truth for what a base decoder does; invalid combinations raise
-`ValueError` naming the argument and its value, and nothing is silently rounded or clamped.
+`GenerationConfig` is the single source of truth for what a base decoder does. Everything else that enumerates
+decoder settings is derived from its fields: `spiffy.build_decoder`'s keywords, the Hydra schema
+(`spiffy.config.DecoderConfig`), the calibration provenance (`spiffy.graph.provenance`). Which rule needs which
+parameter comes from the rule registry (`spiffy.decoding.rules`), and cache modes from `spiffy.decoding.modes`.
+Invalid combinations raise `ValueError` naming the argument and its value; nothing is rounded or clamped.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 
-SDAR_RULES = ("sdar_static", "sdar_dynamic", "sdar_sequential")  # block-causal models (SPEC §12)
-RULES = (
-    "schedule",
-    "fixed_k",
-    "threshold",
-    "factor",
-    "dream_steps",
-    "dream_threshold",
-    *SDAR_RULES,
-)
-STEP_RULES = ("schedule", "dream_steps", "dream_threshold")  # rules that need `steps`
-# "block_causal": the exact cache of finished blocks, implied by (and only valid for) the SDAR rules
-CACHE_MODES = ("none", "prefix", "dual", "block_causal")
+from spiffy.decoding.modes import CACHE_MODES
+from spiffy.decoding.rules import RULES, get_rule, rules_needing
+
+# the rules of block-causal models (SDAR, SPEC §12), from the registry
+SDAR_RULES = tuple(name for name, spec in RULES.items() if spec.block_causal)
+
 REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
 SOFTMAX_DTYPES = ("float64", "model")
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# Rule parameters: how each is checked. `steps` may be given to any rule (it is validated, and only the rules that
+# declare it read it); every other parameter is exclusive to the rules that declare it.
+PARAM_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "steps": (_positive_int, "must be a positive integer"),
+    "k": (_positive_int, "must be a positive integer"),
+    "tau": (lambda v: isinstance(v, (int, float)) and 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "factor": (lambda v: isinstance(v, (int, float)) and v > 0, "must be positive"),
+    "steps_per_block": (_positive_int, "must be a positive integer"),
+}
+SHARED_PARAMS = ("steps",)
+
+
+def step_rules() -> tuple[str, ...]:
+    """Rules that read `steps` (the others run a block until no mask is left)."""
+    return rules_needing("steps")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Base-decoder settings. `steps` drives only the `schedule` rule; `k`/`tau`/`factor` their own rules.
+    """Base-decoder settings. Rule parameters (`steps`, `k`, `tau`, `factor`, `steps_per_block`) are read only
+    by the rules that declare them (see `spiffy.decoding.rules.RULES`).
 
-    SDAR (SPEC §12): the `sdar_*` rules take `steps_per_block` (SDAR's `denoising_steps`; `steps` stays the
-    total of SPEC §2), `sdar_dynamic` also `tau`; `cache` is implied (`block_causal`), `gen_length` is rounded
-    up to whole blocks, and `fuse_next` lets each block's store forward also start the next block.
-    `stop_ids` (any family) stops after the first block whose generated region contains one of them.
-    `top_k`/`top_p` filter the sampling distribution at `temperature > 0`.
+    SDAR (SPEC §12): the block-causal rules take `steps_per_block` (SDAR's `denoising_steps`; `steps` stays the
+    total of §2), imply the `block_causal` cache, and round `gen_length` up to whole blocks; `fuse_next` lets
+    each block's store forward also start the next block. `stop_ids` (any family) stops after the first block
+    whose generated region contains one of them. `top_k`/`top_p` filter sampling at `temperature > 0`.
     """
 
     gen_length: int = 128
@@ -57,115 +75,112 @@ class GenerationConfig:
     fuse_next: bool = False
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{name}={getattr(self, name)!r}: {why}")
-
         for name in ("gen_length", "block_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise bad(name, "must be a positive integer")
-        sdar = self.rule in SDAR_RULES
-        if sdar and self.cache == "none":  # implied: the exact block-causal cache
+            if not _positive_int(getattr(self, name)):
+                raise self._bad(name, "must be a positive integer")
+        block_causal = get_rule(self.rule).block_causal
+        if block_causal and self.cache == "none":  # implied: the exact block-causal cache
             object.__setattr__(self, "cache", "block_causal")
-        if self.gen_length % self.block_length and not sdar:
+        if self.gen_length % self.block_length and not block_causal:
             raise ValueError(
                 f"gen_length={self.gen_length} must be a multiple of "
                 f"block_length={self.block_length}"
             )
+        get_rule(self.rule)
         for name, choices in (
-            ("rule", RULES),
             ("cache", CACHE_MODES),
             ("remasking", REMASKING),
             ("softmax_dtype", SOFTMAX_DTYPES),
         ):
             if getattr(self, name) not in choices:
-                raise bad(name, f"must be one of {list(choices)}")
-        self._check_sdar(bad)
-        if self.rule in STEP_RULES and self.steps is None:
-            raise bad("steps", f"rule={self.rule!r} needs steps")
+                raise self._bad(name, f"must be one of {list(choices)}")
+        self._check_block_causal()
+        self._check_rule_params()
         if self.steps is not None:
             nb = self.num_blocks
-            if not isinstance(self.steps, int) or not nb <= self.steps <= self.gen_length:
-                raise bad(
-                    "steps",
-                    f"must satisfy num_blocks={nb} <= steps <= gen_length={self.gen_length}",
+            if not nb <= self.steps <= self.gen_length:
+                raise self._bad(
+                    "steps", f"must satisfy num_blocks={nb} <= steps <= gen_length={self.gen_length}"
                 )
             if self.steps % nb:
-                raise bad("steps", f"must be a multiple of num_blocks={nb}")
-        owners = {
-            "k": ("fixed_k",),
-            "tau": ("threshold", "dream_threshold", "sdar_dynamic"),
-            "factor": ("factor",),
-            "steps_per_block": SDAR_RULES,
-        }
-        for name, rules in owners.items():
-            value = getattr(self, name)
-            if self.rule in rules and value is None:
-                raise bad(name, f"rule={self.rule!r} needs {name}")
-            if self.rule not in rules and value is not None:
-                owner = f"rule={rules[0]!r}" if len(rules) == 1 else f"the rules {list(rules)}"
-                raise bad(name, f"only used by {owner}, but rule={self.rule!r}")
-        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
-            raise bad("k", "must be a positive integer")
-        if self.tau is not None and not 0.0 < self.tau <= 1.0:
-            raise bad("tau", "must be in (0, 1]")
-        if self.factor is not None and not self.factor > 0:
-            raise bad("factor", "must be positive")
-        if not self.temperature >= 0:
-            raise bad("temperature", "must be >= 0")
+                raise self._bad("steps", f"must be a multiple of num_blocks={nb}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise self._bad("temperature", "must be a number >= 0")
         if self.cfg_scale != 0:
-            raise bad("cfg_scale", "classifier-free guidance is out of scope (use 0)")
-        self._check_sampling(bad)
+            raise self._bad("cfg_scale", "classifier-free guidance is out of scope (use 0)")
+        self._check_sampling()
 
-    def _check_sdar(self, bad) -> None:
-        """SDAR's rules, its implied cache and its step count (SPEC §12)."""
-        sdar = self.rule in SDAR_RULES
-        if sdar and self.cache != "block_causal":
-            raise bad("cache", f"rule={self.rule!r} implies the exact block-causal cache")
-        if not sdar and self.cache == "block_causal":
-            raise bad("cache", f"only the SDAR rules {list(SDAR_RULES)} use it")
-        if sdar and self.steps is not None:
-            raise bad(
-                "steps", f"rule={self.rule!r} takes steps_per_block (steps is a total, SPEC §2)"
-            )
-        if sdar and self.remasking != "low_confidence":
-            raise bad("remasking", f"rule={self.rule!r} names its own position choice")
-        if self.fuse_next and not sdar:
-            raise bad("fuse_next", "only the block-causal SDAR rules store blocks")
+    def _bad(self, name: str, why: str) -> ValueError:
+        return ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+    def _check_block_causal(self) -> None:
+        """Block-causal rules and the cache that stores blocks go together (SPEC §12)."""
+        rule, stores = get_rule(self.rule), CACHE_MODES[self.cache].stores_blocks
+        if rule.block_causal and not stores:
+            raise self._bad("cache", f"rule={self.rule!r} implies the exact block-causal cache")
+        if stores and not rule.block_causal:
+            raise self._bad("cache", f"only the block-causal rules {list(SDAR_RULES)} use it")
+        if rule.block_causal and self.steps is not None:
+            raise self._bad("steps", f"rule={self.rule!r} takes steps_per_block (steps is a total)")
+        if rule.block_causal and self.remasking != "low_confidence":
+            raise self._bad("remasking", f"rule={self.rule!r} names its own position choice")
+        if self.fuse_next and not stores:
+            raise self._bad("fuse_next", "only the block-causal rules store finished blocks")
         spb = self.steps_per_block
-        if spb is not None and (
-            not isinstance(spb, int) or isinstance(spb, bool) or not 1 <= spb <= self.block_length
-        ):
-            raise bad(
-                "steps_per_block", f"must be an integer in [1, block_length={self.block_length}]"
-            )
+        if _positive_int(spb) and spb > self.block_length:
+            raise self._bad("steps_per_block", f"must be <= block_length={self.block_length}")
 
-    def _check_sampling(self, bad) -> None:
-        """`stop_ids`, `top_k`, `top_p`; lists are normalised to tuples (the config is frozen)."""
+    def _check_sampling(self) -> None:
+        """`stop_ids`, `top_k`, `top_p` (a list of stop ids becomes a tuple: the config is frozen)."""
         if self.stop_ids is not None:
-            ids = tuple(self.stop_ids) if not isinstance(self.stop_ids, int) else None
-            if ids is None or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise bad("stop_ids", "must be None or a list of token ids")
+            ids = None if isinstance(self.stop_ids, (int, str)) else tuple(self.stop_ids)
+            if ids is None or not all(_positive_int(i) or i == 0 for i in ids):
+                raise self._bad("stop_ids", "must be None or a list of token ids")
             object.__setattr__(self, "stop_ids", ids)
-        if self.top_k is not None and (
-            not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1
+        if self.top_k is not None and not _positive_int(self.top_k):
+            raise self._bad("top_k", "must be None or a positive integer")
+        if self.top_p is not None and not (
+            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0
         ):
-            raise bad("top_k", "must be None or a positive integer")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be None or in (0, 1]")
+            raise self._bad("top_p", "must be None or in (0, 1]")
         for name in ("top_k", "top_p"):
             if getattr(self, name) is not None and self.temperature == 0:
-                raise bad(name, "filters sampling, which needs temperature > 0")
+                raise self._bad(name, "filters sampling, which needs temperature > 0")
+        if not isinstance(self.fuse_next, bool):
+            raise self._bad("fuse_next", "must be True or False")
+
+    def _check_rule_params(self) -> None:
+        """Derived from the registry: a rule's declared parameters are required, the others refused."""
+        needed = RULES[self.rule].params
+        for name, (ok, why) in PARAM_CHECKS.items():
+            value = getattr(self, name)
+            if value is None:
+                if name in needed:
+                    raise self._bad(name, f"rule={self.rule!r} needs {name}")
+                continue
+            if name not in needed and name not in SHARED_PARAMS:
+                owners = rules_needing(name)
+                raise self._bad(
+                    name, f"only used by rule={owners[0]!r}{' (and others)' * (len(owners) > 1)}, "
+                    f"but rule={self.rule!r}"
+                )
+            if not ok(value):
+                raise self._bad(name, why)
 
     @property
     def num_blocks(self) -> int:
-        """Blocks of the generated region (SDAR's count also depends on the prompt, SPEC §12)."""
+        """Blocks of the generated region (SDAR's also depend on the prompt's length, SPEC §12)."""
         return -(-self.gen_length // self.block_length)
 
     @property
     def schedule_steps_per_block(self) -> int | None:
-        """Steps per block of the `steps` rules (`steps / num_blocks`)."""
+        """Steps per block of the rules that read the total `steps`."""
         return None if self.steps is None else self.steps // self.num_blocks
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Every setting, in declaration order (what provenance, Hydra and `build_decoder` derive from)."""
+        return tuple(f.name for f in fields(cls))

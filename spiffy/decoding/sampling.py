@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from spiffy.decoding.config import SDAR_RULES, GenerationConfig
+from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
-from spiffy.decoding.sdar import select_positions
 from spiffy.models.loading import ModelSpec
 
 NEG_INF = float("-inf")
@@ -83,7 +82,7 @@ def filtered_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tenso
         return out
     scaled = out / cfg.temperature
     filters = [("k", cfg.top_k), ("p", cfg.top_p)]
-    if cfg.rule not in SDAR_RULES:
+    if not ctx.rule.spec.block_causal:  # SDAR's sampler filters top-k first, Dream's top-p first
         filters.reverse()
     for kind, value in filters:
         if value is not None:
@@ -123,13 +122,13 @@ def confidence(
     """Per-position confidence (Lb,) float64 of the remasking strategy (SPEC §2 step 4; Dream's
     `topk_margin` = top-1 minus top-2 probability, `entropy` = sum p log(p + 1e-10)).
 
-    SDAR (SPEC §12): the probability of the token under SDAR's sampler, i.e. after temperature, `top_k`
-    and `top_p` at T>0 (the float64 softmax of the logits at T=0); `sdar_sequential` ranks positions left
-    to right, so its "confidence" is minus the position."""
-    cfg = ctx.cfg
-    if cfg.rule == "sdar_sequential":
+    Block-causal rules (SDAR, SPEC §12): the probability of the token under SDAR's sampler, i.e. after
+    temperature, `top_k` and `top_p` at T>0 (the float64 softmax of the logits at T=0); a rule that
+    `ranks_by_position` (`sdar_sequential`) takes positions left to right: its "confidence" is -position."""
+    cfg, rule = ctx.cfg, ctx.rule.spec
+    if rule.ranks_by_position:
         return -torch.arange(x0.numel(), dtype=torch.float64, device=x0.device)
-    if cfg.rule in SDAR_RULES and cfg.temperature > 0:
+    if rule.block_causal and cfg.temperature > 0:
         probs = torch.softmax(filtered_logits(logits, ctx) / cfg.temperature, dim=-1)
         return probs.gather(-1, x0[:, None]).squeeze(-1)
     kind = cfg.remasking
@@ -161,9 +160,8 @@ def transition(
     x0 = predict_tokens(logits, ctx, step)  # (Lb,)
     conf = confidence(logits, x0, step, ctx)
     conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
-    if ctx.cfg.rule in SDAR_RULES:  # SDAR's quota, strategies and over-selection (SPEC §12)
-        rule = ctx.rule
-        chosen = select_positions(rule.name, conf, masked, step, rule.steps_per_block, rule.tau)
+    if ctx.rule.spec.select is not None:  # the rule chooses positions itself (SDAR, SPEC §12)
+        chosen = ctx.rule.spec.select(ctx.rule, conf, masked, step)
         new_state = state.clone()
         new_state[chosen] = x0[chosen]
         return new_state, conf

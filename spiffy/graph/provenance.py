@@ -1,4 +1,4 @@
-"""Calibration provenance: which decoder settings a graph was calibrated under (SPEC §5.5 step 3)."""
+"""Calibration provenance: which decoder settings a graph was calibrated under (docs/algorithm.md §5.5)."""
 
 from __future__ import annotations
 
@@ -9,35 +9,15 @@ import warnings
 from spiffy.decoding.config import GenerationConfig
 from spiffy.graph.draft_graph import DraftGraph
 
-DECODER_KEYS = (
-    "gen_length",
-    "block_length",
-    "rule",
-    "steps",
-    "k",
-    "tau",
-    "factor",
-    "cache",
-    "temperature",
-    "remasking",
-    "softmax_dtype",
-    "logits_eos_inf",
-    "confidence_eos_eot_inf",
-)
-
-
-# settings recorded only when set (not None / not False), so that graphs calibrated before they existed keep
-# their provenance key
-OPTIONAL_KEYS = ("steps_per_block", "stop_ids", "top_k", "top_p", "fuse_next")
-
 
 def decoder_settings(cfg: GenerationConfig) -> dict:
-    out = {key: getattr(cfg, key) for key in DECODER_KEYS}
-    for key in OPTIONAL_KEYS:
-        value = getattr(cfg, key)
-        if value is not None and value is not False:
-            out[key] = list(value) if isinstance(value, tuple) else value
-    return out
+    """Every decoder setting a graph may depend on: all fields of the config (new settings included)."""
+    return {key: _jsonable(getattr(cfg, key)) for key in type(cfg).field_names()}
+
+
+def _jsonable(value):
+    """Tuples (e.g. `stop_ids`) as lists, as they read back from a graph's JSON file."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def calibration_key(provenance: dict) -> str:
