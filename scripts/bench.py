@@ -3,6 +3,8 @@
     python scripts/bench.py --decoders vanilla vanilla+spiffy@calibrated:10 dual dual+spiffy@calibrated:10
     python scripts/bench.py --device cuda --dtype bfloat16 ...      # unchanged on a GPU
     python scripts/bench.py --decoders --name fig5_cpu              # the cost curve only (Figure 5)
+    python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --gen '{"stop_ids": [96]}' \
+        --cost-curve --decoders sdar sdar+spiffy@calibrated:5 sdar_fused sdar_fused+spiffy@calibrated:5/fused
 
 Writes `<out>/<name>.json` and `<out>/<name>.md`. NFE ratios are hardware-independent; wall-clock ratios are
 measured interleaved on this device (stated in the output).
@@ -41,6 +43,14 @@ def main() -> None:
         "--decoders", nargs="*", default=["vanilla", "vanilla+spiffy"], help="none: cost curve only"
     )
     p.add_argument("--graph", default="calibrated:10", help="graph for '+spiffy' without '@'")
+    p.add_argument("--gen", default="{}", help="JSON GenerationConfig fields for every decoder")
+    p.add_argument(
+        "--block-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="SDAR: decode in blocks of each N (one model copy with config.block_size = N each)",
+    )
     p.add_argument("--n", type=int, default=50, help="held-out test problems")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--device", default="cpu")
@@ -57,18 +67,31 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = spiffy.load_model(args.model, dtype=args.dtype, device=args.device)
     tok = load_tokenizer(args.model)
+    overrides = json.loads(args.gen)
     specs = [DecoderSpec.parse(s, args.graph) for s in args.decoders]
-    decoders = {
-        s.label: make_decoder(
-            model, tok, s, task=args.task, model_name=args.model_name, temperature=args.temperature
-        )
-        for s in specs
-    }
+    decoders, bases = {}, {}
+    for block in args.block_sizes or [None]:
+        m, settings, tag = model, overrides, ""
+        if block is not None:  # a block-causal model trained at several block sizes
+            m = spiffy.load_model(args.model, dtype=args.dtype, device=args.device)
+            m.config.block_size = block
+            settings, tag = {**overrides, "block_length": block}, f" B={block}"
+        for s in specs:
+            decoders[s.label + tag] = make_decoder(
+                m,
+                tok,
+                s,
+                task=args.task,
+                model_name=args.model_name,
+                temperature=args.temperature,
+                overrides=settings,
+            )
+            bases[s.label + tag] = s.base + tag
     if not specs and not args.cost_curve:
         raise SystemExit("nothing to measure: pass --decoders and/or --cost-curve")
     problems = generate_split("test", args.n)
     rows = run_side_by_side(decoders, tok, problems) if specs else {}
-    table = pd.DataFrame(summarize_rows(rows, {s.label: s.base for s in specs}) if rows else [])
+    table = pd.DataFrame(summarize_rows(rows, bases) if rows else [])
     device = next(model.parameters()).device
     env = environment(model, device)
     gen = GenerationConfig(**generation_for(args.task, "vanilla", args.temperature))

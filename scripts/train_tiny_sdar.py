@@ -23,7 +23,7 @@ from spiffy.tasks.char_tokenizer import build_char_tokenizer
 from spiffy.tasks.scoring import is_correct
 from spiffy.training.loop import add_common_args, arith_batch, save_checkpoint, train
 from spiffy.training.objective import block_diffusion_loss
-from spiffy.training.warm_start import sdar_from_llada
+from spiffy.training.warm_start import sdar_from_llada, write_published_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,6 +109,7 @@ def main() -> None:
         f"blocks (block-causal), block sizes {block_sizes}; warm start from {args.init_from}"
     )
     save_checkpoint(model, tok, args, objective, trained)
+    write_published_config(model.config, args.out)  # the published SDAR key set
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Initialise an SDAR-format model from a trained LLaDA-format one (same tokenizer, same shapes).
+"""Initialise an SDAR-format model from a trained LLaDA-format one (same tokenizer, same shapes), and write an SDAR
+model's `config.json` with the published checkpoints' keys.
 
 The two architectures are the same pre-norm SwiGLU transformer with rotate-half RoPE; only the names differ, and SDAR
 (Qwen3) adds a per-head RMSNorm on q and k, which starts at ones. LLaDA's `ff_proj` is the gated (SiLU) branch, so
@@ -6,6 +7,9 @@ it maps to `gate_proj`. The result is then fine-tuned with the block-diffusion o
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from spiffy.models.llada import LLaDAModelLM
 from spiffy.models.sdar import SDARConfig, SDARForCausalLM
@@ -69,3 +73,41 @@ def sdar_from_llada(llada: LLaDAModelLM, block_size: int) -> SDARForCausalLM:
     if unexpected or any(m.split(".")[-2] not in ("q_norm", "k_norm") for m in missing):
         raise ValueError(f"LLaDA->SDAR mapping left missing={missing} unexpected={unexpected}")
     return model
+
+
+# JetLM/SDAR-*-Chat/config.json's keys in their order (the sdar_reference fixture's config has the same), without
+# `auto_map`: it names remote-code files that are not shipped (spiffy's native class needs none)
+PUBLISHED_KEYS = (
+    "architectures", "attention_bias", "attention_dropout", "attn_implementation", "bos_token_id", "debug",
+    "eos_token_id", "block_size", "mask_token_id", "ep_size", "fuse_cross_entropy", "head_dim", "hidden_act",
+    "hidden_size", "initializer_range", "intermediate_size", "max_position_embeddings", "max_window_layers",
+    "micro_forward", "model_type", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+    "rms_norm_eps", "rope_scaling", "rope_theta", "skip_checkpoint", "sliding_window", "tie_word_embeddings",
+    "torch_dtype", "transformers_version", "use_cache", "use_deepep", "use_sliding_window", "vocab_size",
+)  # fmt: skip
+# the published values of the keys that only training code reads (no effect at inference)
+TRAINING_ONLY = dict(
+    attention_dropout=0.0, attn_implementation="flex_attention", debug=False, ep_size=1,
+    fuse_cross_entropy=True, hidden_act="silu", initializer_range=0.02, micro_forward=False,
+    rope_scaling=None, skip_checkpoint=False, sliding_window=None, use_cache=False, use_deepep=False,
+    use_sliding_window=False,
+)  # fmt: skip
+
+
+def write_published_config(config: SDARConfig, out: str | Path) -> dict:
+    """Write `out/config.json` with the published SDAR keys (plus `pad_token_id` when set); returns it."""
+    ours = config.to_dict()
+    values = {
+        **TRAINING_ONLY,
+        **{k: ours[k] for k in PUBLISHED_KEYS if k in ours},
+        "architectures": ["SDARForCausalLM"],
+        "model_type": "sdar",
+        "max_window_layers": config.num_hidden_layers,
+        "torch_dtype": str(ours.get("dtype") or "float32").removeprefix("torch."),
+        "tie_word_embeddings": False,
+    }
+    data = {k: values[k] for k in PUBLISHED_KEYS}
+    if config.pad_token_id is not None:
+        data["pad_token_id"] = config.pad_token_id
+    Path(out, "config.json").write_text(json.dumps(data, indent=2) + "\n")
+    return data
