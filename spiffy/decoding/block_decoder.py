@@ -74,10 +74,11 @@ class BlockDecoder:
                 f"block_length={cfg.block_length}: this SDAR model's block_size is "
                 f"{spec.attention_block_size}"
             )
-        bad = [i for i in cfg.stop_ids or () if i >= spec.vocab_size]
+        bad = [i for i in cfg.stop_ids or () if i >= spec.vocab_size or i == spec.mask_id]
         if bad:
             raise ValueError(
-                f"stop_ids={list(cfg.stop_ids)}: {bad} >= vocab_size={spec.vocab_size}"
+                f"stop_ids={list(cfg.stop_ids)}: {bad} is the mask id {spec.mask_id} or "
+                f">= vocab_size={spec.vocab_size}"
             )
 
     @property

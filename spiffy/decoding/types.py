@@ -49,8 +49,10 @@ class DecodeStats:
 
     @property
     def mean_accepted_per_forward(self) -> float:
-        """Transitions per forward minus one."""
-        return self.transitions / self.nfe - 1 if self.nfe else float("nan")
+        """Transitions per forward minus one, over the forwards that performed transitions (all of them,
+        except SDAR's prefill and plain store calls)."""
+        forwards = sum(self.accepted_per_forward.values())
+        return self.transitions / forwards - 1 if forwards else float("nan")
 
     @property
     def overhead_s(self) -> float:

@@ -30,9 +30,9 @@ class Prediction:
 
     nfe: int
     transitions: int
-    base_extra_calls: int = (
-        0  # the published base's calls that perform no transition (SDAR's prefill, stores)
-    )
+    # the published base's calls that perform no transition (SDAR's prefill and stores), and this decoder's
+    base_extra_calls: int = 0
+    extra_calls: int = 0
 
     @property
     def nfe_base(self) -> int:
@@ -44,7 +44,8 @@ class Prediction:
 
     @property
     def accepted_per_forward(self) -> float:
-        return self.transitions / self.nfe - 1
+        """Transitions per forward that performed any, minus one (as `DecodeStats`)."""
+        return self.transitions / (self.nfe - self.extra_calls) - 1
 
 
 def _block_nfe(transitions: int, keys: list[list[Formula]], nodes: set[Formula]) -> int:
@@ -63,9 +64,10 @@ def evaluate(graph: DraftGraph | set[Formula], trajectories: Trajectories) -> Pr
     """Exact NFE the acceptance walk would need with `graph` on these trajectories."""
     nodes = set(graph.nodes) if isinstance(graph, DraftGraph) else set(graph)
     blocks = trajectories.blocks
-    nfe = sum(_block_nfe(b.transitions, b.keys, nodes) + b.extra_calls for b in blocks)
+    extra = sum(b.extra_calls for b in blocks)
+    nfe = sum(_block_nfe(b.transitions, b.keys, nodes) for b in blocks) + extra
     base_extra = sum(b.base_extra_calls for b in blocks)
-    return Prediction(nfe, sum(b.transitions for b in blocks), base_extra)
+    return Prediction(nfe, sum(b.transitions for b in blocks), base_extra, extra)
 
 
 def key_statistics(trajectories: Trajectories) -> tuple[Counter, dict[Formula, set[Formula]]]:

@@ -132,6 +132,7 @@ def test_quota_depends_on_the_step_index_only():
         (dict(top_k=3), "top_k=3"),
         (dict(top_p=0.5, temperature=0.5, top_k=0), "top_k=0"),
         (dict(stop_ids=[96]), "stop_ids=\\[96\\]"),
+        (dict(stop_ids=[3, 95]), "the mask id 95"),
         (dict(remasking="random"), "remasking='random'"),
         (dict(speculate=spiffy.Speculation("chain:3", cross_block=True)), "cross_block=True"),
     ],
@@ -206,7 +207,7 @@ def test_sampling_uses_keyed_noise_and_the_filtered_distribution(rule):
         assert torch.equal(one.canvas, greedy.canvas)
 
 
-def test_dream_top_p_keeps_only_the_nucleus(sdar_fixture_dir):
+def test_dream_top_p_keeps_only_the_nucleus():
     dream = spiffy.load_model("tiny-dream-random", dtype=torch.float64)
     kw = dict(gen_length=16, block_length=8, rule="dream_steps", steps=16)
     prompt = torch.tensor([5, 6, 7])
