@@ -17,10 +17,12 @@ import random
 
 import torch
 
+from spiffy.api import build_decoder
+from spiffy.bench import generation_for
+from spiffy.eval.offline import accuracy, score_arith
 from spiffy.models.loading import load_model
-from spiffy.tasks.arith import ArithConfig, format_prompt, generate_split
+from spiffy.tasks.arith import ArithConfig, generate_split
 from spiffy.tasks.char_tokenizer import build_char_tokenizer
-from spiffy.tasks.scoring import is_correct
 from spiffy.training.loop import add_common_args, arith_batch, save_checkpoint, train
 from spiffy.training.objective import block_diffusion_loss
 from spiffy.training.warm_start import sdar_from_llada, write_published_config
@@ -29,12 +31,14 @@ from spiffy.training.warm_start import sdar_from_llada, write_published_config
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(
-        p, out="spiffy/checkpoints/tiny-sdar-arith", work="runs/train_sdar", steps=900,
+        p, out="spiffy/checkpoints/tiny-sdar-arith", work="runs/train_sdar", steps=1200,
         batch_size=32, lr=1e-3, warmup=50,
     )  # fmt: skip
     p.add_argument("--init-from", default="tiny-llada-arith", help="LLaDA checkpoint to start from")
     p.add_argument(
-        "--block-sizes", default="8", help="comma-separated; the first is config.block_size"
+        "--block-sizes",
+        default="8,4,8,16",
+        help="comma-separated, drawn uniformly per batch; the first is config.block_size",
     )
     p.add_argument(
         "--monitor-n", type=int, default=20, help="calib problems greedy-checked per save"
@@ -42,40 +46,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-@torch.no_grad()
-def greedy_block_decode(model, prompt: list[int], gen_length: int, block_size: int) -> list[int]:
-    """Training monitor only (no cache, one token per step): SDAR's static rule at 1 token/step, stopping after
-    the block that holds EOS. The library's decoder is `spiffy.build_decoder(..., rule="sdar_static")`."""
-    mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
-    total = -(-(len(prompt) + gen_length) // block_size) * block_size
-    canvas = torch.tensor(prompt + [mask_id] * (total - len(prompt)))
-    for start in range(len(prompt) // block_size * block_size, total, block_size):
-        end = start + block_size
-        while bool((canvas[start:end] == mask_id).any()):
-            probs = model(canvas[None, :end]).logits[0, start:end].float().softmax(-1)
-            conf, token = probs.max(-1)
-            conf = torch.where(canvas[start:end] == mask_id, conf, -1.0)
-            i = int(conf.argmax())
-            canvas[start + i] = token[i]
-        if eos_id in canvas[len(prompt) : end].tolist():
-            break
-    return canvas[len(prompt) :].tolist()
-
-
 def monitor_fn(tok, args, block_sizes):
+    """Accuracy on `--monitor-n` calibration problems with SDAR's base decoder, at each trained block size."""
     problems = generate_split("calib", args.monitor_n, seed=args.seed)
 
     def monitor(model) -> dict:
         out = {}
         for bs in sorted(set(block_sizes)):
             model.config.block_size = bs
-            hits = 0
-            for p in problems:
-                ids = greedy_block_decode(model, tok(format_prompt(p["question"]))["input_ids"],
-                                          args.gen_length, bs)  # fmt: skip
-                ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
-                hits += is_correct(tok.decode(ids, skip_special_tokens=True), p["target"])
-            out[f"calib_acc_b{bs}"] = hits / len(problems)
+            gen = generation_for("arith", "sdar", 0.0, block_length=bs, stop_ids=[tok.eos_token_id])
+            samples = score_arith(build_decoder(model, **gen), tok, problems, progress=False)
+            out[f"calib_acc_b{bs}"] = accuracy(samples)
         model.config.block_size = block_sizes[0]
         return out
 

@@ -3,6 +3,8 @@ Spiffy over it gives the same tokens in fewer model calls."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -39,6 +41,18 @@ def test_loads_offline_by_name_in_sdar_format(embedded_sdar):
     assert (spec.mask_id, spec.eos_id) == (tok.mask_token_id, tok.eos_token_id)
     assert spec.attention_block_size == 8 and spec.block_causal
     assert tok.decode(tok("Question: 3+4=7")["input_ids"]) == "Question: 3+4=7"
+
+
+def test_config_has_the_published_keys_in_order(sdar_fixture_dir):
+    """SDAR's published config.json keys (the reference fixture's), without the remote-code `auto_map`."""
+    ours = json.loads((CHECKPOINTS_DIR / NAME / "config.json").read_text())
+    published = json.loads((sdar_fixture_dir / "config.json").read_text())
+    assert [k for k in ours if k != "pad_token_id"] == [k for k in published if k != "auto_map"]
+    assert (ours["model_type"], ours["block_size"], ours["tie_word_embeddings"]) == (
+        "sdar",
+        8,
+        False,
+    )
 
 
 def test_sdar_base_solves_test_problems_and_spiffy_agrees(embedded_sdar):
