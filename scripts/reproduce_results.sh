@@ -32,12 +32,28 @@ step python scripts/bench.py --name bases_cpu --n 30 --graph calibrated:8 --deco
   dual dual+spiffy dual_threshold0.9 dual_threshold0.9+spiffy
 # SDAR (fixture model, tests/fixtures): model calls of the reference loop, its fusions, Spiffy (SPEC §12)
 step python scripts/sdar_fusions.py --out results/tables
+# the embedded block-causal model tiny-sdar-arith: model card accuracy (SDAR base, 1 token/step, stop at EOS)
+step python scripts/eval_embedded.py --model tiny-sdar-arith --n 200 --gen '{"stop_ids": [96]}' \
+  --json results/tiny_sdar_eval.json
+# ... its wall-clock table: SDAR bases vs + Spiffy (calibrated D, fusions, chain graphs), 1 thread, float32
+step python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 200 \
+  --gen '{"stop_ids": [96]}' --cost-curve --name sdar_cpu --decoders sdar sdar_dynamic0.9 \
+  sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar+spiffy@calibrated:10 sdar_fused \
+  sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused \
+  sdar_fused+spiffy@calibrated:10/fused sdar+spiffy@chain:3 sdar+spiffy@chain:5 sdar+spiffy@chain:10 \
+  sdar_dynamic0.9+spiffy@calibrated:10
+# ... and the block-length x D sweep (one model copy per block length, all interleaved in one process)
+step python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 100 \
+  --gen '{"stop_ids": [96]}' --cost-curve --block-sizes 8 4 16 --name sdar_sweep_cpu --decoders sdar \
+  sdar_fused sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar_fused+spiffy@calibrated:2/fused \
+  sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused sdar_fused+spiffy@calibrated:8/fused
 # the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
 step python run.py eval.progress=false
 step python run.py -m eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
 step python run.py eval.progress=false decoder=kv_cache decoder.speculate=true
 # one sweep per paper table/figure (experiments/<name>/launch.sh: run.py -m ... then make_tables.py)
-for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block sdar_v4; do
+for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block sdar_v4 \
+  sdar_v4_embedded; do
   step "experiments/$experiment/launch.sh" eval.progress=false
 done
 step python scripts/make_tables.py --experiment default

@@ -14,9 +14,7 @@ import argparse
 import torch
 
 from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
-from spiffy.tasks.arith import ArithConfig
-from spiffy.tasks.char_tokenizer import build_char_tokenizer
-from spiffy.training.loop import add_common_args, arith_batch, save_checkpoint, train
+from spiffy.training.loop import add_common_args, arith_batch, save_checkpoint, setup, train
 from spiffy.training.objective import masked_diffusion_loss
 
 
@@ -32,10 +30,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    tok = build_char_tokenizer()
-    task = ArithConfig(args.max_value, args.min_steps, args.max_steps)
+    tok, task = setup(args)
     config = LLaDAConfig(
         d_model=args.d_model,
         n_heads=args.n_heads,

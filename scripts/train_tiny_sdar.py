@@ -21,9 +21,8 @@ from spiffy.api import build_decoder
 from spiffy.bench import generation_for
 from spiffy.eval.offline import accuracy, score_arith
 from spiffy.models.loading import load_model
-from spiffy.tasks.arith import ArithConfig, generate_split
-from spiffy.tasks.char_tokenizer import build_char_tokenizer
-from spiffy.training.loop import add_common_args, arith_batch, save_checkpoint, train
+from spiffy.tasks.arith import generate_split
+from spiffy.training.loop import add_common_args, arith_batch, save_checkpoint, setup, train
 from spiffy.training.objective import block_diffusion_loss
 from spiffy.training.warm_start import sdar_from_llada, write_published_config
 
@@ -65,10 +64,7 @@ def monitor_fn(tok, args, block_sizes):
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    tok = build_char_tokenizer()
-    task = ArithConfig(args.max_value, args.min_steps, args.max_steps)
+    tok, task = setup(args)
     block_sizes = [int(b) for b in args.block_sizes.split(",")]
     if not block_sizes or min(block_sizes) <= 0:
         raise ValueError(f"--block-sizes={args.block_sizes!r} must list positive integers")

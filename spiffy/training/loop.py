@@ -42,6 +42,15 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--threads", type=int, default=1)
 
 
+def setup(args) -> tuple:
+    """Thread count and seed from `args`; the character tokenizer and the task's difficulty."""
+    from spiffy.tasks.char_tokenizer import build_char_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return build_char_tokenizer(), ArithConfig(args.max_value, args.min_steps, args.max_steps)
+
+
 def arith_batch(
     tok, args, task: ArithConfig, step: int, *, block_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
