@@ -3,7 +3,7 @@
 `start(...)` opens a job's W&B run before any model loads, so a W&B that cannot start fails the job at once
 (`TrackingError`), not after minutes of evaluation. Conventions that make a sweep a report
 (`scripts/wandb_report.py`): `group` = experiment, `job_type` = decoder preset, tags `model:`, `task:`, `graph:`,
-and a flat config whose keys are the result tables' axes (`graph.budget`, `decoder.cache`, ...) plus `env.*`.
+and a config whose dotted keys are the result tables' axes (`graph.budget`, `decoder.cache`, ...) plus `env.*`.
 `Tracker.log_job` puts the metrics in the run summary, acceptance per graph level in the history (`level` ->
 `acceptance/accepted`, one point per level) and as the `acceptance` table and plot, the per-forward cost data as
 the `cost` table, the samples as the `samples` table; then it finishes the run and returns the row's `wandb`
@@ -51,9 +51,9 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def run_config(resolved: dict, *, job_key: str, env: dict) -> dict:
-    """The W&B config of a job: its resolved config as table axes (tracking excluded), key, environment."""
-    flat = flatten({k: v for k, v in resolved.items() if k != "tracking"})
-    return {**flat, "job_key": job_key, **{f"env.{k}": v for k, v in env.items()}}
+    """The W&B config of a job: its resolved config (tracking excluded), key and environment, nested, so that
+    W&B shows (and `wandb-workspaces` addresses) the result tables' axes as `graph.budget`, `decoder.cache`..."""
+    return {**{k: v for k, v in resolved.items() if k != "tracking"}, "job_key": job_key, "env": env}
 
 
 def run_tags(resolved: dict, *, speculates: bool) -> list[str]:
@@ -130,7 +130,7 @@ class Tracker:
                 }
             )
         keys = {
-            "config": sorted(run.config.keys()),
+            "config": sorted(flatten(dict(run.config))),
             "summary": sorted(k for k in run.summary.keys() if not k.startswith("_")),
             "history": history,
         }
