@@ -63,7 +63,7 @@ def build(experiment: str, rows: list[dict], *, entity: str, project: str, onlin
         where = dict(entity=entity, project=project) if online else {}
         return wr.Runset(
             name=name,
-            filters=[expr.Metric("Group") == experiment, *filters],
+            filters=expr.And(expr.Metric("Group") == experiment, *filters),
             pinned_columns=[f"config:{a.split('.', 1)[0]}.value.{a.split('.', 1)[1]}" for a in axes if "." in a]
             + [f"summary:{m}" for m in TABLE_METRICS],
             **where,
