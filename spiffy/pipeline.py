@@ -23,7 +23,7 @@ from spiffy import results as store
 from spiffy import tracking
 from spiffy.api import build_decoder
 from spiffy.claims import Claim, try_claim
-from spiffy.config import RunConfig
+from spiffy.config import RunConfig, decoder_settings, speculation_settings
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.builtin import chain, fig2, two_level_topk
 from spiffy.graph.draft_graph import DraftGraph
@@ -35,25 +35,8 @@ _MODELS: dict[tuple, tuple] = {}
 
 
 def generation_kwargs(cfg: RunConfig) -> dict:
-    """Base-decoder settings: the task's lengths plus the decoder preset."""
-    d, t = cfg.decoder, cfg.task
-    kwargs = dict(
-        gen_length=t.gen_length,
-        block_length=t.block_length,
-        rule=d.rule,
-        k=d.k,
-        tau=d.tau,
-        factor=d.factor,
-        cache=d.cache,
-        temperature=d.temperature,
-        remasking=d.remasking,
-        softmax_dtype=d.softmax_dtype,
-        logits_eos_inf=d.logits_eos_inf,
-        confidence_eos_eot_inf=d.confidence_eos_eot_inf,
-    )
-    if d.rule == "schedule":
-        kwargs["steps"] = t.gen_length // d.steps_per_token
-    return kwargs
+    """Base-decoder settings of a job: the decoder group on the task's lengths (`spiffy.config.decoder_settings`)."""
+    return decoder_settings(cfg.decoder, cfg.task)
 
 
 def load(cfg: RunConfig):
@@ -132,14 +115,20 @@ def evaluate_task(cfg: RunConfig, lm) -> dict:
     )
 
 
+def typed_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict]:
+    """The validated typed config (every `__post_init__` runs: before any model loads) and, as a plain dict with
+    the task presets filled in, what the job key and the result row record."""
+    cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+    return cfg, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
 def run(dict_cfg: DictConfig) -> float:
     """Run one job and return its headline accuracy (the sweep objective; NaN while another process runs it).
 
     A job whose row is already stored is not rerun (unless `force`): its stored summary is printed. Otherwise it
     claims its key (`spiffy.claims`), so an identical job started elsewhere skips instead of duplicating it.
     """
-    cfg: RunConfig = OmegaConf.to_object(dict_cfg)  # semantic validation, before any model loads
-    resolved = OmegaConf.to_container(dict_cfg, resolve=True)
+    cfg, resolved = typed_job(dict_cfg)
     key = store.job_key(resolved)
     folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
     if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
@@ -253,13 +242,7 @@ def evaluate_job(cfg: RunConfig):
         decoder = build_decoder(
             model,
             **gen,
-            speculate=Speculation(
-                graph,
-                verify=cfg.decoder.verify,
-                prune=cfg.graph.prune,
-                draft_noise=cfg.decoder.draft_noise,
-                cross_block=cfg.decoder.cross_block,
-            ),
+            speculate=Speculation(graph, prune=cfg.graph.prune, **speculation_settings(cfg.decoder)),
         )
     lm = SpiffyLM(
         decoder,

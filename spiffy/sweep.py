@@ -15,10 +15,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from spiffy import results as store
 from spiffy.claims import claim_path, is_stale
+from spiffy.pipeline import typed_job
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -36,12 +36,10 @@ def plan(overrides: list[str]) -> list[dict]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for n, job in enumerate(expand(job_overrides)):
             try:
-                dict_cfg = compose(config_name="config", overrides=job)
-                cfg = OmegaConf.to_object(dict_cfg)
+                cfg, resolved = typed_job(compose(config_name="config", overrides=job))
             except Exception as err:  # Hydra's composition errors and the schemas' ValueErrors
                 cause = f"{err} ({err.__cause__})" if err.__cause__ else str(err)
                 raise ValueError(f"job #{n} ({' '.join(job)}): {cause}") from err
-            resolved = OmegaConf.to_container(dict_cfg, resolve=True)
             key = store.job_key(resolved)
             path = store.row_path(cfg.results_dir, cfg.experiment_name, key)
             claim = claim_path(path.parent, key)
