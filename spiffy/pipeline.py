@@ -108,7 +108,7 @@ def evaluate_task(cfg: RunConfig, lm) -> dict:
         numpy_random_seed=cfg.seed,
         torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed,
-        confirm_run_unsafe_code=cfg.task.unsafe_code,
+        confirm_run_unsafe_code=cfg.task.allow_code_execution,
         log_samples=False,
         apply_chat_template=cfg.model.chat_template,
         bootstrap_iters=0,
@@ -122,6 +122,18 @@ def typed_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict]:
     return cfg, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+def check_code_execution(cfg: RunConfig) -> None:
+    """A task that executes generated code needs `task.allow_code_execution=true` (checked before loading)."""
+    from spiffy.eval import sandbox
+
+    sandbox.check_consent(
+        cfg.task.lm_eval_task,
+        TASKS_DIR,
+        allow=cfg.task.allow_code_execution,
+        allow_unisolated=cfg.task.allow_unisolated_execution,
+    )
+
+
 def run(dict_cfg: DictConfig) -> float:
     """Run one job and return its headline accuracy (the sweep objective; NaN while another process runs it).
 
@@ -129,6 +141,7 @@ def run(dict_cfg: DictConfig) -> float:
     claims its key (`spiffy.claims`), so an identical job started elsewhere skips instead of duplicating it.
     """
     cfg, resolved = typed_job(dict_cfg)
+    check_code_execution(cfg)
     key = store.job_key(resolved)
     folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
     if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
