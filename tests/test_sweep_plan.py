@@ -39,3 +39,20 @@ def test_dry_run_names_the_job_with_a_bad_value(capsys):
         plan(["graph.budget=3,-1"])
     assert dry_run(["graph.budget=3,ten"]) == 1
     assert "job #1 (graph.budget=ten)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local_parallel", "submitit_local"])
+def test_launcher_configs_compose_with_their_plugins(launcher):
+    """The documented launcher settings are keys of the plugins' typed configs (a typo fails here)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    params = cfg.hydra.launcher
+    if launcher == "slurm":
+        assert params._target_.endswith("SlurmLauncher")
+        assert (params.gpus_per_node, params.timeout_min, params.array_parallelism) == (1, 240, 32)
+        assert "partition" in params and "setup" in params
