@@ -98,6 +98,7 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
         budget=g.budget,
         rule=g.rule,
         draft_noise=cfg.decoder.draft_noise,
+        cross_block=cfg.decoder.cross_block,
         seed=cfg.seed,
         horizon=g.horizon,
         root=g.root,

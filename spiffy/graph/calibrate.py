@@ -18,9 +18,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from spiffy.graph.draft_graph import ROOT, DraftGraph, Formula
-from spiffy.graph.trajectories import Trajectories
+from spiffy.graph.trajectories import BlockTrajectory, Trajectories
 
-SELECTION_RULES = ("degree0", "degree1", "total", "greedy")
+SELECTION_RULES = ("best", "degree0", "degree1", "total", "greedy")
 EMPTY: Formula = ()
 
 
@@ -40,31 +40,50 @@ class Prediction:
         return self.transitions / self.nfe - 1
 
 
-def _block_nfe(transitions: int, keys: list[list[Formula]], nodes: set[Formula]) -> int:
-    nfe, t = 1, 1  # the block-start forward performs the first transition
-    while t < transitions:
+def walk_block(
+    block: BlockTrajectory, nodes: set[Formula], cross_block: bool = False
+) -> tuple[int, bool]:
+    """Forwards one block needs with these nodes, and whether its last forward verified the complete state
+    as a draft (the cross-block walk then skips the next block's first forward)."""
+    nfe, t, completed = 1, 1, False  # the block-start forward performs the first transition
+    while t < block.transitions:
         nfe += 1  # a forward at X_t verifying the drafts
-        seq, accepted, previous = keys[t - 1], 0, EMPTY
+        seq, accepted, previous = block.keys[t - 1], 0, EMPTY
         while accepted < len(seq) and (seq[accepted] in nodes or seq[accepted] == previous):
             previous = seq[accepted]
             accepted += 1
+        if cross_block and t + accepted + 1 == block.transitions:
+            completed = block.complete[t - 1] in nodes
         t += accepted + 1
-    return nfe
+    return nfe, completed
 
 
-def evaluate(graph: DraftGraph | set[Formula], trajectories: Trajectories) -> Prediction:
-    """Exact NFE the acceptance walk would need with `graph` on these trajectories."""
+def evaluate(
+    graph: DraftGraph | set[Formula], trajectories: Trajectories, *, cross_block: bool = False
+) -> Prediction:
+    """Exact NFE the acceptance walk would need with `graph` on these trajectories (SPEC §5.4); with
+    `cross_block`, a block whose complete state was a verified draft saves the next block's first forward."""
     nodes = set(graph.nodes) if isinstance(graph, DraftGraph) else set(graph)
-    nfe = sum(_block_nfe(b.transitions, b.keys, nodes) for b in trajectories.blocks)
+    nfe, carry = 0, False
+    for block in trajectories.blocks:
+        forwards, completed = walk_block(block, nodes, cross_block)
+        nfe += forwards - carry
+        carry = completed and not block.last
     return Prediction(nfe, sum(b.transitions for b in trajectories.blocks))
 
 
-def key_statistics(trajectories: Trajectories) -> tuple[Counter, dict[Formula, set[Formula]]]:
-    """Key counts and recorded parent links (which key directly preceded which; the root is `()`)."""
+def key_statistics(
+    trajectories: Trajectories, *, cross_block: bool = False
+) -> tuple[Counter, dict[Formula, set[Formula]]]:
+    """Key counts and recorded parent links (which key directly preceded which; the root is `()`).
+    With `cross_block`, the complete state's key (within the horizon, not in a prompt's last block) ends
+    each sequence: the cross-block walk accepts it as a draft."""
     counts: Counter = Counter()
     parents: dict[Formula, set[Formula]] = defaultdict(set)
     for block in trajectories.blocks:
-        for seq in block.keys:
+        for seq, complete in zip(block.keys, block.complete):
+            if cross_block and complete is not None and not block.last:
+                seq = [*seq, complete]
             previous = EMPTY
             for key in seq:
                 if key != previous:
@@ -98,19 +117,34 @@ def select_graph(
     budget: int,
     rule: str = "degree1",
     *,
+    cross_block: bool = False,
     max_candidates: int = 64,
     provenance: dict | None = None,
 ) -> DraftGraph:
-    """Grow a graph of at most `budget` nodes with a selection rule, respecting reachability."""
+    """Grow a graph of at most `budget` nodes with a selection rule, respecting reachability.
+
+    `best` (the default of the runner) is `spiffy.graph.selection.select_best`: the cross-validated choice
+    among every other rule and the built-in graphs."""
     if rule not in SELECTION_RULES:
         raise ValueError(f"selection rule={rule!r} must be one of {list(SELECTION_RULES)}")
-    if budget < 1:
-        raise ValueError(f"budget={budget} must be >= 1")
-    counts, parents = key_statistics(trajectories)
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget={budget!r} must be a positive integer")
+    if rule == "best":
+        from spiffy.graph.selection import select_best
+
+        return select_best(trajectories, budget, cross_block=cross_block, provenance=provenance)
+    counts, parents = key_statistics(trajectories, cross_block=cross_block)
     if rule == "greedy":
-        chosen = _greedy(trajectories, budget, counts, parents, max_candidates)
+        chosen = _greedy(trajectories, budget, counts, parents, max_candidates, cross_block)
     else:
         chosen = _grow(budget, counts, parents, _static_scores(rule, counts, parents))
+    return graph_from_keys(chosen, parents, budget, rule, provenance)
+
+
+def graph_from_keys(
+    chosen: list[Formula], parents, budget: int, rule: str, provenance: dict | None = None
+) -> DraftGraph:
+    """The `DraftGraph` of selected keys, with the recorded parent links that stay inside it."""
     inside = set(chosen) | {EMPTY}
     index = {k: n for n, k in enumerate(chosen)}
     node_parents = [
@@ -136,14 +170,19 @@ def _grow(budget: int, counts: Counter, parents, score: dict[Formula, float]) ->
 
 
 def _greedy(
-    trajectories: Trajectories, budget: int, counts: Counter, parents, max_candidates: int
+    trajectories: Trajectories,
+    budget: int,
+    counts: Counter,
+    parents,
+    max_candidates: int,
+    cross_block: bool = False,
 ) -> list[Formula]:
     """Minimise the simulated NFE: greedy growth, then the best of it and the static rules' graphs is
     refined by reachability-preserving swaps until no swap helps (so it never loses to them on the
     calibration trajectories)."""
 
     def nfe(nodes) -> int:
-        return evaluate(set(nodes), trajectories).nfe
+        return evaluate(set(nodes), trajectories, cross_block=cross_block).nfe
 
     def candidates(inside: set[Formula], exclude: Formula = EMPTY) -> list[Formula]:
         eligible = [k for k in _eligible(counts, parents, inside | {EMPTY}) if k != exclude]

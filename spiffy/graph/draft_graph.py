@@ -157,13 +157,17 @@ class DraftGraph:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"draft graph {source}: not valid JSON ({err})") from err
+            raise ValueError(
+                f"draft graph {source}: not valid JSON (truncated or corrupted?): {err}"
+            ) from err
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"draft graph {source}: missing 'format': {FORMAT!r}")
         if data.get("version") != VERSION:
             raise ValueError(
                 f"draft graph {source}: version={data.get('version')!r}, expected {VERSION}"
             )
+        if not isinstance(data.get("provenance", {}), dict):
+            raise ValueError(f"draft graph {source}: 'provenance' must be an object")
         try:
             return cls(
                 nodes=tuple(tuple(tuple(p) for p in node) for node in data["nodes"]),
@@ -172,16 +176,24 @@ class DraftGraph:
                 selection=data.get("selection", "manual"),
                 provenance=data.get("provenance", {}),
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"draft graph {source}: {err}") from err
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"draft graph {source}: malformed ({type(err).__name__}: {err})") from err
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.to_json())
+        """Write the JSON atomically (temporary file + `os.replace`)."""
+        from spiffy.graph.files import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> DraftGraph:
+        """Read and validate; a missing file raises `FileNotFoundError`, anything malformed (random bytes,
+        a truncated file, an invalid graph) a `ValueError` naming the path."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"draft graph file {str(path)!r} does not exist")
-        return cls.from_json(path.read_text(), source=str(path))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"draft graph {str(path)!r}: not UTF-8 text ({err})") from err
+        return cls.from_json(text, source=repr(str(path)))

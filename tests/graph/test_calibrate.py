@@ -84,6 +84,54 @@ def test_evaluator_predicts_the_measured_nfe(fixture_model, settings, noise, tmp
             assert measured <= predicted <= measured * 1.05, rule
 
 
+CROSS_SETTINGS = [
+    dict(gen_length=32, block_length=8, steps=32),
+    dict(gen_length=32, block_length=8, rule="fixed_k", k=2),
+    dict(gen_length=32, block_length=8, rule="threshold", tau=0.5),
+    dict(gen_length=32, block_length=8, steps=32, temperature=0.8, remasking="random"),
+]
+
+
+@pytest.mark.parametrize("settings", CROSS_SETTINGS)
+def test_evaluator_predicts_the_cross_block_walk_exactly(fixture_model, settings):
+    """Calibration for the cross-block walk: complete-state keys and the block-start saving are recorded, so
+    graphs selected for it predict the decoder's NFE exactly, and the plain prediction stays exact too."""
+    cfg = GenerationConfig(**settings)
+    calib = prompts()
+    traj = record_trajectories(fixture_model, cfg, calib, progress=False, seed=2)
+    assert any(c is not None for b in traj.blocks for c in b.complete)
+    assert [b.last for b in traj.blocks[:4]] == [False, False, False, True]
+    saved = 0
+    for rule in SELECTION_RULES:
+        graph = select_graph(traj, 6, rule, cross_block=True)
+        measured = {}
+        for cross in (False, True):
+            decoder = spiffy.build_decoder(
+                fixture_model, speculate=spiffy.Speculation(graph, cross_block=cross), **settings
+            )
+            measured[cross] = sum(
+                decoder.generate(p, request_id=i, seed=2).stats.nfe for i, p in enumerate(calib)
+            )
+            assert evaluate(graph, traj, cross_block=cross).nfe == measured[cross], (rule, cross)
+        saved += measured[False] - measured[True]
+    if settings.get("rule", "schedule") == "schedule" and settings.get("temperature", 0) == 0:
+        assert saved > 0  # the walk did cross blocks, so the saving was modelled, not just zero
+
+
+def test_cross_block_selection_counts_complete_states(fixture_model):
+    traj = record_trajectories(
+        fixture_model, GenerationConfig(**SETTINGS[0]), prompts(8), progress=False
+    )
+    plain, _ = key_statistics(traj)
+    cross, _ = key_statistics(traj, cross_block=True)
+    completes = {c for b in traj.blocks if not b.last for c in b.complete if c is not None}
+    assert completes and completes <= set(cross) and sum(cross.values()) > sum(plain.values())
+    graph = select_graph(traj, 8, "greedy", cross_block=True)
+    assert evaluate(graph, traj, cross_block=True).nfe <= evaluate(
+        select_graph(traj, 8, "greedy"), traj, cross_block=True
+    ).nfe
+
+
 def test_greedy_never_loses_on_its_calibration_data(fixture_model):
     traj = record_trajectories(
         fixture_model, GenerationConfig(**SETTINGS[0]), prompts(10), progress=False
