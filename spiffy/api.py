@@ -1,55 +1,47 @@
-"""The stable public API (SPEC §11): `load_model`, `build_decoder`, `Speculation`, graph helpers."""
+"""The stable public API (docs/api.md): `load_model`, `build_decoder`, `Speculation`, graph helpers."""
 
 from __future__ import annotations
 
 import torch
 
 from spiffy.decoding.block_decoder import BlockDecoder
-from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.config import GenerationConfig, step_rules
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
+
+
+def generation_config(config: GenerationConfig | None = None, **settings) -> GenerationConfig:
+    """A validated `GenerationConfig` from an existing one and/or its fields.
+
+    `steps` defaults to `gen_length` (one token per step) for the rules that read it. Unknown settings raise
+    `ValueError` naming them and the known ones.
+    """
+    known = GenerationConfig.field_names()
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"unknown decoder setting(s) {unknown}; known: {list(known)}")
+    values = {**(config.to_dict() if config is not None else {}), **settings}
+    if "temperature" in values and isinstance(values["temperature"], int):
+        values["temperature"] = float(values["temperature"])
+    if values.get("rule", "schedule") in step_rules() and values.get("steps") is None:
+        values["steps"] = values.get("gen_length", GenerationConfig.gen_length)
+    return GenerationConfig(**values)
 
 
 def build_decoder(
     model: torch.nn.Module,
+    config: GenerationConfig | None = None,
     *,
-    gen_length: int = 128,
-    block_length: int = 32,
-    rule: str = "schedule",
-    steps: int | None = None,
-    k: int | None = None,
-    tau: float | None = None,
-    factor: float | None = None,
-    cache: str = "none",
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
     speculate: Speculation | None = None,
-    softmax_dtype: str = "float64",
-    logits_eos_inf: bool = False,
-    confidence_eos_eot_inf: bool = False,
-    cfg_scale: float = 0.0,
+    **settings,
 ) -> BlockDecoder:
     """A base decoder (`speculate=None`) or Spiffy over it. Wrong arguments raise `ValueError`.
 
-    `steps` defaults to `gen_length` (one token per step) for the `schedule` rule.
+    Settings are `GenerationConfig`'s fields, given as a config object, as keywords, or both (keywords win):
+    `gen_length`, `block_length`, `rule` (see `spiffy.decoding.rules.RULES`), `steps`, `k`, `tau`, `factor`,
+    `cache` (`none` | `prefix` | `dual`), `temperature`, `remasking`, `softmax_dtype`, `logits_eos_inf`,
+    `confidence_eos_eot_inf`, `cfg_scale`. `steps` defaults to `gen_length` for the rules that read it.
     """
-    if rule == "schedule" and steps is None:
-        steps = gen_length
-    cfg = GenerationConfig(
-        gen_length=gen_length,
-        block_length=block_length,
-        rule=rule,
-        steps=steps,
-        k=k,
-        tau=tau,
-        factor=factor,
-        cache=cache,
-        temperature=float(temperature),
-        remasking=remasking,
-        softmax_dtype=softmax_dtype,
-        logits_eos_inf=logits_eos_inf,
-        confidence_eos_eot_inf=confidence_eos_eot_inf,
-        cfg_scale=cfg_scale,
-    )
+    cfg = generation_config(config, **settings)
     if speculate is None:
         return BlockDecoder(model, cfg)
     if not isinstance(speculate, Speculation):

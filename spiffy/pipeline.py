@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spiffy import results as store
 from spiffy.api import build_decoder
-from spiffy.config import RunConfig
+from spiffy.config import RunConfig, decoder_settings, speculation_settings
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.builtin import chain, fig2, two_level_topk
 from spiffy.graph.draft_graph import DraftGraph
@@ -31,25 +31,8 @@ _MODELS: dict[tuple, tuple] = {}
 
 
 def generation_kwargs(cfg: RunConfig) -> dict:
-    """Base-decoder settings: the task's lengths plus the decoder preset."""
-    d, t = cfg.decoder, cfg.task
-    kwargs = dict(
-        gen_length=t.gen_length,
-        block_length=t.block_length,
-        rule=d.rule,
-        k=d.k,
-        tau=d.tau,
-        factor=d.factor,
-        cache=d.cache,
-        temperature=d.temperature,
-        remasking=d.remasking,
-        softmax_dtype=d.softmax_dtype,
-        logits_eos_inf=d.logits_eos_inf,
-        confidence_eos_eot_inf=d.confidence_eos_eot_inf,
-    )
-    if d.rule == "schedule":
-        kwargs["steps"] = t.gen_length // d.steps_per_token
-    return kwargs
+    """Base-decoder settings of a job: the decoder group on the task's lengths (`spiffy.config.decoder_settings`)."""
+    return decoder_settings(cfg.decoder, cfg.task)
 
 
 def load(cfg: RunConfig):
@@ -132,7 +115,8 @@ def evaluate_task(cfg: RunConfig, lm) -> dict:
 def run(dict_cfg: DictConfig) -> float:
     """Run one job and return its headline accuracy (the sweep objective)."""
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)  # semantic validation, before any model loads
-    resolved = OmegaConf.to_container(dict_cfg, resolve=True)
+    # the typed config, task presets filled in: what the job key and the result row record
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     results_path = Path(cfg.results_dir) / f"{cfg.experiment_name}.jsonl"
     key = store.job_key(resolved)
     if not cfg.force and (row := store.finished(results_path, key)) is not None:
@@ -157,13 +141,7 @@ def run(dict_cfg: DictConfig) -> float:
         decoder = build_decoder(
             model,
             **gen,
-            speculate=Speculation(
-                graph,
-                verify=cfg.decoder.verify,
-                prune=cfg.graph.prune,
-                draft_noise=cfg.decoder.draft_noise,
-                cross_block=cfg.decoder.cross_block,
-            ),
+            speculate=Speculation(graph, prune=cfg.graph.prune, **speculation_settings(cfg.decoder)),
         )
     lm = SpiffyLM(
         decoder,

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from spiffy.config import RunConfig, register_configs
+from spiffy import GenerationConfig, Speculation
+from spiffy.config import RunConfig, register_configs, speculation_settings
 from spiffy.pipeline import generation_kwargs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -28,12 +29,14 @@ def compose_with(*overrides: str):
     [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
 )
 def test_every_option_composes_and_validates(group, option):
+    """Each option composes, converts (every `__post_init__` runs) and yields a valid decoder and Speculation."""
     cfg = compose_with(f"{group}={option}")
     typed: RunConfig = OmegaConf.to_object(cfg)
-    if typed.decoder.speculate or True:
-        import spiffy.decoding.config as dc
-
-        dc.GenerationConfig(**generation_kwargs(typed))
+    gen = GenerationConfig(**generation_kwargs(typed))
+    assert (gen.gen_length, gen.block_length) == (typed.task.gen_length, typed.task.block_length)
+    assert gen.rule == typed.decoder.rule and gen.cache == typed.decoder.cache
+    spec = Speculation("chain:2", prune=typed.graph.prune, **speculation_settings(typed.decoder))
+    assert spec.verify == typed.decoder.verify and spec.cross_block == typed.decoder.cross_block
 
 
 def test_default_is_spiffy_on_the_embedded_task():
@@ -62,6 +65,12 @@ def test_bad_overrides_fail_at_composition(override, error, match):
         ("graph.rule=best", "graph.rule='best'"),
         ("model.dtype=int8", "model.dtype='int8'"),
         ("graph.budget=-1", "graph.budget=-1"),
+        ("decoder.steps_per_token=7", "decoder.steps_per_token=7 must divide task.gen_length=32"),
+        ("task.block_length=5", "task.gen_length=32 must be a multiple of block_length=5"),
+        ("decoder.temperature=-0.5", "decoder.temperature=-0.5"),
+        ("decoder.rule=threshold", "decoder.tau=None: rule='threshold' needs tau"),
+        ("decoder.k=3", "decoder.k=3: only used by rule='fixed_k'"),
+        ("decoder.verify=fast", "decoder.verify='fast' is not known"),
     ],
 )
 def test_bad_values_fail_before_any_model_loads(override, match):
@@ -90,7 +99,33 @@ def test_each_experiment_has_a_launcher_and_runs_on_the_published_checkpoint(exp
 
 def test_cross_block_needs_the_no_cache_exact_layout():
     cfg = compose_with("decoder=spiffy_kv_cache", "decoder.cross_block=true")
-    with pytest.raises(ValueError, match="decoder.cross_block=true needs decoder.cache='none'"):
+    with pytest.raises(ValueError, match=r"decoder.cross_block=True needs cache in \['none'\] .*got cache='dual'"):
         OmegaConf.to_object(cfg)
     typed = OmegaConf.to_object(compose_with("decoder=spiffy", "decoder.cross_block=true"))
     assert typed.decoder.cross_block
+
+
+def test_task_steps_is_not_a_key_and_lengths_come_from_the_task_preset():
+    """`task.steps` used to be accepted and ignored; steps now come from `decoder.steps_per_token` only."""
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="steps"):
+        compose_with("task.steps=7")
+    from spiffy.tasks.registry import TASKS
+
+    for task in ("arith", "gsm8k", "humaneval"):
+        typed = OmegaConf.to_object(compose_with(f"task={task}"))
+        preset = TASKS[task].generation
+        assert (typed.task.gen_length, typed.task.block_length) == (
+            preset["gen_length"],
+            preset["block_length"],
+        )
+    typed = OmegaConf.to_object(compose_with("task.gen_length=64", "decoder.steps_per_token=2"))
+    assert generation_kwargs(typed)["steps"] == 32
+
+
+def test_every_rule_that_reads_steps_gets_them():
+    """`decoder.rule=dream_steps` (recommended by the Dream configs) used to fail: steps were set for
+    `schedule` only."""
+    typed = OmegaConf.to_object(compose_with("decoder.rule=dream_steps", "decoder.remasking=entropy"))
+    assert generation_kwargs(typed)["steps"] == 32
+    typed = OmegaConf.to_object(compose_with("decoder.rule=dream_threshold", "decoder.tau=0.9"))
+    assert GenerationConfig(**generation_kwargs(typed)).steps == 32

@@ -63,8 +63,17 @@ class BlockDecoder:
         return next(self.model.parameters()).device
 
     def prepare_prompt(self, prompt_ids: torch.Tensor | list[int]) -> torch.Tensor:
-        """Validate a prompt (P,) or (1, P) and return it as a 1-D LongTensor on the model's device."""
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+        """Validate a prompt (P,) or (1, P) of integer token ids and return it as a 1-D LongTensor on the
+        model's device. Floats, bools and ids outside the vocabulary raise `ValueError`."""
+        raw = torch.as_tensor(prompt_ids)
+        if raw.dtype == torch.bool or raw.is_floating_point() or raw.is_complex():
+            raise ValueError(f"prompt_ids of dtype {raw.dtype}: expected integer token ids")
+        prompt = raw.to(torch.long)
+        if prompt.numel() and not 0 <= int(prompt.min()) <= int(prompt.max()) < self.spec.vocab_size:
+            bad = prompt[(prompt < 0) | (prompt >= self.spec.vocab_size)][0]
+            raise ValueError(
+                f"prompt_ids contain {int(bad)}, outside the vocabulary [0, {self.spec.vocab_size})"
+            )
         if prompt.dim() == 2 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 1:

@@ -1,26 +1,72 @@
-"""Transition rules: how many of a block's masked positions one transition commits (SPEC §2 step 2, §3).
+"""Transition rules: how many of a block's masked positions one transition commits (docs/algorithm.md §3).
 
-Each rule sees the masked positions' confidences sorted in descending order and returns a count; the caller
-commits that many top positions. Rules are stateless; `schedule` reads the block's initial mask count.
+Rules form a registry: each entry declares the `GenerationConfig` parameters it needs (`steps`, `k`, `tau`,
+`factor`, ...) and whether a block ends after a fixed number of steps. Validation and error messages are derived
+from these declarations, so a new rule is one `@register_rule` function here (plus a `GenerationConfig` field if
+it brings a new parameter). Each rule sees the masked positions' confidences sorted in descending order and
+returns a count; the caller commits that many top positions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from spiffy.decoding.config import STEP_RULES, GenerationConfig
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A registered rule: its count function, the settings it needs, and its capabilities.
+
+    `params` are `GenerationConfig` fields the rule requires (given, not None); `bounded` rules end a block after
+    `steps_per_block` transitions, the others when no mask is left.
+    """
+
+    name: str
+    count: Callable[[TransitionRule, torch.Tensor, int, int], int]
+    params: tuple[str, ...] = ()
+    bounded: bool = False
+    summary: str = ""
+
+
+RULES: dict[str, RuleSpec] = {}
+
+
+def register_rule(
+    name: str, *, params: tuple[str, ...] = (), bounded: bool = False, summary: str = ""
+) -> Callable:
+    """Decorator: register `count(rule, sorted_conf, step, masked_at_start) -> int` under `name`."""
+
+    def add(count: Callable) -> Callable:
+        if name in RULES:
+            raise ValueError(f"rule {name!r} is already registered")
+        RULES[name] = RuleSpec(name, count, tuple(params), bounded, summary)
+        return count
+
+    return add
+
+
+def get_rule(name: str) -> RuleSpec:
+    """The registered rule `name`; unknown names raise with the list of known ones."""
+    if name not in RULES:
+        raise ValueError(f"rule={name!r} is not a known transition rule; known: {sorted(RULES)}")
+    return RULES[name]
+
+
+def rules_needing(param: str) -> tuple[str, ...]:
+    """Names of the rules that declare `param`."""
+    return tuple(name for name, spec in RULES.items() if param in spec.params)
 
 
 def schedule_counts(masked_at_start: int, steps: int) -> list[int]:
-    """LLaDA's per-block schedule: steps `0..rem-1` commit `base+1`, the rest `base` (SPEC §2 step 2)."""
+    """LLaDA's per-block schedule: steps `0..rem-1` commit `base+1`, the rest `base` (docs/algorithm.md §2)."""
     base, rem = divmod(masked_at_start, steps)
     return [base + 1 if i < rem else base for i in range(steps)]
 
 
 def factor_count(sorted_conf: torch.Tensor, f: float) -> int:
-    """Fast-dLLM's `factor` rule (SPEC §3), including the reference's last-rank quirk."""
+    """Fast-dLLM's `factor` rule, including the reference's last-rank quirk."""
     n = sorted_conf.numel()
     conf = sorted_conf.tolist()  # python floats are float64
     for r in range(2, n + 1):
@@ -51,51 +97,76 @@ def dream_quota(n_masked: int, step: int, masked_at_start: int, steps: int) -> i
     return (step + 1) * (masked_at_start // steps) - (masked_at_start - n_masked)
 
 
-@dataclass(frozen=True)
-class TransitionRule:
-    """A rule as data; `count` and `is_complete` implement it."""
+@register_rule("schedule", params=("steps",), bounded=True, summary="LLaDA: top-k, k from the schedule")
+def _schedule(rule, sorted_conf, step, masked_at_start):
+    return min(sorted_conf.numel(), schedule_counts(masked_at_start, rule.steps_per_block)[step])
 
-    name: str
-    steps_per_block: int | None = None
-    k: int | None = None
-    tau: float | None = None
-    factor: float | None = None
+
+@register_rule("fixed_k", params=("k",), summary="top-k per step (the last may commit fewer)")
+def _fixed_k(rule, sorted_conf, step, masked_at_start):
+    return min(rule.k, sorted_conf.numel())
+
+
+@register_rule("threshold", params=("tau",), summary="Fast-dLLM: the most confident + every conf >= tau")
+def _threshold(rule, sorted_conf, step, masked_at_start):
+    return max(1, int((sorted_conf >= rule.tau).sum()))
+
+
+@register_rule("factor", params=("factor",), summary="Fast-dLLM's factor rule")
+def _factor(rule, sorted_conf, step, masked_at_start):
+    return factor_count(sorted_conf, rule.factor)
+
+
+@register_rule("dream_steps", params=("steps",), bounded=True, summary="Dream's diffusion_generate")
+def _dream_steps(rule, sorted_conf, step, masked_at_start):
+    return dream_steps_count(sorted_conf.numel(), step, rule.steps_per_block)
+
+
+@register_rule(
+    "dream_threshold", params=("steps", "tau"), summary="Fast-dLLM's Dream confidence_threshold"
+)
+def _dream_threshold(rule, sorted_conf, step, masked_at_start):
+    quota = dream_quota(sorted_conf.numel(), step, masked_at_start, rule.steps_per_block)
+    return min(quota, 1 + int((sorted_conf[1:quota] >= rule.tau).sum())) if quota else 0
+
+
+class TransitionRule:
+    """A rule with its parameter values (`rule.k`, `rule.tau`, ...: whatever the registry entry declares);
+    `count` and `is_complete` dispatch to the registry entry. Unknown names raise, never fall through."""
+
+    def __init__(self, name: str, steps_per_block: int | None = None, **params):
+        self.spec = get_rule(name)
+        self.name, self.steps_per_block, self.params = name, steps_per_block, params
+
+    def __getattr__(self, key: str):
+        params = self.__dict__.get("params", {})
+        if key in params:
+            return params[key]
+        raise AttributeError(f"rule {self.__dict__.get('name')!r} has no parameter {key!r}")
+
+    def __repr__(self) -> str:
+        return f"TransitionRule({self.name!r}, steps_per_block={self.steps_per_block}, **{self.params})"
 
     @classmethod
-    def from_config(cls, cfg: GenerationConfig) -> TransitionRule:
-        return cls(
-            cfg.rule,
-            cfg.steps_per_block if cfg.rule in STEP_RULES else None,
-            cfg.k,
-            cfg.tau,
-            cfg.factor,
-        )
+    def from_config(cls, cfg) -> TransitionRule:
+        """The rule of a `GenerationConfig` (or any object with its declared parameters as attributes)."""
+        spec = get_rule(cfg.rule)
+        params = {p: getattr(cfg, p) for p in spec.params if p != "steps"}
+        return cls(cfg.rule, cfg.steps_per_block if "steps" in spec.params else None, **params)
 
     def count(self, sorted_conf: torch.Tensor, step: int, masked_at_start: int) -> int:
         """How many of the top positions transition `step` commits (`sorted_conf` descending, float64)."""
-        n = sorted_conf.numel()
-        if n == 0:
+        if sorted_conf.numel() == 0:
             return 0
-        if self.name == "schedule":
-            return min(n, schedule_counts(masked_at_start, self.steps_per_block)[step])
-        if self.name == "fixed_k":
-            return min(self.k, n)
-        if self.name == "threshold":  # the most confident always, plus every other conf >= tau
-            return max(1, int((sorted_conf >= self.tau).sum()))
-        if self.name == "dream_steps":
-            return dream_steps_count(n, step, self.steps_per_block)
-        if self.name == "dream_threshold":
-            quota = dream_quota(n, step, masked_at_start, self.steps_per_block)
-            return min(quota, 1 + int((sorted_conf[1:quota] >= self.tau).sum())) if quota else 0
-        return factor_count(sorted_conf, self.factor)
+        return self.spec.count(self, sorted_conf, step, masked_at_start)
 
     def is_complete(self, has_mask: bool, step: int) -> bool:
-        """A `schedule` block ends after its steps; the other rules when no mask is left."""
-        if self.name in ("schedule", "dream_steps"):
+        """A bounded block ends after its steps; the other rules when no mask is left."""
+        if self.spec.bounded:
             return step >= self.steps_per_block
         return not has_mask
 
     @property
     def bounded(self) -> bool:
         """Whether the block ends after a fixed number of steps (else: when no mask is left)."""
-        return self.name in ("schedule", "dream_steps")
+        return self.spec.bounded

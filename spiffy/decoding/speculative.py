@@ -26,13 +26,13 @@ from spiffy.decoding.drafting import (
     rank_tables,
     subset,
 )
+from spiffy.decoding.modes import check_cross_block, effective_layout, get_layout
 from spiffy.decoding.sampling import sampling_logits
 from spiffy.graph.builtin import resolve_graph
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.graph.provenance import warn_if_mismatched
 from spiffy.models.loading import ModelSpec
 
-VERIFY_MODES = ("exact", "shared")
 DRAFT_NOISE = ("none", "keyed")
 
 
@@ -51,21 +51,15 @@ class Speculation:
     cross_block: bool = False
 
     def __post_init__(self) -> None:
-        if self.verify not in VERIFY_MODES:
-            raise ValueError(f"verify={self.verify!r} must be one of {list(VERIFY_MODES)}")
+        get_layout(self.verify)
         if self.draft_noise not in DRAFT_NOISE:
             raise ValueError(f"draft_noise={self.draft_noise!r} must be one of {list(DRAFT_NOISE)}")
         if self.prune is not None and (not isinstance(self.prune, int) or self.prune < 1):
             raise ValueError(f"prune={self.prune!r} must be None or a positive integer")
         if not isinstance(self.cross_block, bool):
             raise ValueError(f"cross_block={self.cross_block!r} must be True or False")
-        if self.cross_block and self.verify != "exact":
-            raise ValueError(f"cross_block=True needs verify='exact', got verify={self.verify!r}")
         object.__setattr__(self, "graph", resolve_graph(self.graph))
 
-    @property
-    def is_lossless(self) -> bool:
-        return self.verify == "exact"
 
 
 class SpiffyDecoder(BlockDecoder):
@@ -82,21 +76,14 @@ class SpiffyDecoder(BlockDecoder):
         self.speculation = speculation
         self.graph = speculation.graph
         warn_if_mismatched(self.graph, cfg, speculation.draft_noise)
-        # the dual cache verifies each draft as its own query block: exact whatever the layout
-        self.verify = "exact" if cfg.cache == "dual" else speculation.verify
-        if speculation.cross_block and cfg.cache != "none":
-            raise ValueError(
-                f"cross_block=True needs cache='none' (a cache is refreshed at every block start), "
-                f"got cache={cfg.cache!r}"
-            )
+        # the layout the cache mode runs (the dual cache verifies each draft as its own query block)
+        self.verify = effective_layout(cfg.cache, speculation.verify)
+        if speculation.cross_block:
+            check_cross_block(cfg.cache, speculation.verify)
         self._tensors = GraphTensors.from_graph(
             self.graph, self.device, keyed=speculation.draft_noise == "keyed"
         )
         self._max_level = int(self._tensors.pair_level.max()) if len(self.graph.nodes) else 1
-
-    @property
-    def is_lossless(self) -> bool:
-        return self.verify == "exact"
 
     def propose(self, anchor, state, ctx, step, stats):
         t = time.perf_counter()

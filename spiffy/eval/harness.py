@@ -32,15 +32,6 @@ class RequestRecord:
     agrees: bool | None = None
 
 
-def _literal(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
-
-
 def cut_at_stop(text: str, until: list[str]) -> str:
     """Text before the earliest stop string."""
     cut = len(text)
@@ -71,41 +62,43 @@ class SpiffyLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        """Build from lm-eval's `--model_args` string (see `create_from_arg_obj`)."""
-        args = {k: _literal(v) for k, v in (kv.split("=", 1) for kv in arg_string.split(",") if kv)}
-        return cls.create_from_arg_obj(args, additional_config)
+        """Build from lm-eval's `--model_args` string, parsed by lm-eval's own parser."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         """Build from lm-eval's parsed `--model_args`, e.g.
-        `pretrained=embedded,gen_length=48,block_length=16,steps=48,graph=chain:5,compare_base=true`.
-        Keys: `pretrained`, `dtype`, `device`, `graph`, `verify`, `prune`, `cross_block`, `seed`, `compare_base`,
-        `chat_template`, and any `spiffy.build_decoder` argument."""
+        `pretrained=embedded,gen_length=48,block_length=16,graph=chain:5,compare_base=true`.
+        Keys: `pretrained`, `dtype`, `device`, `seed`, `compare_base`, `chat_template`, `graph` (Spiffy's draft
+        graph; absent = the base decoder), every other `spiffy.Speculation` option (`verify`, `prune`,
+        `draft_noise`, `cross_block`, ...) and every `spiffy.GenerationConfig` field. Unknown keys raise."""
+        import dataclasses
+
         from spiffy.api import build_decoder
         from spiffy.decoding.speculative import Speculation
         from spiffy.models.loading import load_model, load_tokenizer
 
-        args = {k: _literal(v) if isinstance(v, str) else v for k, v in arg_dict.items()}
+        args = dict(arg_dict)
         path = str(args.pop("pretrained", "embedded"))
         model = load_model(
             path, dtype=args.pop("dtype", "float32"), device=args.pop("device", "cpu")
         )
         tokenizer = load_tokenizer(path)
-        graph, verify = args.pop("graph", None), args.pop("verify", "exact")
-        prune, seed = args.pop("prune", None), int(args.pop("seed", 0))
-        cross_block = bool(args.pop("cross_block", False))
+        seed = int(args.pop("seed", 0))
         compare = bool(args.pop("compare_base", False))
         chat = bool(args.pop("chat_template", False))
-        kwargs = args
-        base = build_decoder(model, **kwargs)
+        graph = args.pop("graph", None)
+        options = [f.name for f in dataclasses.fields(Speculation) if f.name != "graph"]
+        speculation = {k: args.pop(k) for k in options if k in args}
+        if graph is None and speculation:
+            raise ValueError(f"model_args {sorted(speculation)} need graph=<spec or path>")
+        base = build_decoder(model, **args)
         decoder = (
             base
             if graph is None
-            else build_decoder(
-                model,
-                **kwargs,
-                speculate=Speculation(graph, verify=verify, prune=prune, cross_block=cross_block),
-            )
+            else build_decoder(model, base.cfg, speculate=Speculation(graph, **speculation))
         )
         return cls(
             decoder,

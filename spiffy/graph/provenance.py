@@ -1,4 +1,4 @@
-"""Calibration provenance: which decoder settings a graph was calibrated under (SPEC §5.5 step 3)."""
+"""Calibration provenance: which decoder settings a graph was calibrated under (docs/algorithm.md §5.5)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,9 @@ import warnings
 from spiffy.decoding.config import GenerationConfig
 from spiffy.graph.draft_graph import DraftGraph
 
-DECODER_KEYS = (
-    "gen_length",
-    "block_length",
-    "rule",
-    "steps",
-    "k",
-    "tau",
-    "factor",
-    "cache",
-    "temperature",
-    "remasking",
-    "softmax_dtype",
-    "logits_eos_inf",
-    "confidence_eos_eot_inf",
-)
-
-
 def decoder_settings(cfg: GenerationConfig) -> dict:
-    return {key: getattr(cfg, key) for key in DECODER_KEYS}
+    """Every decoder setting a graph may depend on: all fields of the config (new settings included)."""
+    return {key: getattr(cfg, key) for key in type(cfg).field_names()}
 
 
 def calibration_key(provenance: dict) -> str:

@@ -1,7 +1,8 @@
 """Task presets: generation settings and prompt sources per task (documented per task in the README).
 
-`arith` is the embedded model's task (gen 32, block 8, one token per step). `gsm8k` and `humaneval` follow the
-paper's LLaDA settings (gen 256, block 32, steps 256). Calibration prompts come from a split disjoint from test.
+This is the one place task lengths live: `conf/task/*.yaml` leave them unset and `spiffy.config.TaskConfig` fills
+them from here. `arith` is the embedded model's task (gen 32, block 8). `gsm8k` and `humaneval` follow the paper's
+LLaDA settings (gen 256, block 32); the decoder's `steps_per_token` sets steps. Calibration prompts come from a split disjoint from test.
 """
 
 from __future__ import annotations
@@ -50,19 +51,19 @@ def gsm8k_calibration(n: int, seed: int = 0) -> list[str]:
 
 
 TASKS: dict[str, TaskPreset] = {
-    "arith": TaskPreset("arith", dict(gen_length=32, block_length=8, steps=32), arith_calibration),
+    "arith": TaskPreset("arith", dict(gen_length=32, block_length=8), arith_calibration),
     "gsm8k": TaskPreset(
-        "gsm8k", dict(gen_length=256, block_length=32, steps=256), gsm8k_calibration
+        "gsm8k", dict(gen_length=256, block_length=32), gsm8k_calibration
     ),
-    "humaneval": TaskPreset("humaneval", dict(gen_length=256, block_length=32, steps=256)),
+    "humaneval": TaskPreset("humaneval", dict(gen_length=256, block_length=32)),
 }
 
 
 def task_generation(task: str, **overrides) -> dict:
-    """The task's generation preset with `overrides`; `steps` is dropped when the rule ignores it."""
-    from spiffy.decoding.config import STEP_RULES
+    """The task's generation preset with `overrides`, completed into every `GenerationConfig` field (`steps`
+    defaults to one token per step for the rules that read it)."""
+    from spiffy.api import generation_config
 
-    gen = {**TASKS[task].generation, **overrides}
-    if gen.get("rule", "schedule") not in STEP_RULES:
-        gen.pop("steps", None)
-    return gen
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} has no preset; known: {sorted(TASKS)}")
+    return generation_config(**{**TASKS[task].generation, **overrides}).to_dict()

@@ -50,3 +50,11 @@ def test_bad_prompts():
         decoder.generate(torch.ones(100, dtype=torch.long))
     with pytest.raises(ValueError, match="expected"):
         decoder.generate(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype torch.float32: expected integer token ids"):
+        decoder.generate(torch.tensor([1.5, 2.0]))
+    with pytest.raises(ValueError, match="dtype torch.bool"):
+        decoder.generate(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"contain 999, outside the vocabulary \[0, 24\)"):
+        decoder.generate([1, 999])
+    with pytest.raises(ValueError, match="contain -1"):
+        decoder.generate([-1, 2])

@@ -160,10 +160,15 @@ def test_cross_block_continuation_is_lossless_and_saves_block_start_forwards(
 
 
 def test_cross_block_needs_the_exact_no_cache_layout(fixture_model):
-    with pytest.raises(ValueError, match="cross_block=True needs verify='exact'"):
-        spiffy.Speculation("chain:3", verify="shared", cross_block=True)
+    with pytest.raises(ValueError, match="cross_block=True needs .* verify='exact', got .*verify='shared'"):
+        spiffy.build_decoder(
+            fixture_model,
+            gen_length=16,
+            block_length=8,
+            speculate=spiffy.Speculation("chain:3", verify="shared", cross_block=True),
+        )
     for cache in ("prefix", "dual"):
-        with pytest.raises(ValueError, match=f"cross_block=True needs cache='none'.*'{cache}'"):
+        with pytest.raises(ValueError, match=f"cross_block=True needs cache in \\['none'\\].*'{cache}'"):
             spiffy.build_decoder(
                 fixture_model,
                 gen_length=16,

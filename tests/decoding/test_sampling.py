@@ -36,9 +36,31 @@ def test_logits_eos_inf_never_emits_eos(tiny_model):
         assert (out.tokens != eos).all()
 
 
-def test_confidence_eos_eot_option_changes_the_order_not_the_validity(tiny_model):
-    spec = spiffy.model_spec(tiny_model)
-    out = spiffy.build_decoder(
-        tiny_model, gen_length=16, block_length=8, confidence_eos_eot_inf=True
-    ).generate(torch.tensor([1, 2]))
-    assert (out.tokens != spec.mask_id).all()
+def _one_step(logits, **options):
+    """The positions one schedule transition commits from hand-made block logits (Lb, V)."""
+    from spiffy.decoding.config import GenerationConfig
+    from spiffy.decoding.rules import TransitionRule
+    from spiffy.decoding.sampling import TransitionContext, transition
+    from spiffy.models.loading import ModelSpec
+
+    lb, vocab = logits.shape
+    spec = ModelSpec(mask_id=0, eos_id=1, eot_id=2, pad_id=1, vocab_size=vocab, max_length=64)
+    cfg = GenerationConfig(gen_length=lb, block_length=lb, steps=lb, **options)
+    ctx = TransitionContext(cfg, TransitionRule.from_config(cfg), spec, NoiseKey(), 0, lb)
+    state = torch.zeros(lb, dtype=torch.long)  # all masked
+    new, _ = transition(logits, state, 0, ctx)
+    return (new != 0).nonzero().squeeze(-1).tolist(), new
+
+
+def test_confidence_eos_eot_option_changes_which_position_is_committed():
+    """Position 0 predicts EoT with p = 0.9, position 1 predicts token 3 with p = 0.6. Plain confidence commits
+    position 0 first; with `confidence_eos_eot_inf` the EoT logit is removed before the confidence softmax, so
+    position 0's predicted token has confidence 0 and position 1 is committed instead (SPEC §2 step 6)."""
+    probs = torch.tensor(
+        [[0.01, 0.02, 0.90, 0.03, 0.04], [0.01, 0.02, 0.17, 0.60, 0.20]], dtype=torch.float64
+    )
+    logits = probs.log()
+    plain, plain_state = _one_step(logits)
+    removed, removed_state = _one_step(logits, confidence_eos_eot_inf=True)
+    assert plain == [0] and plain_state[0] == 2  # EoT committed at position 0
+    assert removed == [1] and removed_state[1] == 3  # the order changed, the token did not
