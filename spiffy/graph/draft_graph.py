@@ -177,7 +177,9 @@ class DraftGraph:
                 provenance=data.get("provenance", {}),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"draft graph {source}: malformed ({type(err).__name__}: {err})") from err
+            raise ValueError(
+                f"draft graph {source}: malformed ({type(err).__name__}: {err})"
+            ) from err
 
     def save(self, path: str | Path) -> None:
         """Write the JSON atomically (temporary file + `os.replace`)."""

@@ -113,7 +113,9 @@ class Trajectories:
         data = read_json(path, "trajectories")
         where = f"trajectories file {str(path)!r}"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{where}: missing 'format': {FORMAT!r} (not a spiffy trajectories file)")
+            raise ValueError(
+                f"{where}: missing 'format': {FORMAT!r} (not a spiffy trajectories file)"
+            )
         if data.get("version") != VERSION:
             raise ValueError(
                 f"{where}: version={data.get('version')!r}, expected {VERSION} (re-record it)"

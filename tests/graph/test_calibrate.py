@@ -127,9 +127,10 @@ def test_cross_block_selection_counts_complete_states(fixture_model):
     completes = {c for b in traj.blocks if not b.last for c in b.complete if c is not None}
     assert completes and completes <= set(cross) and sum(cross.values()) > sum(plain.values())
     graph = select_graph(traj, 8, "greedy", cross_block=True)
-    assert evaluate(graph, traj, cross_block=True).nfe <= evaluate(
-        select_graph(traj, 8, "greedy"), traj, cross_block=True
-    ).nfe
+    assert (
+        evaluate(graph, traj, cross_block=True).nfe
+        <= evaluate(select_graph(traj, 8, "greedy"), traj, cross_block=True).nfe
+    )
 
 
 def test_greedy_never_loses_on_its_calibration_data(fixture_model):

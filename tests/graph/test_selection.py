@@ -44,9 +44,10 @@ def assert_never_loses(traj: Trajectories, budget: int, cross_block: bool) -> No
     info = graph.provenance["best"]
     reference = chain(budget)
     # in-sample: the selected graph needs no more forwards than the chain on the full set
-    assert evaluate(graph, traj, cross_block=cross_block).nfe <= evaluate(
-        reference, traj, cross_block=cross_block
-    ).nfe
+    assert (
+        evaluate(graph, traj, cross_block=cross_block).nfe
+        <= evaluate(reference, traj, cross_block=cross_block).nfe
+    )
     # held-out: recompute the chosen candidate's cross-validated NFE independently
     chosen = info["chosen"]
     held_out = 0
