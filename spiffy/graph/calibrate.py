@@ -6,7 +6,13 @@ formula at a time that has a parent already in the graph (or hangs off the root)
 * `degree0`: key frequency;  `degree1` (the paper's): count + counts of its parents;
 * `total`: count + counts of all its ancestors;
 * `greedy` (ours): the node that most reduces the exact simulated NFE, i.e. maximises accepted transitions
-  per forward on the recorded trajectories.
+  per forward on the recorded trajectories;
+* `phased` (ours, `spiffy.graph.phases`): one greedy graph per phase of the block (masked count);
+* `best` (ours, the default, `spiffy.graph.selection`): the cross-validated choice among all of the above and
+  the built-in chain, fig2 and topk graphs, never worse than `chain:D` on the calibration data.
+
+With `cross_block=True` the complete state's key joins each recorded sequence, and the evaluator credits the
+next block's saved first forward when the complete state was a verified draft.
 
 `evaluate` replays the acceptance walk (SPEC §5.4) on the trajectories without running the model; for a
 lossless configuration on the same prompts its NFE equals the decoder's NFE exactly (a test checks this).
@@ -14,13 +20,15 @@ lossless configuration on the same prompts its NFE equals the decoder's NFE exac
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from spiffy.graph.draft_graph import ROOT, DraftGraph, Formula
 from spiffy.graph.trajectories import BlockTrajectory, Trajectories
 
-SELECTION_RULES = ("best", "degree0", "degree1", "total", "greedy")
+SELECTION_RULES = ("best", "degree0", "degree1", "total", "greedy", "phased")
 EMPTY: Formula = ()
 
 
@@ -40,14 +48,30 @@ class Prediction:
         return self.transitions / self.nfe - 1
 
 
+NodeSets = Callable[[int], set[Formula]]
+
+
+def node_sets(graph: DraftGraph | set[Formula]) -> NodeSets:
+    """The graph's node set for a forward whose real state has `m` masked positions (phases, if any)."""
+    if not isinstance(graph, DraftGraph):
+        nodes = set(graph)
+        return lambda m: nodes
+    phases = graph.phase_graphs()
+    los, sets = [lo for lo, _ in phases], [set(g.nodes) for _, g in phases]
+    if len(sets) == 1:
+        return lambda m: sets[0]
+    return lambda m: sets[bisect_right(los, m) - 1]
+
+
 def walk_block(
-    block: BlockTrajectory, nodes: set[Formula], cross_block: bool = False
+    block: BlockTrajectory, nodes_of: NodeSets, cross_block: bool = False
 ) -> tuple[int, bool]:
     """Forwards one block needs with these nodes, and whether its last forward verified the complete state
     as a draft (the cross-block walk then skips the next block's first forward)."""
     nfe, t, completed = 1, 1, False  # the block-start forward performs the first transition
     while t < block.transitions:
         nfe += 1  # a forward at X_t verifying the drafts
+        nodes = nodes_of(block.masked[t - 1])
         seq, accepted, previous = block.keys[t - 1], 0, EMPTY
         while accepted < len(seq) and (seq[accepted] in nodes or seq[accepted] == previous):
             previous = seq[accepted]
@@ -63,10 +87,10 @@ def evaluate(
 ) -> Prediction:
     """Exact NFE the acceptance walk would need with `graph` on these trajectories (SPEC §5.4); with
     `cross_block`, a block whose complete state was a verified draft saves the next block's first forward."""
-    nodes = set(graph.nodes) if isinstance(graph, DraftGraph) else set(graph)
+    nodes_of = node_sets(graph)
     nfe, carry = 0, False
     for block in trajectories.blocks:
-        forwards, completed = walk_block(block, nodes, cross_block)
+        forwards, completed = walk_block(block, nodes_of, cross_block)
         nfe += forwards - carry
         carry = completed and not block.last
     return Prediction(nfe, sum(b.transitions for b in trajectories.blocks))
@@ -124,7 +148,7 @@ def select_graph(
     """Grow a graph of at most `budget` nodes with a selection rule, respecting reachability.
 
     `best` (the default of the runner) is `spiffy.graph.selection.select_best`: the cross-validated choice
-    among every other rule and the built-in graphs."""
+    among every other rule and the built-in graphs; `phased` is `spiffy.graph.phases.select_phased`."""
     if rule not in SELECTION_RULES:
         raise ValueError(f"selection rule={rule!r} must be one of {list(SELECTION_RULES)}")
     if not isinstance(budget, int) or budget < 1:
@@ -133,6 +157,11 @@ def select_graph(
         from spiffy.graph.selection import select_best
 
         return select_best(trajectories, budget, cross_block=cross_block, provenance=provenance)
+    if rule == "phased":
+        from spiffy.graph.phases import select_phased
+
+        graph = select_phased(trajectories, budget, cross_block=cross_block)
+        return replace(graph, provenance=provenance or {})
     counts, parents = key_statistics(trajectories, cross_block=cross_block)
     if rule == "greedy":
         chosen = _greedy(trajectories, budget, counts, parents, max_candidates, cross_block)

@@ -34,6 +34,11 @@ class DraftGraph:
     when calibration saw no state with a successor; Spiffy then drafts nothing), ranks >= 1, distinct
     position ranks within a node, parents are strict subsets, every node reachable from the root, and
     `len(nodes) <= budget`.
+
+    `phases` (optional, ours) conditions the drafts on the walk's state: `((lo, node indices), ...)` with
+    ascending `lo`, the first 1; a forward whose real state has `m` masked positions drafts only the nodes of
+    the last phase with `lo <= m`. Each phase is itself a valid graph of at most `budget` nodes (so D drafts
+    per forward still hold); the union may be larger. Drafts never change outputs, so this stays lossless.
     """
 
     nodes: tuple[Formula, ...]
@@ -41,13 +46,17 @@ class DraftGraph:
     budget: int
     selection: str = "manual"
     provenance: dict = field(default_factory=dict, compare=False)
+    phases: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(canonical(n) for n in self.nodes))
         object.__setattr__(self, "parents", tuple(tuple(int(p) for p in ps) for ps in self.parents))
+        object.__setattr__(
+            self, "phases", tuple((int(lo), tuple(int(q) for q in qs)) for lo, qs in self.phases)
+        )
         if not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"budget={self.budget!r} must be a positive integer")
-        if len(self.nodes) > self.budget:
+        if not self.phases and len(self.nodes) > self.budget:
             raise ValueError(f"{len(self.nodes)} nodes exceed budget={self.budget}")
         if len(self.parents) != len(self.nodes):
             raise ValueError(f"{len(self.parents)} parent lists for {len(self.nodes)} nodes")
@@ -73,6 +82,39 @@ class DraftGraph:
         for n, level in enumerate(levels):
             if level is None:
                 raise ValueError(f"node {n} {list(self.nodes[n])} is not reachable from the root")
+        if self.phases:
+            self._check_phases()
+
+    def _check_phases(self) -> None:
+        los = [lo for lo, _ in self.phases]
+        if los[0] != 1 or any(b <= a for a, b in zip(los, los[1:])):
+            raise ValueError(f"phases start at masked counts {los}: must ascend from 1")
+        used = set()
+        for lo, qs in self.phases:
+            if any(not 0 <= q < len(self.nodes) for q in qs) or len(set(qs)) != len(qs):
+                raise ValueError(f"phase lo={lo}: node indices {list(qs)} invalid or repeated")
+            try:
+                self._subgraph(qs)
+            except ValueError as err:
+                raise ValueError(f"phase lo={lo}: {err}") from err
+            used.update(qs)
+        if used != set(range(len(self.nodes))):
+            raise ValueError(f"nodes {sorted(set(range(len(self.nodes))) - used)} are in no phase")
+
+    def _subgraph(self, qs: Sequence[int]) -> DraftGraph:
+        index = {q: n for n, q in enumerate(qs)}
+        parents = tuple(
+            tuple(p if p == ROOT else index[p] for p in self.parents[q] if p == ROOT or p in index)
+            for q in qs
+        )
+        nodes = tuple(self.nodes[q] for q in qs)
+        return DraftGraph(nodes, parents, self.budget, self.selection, self.provenance)
+
+    def phase_graphs(self) -> list[tuple[int, DraftGraph]]:
+        """`(lowest masked count, graph)` per phase: `[(1, self)]` for a graph without phases."""
+        if not self.phases:
+            return [(1, self)]
+        return [(lo, self._subgraph(qs)) for lo, qs in self.phases]
 
     @property
     def levels(self) -> list[int | None]:
@@ -149,6 +191,8 @@ class DraftGraph:
             "parents": [list(ps) for ps in self.parents],
             "provenance": self.provenance,
         }
+        if self.phases:
+            payload["phases"] = [[lo, list(qs)] for lo, qs in self.phases]
         return json.dumps(payload, indent=1)
 
     @classmethod
@@ -175,6 +219,7 @@ class DraftGraph:
                 budget=data["budget"],
                 selection=data.get("selection", "manual"),
                 provenance=data.get("provenance", {}),
+                phases=tuple((lo, tuple(qs)) for lo, qs in data.get("phases", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(

@@ -17,7 +17,7 @@ from spiffy.graph.calibrate import evaluate, select_graph
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.graph.trajectories import Trajectories
 
-CANDIDATE_RULES = ("greedy", "degree0", "degree1", "total")
+CANDIDATE_RULES = ("greedy", "degree0", "degree1", "total", "phased")
 
 
 def builtin_candidates(budget: int) -> dict[str, DraftGraph]:
@@ -108,5 +108,10 @@ def select_best(
         "cross_block": cross_block,
     }
     return DraftGraph(
-        graph.nodes, graph.parents, budget, "best", {**(provenance or {}), "best": info}
+        graph.nodes,
+        graph.parents,
+        budget,
+        "best",
+        {**(provenance or {}), "best": info},
+        graph.phases,
     )
