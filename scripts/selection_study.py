@@ -101,7 +101,13 @@ def main() -> None:
             model, gen, test_prompts, cache, f"{slug}-test{args.n_test}", args.horizon
         )
         transitions = sum(b.transitions for b in test.blocks)
-        for cross in (False, True) if gen.get("cache", "none") == "none" else (False,):
+        # the cross-block walk needs the no-cache layout and a next block to continue into
+        walks = (
+            (False, True)
+            if gen.get("cache", "none") == "none" and len(test.prompts) < len(test.blocks)
+            else (False,)
+        )
+        for cross in walks:
             for budget in BUDGETS:
                 row = {"base": base, "walk": "cross-block" if cross else "plain", "D": budget}
                 row["chain:D"] = transitions / evaluate(chain(budget), test, cross_block=cross).nfe
@@ -145,8 +151,9 @@ def write(rows: list[dict], spots: list[dict], args) -> None:
         f"# Selection study: NFE speedup over the same base on {args.n_test} held-out `arith` problems",
         "",
         f"Graphs selected on {args.n_calib} calibration prompts; chain:D is FreeDave with draft depth "
-        "d = D + 1; `best` is the default (cross-validated choice among degree0/degree1/total/greedy, "
-        "chain:D, fig2, topk). calibration_s = recording + selection of `best` "
+        "d = D + 1; `best` is the default (cross-validated choice among degree0/degree1/total/greedy/"
+        "phased, chain:D, fig2, topk). The cross-block walk needs the no-cache layout and more than one "
+        "block. calibration_s = recording + selection of `best` "
         f"({settings['threads']} torch thread, {settings['device']}).",
         "",
         df.to_markdown(index=False, floatfmt=".2f"),

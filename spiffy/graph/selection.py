@@ -2,12 +2,13 @@
 
 A selection rule is a bet that what was frequent on the calibration prompts stays frequent; which bet wins
 depends on the model, the base decoder and the budget, and the paper's `degree1` can lose to a plain chain.
-`select_best` therefore scores every graph it can build of the budget — each selection rule fitted on the
-other folds, and the built-in `chain:D`, `fig2` and `topk:D/2` — on calibration prompts it did not select on
-(k-fold cross-validation over whole prompts, exact NFE by the replay evaluator), keeps the candidate with the
-fewest held-out forwards, refits it on every calibration prompt, and falls back to `chain:D` if the refit
-needs more forwards than the chain on the full calibration set. So on its calibration data it never loses
-to the chain, held-out or in-sample; the scores of every candidate go into the graph's provenance.
+`select_best` therefore scores every graph it can build of the budget — each selection rule (degree0, degree1,
+total, greedy, phased) fitted on the other folds, and the built-in `chain:D`, `fig2` and `topk:D/2` — on
+calibration prompts it did not select on (k-fold cross-validation over whole prompts, exact NFE by the replay
+evaluator). It keeps the candidate with the fewest held-out forwards (a tie goes to the simpler one), refits it
+on every calibration prompt, and falls back to `chain:D` if the refit needs more forwards than the chain on the
+full calibration set. So on its calibration data it never loses to the chain, held-out or in-sample; the scores
+of every candidate go into the graph's provenance.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from spiffy.graph.calibrate import evaluate, select_graph
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.graph.trajectories import Trajectories
 
-CANDIDATE_RULES = ("greedy", "degree0", "degree1", "total", "phased")
+CANDIDATE_RULES = ("degree0", "degree1", "total", "greedy", "phased")  # simplest first
 
 
 def builtin_candidates(budget: int) -> dict[str, DraftGraph]:
@@ -93,8 +94,10 @@ def select_best(
             full[name] = evaluate(fit(name), trajectories, cross_block=cross_block).nfe
         return full[name]
 
-    order = list(builtins) + list(CANDIDATE_RULES)  # ties go to the simpler, uncalibrated graph
-    chosen = min(order, key=lambda name: (scores[name], full_nfe(name), order.index(name)))
+    # a tie on held-out prompts goes to the simpler candidate (built-in, then static rules, greedy, phased):
+    # the in-sample NFE would favour whichever fits the calibration prompts most closely
+    order = list(builtins) + list(CANDIDATE_RULES)
+    chosen = min(order, key=lambda name: (scores[name], order.index(name)))
     reference = f"chain:{budget}"
     if full_nfe(chosen) > full_nfe(reference):
         chosen = reference
