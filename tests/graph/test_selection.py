@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from spiffy.decoding.config import GenerationConfig
 from spiffy.graph.builtin import chain
 from spiffy.graph.calibrate import evaluate, select_graph
+from spiffy.graph.provenance import decoder_settings
 from spiffy.graph.selection import CANDIDATE_RULES, builtin_candidates, folds_of, select_best
+from spiffy.graph.store import load_or_calibrate
 from spiffy.graph.trajectories import BlockTrajectory, Trajectories, record_trajectories
 from tests.graph.test_calibrate import prompts
 
@@ -77,20 +79,50 @@ def test_property_best_never_loses_to_the_chain(seed, n_prompts, budget, cross_b
     assert_never_loses(synthetic(seed, n_prompts), budget, cross_block)
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        dict(gen_length=32, block_length=8, steps=32),
-        dict(gen_length=32, block_length=8, rule="threshold", tau=0.5, cache="dual"),
-        dict(gen_length=32, block_length=8, steps=32, temperature=0.8),
-    ],
-)
-def test_best_never_loses_on_recorded_trajectories(fixture_model, settings):
+BASE_RULES = {
+    "schedule": dict(steps=32),
+    "fixed_k": dict(k=2),
+    "threshold": dict(tau=0.5),
+    "factor": dict(factor=1.0),
+}
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("rule", list(BASE_RULES))
+def test_every_base_calibrates_on_its_own_trajectories_and_never_loses(
+    fixture_model, tmp_path, rule, cache
+):
+    """Per-base calibration (rules x caches): the store records this base's own trajectories, and `best`
+    never loses to chain:D on them, held-out or in-sample, for every walk the base allows."""
+    cfg = GenerationConfig(
+        gen_length=32, block_length=8, rule=rule, cache=cache, **BASE_RULES[rule]
+    )
+    graph = load_or_calibrate(
+        fixture_model,
+        cfg,
+        lambda: prompts(8),
+        model_name="fixture",
+        task="random",
+        n_samples=8,
+        budget=6,
+        root=tmp_path,
+        progress=False,
+    )
+    assert graph.provenance["decoder"] == decoder_settings(cfg) and graph.selection == "best"
+    (path,) = tmp_path.rglob("trajectories/*.json")
+    traj = Trajectories.load(path)
+    assert traj.meta["decoder"] == decoder_settings(cfg)
+    for cross in (False, True) if cache == "none" else (False,):
+        assert_never_loses(traj, 6, cross)
+
+
+def test_best_never_loses_at_temperature(fixture_model):
+    settings = dict(gen_length=32, block_length=8, steps=32, temperature=0.8)
     traj = record_trajectories(
         fixture_model, GenerationConfig(**settings), prompts(8), progress=False
     )
     for budget in (3, 6):
-        for cross in (False, True) if settings.get("cache", "none") == "none" else (False,):
+        for cross in (False, True):
             assert_never_loses(traj, budget, cross)
 
 
