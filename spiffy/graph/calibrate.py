@@ -20,80 +20,24 @@ lossless configuration on the same prompts its NFE equals the decoder's NFE exac
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections import Counter, defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from spiffy.graph.draft_graph import ROOT, DraftGraph, Formula
-from spiffy.graph.trajectories import BlockTrajectory, Trajectories
+from spiffy.graph.replay import EMPTY, Prediction, Replay, evaluate, node_sets, walk_block
+from spiffy.graph.trajectories import Trajectories
+
+__all__ = [
+    "SELECTION_RULES",
+    "Prediction",
+    "evaluate",
+    "key_statistics",
+    "node_sets",
+    "select_graph",
+    "walk_block",
+]
 
 SELECTION_RULES = ("best", "degree0", "degree1", "total", "greedy", "phased")
-EMPTY: Formula = ()
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Simulated NFE of a graph on recorded trajectories."""
-
-    nfe: int
-    transitions: int
-
-    @property
-    def speedup_nfe(self) -> float:
-        return self.transitions / self.nfe
-
-    @property
-    def accepted_per_forward(self) -> float:
-        return self.transitions / self.nfe - 1
-
-
-NodeSets = Callable[[int], set[Formula]]
-
-
-def node_sets(graph: DraftGraph | set[Formula]) -> NodeSets:
-    """The graph's node set for a forward whose real state has `m` masked positions (phases, if any)."""
-    if not isinstance(graph, DraftGraph):
-        nodes = set(graph)
-        return lambda m: nodes
-    phases = graph.phase_graphs()
-    los, sets = [lo for lo, _ in phases], [set(g.nodes) for _, g in phases]
-    if len(sets) == 1:
-        return lambda m: sets[0]
-    return lambda m: sets[bisect_right(los, m) - 1]
-
-
-def walk_block(
-    block: BlockTrajectory, nodes_of: NodeSets, cross_block: bool = False
-) -> tuple[int, bool]:
-    """Forwards one block needs with these nodes, and whether its last forward verified the complete state
-    as a draft (the cross-block walk then skips the next block's first forward)."""
-    nfe, t, completed = 1, 1, False  # the block-start forward performs the first transition
-    while t < block.transitions:
-        nfe += 1  # a forward at X_t verifying the drafts
-        nodes = nodes_of(block.masked[t - 1])
-        seq, accepted, previous = block.keys[t - 1], 0, EMPTY
-        while accepted < len(seq) and (seq[accepted] in nodes or seq[accepted] == previous):
-            previous = seq[accepted]
-            accepted += 1
-        if cross_block and t + accepted + 1 == block.transitions:
-            completed = block.complete[t - 1] in nodes
-        t += accepted + 1
-    return nfe, completed
-
-
-def evaluate(
-    graph: DraftGraph | set[Formula], trajectories: Trajectories, *, cross_block: bool = False
-) -> Prediction:
-    """Exact NFE the acceptance walk would need with `graph` on these trajectories (SPEC §5.4); with
-    `cross_block`, a block whose complete state was a verified draft saves the next block's first forward."""
-    nodes_of = node_sets(graph)
-    nfe, carry = 0, False
-    for block in trajectories.blocks:
-        forwards, completed = walk_block(block, nodes_of, cross_block)
-        nfe += forwards - carry
-        carry = completed and not block.last
-    return Prediction(nfe, sum(b.transitions for b in trajectories.blocks))
 
 
 def key_statistics(
@@ -117,15 +61,17 @@ def key_statistics(
     return counts, parents
 
 
-def _ancestors(key: Formula, parents: dict[Formula, set[Formula]]) -> set[Formula]:
-    seen: set[Formula] = set()
-    stack = list(parents.get(key, ()))
-    while stack:
-        p = stack.pop()
-        if p != EMPTY and p not in seen:
-            seen.add(p)
-            stack.extend(parents.get(p, ()))
-    return seen
+def _ancestor_sets(parents: dict[Formula, set[Formula]]) -> dict[Formula, frozenset[Formula]]:
+    """Every key's recorded ancestors (the root excluded), smallest keys first: parents are strict subsets."""
+    out: dict[Formula, frozenset[Formula]] = {}
+    for key in sorted(parents, key=len):
+        found: set[Formula] = set()
+        for p in parents[key]:
+            if p != EMPTY:
+                found.add(p)
+                found |= out.get(p, frozenset())
+        out[key] = frozenset(found)
+    return out
 
 
 def _static_scores(rule: str, counts: Counter, parents) -> dict[Formula, float]:
@@ -133,7 +79,8 @@ def _static_scores(rule: str, counts: Counter, parents) -> dict[Formula, float]:
         return {k: float(c) for k, c in counts.items()}
     if rule == "degree1":
         return {k: c + sum(counts[p] for p in parents[k] if p != EMPTY) for k, c in counts.items()}
-    return {k: c + sum(counts[a] for a in _ancestors(k, parents)) for k, c in counts.items()}
+    ancestors = _ancestor_sets(parents)
+    return {k: c + sum(counts[a] for a in ancestors.get(k, ())) for k, c in counts.items()}
 
 
 def select_graph(
@@ -210,8 +157,15 @@ def _greedy(
     refined by reachability-preserving swaps until no swap helps (so it never loses to them on the
     calibration trajectories)."""
 
+    replay = Replay(trajectories, cross_block)
+
     def nfe(nodes) -> int:
-        return evaluate(set(nodes), trajectories, cross_block=cross_block).nfe
+        return replay.set(node_sets(set(nodes)))
+
+    def trial(
+        nodes, changed
+    ) -> int:  # NFE of `nodes`, which differ from the last `nfe` set by `changed`
+        return replay.trial(node_sets(set(nodes)), changed)
 
     def candidates(inside: set[Formula], exclude: Formula = EMPTY) -> list[Formula]:
         eligible = [k for k in _eligible(counts, parents, inside | {EMPTY}) if k != exclude]
@@ -223,7 +177,10 @@ def _greedy(
         options = candidates(set(grown))
         if not options:
             break
-        grown.append(min(options, key=lambda k: (nfe(grown + [k]), -counts[k], _order_key(k))))
+        nfe(grown)
+        grown.append(
+            min(options, key=lambda k: (trial(grown + [k], (k,)), -counts[k], _order_key(k)))
+        )
     starts = [grown] + [
         _grow(budget, counts, parents, _static_scores(r, counts, parents))
         for r in ("degree0", "degree1", "total")
@@ -237,9 +194,10 @@ def _greedy(
             if not _reachable(rest, parents):
                 continue
             for cand in candidates(set(rest), exclude=out):
-                value = nfe(rest + [cand])
+                value = trial(rest + [cand], (out, cand))
                 if value < best:
                     chosen, best, improved = rest + [cand], value, True
+                    nfe(chosen)
                     break
             if improved:
                 break

@@ -11,17 +11,12 @@ construction because drafts never change outputs. `best` keeps it only when it w
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter, defaultdict
 
-from spiffy.graph.calibrate import (
-    EMPTY,
-    _eligible,
-    _reachable,
-    key_statistics,
-    select_graph,
-    walk_block,
-)
+from spiffy.graph.calibrate import _eligible, _reachable, key_statistics, select_graph
 from spiffy.graph.draft_graph import ROOT, DraftGraph, Formula
+from spiffy.graph.replay import EMPTY, Replay
 from spiffy.graph.trajectories import Trajectories
 
 
@@ -49,20 +44,6 @@ def _phase_statistics(trajectories: Trajectories, lo: int, hi: int, cross_block:
     return counts, parents
 
 
-def _nfe(trajectories: Trajectories, starts: list[int], sets: list[set], cross_block: bool) -> int:
-    from bisect import bisect_right
-
-    def nodes_of(m: int) -> set:
-        return sets[bisect_right(starts, m) - 1]
-
-    nfe, carry = 0, False
-    for block in trajectories.blocks:
-        forwards, completed = walk_block(block, nodes_of, cross_block)
-        nfe += forwards - carry
-        carry = completed and not block.last
-    return nfe
-
-
 def select_phased(
     trajectories: Trajectories,
     budget: int,
@@ -80,14 +61,15 @@ def select_phased(
     bounds = [*starts[1:], 10**9]
     sets = [set(static) for _ in starts]
     chosen: list[list[Formula]] = [list(static) for _ in starts]
+    replay = Replay(trajectories, cross_block)
     for _ in range(rounds):
         for p, (lo, hi) in enumerate(zip(starts, bounds)):
             counts, parents = _phase_statistics(trajectories, lo, hi, cross_block)
 
-            def score(nodes, p=p) -> int:
+            def with_phase(nodes, p=p):
                 trial = list(sets)
                 trial[p] = set(nodes)
-                return _nfe(trajectories, starts, trial, cross_block)
+                return lambda m: trial[bisect_right(starts, m) - 1]
 
             def candidates(inside: set, exclude=None, counts=counts, parents=parents) -> list:
                 options = [k for k in _eligible(counts, parents, inside | {EMPTY}) if k != exclude]
@@ -95,14 +77,24 @@ def select_phased(
                 return options[:max_candidates]
 
             grown: list[Formula] = []
+            replay.set(with_phase(grown))
             while len(grown) < budget and (options := candidates(set(grown))):
                 grown.append(
-                    min(options, key=lambda k: (score(grown + [k]), -counts[k], len(k), k))
+                    min(
+                        options,
+                        key=lambda k: (
+                            replay.trial(with_phase(grown + [k]), (k,)),
+                            -counts[k],
+                            len(k),
+                            k,
+                        ),
+                    )
                 )
+                replay.set(with_phase(grown))
             current = [k for k in chosen[p] if k in counts]
             starts_p = [grown] + ([current] if _reachable(current, parents) else [])
-            best = min(starts_p, key=score)
-            value, improved = score(best), True
+            best = min(starts_p, key=lambda nodes: replay.set(with_phase(nodes)))
+            value, improved = replay.set(with_phase(best)), True
             while improved:
                 improved = False
                 for out in list(best):
@@ -110,8 +102,10 @@ def select_phased(
                     if not _reachable(rest, parents):
                         continue
                     for cand in candidates(set(rest), exclude=out):
-                        if (trial := score(rest + [cand])) < value:
+                        trial = replay.trial(with_phase(rest + [cand]), (out, cand))
+                        if trial < value:
                             best, value, improved = rest + [cand], trial, True
+                            replay.set(with_phase(best))
                             break
                     if improved:
                         break
