@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference checkpoint (skipped when ../shared is absent), a random tiny LLaDA config."""
+"""Shared fixtures: the reference checkpoints in tests/fixtures/ (LLaDA, Dream, SDAR), a random tiny LLaDA."""
 
 from __future__ import annotations
 
@@ -13,20 +13,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("SPIFFY_SHARED", REPO.parent / "shared"))
-LLADA_FIXTURE = SHARED / "fixtures" / "llada_reference"
-
-
-def need_shared(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the reference fixtures live in ../shared (CI has them)")
-    return path
+# provenance and checksums: tests/fixtures/README.md
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+LLADA_FIXTURE = FIXTURES / "llada_reference"
+DREAM_FIXTURE = FIXTURES / "dream_reference"
+SDAR_FIXTURE = FIXTURES / "sdar_reference"
 
 
 @pytest.fixture(scope="session")
 def llada_fixture_dir() -> Path:
-    return need_shared(LLADA_FIXTURE)
+    return LLADA_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def dream_fixture_dir() -> Path:
+    return DREAM_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def sdar_fixture_dir() -> Path:
+    return SDAR_FIXTURE
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +69,33 @@ def tiny_random_model(seed: int = 0, vocab: int = 24, layers: int = 2, kv_heads:
     model = LLaDAModelLM(cfg).to(torch.float64).eval()
     with torch.no_grad():  # sharpen the distributions so that drafts are sometimes right
         model.model.transformer["ff_out"].weight.mul_(8.0)
+    model.register_forward_hook(_never_predict_mask)
+    return model
+
+
+def tiny_random_sdar(seed: int = 0, vocab: int = 24, block_size: int = 4, kv_heads: int = 2):
+    """A random SDAR-architecture model in float64 (block-causal, GQA, q/k norms; never predicts the mask)."""
+    from spiffy.models.sdar import SDARConfig, SDARForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = SDARConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        block_size=block_size,
+        mask_token_id=vocab - 1,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 2,
+    )
+    model = SDARForCausalLM(cfg).to(torch.float64).eval()
+    with torch.no_grad():  # sharpen the distributions so that drafts are sometimes right
+        model.lm_head.weight.mul_(8.0)
     model.register_forward_hook(_never_predict_mask)
     return model
 

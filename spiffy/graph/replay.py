@@ -23,18 +23,26 @@ NodeSets = Callable[[int], set[Formula]]
 
 @dataclass(frozen=True)
 class Prediction:
-    """Simulated NFE of a graph on recorded trajectories."""
+    """Simulated NFE of a graph on recorded trajectories (model calls: SDAR's prefill and stores included)."""
 
     nfe: int
     transitions: int
+    # the published base's calls that perform no transition (SDAR's prefill and stores), and this decoder's
+    base_extra_calls: int = 0
+    extra_calls: int = 0
+
+    @property
+    def nfe_base(self) -> int:
+        return self.transitions + self.base_extra_calls
 
     @property
     def speedup_nfe(self) -> float:
-        return self.transitions / self.nfe
+        return self.nfe_base / self.nfe
 
     @property
     def accepted_per_forward(self) -> float:
-        return self.transitions / self.nfe - 1
+        """Transitions per forward that performed any, minus one (as `DecodeStats`)."""
+        return self.transitions / (self.nfe - self.extra_calls) - 1
 
 
 def node_sets(graph: DraftGraph | set[Formula]) -> NodeSets:
@@ -69,9 +77,10 @@ def walk_block(
 
 
 def _cost(block: BlockTrajectory, nodes_of: NodeSets, cross_block: bool) -> int:
-    """The block's forwards, minus the next block's start when this block hands it over (cross-block)."""
+    """The block's model calls (its walk's forwards and SDAR's extra calls), minus the next block's start
+    when this block hands it over (cross-block)."""
     forwards, completed = walk_block(block, nodes_of, cross_block)
-    return forwards - (completed and not block.last)
+    return forwards + block.extra_calls - (completed and not block.last)
 
 
 def evaluate(
@@ -79,9 +88,14 @@ def evaluate(
 ) -> Prediction:
     """Exact NFE the acceptance walk would need with `graph` on these trajectories (SPEC §5.4); with
     `cross_block`, a block whose complete state was a verified draft saves the next block's first forward."""
-    nodes_of = node_sets(graph)
-    nfe = sum(_cost(b, nodes_of, cross_block) for b in trajectories.blocks)
-    return Prediction(nfe, sum(b.transitions for b in trajectories.blocks))
+    nodes_of, blocks = node_sets(graph), trajectories.blocks
+    nfe = sum(_cost(b, nodes_of, cross_block) for b in blocks)
+    return Prediction(
+        nfe,
+        sum(b.transitions for b in blocks),
+        sum(b.base_extra_calls for b in blocks),
+        sum(b.extra_calls for b in blocks),
+    )
 
 
 class Replay:

@@ -31,7 +31,12 @@ VERSION = 2
 class BlockTrajectory:
     """One block of one prompt: its number of transitions T and, for each state X_t (t = 1..T-1), the keys of
     X_{t+1}, ..., X_{t+h} (complete states excluded), the key of the complete state X_T (None beyond the
-    horizon) and the number of masked positions in X_t. `last` marks the prompt's last block."""
+    horizon) and the number of masked positions in X_t. `last` marks the prompt's last block.
+
+    SDAR (SPEC §12): `extra_calls` are the recorded decoder's model calls for this block beyond its acceptance
+    walk (the store forward, minus a block start that `fuse_next` merged into the previous store; the request's
+    prefill counts on its first block), and `base_extra_calls` the published loop's (prefill and one store per
+    block), which `nfe_base` counts."""
 
     transitions: int
     keys: list[list[Formula]] = field(default_factory=list)
@@ -39,6 +44,8 @@ class BlockTrajectory:
     masked: list[int] = field(default_factory=list)
     prompt: int = 0
     last: bool = True
+    extra_calls: int = 0
+    base_extra_calls: int = 0
 
     def __post_init__(self) -> None:
         origins = max(self.transitions - 1, 0)
@@ -57,6 +64,8 @@ class BlockTrajectory:
             "masked": self.masked,
             "prompt": self.prompt,
             "last": self.last,
+            "extra_calls": self.extra_calls,
+            "base_extra_calls": self.base_extra_calls,
         }
 
     @classmethod
@@ -71,6 +80,8 @@ class BlockTrajectory:
             [int(m) for m in b["masked"]],
             int(b["prompt"]),
             bool(b["last"]),
+            int(b.get("extra_calls", 0)),  # SDAR only
+            int(b.get("base_extra_calls", 0)),
         )
 
 
@@ -170,6 +181,15 @@ class _Origin:
         pairs = {(pos_rank[p], token_rank(scores[p], int(state[p]))) for p in added}
         return tuple(sorted(set(self.keys[-1] if self.keys else ()) | pairs))
 
+    def complete_key(self, state: torch.Tensor) -> Formula | None:
+        """The key of the block's final state, or None if no draft can equal it (it changed a position
+        that was not masked at this origin)."""
+        previous = self.state if self.last is None else self.last
+        changed = (state != previous).nonzero().squeeze(-1).tolist()
+        if not set(changed) <= set(self.tables(1)[0]):
+            return None
+        return self.key_of(state)
+
     def observe(self, state: torch.Tensor) -> None:
         self.keys.append(self.key_of(state))
         self.last = state
@@ -206,18 +226,37 @@ class TrajectoryRecorder(BlockDecoder):
         self._pending.clear()
         self._done = []
         before = stats.transitions
+        # calls made before the first block (SDAR's prefill) count with it
+        calls = stats.nfe if b else 0
+        base_calls = stats.base_extra_calls if b else 0
         carry = super().decode_block(canvas, block, b, strategy, stats, noise, carry)
         final = canvas[block]
         for o in self._pending:  # the complete state is level len(keys) + 1 of every pending origin
             self._done.append(
-                (o.keys, o.key_of(final) if len(o.keys) < self.horizon else None, o.masked)
+                (o.keys, o.complete_key(final) if len(o.keys) < self.horizon else None, o.masked)
             )
         keys, complete, masked = (list(x) for x in zip(*self._done)) if self._done else ([], [], [])
-        last = b == self.cfg.num_blocks - 1
+        transitions = stats.transitions - before
         self.blocks.append(
-            BlockTrajectory(stats.transitions - before, keys, complete, masked, self.prompt, last)
+            BlockTrajectory(
+                transitions,
+                keys,
+                complete,
+                masked,
+                self.prompt,
+                last=False,  # `generate` marks the prompt's last decoded block (stop ids may end early)
+                extra_calls=stats.nfe - calls - transitions,
+                base_extra_calls=stats.base_extra_calls - base_calls,
+            )
         )
-        return carry  # always None: the recorder is a base decoder, it drafts nothing
+        return carry  # None, or SDAR's `fuse_next` start of the next block: the recorder drafts nothing
+
+    def generate(self, prompt_ids, *, request_id=0, seed=0):
+        first = len(self.blocks)
+        result = super().generate(prompt_ids, request_id=request_id, seed=seed)
+        if len(self.blocks) > first:
+            self.blocks[-1].last = True  # no next block: a verified complete draft saves nothing
+        return result
 
     def propose(self, anchor, state, ctx, step, stats):
         for origin in self._pending:  # X_step is a later state of every pending origin

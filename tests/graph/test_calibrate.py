@@ -96,6 +96,7 @@ CROSS_SETTINGS = [
     dict(gen_length=32, block_length=8, rule="fixed_k", k=2),
     dict(gen_length=32, block_length=8, rule="threshold", tau=0.5),
     dict(gen_length=32, block_length=8, steps=32, temperature=0.8, remasking="random"),
+    dict(gen_length=32, block_length=8, steps=32, stop_ids=[4, 72]),  # some prompts stop early
 ]
 
 
@@ -107,7 +108,13 @@ def test_evaluator_predicts_the_cross_block_walk_exactly(fixture_model, settings
     calib = prompts()
     traj = record_trajectories(fixture_model, cfg, calib, progress=False, seed=2)
     assert any(c is not None for b in traj.blocks for c in b.complete)
-    assert [b.last for b in traj.blocks[:4]] == [False, False, False, True]
+    lasts = [n for n, b in enumerate(traj.blocks) if b.last]
+    # one last block per prompt
+    assert len(lasts) == len(calib) and lasts[-1] == len(traj.blocks) - 1
+    if "stop_ids" in settings:  # a stop id ends a request early: its last block has no next one
+        assert len(traj.blocks) < 4 * len(calib)
+    else:
+        assert [b.last for b in traj.blocks[:4]] == [False, False, False, True]
     saved = 0
     for rule in DECODED_RULES:
         graph = select_graph(traj, 6, rule, cross_block=True)
@@ -196,3 +203,39 @@ def test_pruned_graphs_stay_lossless(fixture_model, temperature, keep):
         assert pruned.stats.nfe <= base.stats.nfe
         forwards_with_drafts = pruned.stats.nfe - kw["gen_length"] // kw["block_length"]
         assert pruned.stats.drafts_verified <= keep * forwards_with_drafts
+
+
+SDAR_SETTINGS = [
+    dict(gen_length=16, block_length=4, rule="sdar_static", steps_per_block=4),
+    dict(
+        gen_length=14,
+        block_length=4,
+        rule="sdar_dynamic",
+        steps_per_block=4,
+        tau=0.5,
+        temperature=0.7,
+    ),
+    dict(gen_length=16, block_length=4, rule="sdar_sequential", steps_per_block=2, fuse_next=True),
+    dict(gen_length=16, block_length=4, rule="sdar_static", steps_per_block=2, stop_ids=[7, 50]),
+]
+
+
+@pytest.mark.parametrize("settings", SDAR_SETTINGS)
+def test_evaluator_predicts_the_measured_nfe_on_sdar(sdar_fixture_dir, settings):
+    """SDAR counts model calls (prefill, denoising, store): the same trajectories and evaluator predict
+    them exactly, and `nfe_base` is the published loop's count (SPEC §12)."""
+    from tests.conftest import _never_predict_mask
+
+    model = spiffy.load_model(sdar_fixture_dir, dtype=torch.float64)
+    model.register_forward_hook(_never_predict_mask)
+    cfg = GenerationConfig(**settings)
+    calib = [p % 94 for p in prompts(6)]  # lengths 2..7: with and without a prefill, partial blocks
+    traj = record_trajectories(model, cfg, calib, progress=False, seed=4)
+    assert sum(b.base_extra_calls for b in traj.blocks) > 0
+    for rule in SELECTION_RULES:
+        graph = select_graph(traj, 5, rule)
+        decoder = spiffy.build_decoder(model, speculate=spiffy.Speculation(graph), **settings)
+        results = [decoder.generate(p, request_id=i, seed=4) for i, p in enumerate(calib)]
+        predicted = evaluate(graph, traj)
+        assert predicted.nfe == sum(r.stats.nfe for r in results), rule
+        assert predicted.nfe_base == sum(r.stats.nfe_base for r in results), rule
