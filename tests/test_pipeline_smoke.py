@@ -52,7 +52,7 @@ def test_smoke_multirun_writes_one_row_per_job_and_reruns_skip(tmp_path):
         m = row["metrics"]
         assert m["agreement"] == 1.0 and m["speedup_nfe"] >= 1.0 and m["n_requests"] == 2
         assert row["env"]["git_sha"] is not None and row["graph"] is not None
-    assert list((tmp_path / "graphs").rglob("D4-degree1-*.json"))  # calibrated and cached
+    assert list((tmp_path / "graphs").rglob("D4-best-*.json"))  # calibrated (default rule) and cached
     again = run_py(tmp_path, *sweep)
     assert again.returncode == 0 and again.stdout.count("skip: job") == 4
     assert len((tmp_path / "runs" / "smoke.jsonl").read_text().splitlines()) == 4
