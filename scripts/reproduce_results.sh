@@ -23,6 +23,8 @@ step python scripts/eval_embedded.py --n 200 --json results/embedded_eval.json
 step python scripts/calibrate.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
 # Tables 1/4, sample efficiency, transfer, Spiffy over each base: exact NFE replayed on 200 held-out problems
 step python scripts/calibration_study.py --n-test 200
+# issue 21: chain (FreeDave) vs degree1 vs greedy vs best, per base and walk, replayed on 100 held-out problems
+step python scripts/selection_study.py --n-test 100 --spot 10
 # noise-aware drafting: acceptance vs temperature (SPEC 5.7)
 step python scripts/temperature_study.py --n-test 100 --measure 20
 # wall-clock, side by side in one process: chain/fig2 graphs in exact and shared layouts

@@ -176,11 +176,11 @@ def speculation_settings(decoder) -> dict:
 class GraphConfig:
     source: str = "calibrate"
     budget: int = 10  # D; 0 runs the base decoder (the paper's D = 0 column)
-    rule: str = "degree1"  # selection rule for source=calibrate
+    rule: str = "best"  # selection rule for source=calibrate
     n_samples: int = 20  # calibration prompts
     prune: int | None = None  # dynamic pruning: keep D* of the budget per forward
     path: str | None = None  # source=file
-    horizon: int = 12
+    horizon: int = 16
     root: str = "runs/graphs"  # untracked; the committed graphs (results/graphs) are passed explicitly
 
     def __post_init__(self) -> None:
@@ -192,6 +192,9 @@ class GraphConfig:
             raise ValueError(f"graph.n_samples={self.n_samples} must be >= 1")
         if self.source == "file" and not self.path:
             raise ValueError("graph.source='file' needs graph.path")
+        from spiffy.graph.builtin import check_budget
+
+        check_budget(self.source, self.budget, self.rule, self.horizon)
 
 
 @dataclass

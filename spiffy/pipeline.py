@@ -62,7 +62,12 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
     if g.source == "fig2":
         return fig2()
     if g.source == "file":
-        return DraftGraph.load(g.path)
+        graph = DraftGraph.load(g.path)
+        if graph.budget != g.budget:  # the row is named after graph.budget
+            raise ValueError(
+                f"graph.budget={g.budget} but graph.path={g.path!r} holds a graph of budget {graph.budget}"
+            )
+        return graph
     from spiffy.decoding.config import GenerationConfig
     from spiffy.eval.offline import encode
     from spiffy.tasks.registry import TASKS
@@ -85,6 +90,7 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
         budget=g.budget,
         rule=g.rule,
         draft_noise=cfg.decoder.draft_noise,
+        cross_block=cfg.decoder.cross_block,
         seed=cfg.seed,
         horizon=g.horizon,
         root=g.root,

@@ -57,7 +57,7 @@ def test_smoke_multirun_writes_one_row_per_job_and_reruns_skip(tmp_path):
         assert m["agreement"] == 1.0 and m["speedup_nfe"] >= 1.0 and m["n_requests"] == 2
         assert row["env"]["git_sha"] is not None and row["graph"] is not None
         assert row["env"]["torch_threads"] == 1 and row["env"]["dtype"] == "float32"
-    assert list((tmp_path / "graphs").rglob("D4-degree1-*.json"))  # calibrated and cached
+    assert list((tmp_path / "graphs").rglob("D4-best-*.json"))  # calibrated (default rule) and cached
     again = run_py(tmp_path, *sweep)
     assert again.returncode == 0 and again.stdout.count("skip: job") == 4
     assert again.stdout.count("NFE speedup") == 4  # each skip prints the stored summary
@@ -83,7 +83,7 @@ def test_first_run_with_the_defaults_shows_its_summary_and_a_rerun_shows_the_sto
     (row_file,) = (tmp_path / "runs" / "results" / "default").glob("*.json")
     assert f"row: runs/results/default/{row_file.name}" in first.stdout
     assert "W&B: offline run in runs/wandb/" in first.stdout and "wandb sync" in first.stdout
-    assert list((tmp_path / "runs" / "graphs").rglob("D10-degree1-*.json"))
+    assert list((tmp_path / "runs" / "graphs").rglob("D10-best-*.json"))
     row = json.loads(row_file.read_text())
     assert row["wandb"]["status"] == "logged" and row["env"]["torch_threads"] == 1
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
