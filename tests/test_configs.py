@@ -76,7 +76,7 @@ def test_bad_overrides_fail_at_composition(override, error, match):
     ("override", "match"),
     [
         ("decoder.rule=fast", "decoder.rule='fast'"),
-        ("graph.rule=best", "graph.rule='best'"),
+        ("graph.rule=fastest", "graph.rule='fastest'"),
         ("model.dtype=int8", "model.dtype='int8'"),
         ("graph.budget=-1", "graph.budget=-1"),
         ("decoder.steps_per_token=7", "decoder.steps_per_token=7 must divide task.gen_length=32"),
