@@ -8,6 +8,8 @@
         --block-length 32 --cost-curve 0 1 2 3 5 8 10 --layouts exact prefix dual --name fig5_llada8b_cpu
     python scripts/bench.py --decoders --cost-curve --shape llada-8b --layers 2 --hidden 256 \\
         --peak-memory 10 --before /tmp/before --name peak_memory_cpu
+    python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --gen '{"stop_ids": [96]}' \
+        --cost-curve --decoders sdar sdar+spiffy@calibrated:5 sdar_fused sdar_fused+spiffy@calibrated:5/fused
 
 Writes `<out>/<name>.json` and `<out>/<name>.md`. NFE ratios are hardware-independent; wall-clock ratios are
 measured interleaved on this device (stated in the output). With `--shape` the model is a random-weight model of
@@ -42,7 +44,7 @@ from spiffy.bench import (
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.forward import STRATEGIES
 from spiffy.eval.offline import encode
-from spiffy.models.loading import load_tokenizer
+from spiffy.models.loading import load_tokenizer, model_spec
 from spiffy.report import budget_recommendation
 from spiffy.shapes import SHAPES, random_model
 from spiffy.tasks.arith import format_prompt, generate_split
@@ -57,6 +59,14 @@ def parse_args() -> argparse.Namespace:
         "--decoders", nargs="*", default=["vanilla", "vanilla+spiffy"], help="none: cost curve only"
     )
     p.add_argument("--graph", default="calibrated:10", help="graph for '+spiffy' without '@'")
+    p.add_argument("--gen", default="{}", help="JSON GenerationConfig fields for every decoder")
+    p.add_argument(
+        "--block-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="SDAR: decode in blocks of each N (one model copy with config.block_size = N each)",
+    )
     p.add_argument("--n", type=int, default=50, help="held-out test problems")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--device", default="cpu")
@@ -65,7 +75,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--before", default=None, help="another checkout: its decoders run interleaved")
     p.add_argument("--reads", action="store_true", help="count host reads per transition/forward")
     p.add_argument("--cost-curve", type=int, nargs="*", default=[0, 1, 2, 3, 5, 8, 10, 16])
-    p.add_argument("--layouts", nargs="+", default=["exact", "dual"], choices=sorted(LAYOUTS))
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=None,
+        choices=sorted(LAYOUTS),
+        help="default: exact and dual (exact and block_causal for block-causal models)",
+    )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=1, help="cost-curve rounds not timed")
     p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random published shape")
@@ -78,6 +94,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--name", default="bench")
     p.add_argument("--out", default="results/bench")
     return p.parse_args()
+
+
+def layouts_for(model) -> tuple[str, ...]:
+    """The cost-curve layouts a model runs by default: its cached layout next to the exact one."""
+    return ("exact", "block_causal" if model_spec(model).block_causal else "dual")
 
 
 def main() -> None:
@@ -100,26 +121,41 @@ def main() -> None:
     else:
         model = spiffy.load_model(args.model, dtype=args.dtype, device=args.device)
         tok = load_tokenizer(args.model)
+    overrides = json.loads(args.gen)
     problems = generate_split("test", args.n) if tok is not None else []
     decoders, bases = {}, {}
     old_model = None
     if old is not None and specs:
         old_model = old["spiffy"].load_model(args.model, dtype=args.dtype, device=args.device)
-    for s in specs:
-        kw = dict(task=args.task, model_name=args.model_name, temperature=args.temperature)
-        decoders[s.label], bases[s.label] = make_decoder(model, tok, s, **kw), s.base
-        if old_model is not None:
-            label = f"before:{s.label}"
-            decoders[label] = make_decoder(
-                old_model, tok, s, **kw, package=old["spiffy"], calibration_model=model
+    for block in args.block_sizes or [None]:
+        m, settings, tag = model, overrides, ""
+        if block is not None:  # a block-causal model trained at several block sizes
+            m = spiffy.load_model(args.model, dtype=args.dtype, device=args.device)
+            m.config.block_size = block
+            settings, tag = {**overrides, "block_length": block}, f" B={block}"
+        for s in specs:
+            kw = dict(
+                task=args.task,
+                model_name=args.model_name,
+                temperature=args.temperature,
+                overrides=settings,
             )
-            bases[label] = f"before:{s.base}"
+            decoders[s.label + tag], bases[s.label + tag] = (
+                make_decoder(m, tok, s, **kw),
+                s.base + tag,
+            )
+            if old_model is not None:
+                label = f"before:{s.label}{tag}"
+                decoders[label] = make_decoder(
+                    old_model, tok, s, **kw, package=old["spiffy"], calibration_model=m
+                )
+                bases[label] = f"before:{s.base}{tag}"
     rows = run_side_by_side(decoders, tok, problems) if specs else {}
     table = pd.DataFrame(summarize_rows(rows, bases) if rows else [])
     if args.reads and specs:
         prompts = [encode(tok, format_prompt(p["question"])) for p in problems[:3]]
         reads = {
-            label: count_reads(d, old_model if label.startswith("before:") else model, prompts)
+            label: count_reads(d, old_model if label.startswith("before:") else d.model, prompts)
             for label, d in decoders.items()
         }
         table = table.assign(
@@ -141,7 +177,7 @@ def main() -> None:
             block_length,
             args.cost_curve,
             repeats=args.repeats,
-            layouts=tuple(args.layouts),
+            layouts=tuple(args.layouts or layouts_for(model)),
             warmup=args.warmup,
         )
         if args.cost_curve

@@ -2,6 +2,7 @@
 
     python scripts/eval_embedded.py --n 200            # vanilla decoder, T=0, task settings
     python scripts/eval_embedded.py --n 200 --json results/embedded_eval.json
+    python scripts/eval_embedded.py --model tiny-sdar-arith --n 200   # SDAR base, one token per step
 
 Prints accuracy, the share of well-formatted answers, and the median confidence of committed tokens.
 """
@@ -15,10 +16,10 @@ import time
 from pathlib import Path
 
 import spiffy
+from spiffy.bench import BASES, generation_for
 from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.eval.offline import accuracy, formatted_share, load_for_study, score_arith
 from spiffy.tasks.arith import ArithConfig, generate_split
-from spiffy.tasks.registry import TASKS
 
 
 def main() -> None:
@@ -28,11 +29,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the metrics here")
+    p.add_argument(
+        "--base",
+        default=None,
+        choices=sorted(BASES),
+        help="decoder preset (default: vanilla; sdar for block-causal models)",
+    )
+    p.add_argument("--gen", default="{}", help="JSON GenerationConfig fields, e.g. stop_ids")
     args = p.parse_args()
     model, tok = load_for_study(args.model, args.threads)
-    task = TASKS["arith"]
+    base = args.base or ("sdar" if spiffy.model_spec(model).block_causal else "vanilla")
+    generation = generation_for("arith", base, 0.0, **json.loads(args.gen))
     decoder = spiffy.build_decoder(
-        model, **task.generation, options=DecoderOptions(record_confidence=True)
+        model, **generation, options=DecoderOptions(record_confidence=True)
     )
     problems = generate_split("test", args.n, seed=args.seed, cfg=ArithConfig())
     t0 = time.perf_counter()
@@ -41,7 +50,7 @@ def main() -> None:
     metrics = {
         "model": args.model,
         "n": len(samples),
-        "generation": task.generation,
+        "generation": generation,
         "accuracy": accuracy(samples),
         "formatted": formatted_share(samples),
         "median_committed_confidence": statistics.median(confidences),

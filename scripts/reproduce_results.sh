@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Regenerate every committed result of the README and the model card (results/, CPU, about an hour on 2 cores).
 #
-#   bash scripts/reproduce_results.sh              # from scratch: clears results/runs/*.jsonl and results/graphs/
+#   bash scripts/reproduce_results.sh              # from scratch: clears results/runs, results/graphs, results/tables
 #   KEEP=1 bash scripts/reproduce_results.sh       # resume after a crash: finished run.py jobs and graphs are kept
 #
-# Each step is one documented command; what it writes is listed in results/README.md.
+# Each step is one documented command; what it writes is listed in results/README.md. User runs default to the
+# untracked runs/; this script alone writes the committed reference results, by passing results/ explicitly
+# (results_dir, graph.root, and RESULTS_DIR/GRAPH_ROOT/TABLES_DIR/BENCH_DIR for experiments/*/launch.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 WANDB_SILENT=true
+export RESULTS_DIR=results/runs GRAPH_ROOT=results/graphs TABLES_DIR=results/tables BENCH_DIR=results/bench
 if [ -z "${KEEP:-}" ]; then
-  rm -rf results/runs/*.jsonl results/graphs results/tables
+  rm -rf results/runs/*.jsonl results/runs/*/ results/graphs results/tables
 fi
+STORE=(results_dir=results/runs graph.root=results/graphs)
 step() { printf '\n=== %s\n' "$*"; "$@"; }
 
 # model card: accuracy and confidence of the embedded model (vanilla, T=0, 200 held-out problems)
@@ -19,6 +23,8 @@ step python scripts/eval_embedded.py --n 200 --json results/embedded_eval.json
 step python scripts/calibrate.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
 # Tables 1/4, sample efficiency, transfer, Spiffy over each base: exact NFE replayed on 200 held-out problems
 step python scripts/calibration_study.py --n-test 200
+# issue 21: chain (FreeDave) vs degree1 vs greedy vs best, per base and walk, replayed on 100 held-out problems
+step python scripts/selection_study.py --n-test 100 --spot 10
 # noise-aware drafting: acceptance vs temperature (SPEC 5.7)
 step python scripts/temperature_study.py --n-test 100 --measure 20
 # wall-clock, side by side in one process: chain/fig2 graphs in exact and shared layouts
@@ -32,12 +38,28 @@ step python scripts/bench.py --name bases_cpu --n 30 --graph calibrated:8 --deco
   dual dual+spiffy dual_threshold0.9 dual_threshold0.9+spiffy
 # SDAR (fixture model, tests/fixtures): model calls of the reference loop, its fusions, Spiffy (SPEC §12)
 step python scripts/sdar_fusions.py --out results/tables
+# the embedded block-causal model tiny-sdar-arith: model card accuracy (SDAR base, 1 token/step, stop at EOS)
+step python scripts/eval_embedded.py --model tiny-sdar-arith --n 200 --gen '{"stop_ids": [96]}' \
+  --json results/tiny_sdar_eval.json
+# ... its wall-clock table: SDAR bases vs + Spiffy (calibrated D, fusions, chain graphs), 1 thread, float32
+step python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 200 \
+  --gen '{"stop_ids": [96]}' --cost-curve --name sdar_cpu --decoders sdar sdar_dynamic0.9 \
+  sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar+spiffy@calibrated:10 sdar_fused \
+  sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused \
+  sdar_fused+spiffy@calibrated:10/fused sdar+spiffy@chain:3 sdar+spiffy@chain:5 sdar+spiffy@chain:10 \
+  sdar_dynamic0.9+spiffy@calibrated:10
+# ... and the block-length x D sweep (one model copy per block length, all interleaved in one process)
+step python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 100 \
+  --gen '{"stop_ids": [96]}' --cost-curve --block-sizes 8 4 16 --name sdar_sweep_cpu --decoders sdar \
+  sdar_fused sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar_fused+spiffy@calibrated:2/fused \
+  sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused sdar_fused+spiffy@calibrated:8/fused
 # the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
-step python run.py eval.progress=false
-step python run.py -m eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
-step python run.py eval.progress=false decoder=kv_cache decoder.speculate=true
+step python run.py "${STORE[@]}" eval.progress=false
+step python run.py -m "${STORE[@]}" eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
+step python run.py "${STORE[@]}" eval.progress=false decoder=kv_cache decoder.speculate=true
 # one sweep per paper table/figure (experiments/<name>/launch.sh: run.py -m ... then make_tables.py)
-for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block sdar_v4; do
+for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block sdar_v4 \
+  sdar_v4_embedded; do
   step "experiments/$experiment/launch.sh" eval.progress=false
 done
 step python scripts/make_tables.py --experiment default

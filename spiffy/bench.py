@@ -1,9 +1,10 @@
 """Side-by-side benchmarks in one process (SPEC §7): decoders interleaved per prompt, and the cost curve.
 
-Decoder specs are `<base>` or `<base>+spiffy[@<graph>][/shared|/cross]`, where `<base>` names a preset of `BASES` and
-`<graph>` is a spec string (`chain:10`, `fig2`), a JSON path, or `calibrated:<D>[:<rule>]` (calibrated for that
-base on the task's calibration split, cached in results/graphs/); `/shared` is the paper's near-lossless layout,
-`/cross` continues the walk across blocks (SPEC §5.4). Ratios are against the first spec's decoder.
+Decoder specs are `<base>` or `<base>+spiffy[@<graph>][/shared|/cross|/fused]`, where `<base>` names a preset of
+`BASES` and `<graph>` is a spec string (`chain:10`, `fig2`), a JSON path, or `calibrated:<D>[:<rule>]`
+(calibrated for that base on the task's calibration split, cached in results/graphs/); `/shared` is the paper's
+near-lossless layout, `/cross` continues the walk across blocks (SPEC §5.4), `/fused` (SDAR) stores a finished
+block from the forward that verified it (SPEC §12). Ratios are against the first spec's decoder.
 `cost_curve` times one forward against the number of query rows (1 + D drafts) for the exact layout (full
 canvases) and the dual cache (block rows): the curve that decides when fewer NFE means less wall-clock.
 """
@@ -28,6 +29,7 @@ from spiffy.api import build_decoder
 from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.forward import STRATEGIES
+from spiffy.decoding.rules import get_rule
 from spiffy.decoding.speculative import Speculation
 from spiffy.eval.offline import completion_text, encode
 from spiffy.graph.store import load_or_calibrate
@@ -47,6 +49,12 @@ BASES: dict[str, dict] = {
     "prefix": dict(cache="prefix"),
     "dual": dict(cache="dual"),
     "dual_threshold0.9": dict(cache="dual", rule="threshold", tau=0.9),
+    # block-causal (SDAR) models, SPEC §12: the exact cache is implied; steps_per_block defaults to the block
+    # length (one token per step); `_fused`: each block's store forward also starts the next block
+    "sdar": dict(rule="sdar_static"),
+    "sdar_fused": dict(rule="sdar_static", fuse_next=True),
+    "sdar_dynamic0.9": dict(rule="sdar_dynamic", tau=0.9),
+    "sdar_dynamic0.9_fused": dict(rule="sdar_dynamic", tau=0.9, fuse_next=True),
 }
 
 
@@ -59,6 +67,7 @@ class DecoderSpec:
     graph: str | None = None
     verify: str = "exact"
     cross_block: bool = False
+    fuse_store: bool = False
 
     @classmethod
     def parse(cls, text: str, default_graph: str) -> DecoderSpec:
@@ -69,23 +78,30 @@ class DecoderSpec:
             return cls(text, base)
         if not spiffy.startswith("spiffy"):
             raise ValueError(
-                f"decoder spec {text!r}: expected '<base>+spiffy[@graph][/shared|/cross]'"
+                f"decoder spec {text!r}: expected '<base>+spiffy[@graph][/shared|/cross|/fused]'"
             )
         rest, layout = spiffy[len("spiffy") :], ""
-        for option in ("shared", "cross"):  # a suffix: graph JSON paths contain '/' too
+        for option in ("shared", "cross", "fused"):  # a suffix: graph JSON paths contain '/' too
             if rest.endswith(f"/{option}"):
                 rest, layout = rest.removesuffix(f"/{option}"), option
         if rest and not rest.startswith("@"):
             raise ValueError(
-                f"decoder spec {text!r}: expected '<base>+spiffy[@graph][/shared|/cross]'"
+                f"decoder spec {text!r}: expected '<base>+spiffy[@graph][/shared|/cross|/fused]'"
             )
         graph = rest[1:] if rest.startswith("@") else default_graph
         verify = "shared" if layout == "shared" else "exact"
-        return cls(text, base, graph, verify, cross_block=layout == "cross")
+        return cls(
+            text, base, graph, verify, cross_block=layout == "cross", fuse_store=layout == "fused"
+        )
 
 
-def generation_for(task: str, base: str, temperature: float) -> dict:
-    return task_generation(task, temperature=temperature, **BASES[base])
+def generation_for(task: str, base: str, temperature: float, **overrides) -> dict:
+    """The task's preset with the base's settings and `overrides` (GenerationConfig fields); block-causal rules
+    default to one token per step (`steps_per_block` = the block length)."""
+    gen = {**BASES[base], **overrides}
+    if get_rule(gen.get("rule", "schedule")).block_causal and "steps_per_block" not in gen:
+        gen["steps_per_block"] = gen.get("block_length", TASKS[task].generation["block_length"])
+    return task_generation(task, temperature=temperature, **gen)
 
 
 def make_decoder(
@@ -97,13 +113,14 @@ def make_decoder(
     temperature: float,
     model_name: str,
     n_calib: int = 20,
+    overrides: dict | None = None,
     package: ModuleType | None = None,
     calibration_model=None,
 ) -> BlockDecoder:
     """The decoder of `spec`; with `package` (another checkout's `spiffy`, see `import_checkout`) built by that
     checkout's code around `model` (its own model class), with the graph this checkout calibrates (or loads)
     with `calibration_model`."""
-    gen = generation_for(task, spec.base, temperature)
+    gen = generation_for(task, spec.base, temperature, **(overrides or {}))
     build, speculation = build_decoder, Speculation
     if package is None:  # model time through CUDA events on a GPU (no effect on a CPU)
         gen["options"] = DecoderOptions(profile=True)
@@ -134,14 +151,18 @@ def make_decoder(
             n_samples=n_calib,
             budget=budget,
             rule=rule,
+            cross_block=spec.cross_block,
             progress=False,
         )
         if package is not None:
             graph = package.DraftGraph.from_json(graph.to_json())
+    options = dict(verify=spec.verify, cross_block=spec.cross_block)
+    if spec.fuse_store:  # (older checkouts have no such option)
+        options["fuse_store"] = True
     return build(
         model,
         **gen,
-        speculate=speculation(graph, verify=spec.verify, cross_block=spec.cross_block),
+        speculate=speculation(graph, **options),
     )
 
 

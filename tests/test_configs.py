@@ -76,7 +76,7 @@ def test_bad_overrides_fail_at_composition(override, error, match):
     ("override", "match"),
     [
         ("decoder.rule=fast", "decoder.rule='fast'"),
-        ("graph.rule=best", "graph.rule='best'"),
+        ("graph.rule=fastest", "graph.rule='fastest'"),
         ("model.dtype=int8", "model.dtype='int8'"),
         ("graph.budget=-1", "graph.budget=-1"),
         ("decoder.steps_per_token=7", "decoder.steps_per_token=7 must divide task.gen_length=32"),
@@ -112,7 +112,7 @@ def test_each_experiment_has_a_launcher_and_runs_on_the_published_checkpoint(exp
     assert (gen["gen_length"], gen["block_length"]) == (256, 32)
 
 
-PUBLISHED = {"sdar_v4": "sdar_8b_chat_b32"}  # the published checkpoint each experiment is about
+PUBLISHED = {"sdar_v4": "sdar_8b_chat_b32", "sdar_v4_embedded": "sdar_8b_chat_b32"}  # the published checkpoint each experiment is about
 
 
 SDAR_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if is_sdar("model", p.stem))

@@ -96,7 +96,6 @@ class BlockDecoder:
         self.spec = spec or model_spec(model)
         self.rule = TransitionRule.from_config(cfg)
         self.options = options or DecoderOptions()
-        self.draft_levels: tuple[int, ...] = ()  # graph level of each draft row `propose` returns
         self.verify = "exact"  # the verification layout (Spiffy: the one its cache mode runs)
         # a transition whose result does not depend on its step index: any verified row may continue the walk
         self.step_free = (
@@ -341,9 +340,9 @@ class BlockDecoder:
         otherwise every row is sent and invalid ones stay inert (never matched)."""
         if drafts is None or drafts.states.shape[0] == 0:
             return state[None], [0], None, None
-        levels = list(self.draft_levels)
+        levels = list(drafts.row_levels)
         if known is not None:
-            self._count_drafts(known, stats)
+            self._count_drafts(known, levels, stats)
             if not self.options.compile:
                 kept = [r for r, ok in enumerate(known) if ok]
                 order = torch.argsort((~drafts.valid).to(torch.int8), stable=True)[: len(kept)]
@@ -353,8 +352,8 @@ class BlockDecoder:
         unread = None if known is not None else drafts.valid
         return torch.cat([state[None], drafts.states]), [0] + levels, valid, unread
 
-    def _count_drafts(self, valid: list[bool], stats: DecodeStats) -> None:
-        for ok, level in zip(valid, self.draft_levels):
+    def _count_drafts(self, valid: list[bool], levels: list[int], stats: DecodeStats) -> None:
+        for ok, level in zip(valid, levels):
             if ok:
                 stats.drafted_per_level[level] += 1
         stats.drafts_verified += sum(valid)
@@ -384,7 +383,7 @@ class BlockDecoder:
             extra.append(rows.unread)
         host = links.read(extra)  # the one device read of this forward
         if rows.unread is not None:
-            self._count_drafts(host.extra[-1], stats)
+            self._count_drafts(host.extra[-1], rows.levels[1:], stats)
         path, reason = replay(host, rows.levels, stats)
         r = path[-1]
         if self.options.record_confidence:

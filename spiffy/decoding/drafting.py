@@ -232,11 +232,13 @@ def rank_tables(
 
 @dataclass(frozen=True)
 class Drafts:
-    """Draft states (R, Lb), which rows to verify (R,) and their graph levels (R,): static shapes."""
+    """Draft states (R, Lb), which rows to verify (R,) and their graph levels (R,) on the device and the host:
+    static shapes."""
 
     states: torch.Tensor
     valid: torch.Tensor
     levels: torch.Tensor
+    row_levels: tuple[int, ...] = ()
 
 
 def instantiate(
@@ -270,7 +272,7 @@ def instantiate(
     if graph.can_repeat:
         same = (drafts[:, None, :] == drafts[None, :, :]).all(-1)  # (R, R)
         ok &= ~(same & graph.earlier & ok[None, :]).any(dim=1)
-    return Drafts(drafts, ok, graph.levels)
+    return Drafts(drafts, ok, graph.levels, graph.row_levels)
 
 
 def pair_probabilities(

@@ -94,18 +94,29 @@ class SpiffyDecoder(BlockDecoder):
                 f"fuse_store=True needs a block-causal (SDAR) model and rule, got rule={cfg.rule!r}"
             )
         self.keyed = speculation.draft_noise == "keyed"
-        self._tensors = GraphTensors.from_graph(self.graph, self.device, keyed=self.keyed)
-        self.draft_levels = self._tensors.row_levels
+        # one (graph, tensors) per phase of a phased graph (drafts chosen by the masked count), else one
+        self._phases = [
+            (lo, g, GraphTensors.from_graph(g, self.device, keyed=self.keyed))
+            for lo, g in self.graph.phase_graphs()
+        ]
+        self._tensors = self._phases[0][2]
 
     def propose(self, anchor, state, ctx, step):
-        return self._draft(anchor, state, ctx, step)
+        graph, tensors = self.graph, self._tensors
+        if (
+            len(self._phases) > 1
+        ):  # the phase of the masked count: one host read (phased graphs only)
+            masked = int((state == self.spec.mask_id).sum())
+            _, graph, tensors = next(p for p in reversed(self._phases) if p[0] <= masked)
+        return self._draft(anchor, state, ctx, step, graph, tensors)
 
     def propose_early(self, anchor, state, ctx):
         # un-keyed drafting reads no step-keyed noise: the drafts can be built before the step is known
-        return None if self.keyed else self._draft(anchor, state, ctx, 0)
+        if self.keyed or len(self._phases) > 1:
+            return None
+        return self._draft(anchor, state, ctx, 0, self.graph, self._tensors)
 
-    def _draft(self, anchor: Distributions, state, ctx, step: int) -> Drafts:
-        tensors = self._tensors
+    def _draft(self, anchor: Distributions, state, ctx, step: int, graph, tensors) -> Drafts:
         pos_by_rank, top_tokens, n_masked = rank_tables(
             anchor,
             state,
@@ -116,7 +127,7 @@ class SpiffyDecoder(BlockDecoder):
             keyed=self.keyed,
         )
         keep, rows = self.speculation.prune, None
-        if keep is not None and keep < len(self.graph.nodes):  # dynamic pruning (SPEC §5.6)
+        if keep is not None and keep < len(graph.nodes):  # dynamic pruning (SPEC §5.6)
             probs = torch.softmax(anchor.sampling, dim=-1)
             pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, n_masked, probs)
             rows = prune_rows(tensors, pair_probs, keep)

@@ -1,1 +1,2 @@
-"""Training utilities for small masked-diffusion LMs (LLaDA's SFT objective)."""
+"""Training utilities for the small embedded dLLMs: LLaDA's SFT and SDAR's block-diffusion objectives, the shared
+resumable loop, and the LLaDA -> SDAR warm start."""
