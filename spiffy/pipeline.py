@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spiffy import results as store
 from spiffy.api import build_decoder
-from spiffy.config import RunConfig, decoder_settings, speculation_settings
+from spiffy.config import AUTO, RunConfig, decoder_settings, speculation_settings
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.builtin import chain, fig2, two_level_topk
 from spiffy.graph.draft_graph import DraftGraph
@@ -46,6 +46,48 @@ def load(cfg: RunConfig):
     return _MODELS[key]
 
 
+def calibration_prompts(cfg: RunConfig, tokenizer):
+    """The calibration task's name and a callable returning its `graph.n_samples` encoded prompts."""
+    from spiffy.eval.offline import encode
+    from spiffy.tasks.registry import TASKS
+
+    calib_task = cfg.task.calibration_task or cfg.task.name
+    if calib_task not in TASKS or TASKS[calib_task].calibration is None:
+        raise ValueError(f"task.calibration_task={calib_task!r} has no calibration prompts")
+    source = TASKS[calib_task].calibration
+
+    def prompts():
+        return [encode(tokenizer, text) for text in source(cfg.graph.n_samples, cfg.seed)]
+
+    return calib_task, prompts
+
+
+def build_auto(cfg: RunConfig, model, tokenizer, gen: dict):
+    """`graph.budget=auto`: the D* and lossless layout predicted fastest on this device (an `AutoChoice`)."""
+    from spiffy.decoding.config import GenerationConfig
+    from spiffy.graph.autotune import autotune
+
+    g = cfg.graph
+    calib_task, prompts = calibration_prompts(cfg, tokenizer)
+    return autotune(
+        model,
+        GenerationConfig(**gen),
+        prompts,
+        model_name=cfg.model.name,
+        task=calib_task,
+        n_samples=g.n_samples,
+        max_budget=g.max_budget,
+        margin=g.auto_margin,
+        rule=g.rule,
+        seed=cfg.seed,
+        horizon=g.horizon,
+        draft_noise=cfg.decoder.draft_noise,
+        root=g.root,
+        force=cfg.force,
+        progress=cfg.eval.progress,
+    )
+
+
 def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | None:
     """The job's draft graph, or None for budget 0 (the base decoder)."""
     g = cfg.graph
@@ -60,17 +102,8 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
     if g.source == "file":
         return DraftGraph.load(g.path)
     from spiffy.decoding.config import GenerationConfig
-    from spiffy.eval.offline import encode
-    from spiffy.tasks.registry import TASKS
 
-    calib_task = cfg.task.calibration_task or cfg.task.name
-    if calib_task not in TASKS or TASKS[calib_task].calibration is None:
-        raise ValueError(f"task.calibration_task={calib_task!r} has no calibration prompts")
-    source = TASKS[calib_task].calibration
-
-    def prompts():
-        return [encode(tokenizer, text) for text in source(g.n_samples, cfg.seed)]
-
+    calib_task, prompts = calibration_prompts(cfg, tokenizer)
     return load_or_calibrate(
         model,
         GenerationConfig(**gen),
@@ -132,16 +165,24 @@ def run(dict_cfg: DictConfig) -> float:
     model, tokenizer = load(cfg)
     gen = generation_kwargs(cfg)
     t0 = time.perf_counter()
-    graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
+    auto = None  # graph.budget=auto: the graph and layout chosen for this device
+    if cfg.decoder.speculate and cfg.graph.budget == AUTO:
+        auto = build_auto(cfg, model, tokenizer, gen)
+        graph = auto.graph
+    else:
+        graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
     graph_s = time.perf_counter() - t0
     base = build_decoder(model, **gen)
     decoder = base
     if graph is not None:
+        options = speculation_settings(cfg.decoder)
+        if auto is not None:
+            options["verify"] = auto.layout
         decoder = build_decoder(
-            model,
-            **gen,
-            speculate=Speculation(graph, prune=cfg.graph.prune, **speculation_settings(cfg.decoder)),
+            model, **gen, speculate=Speculation(graph, prune=cfg.graph.prune, **options)
         )
+    elif auto is not None:  # D* = 0 is the base itself; a second instance still measures the ratio
+        decoder = build_decoder(model, **gen)
     lm = SpiffyLM(
         decoder,
         tokenizer,
@@ -159,7 +200,12 @@ def run(dict_cfg: DictConfig) -> float:
     if "predicted_speedup_nfe" in provenance:
         metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
     metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
-    name = f"{cfg.task.name}-{cfg.decoder.name}-D{cfg.graph.budget if graph else 0}"
+    budget = f"auto{auto.budget}" if auto is not None else (cfg.graph.budget if graph else 0)
+    name = f"{cfg.task.name}-{cfg.decoder.name}-D{budget}"
+    if auto is not None:
+        metrics["auto_budget"] = auto.budget
+        metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
+        metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
     row = {
         "job_key": key,
         "experiment": cfg.experiment_name,
@@ -170,6 +216,7 @@ def run(dict_cfg: DictConfig) -> float:
         "dtype": cfg.model.dtype,
         "softmax_dtype": cfg.decoder.softmax_dtype,
         "graph": graph.to_json() if graph is not None else None,
+        "auto": auto.to_dict() if auto is not None else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     store.append_row(results_path, row)
@@ -189,11 +236,11 @@ def run(dict_cfg: DictConfig) -> float:
                 for r in lm.records
             ],
         )
-    print_summary(name, metrics)
+    print_summary(name, metrics, auto.reason if auto is not None else None)
     return float(metrics["accuracy"])
 
 
-def print_summary(name: str, metrics: dict) -> None:
+def print_summary(name: str, metrics: dict, note: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -224,4 +271,7 @@ def print_summary(name: str, metrics: dict) -> None:
         fmt("agreement", ".3f"),
         fmt("overhead_share", ".1%"),
     )
-    Console(width=120).print(table)
+    console = Console(width=120)
+    console.print(table)
+    if note:  # graph.budget=auto: the chosen D* and why, next to the measured ratio above
+        console.print(note, soft_wrap=True, markup=False)

@@ -91,5 +91,13 @@ def load_or_calibrate(
     return graph
 
 
+def trajectories_path(graph: DraftGraph, root: str | Path = "results/graphs") -> Path:
+    """Where the trajectories a graph calibrated by `load_or_calibrate` was selected from are cached."""
+    p = graph.provenance
+    if not {"model", "task", "key"} <= set(p):
+        raise ValueError(f"graph provenance {sorted(p)} lacks model/task/key: not from load_or_calibrate")
+    return Path(root) / _slug(p["model"]) / _slug(p["task"]) / "trajectories" / f"{p['key']}.json"
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(text)).name or text)
