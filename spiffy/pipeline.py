@@ -137,16 +137,29 @@ def evaluate_task(cfg: RunConfig, lm) -> dict:
         numpy_random_seed=cfg.seed,
         torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed,
-        confirm_run_unsafe_code=cfg.task.unsafe_code,
+        confirm_run_unsafe_code=cfg.task.allow_code_execution,
         log_samples=False,
         apply_chat_template=cfg.model.chat_template,
         bootstrap_iters=0,
     )
 
 
+def check_code_execution(cfg: RunConfig) -> None:
+    """A task that executes generated code needs `task.allow_code_execution=true` (checked before loading)."""
+    from spiffy.eval import sandbox
+
+    sandbox.check_consent(
+        cfg.task.lm_eval_task,
+        TASKS_DIR,
+        allow=cfg.task.allow_code_execution,
+        allow_unisolated=cfg.task.allow_unisolated_execution,
+    )
+
+
 def run(dict_cfg: DictConfig) -> float:
     """Run one job and return its headline accuracy (the sweep objective)."""
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)  # semantic validation, before any model loads
+    check_code_execution(cfg)
     # the typed config, task presets filled in: what the job key and the result row record
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     results_path = Path(cfg.results_dir) / f"{cfg.experiment_name}.jsonl"

@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference checkpoint (skipped when ../shared is absent), a random tiny LLaDA config."""
+"""Shared fixtures: the reference checkpoints in tests/fixtures/ (LLaDA, Dream, SDAR), a random tiny LLaDA."""
 
 from __future__ import annotations
 
@@ -13,20 +13,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("SPIFFY_SHARED", REPO.parent / "shared"))
-LLADA_FIXTURE = SHARED / "fixtures" / "llada_reference"
-
-
-def need_shared(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the reference fixtures live in ../shared (CI has them)")
-    return path
+# provenance and checksums: tests/fixtures/README.md
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+LLADA_FIXTURE = FIXTURES / "llada_reference"
+DREAM_FIXTURE = FIXTURES / "dream_reference"
+SDAR_FIXTURE = FIXTURES / "sdar_reference"
 
 
 @pytest.fixture(scope="session")
 def llada_fixture_dir() -> Path:
-    return need_shared(LLADA_FIXTURE)
+    return LLADA_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def dream_fixture_dir() -> Path:
+    return DREAM_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def sdar_fixture_dir() -> Path:
+    return SDAR_FIXTURE
 
 
 @pytest.fixture(scope="session")

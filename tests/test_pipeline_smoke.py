@@ -10,12 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spiffy.models.loading import EMBEDDED_MODEL_DIR
-
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(
-    not (EMBEDDED_MODEL_DIR / "config.json").exists(), reason="embedded checkpoint missing"
-)
 
 
 def run_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ import warnings
 from spiffy.decoding.config import GenerationConfig
 from spiffy.graph.draft_graph import DraftGraph
 
+
 def decoder_settings(cfg: GenerationConfig) -> dict:
     """Every decoder setting a graph may depend on: all fields of the config (new settings included)."""
     return {key: getattr(cfg, key) for key in type(cfg).field_names()}

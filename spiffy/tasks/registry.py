@@ -15,7 +15,8 @@ from pathlib import Path
 
 from spiffy.tasks.arith import ArithConfig, format_prompt, generate_split
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# the shipped copy (MIT): train/test JSONL of the original release
+GSM8K_DATA = Path(__file__).resolve().parent / "data" / "gsm8k"
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,8 @@ def arith_calibration(n: int, seed: int = 0) -> list[str]:
 
 
 def gsm8k_dir() -> Path:
-    """Local GSM8K JSONL: `$SPIFFY_GSM8K_DIR`, else `../shared/data/gsm8k` beside the repository."""
-    return Path(os.environ.get("SPIFFY_GSM8K_DIR", REPO_ROOT.parent / "shared" / "data" / "gsm8k"))
+    """The GSM8K JSONL folder: `$SPIFFY_GSM8K_DIR` when set, else the copy shipped in `spiffy/tasks/data/`."""
+    return Path(os.environ.get("SPIFFY_GSM8K_DIR") or GSM8K_DATA)
 
 
 def gsm8k_calibration(n: int, seed: int = 0) -> list[str]:

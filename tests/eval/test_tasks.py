@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
-from spiffy.eval.tasks.spiffy_tasks import humaneval_pass_at_1, load_arith, load_humaneval
+import spiffy
+from spiffy.eval.tasks.spiffy_tasks import load_arith, load_gsm8k
 from spiffy.tasks.arith import ArithConfig, generate_split, make_problem, split_of
-from spiffy.tasks.registry import gsm8k_dir
+from spiffy.tasks.registry import GSM8K_DATA, gsm8k_calibration, gsm8k_dir
 from spiffy.tasks.scoring import extract_flexible, extract_strict, is_correct, target_number
 
 
@@ -49,25 +51,26 @@ def test_gsm8k_extraction():
 
 
 def test_gsm8k_local_data_scores_its_own_answers():
-    path = gsm8k_dir() / "test.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} is absent (../shared holds the GSM8K copy)")
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:50]]
-    assert all(is_correct(r["answer"], target_number(r["answer"])) for r in rows)
+    rows = [json.loads(line) for line in (gsm8k_dir() / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 1319  # the full test split ships with the package
+    assert all(is_correct(r["answer"], target_number(r["answer"])) for r in rows[:50])
+
+
+def test_gsm8k_loads_offline_from_the_shipped_copy(monkeypatch):
+    monkeypatch.delenv("SPIFFY_GSM8K_DIR", raising=False)
+    assert gsm8k_dir() == GSM8K_DATA and GSM8K_DATA.is_relative_to(Path(spiffy.__file__).parent)
+    ds = load_gsm8k()
+    assert (len(ds["train"]), len(ds["test"])) == (7473, 1319)
+    assert len(gsm8k_calibration(3)) == 3
+
+
+def test_gsm8k_dir_override_is_honoured_and_a_missing_copy_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPIFFY_GSM8K_DIR", str(tmp_path))
+    assert gsm8k_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match="SPIFFY_GSM8K_DIR"):
+        load_gsm8k()
 
 
 def test_arith_dataset_for_lm_eval():
     ds = load_arith(n_test=20)
     assert len(ds["test"]) == 20 and set(ds["test"][0]) == {"question", "answer", "target"}
-
-
-def test_humaneval_metric_passes_canonical_and_fails_wrong():
-    problems = load_humaneval()["test"].select(range(3))
-    refs = [
-        json.dumps({k: p[k] for k in ("task_id", "prompt", "test", "entry_point")})
-        for p in problems
-    ]
-    good = [[p["prompt"] + p["canonical_solution"]] for p in problems]
-    bad = [[p["prompt"] + "    return None\n"] for p in problems]
-    assert humaneval_pass_at_1(refs, good) == 1.0
-    assert humaneval_pass_at_1(refs, bad) == 0.0

@@ -10,21 +10,20 @@ import torch
 from transformers import AutoModel
 
 import spiffy
-from tests.conftest import SHARED, need_shared
+from tests.conftest import DREAM_FIXTURE as DREAM
 
-DREAM = SHARED / "fixtures" / "dream_reference"
 ALGS = {"maskgit_plus": "low_confidence", "topk_margin": "topk_margin", "entropy": "entropy"}
 PROMPT = torch.tensor([9, 90, 9, 8, 52, 44, 57, 84, 49, 119, 76, 87])
 
 
 @pytest.fixture(scope="module")
 def dream():
-    return spiffy.load_model(need_shared(DREAM), dtype=torch.float64)
+    return spiffy.load_model(DREAM, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
 def expected():
-    return json.loads((need_shared(DREAM) / "expected.json").read_text())
+    return json.loads((DREAM / "expected.json").read_text())
 
 
 def test_raw_logits_match_and_the_shift_lives_in_the_model(dream, expected):

