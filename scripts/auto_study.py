@@ -50,7 +50,7 @@ def setup(model, tok, base: str, args) -> dict:
     tune_s = time.perf_counter() - t0
     print(f"[{base}] {choice.reason} ({tune_s:.1f} s)", flush=True)
     decoders = {"D0": build_decoder(model, cfg)}
-    for d in range(1, args.max_budget + 1):
+    for d in args.budgets or range(1, args.max_budget + 1):
         graph = load_or_calibrate(model, cfg, lambda: prompts, budget=d, progress=False, **common)
         decoders[f"D{d}"] = build_decoder(
             model, cfg, speculate=Speculation(graph, verify=choice.layout)
@@ -181,6 +181,7 @@ def main() -> None:
     p.add_argument("--n-calib", type=int, default=20, help="calibration prompts")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-budget", type=int, default=10)
+    p.add_argument("--budgets", type=int, nargs="*", default=None, help="fixed D to sweep (default: all)")
     p.add_argument("--margin", type=float, default=MARGIN)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--root", default="results/graphs")

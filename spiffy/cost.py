@@ -3,12 +3,14 @@
 `measure_costs` times, in one process and on the job's shape (the calibration prompts' median length plus
 `gen_length`), everything the wall-clock of a request is made of:
 
-* the block-start forward (full canvas, no drafts; Spiffy never saves it);
+* the block-start forward (full canvas, no drafts; Spiffy never saves it), and the base's own in-block forward,
+  timed as the base runs it: a burst of single-state forwards right after the block start;
 * one in-block verification forward with `n = 1 + drafts` states, for every lossless verification layout of the
   base's cache mode (`spiffy.decoding.modes`: no cache = full-canvas rows, prefix = `[block + suffix]` rows, dual =
   block rows), at the first, middle and last block (the prefix layout's rows shrink along the request). Every round
   visits every (block, layout, n) in a fresh random order, so a slow phase of a shared machine hits them alike;
-  medians of model time (`ForwardTimer`, the same clock as `DecodeStats.model_s`);
+  medians of model time (`ForwardTimer`, the same clock as `DecodeStats.model_s`). As in the acceptance walk, the
+  previous forward's logits stay alive during the next one (the same memory pattern);
 * the time outside the model, from the real decoders on a calibration prompt or two: the base decoder's per
   transition, and `SpiffyDecoder`'s extra per verification forward (drafting, acceptance bookkeeping, building the
   rows) for graphs of a few sizes.
@@ -39,7 +41,7 @@ from spiffy.decoding.modes import VERIFY_LAYOUTS, effective_layout, is_lossless
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.graph.draft_graph import DraftGraph
 
-FORMAT, VERSION = "spiffy.costs", 1
+FORMAT, VERSION = "spiffy.costs", 2
 
 
 def lossless_layouts(cache: str) -> list[str]:
@@ -64,14 +66,17 @@ def state_grid(max_states: int) -> list[int]:
 class CostModel:
     """Measured costs (milliseconds) of one decoder configuration on one device.
 
-    `forward_ms[layout][k][s]` is an in-block forward at block `blocks[k]` with `states[s]` states; `overhead_ms`
-    maps a layout to `{graph nodes: Spiffy's extra time per verification forward}`; `step_ms` is the base's time
-    outside the model per transition (sampling, bookkeeping, per-request setup spread over its transitions).
+    `forward_ms[layout][k][s]` is an in-block forward at block `blocks[k]` with `states[s]` states, amid forwards
+    of every size as in Spiffy's walk; `base_forward_ms[k]` the base decoder's in-block forward (one state, amid
+    its own); `overhead_ms` maps a layout to `{graph nodes: Spiffy's extra time per verification forward}`;
+    `step_ms` is the base's time outside the model per transition (sampling, bookkeeping, per-request setup spread
+    over its transitions).
     """
 
     states: list[int]
     blocks: list[int]
     forward_ms: dict[str, list[list[float]]]
+    base_forward_ms: list[float]
     block_start_ms: float
     step_ms: float
     overhead_ms: dict[str, dict[int, float]]
@@ -81,6 +86,10 @@ class CostModel:
         """Interpolated ms of an in-block forward with `n` states at block index `block` (clamped to the grid)."""
         rows = [np.interp(n, self.states, per_block) for per_block in self.forward_ms[layout]]
         return float(np.interp(block, self.blocks, rows))
+
+    def base_forward(self, block: int) -> float:
+        """Interpolated ms of the base decoder's in-block forward at block index `block`."""
+        return float(np.interp(block, self.blocks, self.base_forward_ms))
 
     def overhead(self, layout: str, nodes: int) -> float:
         """Spiffy's extra ms per verification forward with a graph of `nodes` nodes (interpolated)."""
@@ -102,11 +111,14 @@ class CostModel:
                 [int(n) for n in data["states"]],
                 [int(b) for b in data["blocks"]],
                 {k: [[float(x) for x in row] for row in v] for k, v in data["forward_ms"].items()},
+                [float(x) for x in data["base_forward_ms"]],
                 float(data["block_start_ms"]),
                 float(data["step_ms"]),
                 {k: {int(n): float(x) for n, x in v.items()} for k, v in data["overhead_ms"].items()},
                 dict(data.get("meta", {})),
             )
+            if len(model.base_forward_ms) != len(model.blocks):
+                raise ValueError("base_forward_ms does not match blocks")
             for layout, table in model.forward_ms.items():
                 if len(table) != len(model.blocks) or any(len(r) != len(model.states) for r in table):
                     raise ValueError(f"forward_ms[{layout!r}] does not match blocks x states")
@@ -132,9 +144,11 @@ def time_forwards(
     states: list[int],
     *,
     rounds: int = 7,
+    burst: int = 3,
     seed: int = 0,
-) -> tuple[list[int], dict[str, list[list[float]]], float]:
-    """Blocks timed, median in-block forward ms per layout x block x states, and the block-start ms."""
+) -> tuple[list[int], dict[str, list[list[float]]], list[float], float]:
+    """Blocks timed, median in-block forward ms per layout x block x states, the base's in-block forward ms per
+    block (`burst` single-state forwards after each block start), and the block-start ms."""
     mask_id = int(model.config.mask_token_id)
     device = next(model.parameters()).device
     length, lb, nb = prompt_len + cfg.gen_length, cfg.block_length, cfg.num_blocks
@@ -145,24 +159,32 @@ def time_forwards(
     timer = strategy.timer
     starts: list[float] = []
     times = {(lay, b, n): [] for lay in layouts for b in blocks for n in states}
+    plain: dict[int, list[float]] = {b: [] for b in blocks}
+    held = None  # as in the acceptance walk, the last forward's logits stay alive during the next one
     for r in range(rounds + 1):  # round 0 warms up
         for b in [blocks[i] for i in torch.randperm(len(blocks), generator=gen).tolist()]:
             block = slice(prompt_len + b * lb, prompt_len + (b + 1) * lb)
             before = timer.model_s
-            strategy.begin_block(canvas, block)
+            held = strategy.begin_block(canvas, block)
             if r:
                 starts.append(timer.model_s - before)
+            for _ in range(burst):
+                before = timer.model_s
+                held = strategy.block_logits(canvas, block, canvas[block][None], layouts[0])
+                if r:
+                    plain[b].append(timer.model_s - before)
             cells = [(lay, n) for lay in layouts for n in states]
             for k in torch.randperm(len(cells), generator=gen).tolist():
                 lay, n = cells[k]
                 before = timer.model_s
-                strategy.block_logits(canvas, block, canvas[block].repeat(n, 1), lay)
+                held = strategy.block_logits(canvas, block, canvas[block].repeat(n, 1), lay)
                 if r:
                     times[(lay, b, n)].append(timer.model_s - before)
+    del held
     table = {
         lay: [[_median_ms(times[(lay, b, n)]) for n in states] for b in blocks] for lay in layouts
     }
-    return blocks, table, _median_ms(starts)
+    return blocks, table, [_median_ms(plain[b]) for b in blocks], _median_ms(starts)
 
 
 def time_outside_model(
@@ -287,18 +309,18 @@ def load_or_measure(
     path = Path(root) / _slug(model_name) / "costs" / f"{_slug(key['device_name'])}-{digest}.json"
     if path.exists() and not force:
         return CostModel.from_json(path.read_text(), str(path)), path
-    blocks, table, start = time_forwards(model, cfg, prompt_len, layouts, states)
+    blocks, table, base_forward, start = time_forwards(model, cfg, prompt_len, layouts, states)
     step, overhead, base_ms, base_in_block = time_outside_model(
         model, cfg, used, graphs, layouts, draft_noise=draft_noise
     )
     # The two phases may run under different load (a shared machine): bring the outside-model times to the
     # forward timings' scale by the base's model time, measured in the second phase and predicted by the first.
-    plain = statistics.mean(row[0] for row in table[layouts[0]])
+    plain = statistics.mean(base_forward)
     scale = (len(used) * cfg.num_blocks * start + base_in_block * plain) / base_ms
     overhead = {lay: {n: ms * scale for n, ms in v.items()} for lay, v in overhead.items()}
     meta = {k: v for k, v in key.items() if k != "overhead_prompts"}
     meta["load_scale"] = scale
-    costs = CostModel(states, blocks, table, start, step * scale, overhead, meta)
+    costs = CostModel(states, blocks, table, base_forward, start, step * scale, overhead, meta)
     _atomic_write(path, costs.to_json())
     return costs, path
 

@@ -5,6 +5,7 @@ calibration trajectories (the exact acceptance walk of `spiffy.graph.calibrate.e
 reproduces), and every forward is charged what it costs on this device (`spiffy.cost`):
 
     wall(D*) = blocks · F_start + Σ_in-block forwards F_layout(block, 1 + drafts) + T · step + N_in · overhead(D*)
+    wall(0)  = blocks · F_start + Σ_in-block forwards F_base(block)                + T · step
 
 `drafts` is the number of graph nodes the forward instantiates: the state's masked count `m` (recorded with the
 trajectories) admits a node iff its largest position rank is <= m and it leaves a mask (SPEC §5.1); without
@@ -127,11 +128,15 @@ def predict(
     for layout in costs.forward_ms:
         base_ms = len(blocks) * costs.block_start_ms + transitions * costs.step_ms
         base_fwd = sum(
-            costs.forward(layout, k % nb, 1) * (b.transitions - 1) for k, b in enumerate(blocks)
+            costs.base_forward(k % nb) * (b.transitions - 1) for k, b in enumerate(blocks)
         )
         base_ms += base_fwd
+        base_per_fwd = base_fwd / max(1, transitions - len(blocks))
         for budget, graph in sorted(graphs.items()):
-            nodes = set(graph.nodes) if graph is not None else set()
+            if graph is None:  # D* = 0 is the base decoder itself
+                out.append(Candidate(layout, budget, 0, 1.0, 1.0, 1.0, 1.0, 0.0))
+                continue
+            nodes = set(graph.nodes)
             count = drafts_counter(graph, keyed)
             fwd_ms, states, n_in = 0.0, 0, 0
             for k, block in enumerate(blocks):
@@ -144,9 +149,8 @@ def predict(
             expected = evaluate(nodes, trajectories).nfe
             if nfe != expected:  # the replay must be the evaluator's walk
                 raise RuntimeError(f"replay NFE {nfe} != evaluate NFE {expected} at D={budget}")
-            extra = n_in * costs.overhead(layout, len(nodes)) if graph is not None else 0.0
+            extra = n_in * costs.overhead(layout, len(nodes))
             ms = len(blocks) * costs.block_start_ms + fwd_ms + transitions * costs.step_ms + extra
-            base_per_fwd = base_fwd / max(1, transitions - len(blocks))
             out.append(
                 Candidate(
                     layout,

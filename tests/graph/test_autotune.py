@@ -39,6 +39,7 @@ def scripted_costs(forward, *, overhead: float = 0.0, step: float = 0.0, max_sta
         states,
         [0, 1],
         {"exact": [[forward(n) for n in states] for _ in range(2)]},
+        [forward(1)] * 2,
         10.0,
         step,
         {"exact": {1: overhead, max_states - 1: overhead}},
@@ -58,6 +59,7 @@ def test_a_steep_cost_curve_chooses_the_base(trajectories):
     candidates = predict(trajectories, chains(5), scripted_costs(lambda n: 10.0 * n**2), CFG)
     best, why = choose(candidates)
     assert best.budget == 0 and why.startswith("auto: D*=0 (the base decoder)")
+    assert (best.speedup_wall, best.speedup_nfe, best.nodes) == (1.0, 1.0, 0)
     assert all(c.speedup_wall < 1 for c in candidates if c.budget)
 
 
@@ -125,6 +127,7 @@ def test_cost_model_is_measured_once_then_read_from_its_cache(tmp_path, monkeypa
     assert path.parent == tmp_path / "scripted" / "costs" and path.exists()
     assert costs.states == [1, 2, 3, 4] and set(costs.forward_ms) == {"exact"}
     assert set(costs.overhead_ms["exact"]) == {1, 3} and costs.block_start_ms > 0
+    assert len(costs.base_forward_ms) == len(costs.blocks) == 2  # blocks 0 and 1 of 2
     assert costs.meta["threads"] == torch.get_num_threads() and costs.meta["dtype"] == "float64"
 
     def no_timing(*args, **kwargs):
@@ -146,10 +149,13 @@ def test_a_malformed_cost_model_file_raises_naming_its_path(tmp_path):
         path.write_text(broken)
         with pytest.raises(ValueError, match=f"cost model file '{path}' is malformed"):
             measure(tmp_path, [chain(2)])
-    del data["forward_ms"]["exact"][0]
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="does not match blocks x states"):
-        measure(tmp_path, [chain(2)])
+    for key, match in (("forward_ms", "blocks x states"), ("base_forward_ms", "does not match blocks")):
+        broken = json.loads(json.dumps(data))
+        table = broken[key]["exact"] if key == "forward_ms" else broken[key]
+        del table[0]
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=match):
+            measure(tmp_path, [chain(2)])
 
 
 def test_cost_measurement_needs_graphs_and_prompts(tmp_path):
