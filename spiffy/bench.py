@@ -148,7 +148,7 @@ def run_side_by_side(
             result = decoder.generate(prompt, request_id=i, seed=seed)
             s, row = result.stats, rows[label]
             row.nfe.append(s.nfe)
-            row.transitions.append(s.transitions)
+            row.transitions.append(s.nfe_base)  # the base's calls: transitions (+ SDAR's)
             row.wall_s.append(s.wall_s)
             row.tokens.append(s.generated_tokens)
             row.model_s += s.model_s

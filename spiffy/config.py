@@ -38,9 +38,14 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "cpu"
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
+    # block-causal models (SDAR) only: the attention block size of config.json. Such a model decodes in
+    # blocks of this length (it replaces task.block_length) with the SDAR rules; the SDAR presets read it.
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         _choice("model", "dtype", self.dtype, DTYPES)
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"model.block_size={self.block_size} must be >= 1 or null")
 
 
 @dataclass
@@ -243,6 +248,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Check the decoder on this task (lengths, steps, rule parameters) before any model loads."""
+        from spiffy.decoding.rules import RULES
+
+        if self.model.block_size is not None:  # a block-causal model decodes in its own blocks
+            self.task.block_length = self.model.block_size
+        block_causal = self.model.block_size is not None
+        rule = RULES.get(self.decoder.rule)  # an unknown rule is reported below
+        if rule is not None and rule.block_causal != block_causal:
+            kind = "block-causal (model.block_size is set)" if block_causal else "bidirectional"
+            raise ValueError(
+                f"decoder.rule={self.decoder.rule!r} does not fit model {self.model.name!r}, which is "
+                f"{kind}: SDAR models take decoder=sdar|sdar_dynamic|spiffy_sdar_dynamic, others the rest"
+            )
         try:
             GenerationConfig(**decoder_settings(self.decoder, self.task))
         except ValueError as e:

@@ -31,6 +31,7 @@ def summarize(records: list[RequestRecord], scores: dict[str, float]) -> dict[st
     stats = [r.stats for r in records]
     nfe = sum(s.nfe for s in stats)
     transitions = sum(s.transitions for s in stats)
+    nfe_base = sum(s.nfe_base for s in stats)  # = transitions, plus SDAR's prefill and store calls
     wall = sum(s.wall_s for s in stats)
     model_s = sum(s.model_s for s in stats)
     tokens = sum(s.generated_tokens for s in stats)
@@ -42,9 +43,10 @@ def summarize(records: list[RequestRecord], scores: dict[str, float]) -> dict[st
         "accuracy": headline_accuracy(scores),
         "n_requests": len(records),
         "nfe_mean": nfe / max(1, len(stats)),
-        "nfe_base_mean": transitions / max(1, len(stats)),
-        "speedup_nfe": transitions / nfe if nfe else float("nan"),
-        "accepted_per_forward": transitions / nfe - 1 if nfe else float("nan"),
+        "nfe_base_mean": nfe_base / max(1, len(stats)),
+        "speedup_nfe": nfe_base / nfe if nfe else float("nan"),
+        # per forward that performed a transition (SDAR's prefill and plain store calls perform none)
+        "accepted_per_forward": transitions / sum(hist.values()) - 1 if hist else float("nan"),
         "tokens_per_s": tokens / wall if wall else float("nan"),
         "latency_s_p50": statistics.median(s.wall_s for s in stats) if stats else float("nan"),
         "draft_query_tokens_per_forward": sum(s.draft_query_tokens for s in stats) / max(1, nfe),

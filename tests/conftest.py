@@ -73,6 +73,33 @@ def tiny_random_model(seed: int = 0, vocab: int = 24, layers: int = 2, kv_heads:
     return model
 
 
+def tiny_random_sdar(seed: int = 0, vocab: int = 24, block_size: int = 4, kv_heads: int = 2):
+    """A random SDAR-architecture model in float64 (block-causal, GQA, q/k norms; never predicts the mask)."""
+    from spiffy.models.sdar import SDARConfig, SDARForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = SDARConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        block_size=block_size,
+        mask_token_id=vocab - 1,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 2,
+    )
+    model = SDARForCausalLM(cfg).to(torch.float64).eval()
+    with torch.no_grad():  # sharpen the distributions so that drafts are sometimes right
+        model.lm_head.weight.mul_(8.0)
+    model.register_forward_hook(_never_predict_mask)
+    return model
+
+
 def _never_predict_mask(module, args, output):
     """A trained dLLM never predicts the mask token; a random one may, which stalls every decoder."""
     output.logits[..., module.config.mask_token_id] = float("-inf")

@@ -24,13 +24,27 @@ def compose_with(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def is_sdar(group: str, option: str) -> bool:
+    """SDAR's models (block-causal, `model.block_size`) and decoders (its rules) only compose together."""
+    if group == "model":
+        return OmegaConf.load(CONF / "model" / f"{option}.yaml").get("block_size") is not None
+    return group == "decoder" and "sdar" in option
+
+
+def companion(group: str, option: str) -> list[str]:
+    """The other half of an SDAR combination (the defaults are LLaDA's)."""
+    if not is_sdar(group, option):
+        return []
+    return ["decoder=sdar"] if group == "model" else ["model=sdar_tiny"]
+
+
 @pytest.mark.parametrize(
     ("group", "option"),
     [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
 )
 def test_every_option_composes_and_validates(group, option):
     """Each option composes, converts (every `__post_init__` runs) and yields a valid decoder and Speculation."""
-    cfg = compose_with(f"{group}={option}")
+    cfg = compose_with(f"{group}={option}", *companion(group, option))
     typed: RunConfig = OmegaConf.to_object(cfg)
     gen = GenerationConfig(**generation_kwargs(typed))
     assert (gen.gen_length, gen.block_length) == (typed.task.gen_length, typed.task.block_length)
@@ -98,17 +112,46 @@ def test_each_experiment_has_a_launcher_and_runs_on_the_published_checkpoint(exp
     launch = (CONF.parent / "experiments" / experiment / "launch.sh").read_text()
     assert f"run.py -m experiment={experiment}" in launch
     assert f"make_tables.py --experiment {experiment}" in launch
+    model = PUBLISHED.get(experiment, "llada_8b_instruct")
     typed = OmegaConf.to_object(
-        compose_with(f"experiment={experiment}", "model=llada_8b_instruct", "task=gsm8k")
+        compose_with(f"experiment={experiment}", f"model={model}", "task=gsm8k")
     )
-    assert typed.experiment_name == experiment and typed.model.name == "llada_8b_instruct"
+    assert typed.experiment_name == experiment and typed.model.name == model
     gen = generation_kwargs(typed)
     assert (gen["gen_length"], gen["block_length"]) == (256, 32)
 
 
+PUBLISHED = {"sdar_v4": "sdar_8b_chat_b32"}  # the published checkpoint each experiment is about
+
+
+SDAR_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if is_sdar("model", p.stem))
+TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("model", "task"), [(m, t) for m in SDAR_MODELS for t in TASKS])
+def test_sdar_models_compose_with_every_task_and_spiffy(model, task):
+    """An SDAR model decodes in blocks of its block size (replacing the task's), one token per step under
+    `decoder=sdar`; Spiffy composes over it; LLaDA's decoders are refused before any model loads."""
+    for decoder in ("sdar", "sdar_dynamic", "spiffy_sdar_dynamic"):
+        typed = OmegaConf.to_object(
+            compose_with(
+                f"model={model}", f"task={task}", f"decoder={decoder}", "decoder.speculate=true"
+            )
+        )
+        gen = GenerationConfig(**generation_kwargs(typed))
+        assert gen.block_length == gen.steps_per_block == typed.model.block_size
+        assert gen.cache == "block_causal" and typed.decoder.speculate
+    with pytest.raises(ValueError, match="does not fit model"):
+        OmegaConf.to_object(compose_with(f"model={model}", f"task={task}", "decoder=spiffy"))
+    with pytest.raises(ValueError, match="does not fit model"):
+        OmegaConf.to_object(compose_with(f"task={task}", "decoder=sdar"))
+
+
 def test_cross_block_needs_the_no_cache_exact_layout():
     cfg = compose_with("decoder=spiffy_kv_cache", "decoder.cross_block=true")
-    with pytest.raises(ValueError, match=r"decoder.cross_block=True needs cache in \['none'\] .*got cache='dual'"):
+    with pytest.raises(
+        ValueError, match=r"decoder.cross_block=True needs cache in \['none'\] .*got cache='dual'"
+    ):
         OmegaConf.to_object(cfg)
     typed = OmegaConf.to_object(
         compose_with("decoder=spiffy", "decoder.cross_block=true", "graph.budget=3")
@@ -136,7 +179,9 @@ def test_task_steps_is_not_a_key_and_lengths_come_from_the_task_preset():
 def test_every_rule_that_reads_steps_gets_them():
     """`decoder.rule=dream_steps` (recommended by the Dream configs) used to fail: steps were set for
     `schedule` only."""
-    typed = OmegaConf.to_object(compose_with("decoder.rule=dream_steps", "decoder.remasking=entropy"))
+    typed = OmegaConf.to_object(
+        compose_with("decoder.rule=dream_steps", "decoder.remasking=entropy")
+    )
     assert generation_kwargs(typed)["steps"] == 32
     typed = OmegaConf.to_object(compose_with("decoder.rule=dream_threshold", "decoder.tau=0.9"))
     assert GenerationConfig(**generation_kwargs(typed)).steps == 32

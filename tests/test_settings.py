@@ -33,7 +33,7 @@ def test_every_setting_reaches_every_consumer():
 def test_unknown_names_raise_with_the_known_ones():
     with pytest.raises(ValueError, match=r"rule='fast' is not a known transition rule; known: \["):
         rules.TransitionRule("fast")
-    with pytest.raises(ValueError, match=r"cache='full' is not known; known: \['dual', 'none', 'prefix'\]"):
+    with pytest.raises(ValueError, match=r"cache='full' is not known; known: \['block_causal', 'dual', 'none', 'prefix'\]"):
         get_cache_mode("full")
     with pytest.raises(ValueError, match=r"unknown decoder setting\(s\) \['turbo'\]"):
         spiffy.build_decoder(torch.nn.Linear(1, 1), turbo=True)

@@ -1,7 +1,9 @@
 """The one semi-autoregressive block loop: transition rule × cache mode (SPEC §2, §3, §4, §5.4).
 
 `BlockDecoder` is LLaDA's sampler (`rule="schedule"`, `cache="none"`), Fast-dLLM's (`threshold`/`factor`,
-`prefix`/`dual`) and every other combination; presets are configurations, not forks. The loop is written as
+`prefix`/`dual`), SDAR's `block_diffusion_generate` (the `sdar_*` rules with the exact `block_causal` cache,
+SPEC §12: blocks aligned to absolute positions, a prefill, one store per finished block) and every other
+combination; presets are configurations, not forks. The loop is written as
 Spiffy's acceptance walk (SPEC §5.4) with two hooks, `propose` and `accept`; the base decoder proposes no drafts
 and accepts nothing, so each of its transitions costs exactly one forward. `SpiffyDecoder` overrides the hooks.
 """
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.block_causal import BlockCausalCache
+from spiffy.decoding.config import SDAR_RULES, GenerationConfig
 from spiffy.decoding.forward import STRATEGIES, ForwardStrategy
 from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
@@ -57,6 +60,26 @@ class BlockDecoder:
         self.cfg = cfg
         self.spec = spec or model_spec(model)
         self.rule = TransitionRule.from_config(cfg)
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """Block-causal models (SDAR) decode with the SDAR rules, in blocks of their attention block size."""
+        spec, cfg = self.spec, self.cfg
+        if spec.block_causal != self.rule.spec.block_causal:
+            kind = "block-causal (SDAR)" if spec.block_causal else "bidirectional"
+            need = list(SDAR_RULES) if spec.block_causal else "a rule other than the SDAR rules"
+            raise ValueError(f"rule={cfg.rule!r}: the model is {kind}; use {need}")
+        if spec.block_causal and cfg.block_length != spec.attention_block_size:
+            raise ValueError(
+                f"block_length={cfg.block_length}: this SDAR model's block_size is "
+                f"{spec.attention_block_size}"
+            )
+        bad = [i for i in cfg.stop_ids or () if i >= spec.vocab_size or i == spec.mask_id]
+        if bad:
+            raise ValueError(
+                f"stop_ids={list(cfg.stop_ids)}: {bad} is the mask id {spec.mask_id} or "
+                f">= vocab_size={spec.vocab_size}"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +92,10 @@ class BlockDecoder:
         if raw.dtype == torch.bool or raw.is_floating_point() or raw.is_complex():
             raise ValueError(f"prompt_ids of dtype {raw.dtype}: expected integer token ids")
         prompt = raw.to(torch.long)
-        if prompt.numel() and not 0 <= int(prompt.min()) <= int(prompt.max()) < self.spec.vocab_size:
+        if (
+            prompt.numel()
+            and not 0 <= int(prompt.min()) <= int(prompt.max()) < self.spec.vocab_size
+        ):
             bad = prompt[(prompt < 0) | (prompt >= self.spec.vocab_size)][0]
             raise ValueError(
                 f"prompt_ids contain {int(bad)}, outside the vocabulary [0, {self.spec.vocab_size})"
@@ -80,7 +106,7 @@ class BlockDecoder:
             raise ValueError(f"prompt_ids of shape {tuple(prompt.shape)}: expected (P,) or (1, P)")
         if (prompt == self.spec.mask_id).any():
             raise ValueError(f"prompt_ids contain the mask id {self.spec.mask_id}")
-        total = prompt.numel() + self.cfg.gen_length
+        total = self.layout(prompt.numel())[0]
         if total > self.spec.max_length:
             raise ValueError(
                 f"prompt length {prompt.numel()} + gen_length {self.cfg.gen_length} = {total} "
@@ -88,30 +114,56 @@ class BlockDecoder:
             )
         return prompt.to(self.device)
 
+    def layout(self, p: int) -> tuple[int, list[slice]]:
+        """Canvas length and the blocks to decode for a prompt of length `p`.
+
+        Bidirectional families: the prompt, then `gen_length` positions in blocks. Block-causal ones (SPEC §12):
+        blocks aligned to absolute positions, the canvas rounded up to whole blocks; the prompt's whole blocks
+        are prefilled and its partial last block is decoded as part of the first block.
+        """
+        lb = self.cfg.block_length
+        if not self.spec.block_causal:
+            return p + self.cfg.gen_length, [
+                slice(p + b * lb, p + (b + 1) * lb) for b in range(self.cfg.num_blocks)
+            ]
+        total = -(-(p + self.cfg.gen_length) // lb) * lb
+        return total, [slice(s, s + lb) for s in range(p // lb * lb, total, lb)]
+
+    def make_strategy(self) -> ForwardStrategy:
+        """The forward strategy of the cache mode (one per request)."""
+        return STRATEGIES[self.cfg.cache](self.model)
+
     def generate(
         self, prompt_ids: torch.Tensor | list[int], *, request_id: int | str = 0, seed: int = 0
     ) -> DecodeResult:
         """Decode `gen_length` tokens after the prompt, block by block, left to right."""
         t0 = time.perf_counter()
         prompt = self.prepare_prompt(prompt_ids)
-        p, lb = prompt.numel(), self.cfg.block_length
-        canvas = torch.cat([prompt, prompt.new_full((self.cfg.gen_length,), self.spec.mask_id)])
-        strategy = STRATEGIES[self.cfg.cache](self.model)
+        p = prompt.numel()
+        total, blocks = self.layout(p)
+        canvas = torch.cat([prompt, prompt.new_full((total - p,), self.spec.mask_id)])
+        strategy = self.make_strategy()
         stats, noise = DecodeStats(), NoiseKey(seed, request_id)
         if self.record_confidence:
             stats.committed_confidence = []
+        if isinstance(strategy, BlockCausalCache):  # SDAR's prefill of the whole prompt blocks
+            calls = strategy.prefill(canvas, blocks[0].start)
+            stats.nfe += calls
+            stats.base_extra_calls += calls
+        stops = torch.tensor(self.cfg.stop_ids or [], dtype=torch.long, device=canvas.device)
         carry = None
-        for b in range(self.cfg.num_blocks):
-            block = slice(p + b * lb, p + (b + 1) * lb)
+        for b, block in enumerate(blocks):
             carry = self.decode_block(canvas, block, b, strategy, stats, noise, carry)
-        tokens = canvas[p:].clone()
+            if stops.numel() and torch.isin(canvas[p:], stops).any():
+                break  # a stop id in the generated region: later blocks keep the mask id
+        tokens = canvas[p : p + self.cfg.gen_length].clone()
         timer = strategy.timer
         stats.model_s, stats.mask_s = timer.model_s, timer.mask_s
         stats.query_tokens, stats.draft_query_tokens = timer.query_tokens, timer.draft_query_tokens
         stats.wall_s = time.perf_counter() - t0
         eos = (tokens == self.spec.eos_id).nonzero() if self.spec.eos_id is not None else []
         stats.generated_tokens = int(eos[0]) if len(eos) else tokens.numel()
-        return DecodeResult(tokens=tokens, stats=stats)
+        return DecodeResult(tokens=tokens, stats=stats, canvas=canvas.clone())
 
     def decode_block(
         self,
@@ -154,10 +206,9 @@ class BlockDecoder:
             stats.transitions += 1
             canvas[block] = new
             if self.rule.is_complete(bool((new == self.spec.mask_id).any()), step):
-                if block.stop < canvas.numel():
-                    nxt = self.continue_across(new, verified, strategy, stats)
-                    if nxt is not None:
-                        return Carry(nxt, advanced)
+                carry = self.finish_block(canvas, block, new, verified, strategy, stats, advanced)
+                if carry is not None:
+                    return carry
                 break
             stalled = stalled + 1 if torch.equal(new, state) else 0
             if stalled >= self.cfg.block_length and not self.rule.bounded:
@@ -185,6 +236,41 @@ class BlockDecoder:
             stats.nfe += 1
             dist, verified = logits[0], Verified(drafts, logits[1:], levels)
         stats.accepted_per_forward[advanced - 1] += 1
+        return None
+
+    def finish_block(
+        self, canvas, block, new, verified: Verified, strategy, stats, advanced: int
+    ) -> Carry | None:
+        """End the complete block `new`; return the next block's first distribution if already known.
+
+        Block-causal models store the block's K/V (SPEC §12): from the last forward's row of `new` when it was
+        verified there (`stored_row`), else with a store forward, which with `fuse_next` also computes the next
+        block's first distribution. The base's count is the reference's: one store call per block.
+        Other families: the optional cross-block continuation (SPEC §5.4).
+        """
+        has_next = block.stop < canvas.numel()
+        if isinstance(strategy, BlockCausalCache):
+            stats.base_extra_calls += 1
+            row = self.stored_row(new, verified, stats)
+            calls, nxt = strategy.store_block(
+                canvas, block, row, with_next=self.cfg.fuse_next and has_next
+            )
+            stats.nfe += calls
+            if nxt is None:
+                return None
+            if calls:  # the store forward starts the next block: a new forward's count begins
+                stats.accepted_per_forward[advanced - 1] += 1
+                advanced = 0
+            return Carry(nxt, advanced)
+        if has_next:
+            nxt = self.continue_across(new, verified, strategy, stats)
+            if nxt is not None:
+                return Carry(nxt, advanced)
+        return None
+
+    def stored_row(self, new, verified: Verified, stats) -> int | None:
+        """Row of the last forward that computed the complete state `new` (0 = the real state); the base
+        decoder's last forward never did (its state still had masks)."""
         return None
 
     def propose(self, anchor, state, ctx, step, stats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from spiffy.decoding.modes import CACHE_MODES
 from spiffy.decoding.rules import RULES, get_rule, rules_needing
 
+# the rules of block-causal models (SDAR, SPEC §12), from the registry
+SDAR_RULES = tuple(name for name, spec in RULES.items() if spec.block_causal)
+
 REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
 SOFTMAX_DTYPES = ("float64", "model")
 
@@ -30,6 +33,7 @@ PARAM_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "k": (_positive_int, "must be a positive integer"),
     "tau": (lambda v: isinstance(v, (int, float)) and 0.0 < v <= 1.0, "must be in (0, 1]"),
     "factor": (lambda v: isinstance(v, (int, float)) and v > 0, "must be positive"),
+    "steps_per_block": (_positive_int, "must be a positive integer"),
 }
 SHARED_PARAMS = ("steps",)
 
@@ -41,8 +45,14 @@ def step_rules() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Base-decoder settings. Rule parameters (`steps`, `k`, `tau`, `factor`) are read only by the rules that
-    declare them (see `spiffy.decoding.rules.RULES`)."""
+    """Base-decoder settings. Rule parameters (`steps`, `k`, `tau`, `factor`, `steps_per_block`) are read only
+    by the rules that declare them (see `spiffy.decoding.rules.RULES`).
+
+    SDAR (SPEC §12): the block-causal rules take `steps_per_block` (SDAR's `denoising_steps`; `steps` stays the
+    total of §2), imply the `block_causal` cache, and round `gen_length` up to whole blocks; `fuse_next` lets
+    each block's store forward also start the next block. `stop_ids` (any family) stops after the first block
+    whose generated region contains one of them. `top_k`/`top_p` filter sampling at `temperature > 0`.
+    """
 
     gen_length: int = 128
     block_length: int = 32
@@ -58,12 +68,20 @@ class GenerationConfig:
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
     cfg_scale: float = 0.0
+    steps_per_block: int | None = None
+    stop_ids: tuple[int, ...] | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    fuse_next: bool = False
 
     def __post_init__(self) -> None:
         for name in ("gen_length", "block_length"):
             if not _positive_int(getattr(self, name)):
                 raise self._bad(name, "must be a positive integer")
-        if self.gen_length % self.block_length:
+        block_causal = get_rule(self.rule).block_causal
+        if block_causal and self.cache == "none":  # implied: the exact block-causal cache
+            object.__setattr__(self, "cache", "block_causal")
+        if self.gen_length % self.block_length and not block_causal:
             raise ValueError(
                 f"gen_length={self.gen_length} must be a multiple of "
                 f"block_length={self.block_length}"
@@ -76,6 +94,7 @@ class GenerationConfig:
         ):
             if getattr(self, name) not in choices:
                 raise self._bad(name, f"must be one of {list(choices)}")
+        self._check_block_causal()
         self._check_rule_params()
         if self.steps is not None:
             nb = self.num_blocks
@@ -89,9 +108,46 @@ class GenerationConfig:
             raise self._bad("temperature", "must be a number >= 0")
         if self.cfg_scale != 0:
             raise self._bad("cfg_scale", "classifier-free guidance is out of scope (use 0)")
+        self._check_sampling()
 
     def _bad(self, name: str, why: str) -> ValueError:
         return ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+    def _check_block_causal(self) -> None:
+        """Block-causal rules and the cache that stores blocks go together (SPEC §12)."""
+        rule, stores = get_rule(self.rule), CACHE_MODES[self.cache].stores_blocks
+        if rule.block_causal and not stores:
+            raise self._bad("cache", f"rule={self.rule!r} implies the exact block-causal cache")
+        if stores and not rule.block_causal:
+            raise self._bad("cache", f"only the block-causal rules {list(SDAR_RULES)} use it")
+        if rule.block_causal and self.steps is not None:
+            raise self._bad("steps", f"rule={self.rule!r} takes steps_per_block (steps is a total)")
+        if rule.block_causal and self.remasking != "low_confidence":
+            raise self._bad("remasking", f"rule={self.rule!r} names its own position choice")
+        if self.fuse_next and not stores:
+            raise self._bad("fuse_next", "only the block-causal rules store finished blocks")
+        spb = self.steps_per_block
+        if _positive_int(spb) and spb > self.block_length:
+            raise self._bad("steps_per_block", f"must be <= block_length={self.block_length}")
+
+    def _check_sampling(self) -> None:
+        """`stop_ids`, `top_k`, `top_p` (a list of stop ids becomes a tuple: the config is frozen)."""
+        if self.stop_ids is not None:
+            ids = None if isinstance(self.stop_ids, (int, str)) else tuple(self.stop_ids)
+            if ids is None or not all(_positive_int(i) or i == 0 for i in ids):
+                raise self._bad("stop_ids", "must be None or a list of token ids")
+            object.__setattr__(self, "stop_ids", ids)
+        if self.top_k is not None and not _positive_int(self.top_k):
+            raise self._bad("top_k", "must be None or a positive integer")
+        if self.top_p is not None and not (
+            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0
+        ):
+            raise self._bad("top_p", "must be None or in (0, 1]")
+        for name in ("top_k", "top_p"):
+            if getattr(self, name) is not None and self.temperature == 0:
+                raise self._bad(name, "filters sampling, which needs temperature > 0")
+        if not isinstance(self.fuse_next, bool):
+            raise self._bad("fuse_next", "must be True or False")
 
     def _check_rule_params(self) -> None:
         """Derived from the registry: a rule's declared parameters are required, the others refused."""
@@ -113,10 +169,12 @@ class GenerationConfig:
 
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
+        """Blocks of the generated region (SDAR's also depend on the prompt's length, SPEC §12)."""
+        return -(-self.gen_length // self.block_length)
 
     @property
-    def steps_per_block(self) -> int | None:
+    def schedule_steps_per_block(self) -> int | None:
+        """Steps per block of the rules that read the total `steps`."""
         return None if self.steps is None else self.steps // self.num_blocks
 
     def to_dict(self) -> dict:
@@ -126,4 +184,3 @@ class GenerationConfig:
     def field_names(cls) -> tuple[str, ...]:
         """Every setting, in declaration order (what provenance, Hydra and `build_decoder` derive from)."""
         return tuple(f.name for f in fields(cls))
-

@@ -26,7 +26,9 @@ class CacheMode:
 
     `exact`: its logits equal the no-cache decoder's. `layouts`: the verification layouts it runs, mapped to the
     layout it actually uses. `cross_block`: the acceptance walk may continue across a block boundary (the
-    verifying forward computed the next block's first-forward distribution).
+    verifying forward computed the next block's first-forward distribution). `stores_blocks`: the cache of a
+    block-causal model (SDAR, SPEC §12): a prefill, then each finished block's exact K/V stored once; only the
+    rules that declare `block_causal` use it, and they imply it.
     """
 
     name: str
@@ -34,6 +36,7 @@ class CacheMode:
     layouts: dict[str, str]
     cross_block: bool
     summary: str
+    stores_blocks: bool = False
 
 
 VERIFY_LAYOUTS: dict[str, VerifyLayout] = {
@@ -50,6 +53,14 @@ CACHE_MODES: dict[str, CacheMode] = {
     ),
     "dual": CacheMode(
         "dual", False, {"exact": "exact", "shared": "exact"}, False, "prefix and suffix K/V"
+    ),
+    "block_causal": CacheMode(
+        "block_causal",
+        True,
+        {"exact": "exact", "shared": "exact"},
+        False,
+        "SDAR: the exact K/V of the prompt blocks and of every finished block",
+        stores_blocks=True,
     ),
 }
 

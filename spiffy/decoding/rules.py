@@ -14,35 +14,55 @@ from dataclasses import dataclass
 
 import torch
 
+from spiffy.decoding.sdar import select_positions
+
 
 @dataclass(frozen=True)
 class RuleSpec:
     """A registered rule: its count function, the settings it needs, and its capabilities.
 
     `params` are `GenerationConfig` fields the rule requires (given, not None); `bounded` rules end a block after
-    `steps_per_block` transitions, the others when no mask is left.
+    `steps_per_block` transitions, the others when no mask is left. A rule with a `select` function chooses the
+    positions itself, `select(rule, conf, masked, step) -> positions`, instead of a count of top positions.
+    `block_causal` rules decode block-causal models (SDAR, SPEC §12): they imply the `block_causal` cache and use
+    SDAR's sampler (top-k before top-p; confidence under the tempered, filtered distribution).
+    `ranks_by_position`: positions are taken left to right, so drafts rank them that way too.
     """
 
     name: str
-    count: Callable[[TransitionRule, torch.Tensor, int, int], int]
+    count: Callable[[TransitionRule, torch.Tensor, int, int], int] | None
     params: tuple[str, ...] = ()
     bounded: bool = False
     summary: str = ""
+    select: Callable[[TransitionRule, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    block_causal: bool = False
+    ranks_by_position: bool = False
 
 
 RULES: dict[str, RuleSpec] = {}
 
 
 def register_rule(
-    name: str, *, params: tuple[str, ...] = (), bounded: bool = False, summary: str = ""
+    name: str,
+    *,
+    params: tuple[str, ...] = (),
+    bounded: bool = False,
+    summary: str = "",
+    selects: bool = False,
+    block_causal: bool = False,
+    ranks_by_position: bool = False,
 ) -> Callable:
-    """Decorator: register `count(rule, sorted_conf, step, masked_at_start) -> int` under `name`."""
+    """Decorator: register `count(rule, sorted_conf, step, masked_at_start) -> int` under `name`, or with
+    `selects=True` a position chooser `select(rule, conf, masked, step) -> positions`."""
 
-    def add(count: Callable) -> Callable:
+    def add(fn: Callable) -> Callable:
         if name in RULES:
             raise ValueError(f"rule {name!r} is already registered")
-        RULES[name] = RuleSpec(name, count, tuple(params), bounded, summary)
-        return count
+        count, select = (None, fn) if selects else (fn, None)
+        RULES[name] = RuleSpec(
+            name, count, tuple(params), bounded, summary, select, block_causal, ranks_by_position
+        )
+        return fn
 
     return add
 
@@ -130,6 +150,40 @@ def _dream_threshold(rule, sorted_conf, step, masked_at_start):
     return min(quota, 1 + int((sorted_conf[1:quota] >= rule.tau).sum())) if quota else 0
 
 
+@register_rule(
+    "sdar_static",
+    params=("steps_per_block",),
+    selects=True,
+    block_causal=True,
+    summary="SDAR: the top n[s] positions by confidence",
+)
+def _sdar_static(rule, conf, masked, step):
+    return select_positions("sdar_static", conf, masked, step, rule.steps_per_block, None)
+
+
+@register_rule(
+    "sdar_dynamic",
+    params=("steps_per_block", "tau"),
+    selects=True,
+    block_causal=True,
+    summary="SDAR: every masked confidence > tau if at least n[s], else the top n[s]",
+)
+def _sdar_dynamic(rule, conf, masked, step):
+    return select_positions("sdar_dynamic", conf, masked, step, rule.steps_per_block, rule.tau)
+
+
+@register_rule(
+    "sdar_sequential",
+    params=("steps_per_block",),
+    selects=True,
+    block_causal=True,
+    ranks_by_position=True,
+    summary="SDAR: n[s] positions from the first masked one",
+)
+def _sdar_sequential(rule, conf, masked, step):
+    return select_positions("sdar_sequential", conf, masked, step, rule.steps_per_block, None)
+
+
 class TransitionRule:
     """A rule with its parameter values (`rule.k`, `rule.tau`, ...: whatever the registry entry declares);
     `count` and `is_complete` dispatch to the registry entry. Unknown names raise, never fall through."""
@@ -151,8 +205,12 @@ class TransitionRule:
     def from_config(cls, cfg) -> TransitionRule:
         """The rule of a `GenerationConfig` (or any object with its declared parameters as attributes)."""
         spec = get_rule(cfg.rule)
-        params = {p: getattr(cfg, p) for p in spec.params if p != "steps"}
-        return cls(cfg.rule, cfg.steps_per_block if "steps" in spec.params else None, **params)
+        params = {p: getattr(cfg, p) for p in spec.params if p not in ("steps", "steps_per_block")}
+        if "steps" in spec.params:  # a total over the blocks (SPEC §2)
+            steps_per_block = cfg.schedule_steps_per_block
+        else:  # SDAR's denoising steps, given per block (SPEC §12)
+            steps_per_block = cfg.steps_per_block if "steps_per_block" in spec.params else None
+        return cls(cfg.rule, steps_per_block, **params)
 
     def count(self, sorted_conf: torch.Tensor, step: int, masked_at_start: int) -> int:
         """How many of the top positions transition `step` commits (`sorted_conf` descending, float64)."""

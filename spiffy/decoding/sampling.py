@@ -54,14 +54,50 @@ def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tens
     return torch.softmax(out, dim=-1)
 
 
+def top_k_filter(scaled: torch.Tensor, k: int) -> torch.Tensor:
+    """-inf below the k-th largest value of each row (ties at the cut are kept), as Dream and SDAR do."""
+    kth = scaled.topk(min(k, scaled.shape[-1]), dim=-1).values[..., -1:]
+    return scaled.masked_fill(scaled < kth, NEG_INF)
+
+
+def top_p_filter(scaled: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest prefix of the sorted tokens whose probability reaches `p` (the
+    token that crosses `p` is kept, the first always), as Dream's and SDAR's `top_p_logits`."""
+    values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    cumulative = torch.softmax(values, dim=-1).cumsum(dim=-1)
+    remove = torch.zeros_like(cumulative, dtype=torch.bool)
+    remove[..., 1:] = cumulative[..., :-1] > p
+    return scaled.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), NEG_INF)
+
+
+def filtered_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
+    """The float64 sampling logits with the tokens `top_k`/`top_p` remove set to -inf (temperature > 0).
+
+    Both filters act on `logits / T`, in the reference's order: SDAR filters top-k then top-p, Dream top-p
+    then top-k (the two differ: top-p after top-k renormalises over the k kept tokens).
+    """
+    out = sampling_logits(logits, ctx)
+    cfg = ctx.cfg
+    if cfg.top_k is None and cfg.top_p is None:
+        return out
+    scaled = out / cfg.temperature
+    filters = [("k", cfg.top_k), ("p", cfg.top_p)]
+    if not ctx.rule.spec.block_causal:  # SDAR's sampler filters top-k first, Dream's top-p first
+        filters.reverse()
+    for kind, value in filters:
+        if value is not None:
+            scaled = top_k_filter(scaled, value) if kind == "k" else top_p_filter(scaled, value)
+    return out.masked_fill(scaled == NEG_INF, NEG_INF)
+
+
 def noised_scores(logits: torch.Tensor, ctx: TransitionContext, step: int) -> torch.Tensor:
     """Scores whose argmax is transition `step`'s token: the logits at T=0, keyed float64 Gumbel-max
-    scores `exp(logits) / (-log u)^T` at T>0 (SPEC §2 step 3)."""
-    scores = sampling_logits(logits, ctx)  # (Lb, V)
+    scores `exp(logits) / (-log u)^T` at T>0 (SPEC §2 step 3), after `top_k`/`top_p`."""
     if ctx.cfg.temperature > 0:
+        scores = filtered_logits(logits, ctx)  # (Lb, V)
         u = ctx.noise.uniforms(ctx.block, step, "gumbel", tuple(scores.shape), scores.device)
-        scores = scores.exp() / (-torch.log(u)) ** ctx.cfg.temperature
-    return scores
+        return scores.exp() / (-torch.log(u)) ** ctx.cfg.temperature
+    return sampling_logits(logits, ctx)
 
 
 def predict_tokens(logits: torch.Tensor, ctx: TransitionContext, step: int) -> torch.Tensor:
@@ -84,8 +120,18 @@ def confidence(
     logits: torch.Tensor, x0: torch.Tensor, step: int, ctx: TransitionContext
 ) -> torch.Tensor:
     """Per-position confidence (Lb,) float64 of the remasking strategy (SPEC §2 step 4; Dream's
-    `topk_margin` = top-1 minus top-2 probability, `entropy` = sum p log(p + 1e-10))."""
-    kind = ctx.cfg.remasking
+    `topk_margin` = top-1 minus top-2 probability, `entropy` = sum p log(p + 1e-10)).
+
+    Block-causal rules (SDAR, SPEC §12): the probability of the token under SDAR's sampler, i.e. after
+    temperature, `top_k` and `top_p` at T>0 (the float64 softmax of the logits at T=0); a rule that
+    `ranks_by_position` (`sdar_sequential`) takes positions left to right: its "confidence" is -position."""
+    cfg, rule = ctx.cfg, ctx.rule.spec
+    if rule.ranks_by_position:
+        return -torch.arange(x0.numel(), dtype=torch.float64, device=x0.device)
+    if rule.block_causal and cfg.temperature > 0:
+        probs = torch.softmax(filtered_logits(logits, ctx) / cfg.temperature, dim=-1)
+        return probs.gather(-1, x0[:, None]).squeeze(-1)
+    kind = cfg.remasking
     if kind == "random":
         return ctx.noise.uniforms(ctx.block, step, "remask", (x0.numel(),), x0.device)
     probs = confidence_probs(logits, ctx)
@@ -114,6 +160,11 @@ def transition(
     x0 = predict_tokens(logits, ctx, step)  # (Lb,)
     conf = confidence(logits, x0, step, ctx)
     conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+    if ctx.rule.spec.select is not None:  # the rule chooses positions itself (SDAR, SPEC §12)
+        chosen = ctx.rule.spec.select(ctx.rule, conf, masked, step)
+        new_state = state.clone()
+        new_state[chosen] = x0[chosen]
+        return new_state, conf
     # masked confidences are finite and the others -inf, so the masked ones sort first
     values, order = rank_positions(conf)
     count = ctx.rule.count(values[: int(masked.sum())], step, ctx.masked_at_start)

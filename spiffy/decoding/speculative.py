@@ -7,6 +7,11 @@ distribution of the current state, under the same keyed noise, the output equals
 the lossless layouts (`exact`, and any layout with the dual cache); `shared` is the paper's near-lossless layout.
 With `cross_block=True` (no cache, `exact`), `lookahead` and `continue_across` carry a verified complete draft's
 next-block logits into the next block, saving its first forward (SPEC §5.4, optional).
+
+On SDAR (block-causal, SPEC §12) drafts are extra block rows against the exact cache, so every layout is exact.
+`fuse_store=True` keeps complete drafts: when the block finishes on one, its K/V come from the verifying forward
+instead of a store forward (`stored_row`), and with the base option `fuse_next` that forward also carries the next
+block's rows, so the next block starts without a forward of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from spiffy.decoding.drafting import (
     rank_tables,
     subset,
 )
-from spiffy.decoding.modes import check_cross_block, effective_layout, get_layout
+from spiffy.decoding.modes import check_cross_block, effective_layout, get_cache_mode, get_layout
 from spiffy.decoding.sampling import sampling_logits
 from spiffy.graph.builtin import resolve_graph
 from spiffy.graph.draft_graph import DraftGraph
@@ -49,6 +54,8 @@ class Speculation:
     # continue the walk across a block boundary when the complete state was a verified draft (SPEC §5.4,
     # optional; cache="none" with verify="exact" only): saves the next block's first forward
     cross_block: bool = False
+    # SDAR only (SPEC §12): store a finished block's K/V from the forward that verified it as a draft
+    fuse_store: bool = False
 
     def __post_init__(self) -> None:
         get_layout(self.verify)
@@ -56,10 +63,10 @@ class Speculation:
             raise ValueError(f"draft_noise={self.draft_noise!r} must be one of {list(DRAFT_NOISE)}")
         if self.prune is not None and (not isinstance(self.prune, int) or self.prune < 1):
             raise ValueError(f"prune={self.prune!r} must be None or a positive integer")
-        if not isinstance(self.cross_block, bool):
-            raise ValueError(f"cross_block={self.cross_block!r} must be True or False")
+        for name in ("cross_block", "fuse_store"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         object.__setattr__(self, "graph", resolve_graph(self.graph))
-
 
 
 class SpiffyDecoder(BlockDecoder):
@@ -76,10 +83,15 @@ class SpiffyDecoder(BlockDecoder):
         self.speculation = speculation
         self.graph = speculation.graph
         warn_if_mismatched(self.graph, cfg, speculation.draft_noise)
-        # the layout the cache mode runs (the dual cache verifies each draft as its own query block)
+        # the layout the cache mode runs (the dual and block-causal caches verify each draft as its own
+        # query block)
         self.verify = effective_layout(cfg.cache, speculation.verify)
         if speculation.cross_block:
             check_cross_block(cfg.cache, speculation.verify)
+        if speculation.fuse_store and not get_cache_mode(cfg.cache).stores_blocks:
+            raise ValueError(
+                f"fuse_store=True needs a block-causal (SDAR) model and rule, got rule={cfg.rule!r}"
+            )
         self._tensors = GraphTensors.from_graph(
             self.graph, self.device, keyed=speculation.draft_noise == "keyed"
         )
@@ -101,7 +113,9 @@ class SpiffyDecoder(BlockDecoder):
             probs = torch.softmax(sampling_logits(anchor, ctx), dim=-1)
             pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, probs)
             tensors = subset(tensors, prune_rows(tensors, pair_probs, self.graph, keep))
-        keep_complete = self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
+        keep_complete = self.speculation.fuse_store or (
+            self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
+        )
         drafts, levels = instantiate(
             tensors, pos_by_rank, top_tokens, state, self.spec.mask_id, keep_complete=keep_complete
         )
@@ -132,7 +146,28 @@ class SpiffyDecoder(BlockDecoder):
         finally:
             stats.bookkeeping_s += time.perf_counter() - t
 
+    def make_strategy(self):
+        strategy = super().make_strategy()
+        if self.speculation.fuse_store:  # keep the verified rows' K/V to store a finished draft
+            strategy.keep_kv = True
+        return strategy
+
+    def stored_row(self, new, verified: Verified, stats):
+        if not self.speculation.fuse_store:
+            return None
+        i = self._match(new, verified, stats)
+        return None if i is None else i + 1  # row 0 is the real state
+
     def lookahead(self, canvas, block, drafts):
+        if (
+            self.cfg.cache == "block_causal"
+        ):  # both fusions: carry the next block where a draft completes
+            if not (self.speculation.fuse_store and self.cfg.fuse_next):
+                return None
+            complete = (drafts != self.spec.mask_id).all(dim=1).any()
+            if block.stop >= canvas.numel() or not bool(complete):
+                return None
+            return slice(block.stop, block.stop + self.cfg.block_length)
         if not self.speculation.cross_block or drafts.shape[0] == 0 or block.stop >= canvas.numel():
             return None
         return slice(block.stop, block.stop + self.cfg.block_length)

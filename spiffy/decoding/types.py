@@ -13,12 +13,16 @@ class DecodeStats:
     """Per-request counters and timings.
 
     `nfe` counts every model call (block starts and verification calls included); `transitions` counts
-    denoising transitions, which equals the base decoder's NFE for the same request (SPEC §7).
+    denoising transitions. The base decoder's NFE for the same request is `transitions` plus, for SDAR, the
+    reference loop's prefill and store calls (`base_extra_calls`, SPEC §7, §12).
     `accepted_per_forward[n]` is how many forwards advanced `n + 1` transitions.
     """
 
     nfe: int = 0
     transitions: int = 0
+    base_extra_calls: int = (
+        0  # the base's calls that perform no transition: SDAR's prefill and stores
+    )
     accepted_per_forward: Counter = field(default_factory=Counter)
     accepted_per_level: Counter = field(default_factory=Counter)
     drafted_per_level: Counter = field(default_factory=Counter)
@@ -35,17 +39,20 @@ class DecodeStats:
 
     @property
     def nfe_base(self) -> int:
-        """The base decoder's NFE for this request: one forward per transition."""
-        return self.transitions
+        """The base decoder's NFE for this request: one forward per transition, plus SDAR's prefill and
+        store calls (the published loop's count, whatever fusions this decoder used)."""
+        return self.transitions + self.base_extra_calls
 
     @property
     def speedup_nfe(self) -> float:
-        return self.transitions / self.nfe if self.nfe else float("nan")
+        return self.nfe_base / self.nfe if self.nfe else float("nan")
 
     @property
     def mean_accepted_per_forward(self) -> float:
-        """Transitions per forward minus one."""
-        return self.transitions / self.nfe - 1 if self.nfe else float("nan")
+        """Transitions per forward minus one, over the forwards that performed transitions (all of them,
+        except SDAR's prefill and plain store calls)."""
+        forwards = sum(self.accepted_per_forward.values())
+        return self.transitions / forwards - 1 if forwards else float("nan")
 
     @property
     def overhead_s(self) -> float:
@@ -58,6 +65,7 @@ class DecodeStats:
             "nfe": self.nfe,
             "nfe_base": self.nfe_base,
             "transitions": self.transitions,
+            "base_extra_calls": self.base_extra_calls,
             "speedup_nfe": self.speedup_nfe,
             "accepted_per_forward_mean": self.mean_accepted_per_forward,
             "accepted_per_forward_hist": dict(sorted(self.accepted_per_forward.items())),
@@ -77,7 +85,9 @@ class DecodeStats:
 
 @dataclass
 class DecodeResult:
-    """`tokens` is the generated region only (gen_length,); `stats` its counters."""
+    """`tokens` is the generated region only (gen_length,); `stats` its counters; `canvas` (T,) the whole
+    canvas, prompt region included (SDAR: rounded up to whole blocks, SPEC §12)."""
 
     tokens: torch.Tensor
     stats: DecodeStats
+    canvas: torch.Tensor | None = None

@@ -26,18 +26,26 @@ EMPTY: Formula = ()
 
 @dataclass(frozen=True)
 class Prediction:
-    """Simulated NFE of a graph on recorded trajectories."""
+    """Simulated NFE of a graph on recorded trajectories (model calls: SDAR's prefill and stores included)."""
 
     nfe: int
     transitions: int
+    # the published base's calls that perform no transition (SDAR's prefill and stores), and this decoder's
+    base_extra_calls: int = 0
+    extra_calls: int = 0
+
+    @property
+    def nfe_base(self) -> int:
+        return self.transitions + self.base_extra_calls
 
     @property
     def speedup_nfe(self) -> float:
-        return self.transitions / self.nfe
+        return self.nfe_base / self.nfe
 
     @property
     def accepted_per_forward(self) -> float:
-        return self.transitions / self.nfe - 1
+        """Transitions per forward that performed any, minus one (as `DecodeStats`)."""
+        return self.transitions / (self.nfe - self.extra_calls) - 1
 
 
 def _block_nfe(transitions: int, keys: list[list[Formula]], nodes: set[Formula]) -> int:
@@ -55,8 +63,11 @@ def _block_nfe(transitions: int, keys: list[list[Formula]], nodes: set[Formula])
 def evaluate(graph: DraftGraph | set[Formula], trajectories: Trajectories) -> Prediction:
     """Exact NFE the acceptance walk would need with `graph` on these trajectories."""
     nodes = set(graph.nodes) if isinstance(graph, DraftGraph) else set(graph)
-    nfe = sum(_block_nfe(b.transitions, b.keys, nodes) for b in trajectories.blocks)
-    return Prediction(nfe, sum(b.transitions for b in trajectories.blocks))
+    blocks = trajectories.blocks
+    extra = sum(b.extra_calls for b in blocks)
+    nfe = sum(_block_nfe(b.transitions, b.keys, nodes) for b in blocks) + extra
+    base_extra = sum(b.base_extra_calls for b in blocks)
+    return Prediction(nfe, sum(b.transitions for b in blocks), base_extra, extra)
 
 
 def key_statistics(trajectories: Trajectories) -> tuple[Counter, dict[Formula, set[Formula]]]:

@@ -12,7 +12,12 @@ from spiffy.graph.draft_graph import DraftGraph
 
 def decoder_settings(cfg: GenerationConfig) -> dict:
     """Every decoder setting a graph may depend on: all fields of the config (new settings included)."""
-    return {key: getattr(cfg, key) for key in type(cfg).field_names()}
+    return {key: _jsonable(getattr(cfg, key)) for key in type(cfg).field_names()}
+
+
+def _jsonable(value):
+    """Tuples (e.g. `stop_ids`) as lists, as they read back from a graph's JSON file."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def calibration_key(provenance: dict) -> str:

@@ -27,10 +27,15 @@ FORMAT = "spiffy.trajectories"
 @dataclass
 class BlockTrajectory:
     """One block: its number of transitions T and, for each state X_t (t = 1..T-1), the keys of
-    X_{t+1}, ..., X_{t+h} (complete states excluded)."""
+    X_{t+1}, ..., X_{t+h} (complete states excluded). SDAR (SPEC §12): `extra_calls` are the recorded
+    decoder's model calls for this block beyond its acceptance walk (the store forward, minus a block start
+    that `fuse_next` merged into the previous store; the request's prefill counts on its first block), and
+    `base_extra_calls` the published loop's (prefill and one store per block), which `nfe_base` counts."""
 
     transitions: int
     keys: list[list[Formula]] = field(default_factory=list)
+    extra_calls: int = 0
+    base_extra_calls: int = 0
 
 
 @dataclass
@@ -58,7 +63,10 @@ class Trajectories:
             raise ValueError(f"{path}: not a spiffy trajectories file")
         blocks = [
             BlockTrajectory(
-                b["transitions"], [[tuple(tuple(p) for p in key) for key in ks] for ks in b["keys"]]
+                b["transitions"],
+                [[tuple(tuple(p) for p in key) for key in ks] for ks in b["keys"]],
+                b.get("extra_calls", 0),
+                b.get("base_extra_calls", 0),
             )
             for b in data["blocks"]
         ]
@@ -131,10 +139,21 @@ class TrajectoryRecorder(BlockDecoder):
         self._pending.clear()
         self._done = []
         before = stats.transitions
+        # calls made before the first block (SDAR's prefill) count with it
+        calls = stats.nfe if b else 0
+        base_calls = stats.base_extra_calls if b else 0
         carry = super().decode_block(canvas, block, b, strategy, stats, noise, carry)
         self._done.extend(o.keys for o in self._pending)
-        self.blocks.append(BlockTrajectory(stats.transitions - before, self._done))
-        return carry  # always None: the recorder is a base decoder, it drafts nothing
+        transitions = stats.transitions - before
+        self.blocks.append(
+            BlockTrajectory(
+                transitions,
+                self._done,
+                stats.nfe - calls - transitions,
+                stats.base_extra_calls - base_calls,
+            )
+        )
+        return carry  # None, or SDAR's `fuse_next` start of the next block: the recorder drafts nothing
 
     def propose(self, anchor, state, ctx, step, stats):
         for origin in self._pending:  # X_step is a later state of every pending origin

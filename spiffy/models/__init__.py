@@ -1,4 +1,4 @@
-"""Model adapters: native LLaDA implementation, loading, and the `ModelSpec` decoders rely on."""
+"""Model adapters: native LLaDA, Dream and SDAR implementations, loading, and the `ModelSpec` decoders rely on."""
 
 from spiffy.models.kv import KVCache
 from spiffy.models.llada import DiffusionLMOutput, LLaDAConfig, LLaDAModelLM
@@ -9,6 +9,7 @@ from spiffy.models.loading import (
     load_tokenizer,
     model_spec,
 )
+from spiffy.models.sdar import SDARConfig, SDARForCausalLM
 
 __all__ = [
     "EMBEDDED_MODEL_DIR",
@@ -17,6 +18,8 @@ __all__ = [
     "LLaDAConfig",
     "LLaDAModelLM",
     "ModelSpec",
+    "SDARConfig",
+    "SDARForCausalLM",
     "load_model",
     "load_tokenizer",
     "model_spec",

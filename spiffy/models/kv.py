@@ -82,3 +82,20 @@ def bidirectional_attention(
     mask = attention_mask[:, None] if attention_mask is not None else None  # (B, 1, Q, K)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def append_kv(
+    cache: KVCache | None,
+    present: tuple[tuple[torch.Tensor, torch.Tensor], ...] | list,
+    row: int = 0,
+) -> KVCache:
+    """A new cache holding `cache`'s positions followed by batch row `row` of a forward's fresh K/V
+    (`present`, per layer `(B, H_kv, Q, hd)`): storing a finished block of a block-causal model (SPEC §12).
+    The input cache is not modified; the result's splice point is its end (queries are appended)."""
+    fresh = tuple((k[row : row + 1], v[row : row + 1]) for k, v in present)
+    if cache is not None:
+        fresh = tuple(
+            (torch.cat([kc[:1], k], dim=2), torch.cat([vc[:1], v], dim=2))
+            for (kc, vc), (k, v) in zip(cache.layers, fresh, strict=True)
+        )
+    return KVCache(fresh, insert_at=fresh[0][0].shape[2] if fresh else 0)

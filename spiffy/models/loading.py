@@ -14,18 +14,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    PreTrainedModel,
+)
 
 from spiffy.models.dream import DreamConfig, DreamModel
 from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
+from spiffy.models.sdar import SDARConfig, SDARForCausalLM
 
 # model_type -> native class. A new family is one adapter file plus one entry here.
-MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"llada": LLaDAModelLM, "Dream": DreamModel}
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "llada": LLaDAModelLM,
+    "Dream": DreamModel,
+    "sdar": SDARForCausalLM,
+}
 
-for _cfg, _cls in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
+for _cfg, _cls in (
+    (LLaDAConfig, LLaDAModelLM),
+    (DreamConfig, DreamModel),
+    (SDARConfig, SDARForCausalLM),
+):
     AutoConfig.register(_cfg.model_type, _cfg, exist_ok=True)
     AutoModel.register(_cfg, _cls, exist_ok=True)
     AutoModelForMaskedLM.register(_cfg, _cls, exist_ok=True)
+AutoModelForCausalLM.register(SDARConfig, SDARForCausalLM, exist_ok=True)  # SDAR's `architectures`
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 EMBEDDED_MODEL_DIR = CHECKPOINTS_DIR / "tiny-llada-arith"
@@ -42,6 +58,14 @@ class ModelSpec:
     vocab_size: int
     max_length: int
     logits_shift: int = 0  # Dream-style families predict position i from hidden state i - shift
+    # block-causal families (SDAR): attention is causal across blocks of this many positions, so finished
+    # blocks' K/V are exact and decoders cache them (SPEC §12); None = bidirectional (LLaDA, Dream)
+    attention_block_size: int | None = None
+
+    @property
+    def block_causal(self) -> bool:
+        """Whether the model attends block-causally (decoders then use SDAR's block loop and cache)."""
+        return self.attention_block_size is not None
 
 
 def model_spec(model: PreTrainedModel) -> ModelSpec:
@@ -55,6 +79,7 @@ def model_spec(model: PreTrainedModel) -> ModelSpec:
         vocab_size=int(getattr(cfg, "embedding_size", cfg.vocab_size)),
         max_length=int(cfg.max_sequence_length),
         logits_shift=int(getattr(cfg, "logits_shift", 0)),
+        attention_block_size=getattr(cfg, "attention_block_size", None),
     )
 
 
@@ -90,7 +115,7 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """Load a LLaDA-format (or other registered) checkpoint as a native model in eval mode.
+    """Load a LLaDA, Dream or SDAR (or other registered) checkpoint as a native model in eval mode.
 
     Args:
         path_or_id: a local checkpoint directory, `"embedded"`, or a hub id.

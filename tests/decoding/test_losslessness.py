@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import spiffy
 from spiffy.graph import DraftGraph
-from tests.conftest import tiny_random_model
+from tests.conftest import _never_predict_mask, tiny_random_model, tiny_random_sdar
 
 RULES = {
     "schedule": {},
@@ -24,16 +24,32 @@ GRAPHS = ["chain:4", "fig2", "topk:3", "chain:10"]
 
 
 def assert_lossless(
-    model, prompt, graph, request_id=0, seed=0, verify="exact", cross_block=False, **kwargs
+    model,
+    prompt,
+    graph,
+    request_id=0,
+    seed=0,
+    verify="exact",
+    cross_block=False,
+    fuse_store=False,
+    **kwargs,
 ):
     base = spiffy.build_decoder(model, **kwargs).generate(prompt, request_id=request_id, seed=seed)
-    speculation = spiffy.Speculation(graph, verify=verify, cross_block=cross_block)
+    speculation = spiffy.Speculation(
+        graph, verify=verify, cross_block=cross_block, fuse_store=fuse_store
+    )
     spec = spiffy.build_decoder(model, speculate=speculation, **kwargs).generate(
         prompt, request_id=request_id, seed=seed
     )
+    assert torch.equal(spec.canvas, base.canvas), (
+        kwargs
+    )  # the prompt region too (SDAR may rewrite it)
     assert torch.equal(spec.tokens, base.tokens), kwargs
     assert spec.stats.nfe <= base.stats.nfe
-    assert spec.stats.transitions == base.stats.nfe  # nfe_base is known without running the base
+    # nfe_base is known without running the base: its transitions (+ SDAR's prefill and store calls)
+    assert spec.stats.nfe_base == base.stats.nfe_base
+    if not kwargs.get("fuse_next"):
+        assert base.stats.nfe == base.stats.nfe_base
     return base, spec
 
 
@@ -160,7 +176,9 @@ def test_cross_block_continuation_is_lossless_and_saves_block_start_forwards(
 
 
 def test_cross_block_needs_the_exact_no_cache_layout(fixture_model):
-    with pytest.raises(ValueError, match="cross_block=True needs .* verify='exact', got .*verify='shared'"):
+    with pytest.raises(
+        ValueError, match="cross_block=True needs .* verify='exact', got .*verify='shared'"
+    ):
         spiffy.build_decoder(
             fixture_model,
             gen_length=16,
@@ -168,7 +186,9 @@ def test_cross_block_needs_the_exact_no_cache_layout(fixture_model):
             speculate=spiffy.Speculation("chain:3", verify="shared", cross_block=True),
         )
     for cache in ("prefix", "dual"):
-        with pytest.raises(ValueError, match=f"cross_block=True needs cache in \\['none'\\].*'{cache}'"):
+        with pytest.raises(
+            ValueError, match=f"cross_block=True needs cache in \\['none'\\].*'{cache}'"
+        ):
             spiffy.build_decoder(
                 fixture_model,
                 gen_length=16,
@@ -231,3 +251,109 @@ def test_keyed_drafts_recover_acceptance_at_high_temperature(fixture_model):
             decoder.generate(torch.tensor([5, 9, 14, i]), request_id=i).stats.nfe for i in range(6)
         )
     assert nfe["keyed"] < nfe["none"]
+
+
+# --- SDAR (block-causal, SPEC §12): drafts are block rows against the exact cache; both fusions
+
+SDAR_RULES = {
+    "sdar_static": {"steps_per_block": 4},
+    "sdar_dynamic": {"steps_per_block": 4, "tau": 0.5},
+    "sdar_sequential": {"steps_per_block": 4},
+}
+SDAR_PROMPTS = [[14, 85, 49, 44, 72, 39, 24, 74], [6, 19, 64], [5, 9, 14, 3, 22, 70]]
+
+
+@pytest.fixture(scope="module")
+def sdar_model(sdar_fixture_dir):
+    model = spiffy.load_model(sdar_fixture_dir, dtype=torch.float64)
+    model.register_forward_hook(
+        _never_predict_mask
+    )  # at T > 0 the random model could sample the mask id
+    return model
+
+
+@pytest.fixture(scope="module")
+def sdar_calibrated(sdar_model):
+    """A graph calibrated on the SDAR base decoder (other prompts than the tests')."""
+    from spiffy.decoding.config import GenerationConfig
+    from spiffy.graph.calibrate import select_graph
+    from spiffy.graph.trajectories import record_trajectories
+
+    cfg = GenerationConfig(gen_length=16, block_length=4, rule="sdar_static", steps_per_block=4)
+    calib = [torch.tensor([3 + i, 40 + i, 7 * i % 90]) for i in range(6)]
+    return select_graph(record_trajectories(sdar_model, cfg, calib, progress=False), 6, "degree1")
+
+
+@pytest.mark.parametrize(("rule", "temperature"), list(itertools.product(SDAR_RULES, [0.0, 0.7])))
+def test_spiffy_on_sdar_is_lossless_with_and_without_fusions(
+    sdar_model, sdar_calibrated, rule, temperature
+):
+    saved = {}
+    for (request_id, prompt), graph, fuse_store, fuse_next in itertools.product(
+        enumerate(SDAR_PROMPTS), ["chain:4", "fig2", sdar_calibrated], [False, True], [False, True]
+    ):
+        kw = dict(gen_length=14, block_length=4, rule=rule, temperature=temperature)
+        base, spec = assert_lossless(
+            sdar_model,
+            torch.tensor(prompt),
+            graph,
+            request_id,
+            3,
+            fuse_store=fuse_store,
+            fuse_next=fuse_next,
+            **kw,
+            **SDAR_RULES[rule],
+        )
+        key = (fuse_store, fuse_next)
+        saved[key] = saved.get(key, 0) + spec.stats.nfe_base - spec.stats.nfe
+    assert saved[(False, False)] > 0  # drafting alone saves forwards
+    assert saved[(True, False)] > saved[(False, False)]  # storing from the verifying forward too
+    assert saved[(True, True)] > saved[(False, True)] > saved[(False, False)]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate])
+@given(
+    model_seed=st.integers(0, 3),
+    prompt=st.lists(st.integers(0, 21), min_size=1, max_size=9),
+    gen_length=st.integers(1, 12),
+    block_size=st.sampled_from([2, 4, 8]),
+    rule=st.sampled_from(list(SDAR_RULES)),
+    steps_fraction=st.sampled_from([1.0, 0.5, 0.34]),
+    temperature=st.sampled_from([0.0, 0.5, 1.5]),
+    graph=draft_graphs(),
+    seed=st.integers(0, 1000),
+    fuse_store=st.booleans(),
+    fuse_next=st.booleans(),
+    stop=st.booleans(),
+)
+def test_property_spiffy_equals_base_on_sdar(
+    model_seed,
+    prompt,
+    gen_length,
+    block_size,
+    rule,
+    steps_fraction,
+    temperature,
+    graph,
+    seed,
+    fuse_store,
+    fuse_next,
+    stop,
+):
+    model = tiny_random_sdar(seed=model_seed, block_size=block_size)
+    params = dict(SDAR_RULES[rule], steps_per_block=max(1, round(block_size * steps_fraction)))
+    assert_lossless(
+        model,
+        torch.tensor(prompt),
+        graph,
+        request_id=seed % 7,
+        seed=seed,
+        fuse_store=fuse_store,
+        gen_length=gen_length,
+        block_length=block_size,
+        rule=rule,
+        temperature=temperature,
+        fuse_next=fuse_next,
+        stop_ids=[seed % 22] if stop else None,
+        **params,
+    )

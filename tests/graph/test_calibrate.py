@@ -140,3 +140,39 @@ def test_pruned_graphs_stay_lossless(fixture_model, temperature, keep):
         assert pruned.stats.nfe <= base.stats.nfe
         forwards_with_drafts = pruned.stats.nfe - kw["gen_length"] // kw["block_length"]
         assert pruned.stats.drafts_verified <= keep * forwards_with_drafts
+
+
+SDAR_SETTINGS = [
+    dict(gen_length=16, block_length=4, rule="sdar_static", steps_per_block=4),
+    dict(
+        gen_length=14,
+        block_length=4,
+        rule="sdar_dynamic",
+        steps_per_block=4,
+        tau=0.5,
+        temperature=0.7,
+    ),
+    dict(gen_length=16, block_length=4, rule="sdar_sequential", steps_per_block=2, fuse_next=True),
+    dict(gen_length=16, block_length=4, rule="sdar_static", steps_per_block=2, stop_ids=[7, 50]),
+]
+
+
+@pytest.mark.parametrize("settings", SDAR_SETTINGS)
+def test_evaluator_predicts_the_measured_nfe_on_sdar(sdar_fixture_dir, settings):
+    """SDAR counts model calls (prefill, denoising, store): the same trajectories and evaluator predict
+    them exactly, and `nfe_base` is the published loop's count (SPEC §12)."""
+    from tests.conftest import _never_predict_mask
+
+    model = spiffy.load_model(sdar_fixture_dir, dtype=torch.float64)
+    model.register_forward_hook(_never_predict_mask)
+    cfg = GenerationConfig(**settings)
+    calib = [p % 94 for p in prompts(6)]  # lengths 2..7: with and without a prefill, partial blocks
+    traj = record_trajectories(model, cfg, calib, progress=False, seed=4)
+    assert sum(b.base_extra_calls for b in traj.blocks) > 0
+    for rule in SELECTION_RULES:
+        graph = select_graph(traj, 5, rule)
+        decoder = spiffy.build_decoder(model, speculate=spiffy.Speculation(graph), **settings)
+        results = [decoder.generate(p, request_id=i, seed=4) for i, p in enumerate(calib)]
+        predicted = evaluate(graph, traj)
+        assert predicted.nfe == sum(r.stats.nfe for r in results), rule
+        assert predicted.nfe_base == sum(r.stats.nfe_base for r in results), rule

@@ -1,0 +1,97 @@
+"""The exact block-causal cache (SPEC §12): SDAR's finished blocks' K/V, stored once, read by every block query.
+
+With block-causal attention a finished block never sees later positions, so its K/V are final when it is
+finished and caching them is exact (not an approximation as in Fast-dLLM's caches, SPEC §4). Calls:
+
+* `prefill(canvas, end)`: one forward over the whole prompt blocks `[0, end)` that stores their K/V (none when
+  the prompt is shorter than a block);
+* `begin_block` / `block_logits`: query rows of one block (the real state, and Spiffy's drafts as extra batch
+  rows) against the cache, storing nothing; each row is exactly its own forward. With `lookahead` every row
+  also carries the next block (all masks), which attends to that row's block: its logits are the next block's
+  first denoising distribution should that row be the finished state (SPEC §12's second fusion);
+* `store_block`: the finished block's K/V enter the cache, from a separate store forward (the reference's
+  loop; with `with_next` it also computes the next block's first distribution), or, when the last forward
+  already computed them as one of its rows, from that forward at no cost (the first fusion, `keep_kv`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spiffy.decoding.forward import STRATEGIES, ForwardStrategy
+from spiffy.models.kv import append_kv
+
+
+class BlockCausalCache(ForwardStrategy):
+    """SDAR's cache: prefill, block queries that store nothing, one store per finished block."""
+
+    name = "block_causal"
+
+    def __init__(self, model: torch.nn.Module, keep_kv: bool = False):
+        super().__init__(model)
+        self.keep_kv = (
+            keep_kv  # keep each forward's per-row block K/V, to store a finished draft row
+        )
+        self.last_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+
+    def prefill(self, canvas: torch.Tensor, end: int) -> int:
+        """Store the K/V of canvas positions `[0, end)` in one forward; returns the calls made (0 or 1)."""
+        self.cache = None
+        if end == 0:
+            return 0
+        self.cache = self._call(canvas[None, :end], store_kv=True).kv_cache
+        return 1
+
+    def begin_block(self, canvas: torch.Tensor, block: slice) -> torch.Tensor:
+        """The block's first denoising forward: its current state against the cache (no drafts)."""
+        return self.block_logits(canvas, block, canvas[block][None])[0]
+
+    def block_logits(self, canvas, block, states, verify="exact", lookahead=None):
+        """Logits (N, Lb, V) of the block states (N, Lb) against the cache; every layout is exact."""
+        n, lb = states.shape
+        stop = block.stop if lookahead is None else lookahead.stop
+        rows = states
+        if lookahead is not None:  # the next block, still all masks on the canvas, after every row
+            rows = torch.cat([states, canvas[block.stop : stop].expand(n, -1)], dim=1)
+        out = self._call(
+            rows,
+            (n - 1) * rows.shape[1],
+            position_ids=torch.arange(block.start, stop, device=canvas.device),
+            kv_cache=self.cache,
+            return_kv=self.keep_kv,
+        )
+        self.last_kv = _block_part(out.present, lb) if self.keep_kv else None
+        self.lookahead_logits = out.logits[1:, lb:] if lookahead is not None else None
+        return out.logits[:, :lb]
+
+    def store_block(
+        self, canvas: torch.Tensor, block: slice, row: int | None, with_next: bool
+    ) -> tuple[int, torch.Tensor | None]:
+        """Store the finished block `canvas[block]`: from row `row` of the last forward when it computed it,
+        else with a store forward (that also computes the next block's first logits if `with_next`).
+
+        Returns the number of model calls made and the next block's first-forward logits (or None).
+        """
+        lb = block.stop - block.start
+        if row is not None and self.last_kv is not None:
+            self.cache = append_kv(self.cache, self.last_kv, row)
+            nxt = self.lookahead_logits
+            return 0, (nxt[row - 1] if nxt is not None else None)
+        stop = block.stop + lb if with_next else block.stop
+        out = self._call(
+            canvas[None, block.start : stop],
+            position_ids=torch.arange(block.start, stop, device=canvas.device),
+            kv_cache=self.cache,
+            return_kv=True,
+        )
+        self.cache = append_kv(self.cache, _block_part(out.present, lb))
+        self.last_kv = self.lookahead_logits = None
+        return 1, (out.logits[0, lb:] if with_next else None)
+
+
+def _block_part(present, lb: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Per-layer K/V of the first `lb` query positions (the block, without a lookahead block)."""
+    return tuple((k[:, :, :lb], v[:, :, :lb]) for k, v in present)
+
+
+STRATEGIES["block_causal"] = BlockCausalCache
