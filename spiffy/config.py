@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.modes import check_cross_block, get_layout, is_lossless
+from spiffy.decoding.modes import check_cross_block, get_cache_mode, get_layout, is_lossless
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.calibrate import SELECTION_RULES
 
@@ -280,6 +280,11 @@ def check_auto(decoder) -> None:
     if decoder.cross_block:
         raise ValueError(
             "graph.budget='auto' predicts the plain walk; decoder.cross_block=true needs graph.budget=D"
+        )
+    if get_cache_mode(decoder.cache).stores_blocks:
+        raise ValueError(
+            f"graph.budget='auto' does not model decoder.cache={decoder.cache!r} (SDAR's prefill and store "
+            "forwards) yet: give graph.budget=D"
         )
 
 

@@ -238,9 +238,17 @@ def time_outside_model(
 
 
 def device_name(device: torch.device) -> str:
+    """The accelerator's name, or the CPU's model name (Linux `/proc/cpuinfo`) and its core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} x{os.cpu_count()}"
 
 
 def cost_key(model: torch.nn.Module, cfg: GenerationConfig, prompt_len: int, extra: dict) -> dict:

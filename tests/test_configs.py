@@ -35,7 +35,8 @@ def companion(group: str, option: str) -> list[str]:
     """The other half of an SDAR combination (the defaults are LLaDA's)."""
     if not is_sdar(group, option):
         return []
-    return ["decoder=sdar"] if group == "model" else ["model=sdar_tiny"]
+    # graph.budget=auto does not model SDAR's prefill and store forwards: Spiffy over SDAR takes an explicit D
+    return ["decoder=sdar"] if group == "model" else ["model=sdar_tiny", "graph.budget=10"]
 
 
 @pytest.mark.parametrize(
@@ -88,6 +89,10 @@ def test_bad_overrides_fail_at_composition(override, error, match):
         ("graph.prune=2", "graph.budget='auto' chooses the graph itself: graph.prune=2"),
         ("decoder.verify=shared", "decoder.verify='shared' is lossy with decoder.cache='none'"),
         ("decoder.cross_block=true", "decoder.cross_block=true needs graph.budget=D"),
+        (
+            "model=sdar_tiny decoder=spiffy_sdar_dynamic",
+            "graph.budget='auto' does not model decoder.cache='block_causal'",
+        ),
         ("decoder.steps_per_token=7", "decoder.steps_per_token=7 must divide task.gen_length=32"),
         ("task.block_length=5", "task.gen_length=32 must be a multiple of block_length=5"),
         ("decoder.temperature=-0.5", "decoder.temperature=-0.5"),
@@ -135,7 +140,11 @@ def test_sdar_models_compose_with_every_task_and_spiffy(model, task):
     for decoder in ("sdar", "sdar_dynamic", "spiffy_sdar_dynamic"):
         typed = OmegaConf.to_object(
             compose_with(
-                f"model={model}", f"task={task}", f"decoder={decoder}", "decoder.speculate=true"
+                f"model={model}",
+                f"task={task}",
+                f"decoder={decoder}",
+                "decoder.speculate=true",
+                "graph.budget=10",
             )
         )
         gen = GenerationConfig(**generation_kwargs(typed))

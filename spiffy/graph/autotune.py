@@ -25,6 +25,7 @@ import torch
 from spiffy.cost import CostModel, load_or_measure, lossless_layouts
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.drafting import insertion_levels
+from spiffy.decoding.modes import get_cache_mode
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.calibrate import EMPTY, evaluate
 from spiffy.graph.draft_graph import DraftGraph, Formula
@@ -220,6 +221,10 @@ def autotune(
         raise ValueError(f"max_budget={max_budget!r} must be a positive integer")
     if not 0 <= margin < 1:
         raise ValueError(f"margin={margin!r} must be in [0, 1)")
+    if get_cache_mode(cfg.cache).stores_blocks:
+        raise ValueError(
+            f"cache={cfg.cache!r}: autotune does not model SDAR's prefill and store forwards yet"
+        )
     listed = list(prompts() if callable(prompts) else prompts)
     graphs: dict[int, DraftGraph | None] = {0: None}
     for budget in range(1, max_budget + 1):
