@@ -26,6 +26,7 @@ from spiffy.cost import CostModel, load_or_measure, lossless_layouts
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.drafting import insertion_levels
 from spiffy.decoding.modes import get_cache_mode
+from spiffy.decoding.rules import get_rule
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.calibrate import EMPTY, evaluate
 from spiffy.graph.draft_graph import DraftGraph, Formula
@@ -94,12 +95,19 @@ def forward_states(block, nodes: set[Formula]) -> list[int]:
     return at
 
 
+def one_token_per_step(cfg: GenerationConfig) -> bool:
+    """Whether every transition of the base commits exactly one token (a step schedule of one token per step,
+    or `fixed_k` with k = 1)."""
+    steps = "steps" in get_rule(cfg.rule).params and cfg.schedule_steps_per_block == cfg.block_length
+    return steps or (cfg.rule == "fixed_k" and cfg.k == 1)
+
+
 def masked_counts(block, cfg: GenerationConfig) -> Callable[[int], int | None]:
     """m(t): masked positions of X_t, recorded or implied by a one-token-per-step rule; None if unknown."""
     recorded = getattr(block, "masked", None)
     if recorded:
         return lambda t: recorded[t - 1]
-    if cfg.steps_per_block == cfg.block_length or cfg.k == 1:
+    if one_token_per_step(cfg):
         return lambda t: cfg.block_length - t
     return lambda t: None
 

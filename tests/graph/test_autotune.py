@@ -11,7 +11,7 @@ import spiffy
 from spiffy import cost
 from spiffy.cost import CostModel, load_or_measure, lossless_layouts, state_grid
 from spiffy.decoding.config import GenerationConfig
-from spiffy.graph.autotune import Candidate, choose, drafts_counter, predict
+from spiffy.graph.autotune import Candidate, choose, drafts_counter, one_token_per_step, predict
 from spiffy.graph.builtin import chain
 from spiffy.graph.calibrate import evaluate
 from spiffy.graph.draft_graph import DraftGraph
@@ -96,6 +96,12 @@ def test_drafts_counter_drops_nodes_beyond_the_masked_positions_and_complete_dra
     # m = 3: all but the node filling every masked position; m = 2: only ranks <= 2 that leave a mask
     assert [count(m) for m in (1, 2, 3, 4)] == [0, 1, 3, 4]
     assert count(None) == 4  # unknown masked count: every node (the conservative bound)
+
+
+def test_one_token_per_step_rules_imply_the_masked_counts():
+    assert one_token_per_step(CFG) and one_token_per_step(GenerationConfig(8, 8, rule="fixed_k", k=1))
+    assert not one_token_per_step(GenerationConfig(gen_length=32, block_length=16, steps=16))
+    assert not one_token_per_step(GenerationConfig(8, 8, rule="threshold", tau=0.9))
 
 
 def test_choose_needs_candidates():
