@@ -32,12 +32,14 @@ step python scripts/bench.py --name bases_cpu --n 30 --graph calibrated:8 --deco
   dual dual+spiffy dual_threshold0.9 dual_threshold0.9+spiffy
 # SDAR (fixture model, tests/fixtures): model calls of the reference loop, its fusions, Spiffy (SPEC §12)
 step python scripts/sdar_fusions.py --out results/tables
+# graph.budget=auto against its base and every fixed D, side by side (vanilla, prefix, dual, threshold 0.9)
+step python scripts/auto_study.py --n 30 --rounds 3 --root /tmp/spiffy_auto_graphs
 # the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
 step python run.py eval.progress=false
 step python run.py -m eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
 step python run.py eval.progress=false decoder=kv_cache decoder.speculate=true
 # one sweep per paper table/figure (experiments/<name>/launch.sh: run.py -m ... then make_tables.py)
-for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block sdar_v4; do
+for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block auto sdar_v4; do
   step "experiments/$experiment/launch.sh" eval.progress=false
 done
 step python scripts/make_tables.py --experiment default
