@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -317,6 +318,7 @@ def load_or_measure(
     path = Path(root) / _slug(model_name) / "costs" / f"{_slug(key['device_name'])}-{digest}.json"
     if path.exists() and not force:
         return CostModel.from_json(path.read_text(), str(path)), path
+    t0 = time.perf_counter()
     blocks, table, base_forward, start = time_forwards(model, cfg, prompt_len, layouts, states)
     step, overhead, base_ms, base_in_block = time_outside_model(
         model, cfg, used, graphs, layouts, draft_noise=draft_noise
@@ -328,6 +330,7 @@ def load_or_measure(
     overhead = {lay: {n: ms * scale for n, ms in v.items()} for lay, v in overhead.items()}
     meta = {k: v for k, v in key.items() if k != "overhead_prompts"}
     meta["load_scale"] = scale
+    meta["measure_s"] = round(time.perf_counter() - t0, 2)
     costs = CostModel(states, blocks, table, base_forward, start, step * scale, overhead, meta)
     _atomic_write(path, costs.to_json())
     return costs, path
