@@ -1,4 +1,6 @@
-"""spiffy experiment runner: `python run.py [overrides]`, sweeps with `-m` (see README)."""
+"""spiffy experiment runner: `python run.py [overrides]`, sweeps with `-m`, job lists with `--dry-run` (see README)."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -15,4 +17,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if "--dry-run" in sys.argv[1:]:  # list the jobs of the sweep (launcher overrides ignored), run nothing
+        from spiffy.sweep import dry_run
+
+        flags = {"--dry-run", "-m", "--multirun"}
+        sys.exit(dry_run([a for a in sys.argv[1:] if a not in flags]))
     main()

@@ -1,6 +1,7 @@
 """Calibrate draft graphs (SPEC §5.5) for a model × decoder settings × task × n × D × selection rule.
 
-    python scripts/calibrate.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
+    python scripts/calibrate.py --budgets 3 5 8 10 --rules best degree1 greedy --n 20
+    python scripts/calibrate.py --budgets 10 --cross-block
     python scripts/calibrate.py --rule-name threshold --tau 0.9 --budgets 8
 
 Trajectories are recorded once per (model, decoder settings, task, n, seed) and every budget/rule is selected
@@ -30,7 +31,9 @@ def main() -> None:
     p.add_argument("--task", default="arith", choices=sorted(TASKS))
     p.add_argument("--n", type=int, default=20, help="calibration prompts")
     p.add_argument("--budgets", type=int, nargs="+", default=[3, 5, 8, 10])
-    p.add_argument("--rules", nargs="+", default=["degree1"], choices=SELECTION_RULES)
+    p.add_argument("--rules", nargs="+", default=["best"], choices=SELECTION_RULES)
+    p.add_argument("--cross-block", action="store_true", help="calibrate for the cross-block walk")
+    p.add_argument("--horizon", type=int, default=16, help="recorded depth (>= budget for best)")
     p.add_argument("--rule-name", default="schedule", help="transition rule of the base decoder")
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--tau", type=float, default=None)
@@ -73,6 +76,8 @@ def main() -> None:
                 budget=budget,
                 rule=rule,
                 seed=args.seed,
+                horizon=args.horizon,
+                cross_block=args.cross_block,
                 root=args.root,
                 force=args.force,
             )
@@ -83,6 +88,7 @@ def main() -> None:
                         "budget": budget,
                         "rule": rule,
                         "nodes": len(graph.nodes),
+                        "chosen": prov.get("best", {}).get("chosen", rule),
                         "calibration_s": prov.get("calibration_s"),
                         "predicted_speedup_nfe": prov.get("predicted_speedup_nfe"),
                     }

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Regenerate every committed result of the README and the model card (results/, CPU, about an hour on 2 cores).
 #
-#   bash scripts/reproduce_results.sh              # from scratch: clears results/runs/*.jsonl and results/graphs/
+#   bash scripts/reproduce_results.sh              # from scratch: clears results/runs, results/graphs, results/tables
 #   KEEP=1 bash scripts/reproduce_results.sh       # resume after a crash: finished run.py jobs and graphs are kept
 #
-# Each step is one documented command; what it writes is listed in results/README.md.
+# Each step is one documented command; what it writes is listed in results/README.md. User runs default to the
+# untracked runs/; this script alone writes the committed reference results, by passing results/ explicitly
+# (results_dir, graph.root, and RESULTS_DIR/GRAPH_ROOT/TABLES_DIR/BENCH_DIR for experiments/*/launch.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 WANDB_SILENT=true
+export RESULTS_DIR=results/runs GRAPH_ROOT=results/graphs TABLES_DIR=results/tables BENCH_DIR=results/bench
 if [ -z "${KEEP:-}" ]; then
-  rm -rf results/runs/*.jsonl results/graphs results/tables
+  rm -rf results/runs/*.jsonl results/runs/*/ results/graphs results/tables
 fi
+STORE=(results_dir=results/runs graph.root=results/graphs)
 step() { printf '\n=== %s\n' "$*"; "$@"; }
 
 # model card: accuracy and confidence of the embedded model (vanilla, T=0, 200 held-out problems)
@@ -19,6 +23,8 @@ step python scripts/eval_embedded.py --n 200 --json results/embedded_eval.json
 step python scripts/calibrate.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
 # Tables 1/4, sample efficiency, transfer, Spiffy over each base: exact NFE replayed on 200 held-out problems
 step python scripts/calibration_study.py --n-test 200
+# issue 21: chain (FreeDave) vs degree1 vs greedy vs best, per base and walk, replayed on 100 held-out problems
+step python scripts/selection_study.py --n-test 100 --spot 10
 # noise-aware drafting: acceptance vs temperature (SPEC 5.7)
 step python scripts/temperature_study.py --n-test 100 --measure 20
 # wall-clock, side by side in one process: chain/fig2 graphs in exact and shared layouts
@@ -35,9 +41,9 @@ step python scripts/sdar_fusions.py --out results/tables
 # graph.budget=auto against its base and every fixed D, side by side (vanilla, prefix, dual, threshold 0.9)
 step python scripts/auto_study.py --n 30 --rounds 3 --root /tmp/spiffy_auto_graphs
 # the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
-step python run.py eval.progress=false
-step python run.py -m eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
-step python run.py eval.progress=false decoder=kv_cache decoder.speculate=true
+step python run.py "${STORE[@]}" eval.progress=false
+step python run.py -m "${STORE[@]}" eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
+step python run.py "${STORE[@]}" eval.progress=false decoder=kv_cache decoder.speculate=true
 # one sweep per paper table/figure (experiments/<name>/launch.sh: run.py -m ... then make_tables.py)
 for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block auto sdar_v4; do
   step "experiments/$experiment/launch.sh" eval.progress=false

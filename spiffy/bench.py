@@ -112,6 +112,7 @@ def make_decoder(
             n_samples=n_calib,
             budget=budget,
             rule=rule,
+            cross_block=spec.cross_block,
             progress=False,
         )
     return build_decoder(

@@ -9,6 +9,7 @@ when `pipeline.run` converts the config with `OmegaConf.to_object`, also before 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,12 +183,12 @@ class GraphConfig:
     budget: Any = AUTO
     max_budget: int = 10  # the largest D that budget=auto considers
     auto_margin: float = 0.03  # budget=auto keeps the base unless a graph is predicted this much faster
-    rule: str = "degree1"  # selection rule for source=calibrate
+    rule: str = "best"  # selection rule for source=calibrate
     n_samples: int = 20  # calibration prompts
     prune: int | None = None  # dynamic pruning: keep D* of the budget per forward
     path: str | None = None  # source=file
-    horizon: int = 12
-    root: str = "results/graphs"
+    horizon: int = 16
+    root: str = "runs/graphs"  # untracked; the committed graphs (results/graphs) are passed explicitly
 
     def __post_init__(self) -> None:
         _choice("graph", "source", self.source, GRAPH_SOURCES)
@@ -213,6 +214,10 @@ class GraphConfig:
             raise ValueError(f"graph.n_samples={self.n_samples} must be >= 1")
         if self.source == "file" and not self.path:
             raise ValueError("graph.source='file' needs graph.path")
+        from spiffy.graph.builtin import check_budget
+
+        budget = self.max_budget if self.budget == AUTO else self.budget  # auto calibrates up to max_budget
+        check_budget(self.source, budget, self.rule, self.horizon)
 
 
 @dataclass
@@ -220,7 +225,7 @@ class TrackingConfig:
     mode: str = "offline"
     project: str = "spiffy"
     entity: str | None = None
-    dir: str = "."
+    dir: str = "runs/wandb"  # one folder per job key: <dir>/<job_key>/wandb/offline-run-*
 
     def __post_init__(self) -> None:
         _choice("tracking", "mode", self.mode, TRACKING_MODES)
@@ -229,8 +234,12 @@ class TrackingConfig:
 @dataclass
 class EvalConfig:
     compare_base: bool = True  # also run the base decoder per request: agreement and wall speedup
-    threads: int = 0  # torch threads (0 = torch's default)
+    threads: int = 1  # torch threads (0 = torch's default); recorded in every row (env.torch_threads)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"eval.threads={self.threads} must be >= 0 (0 = torch's default)")
 
 
 @dataclass
@@ -243,13 +252,20 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment_name: str = "default"
     seed: int = 0
-    results_dir: str = "results/runs"
+    # the user's result store (untracked): <results_dir>/<experiment_name>/<job_key>.json
+    results_dir: str = "runs/results"
     force: bool = False  # rerun a job whose result row already exists
 
     def __post_init__(self) -> None:
-        """Check the decoder on this task (lengths, steps, rule parameters) before any model loads."""
+        """Check the experiment name (a folder of the result store) and the decoder on this task (lengths,
+        steps, rule parameters) before any model loads."""
         from spiffy.decoding.rules import RULES
 
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]*", self.experiment_name):
+            raise ValueError(
+                f"experiment_name={self.experiment_name!r} must be a folder name: letters, digits and "
+                "_ . = , + - (not starting with '.' or '-')"
+            )
         if self.model.block_size is not None:  # a block-causal model decodes in its own blocks
             self.task.block_length = self.model.block_size
         block_causal = self.model.block_size is not None

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from spiffy.decoding.forward import STRATEGIES
 from spiffy.decoding.modes import VERIFY_LAYOUTS, effective_layout, is_lossless
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.graph.draft_graph import DraftGraph
+from spiffy.graph.files import atomic_write_text
 
 FORMAT, VERSION = "spiffy.costs", 2
 
@@ -332,20 +332,8 @@ def load_or_measure(
     meta["load_scale"] = scale
     meta["measure_s"] = round(time.perf_counter() - t0, 2)
     costs = CostModel(states, blocks, table, base_forward, start, step * scale, overhead, meta)
-    _atomic_write(path, costs.to_json())
+    atomic_write_text(path, costs.to_json())
     return costs, path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _slug(text: str) -> str:

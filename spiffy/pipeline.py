@@ -1,11 +1,13 @@
 """`run(cfg)`: the one place that wires a job together (STYLE §4): model → graph → lm-eval → metrics → logs.
 
 1. validate the composed config (`OmegaConf.to_object` runs every `__post_init__`) before loading anything;
-2. skip the job if the result store already has its row (unless `force`);
+2. skip the job if the result store already has its row (unless `force`), printing the stored summary;
+   otherwise claim its key so that an identical job started elsewhere skips;
 3. load model and tokenizer (cached across the jobs of one multirun);
 4. calibrate the draft graph or load it from the provenance-keyed cache;
 5. evaluate the task through lm-eval with `SpiffyLM` (and the base decoder beside it, for agreement);
-6. summarise, append the result row, mirror to W&B, print a summary table.
+6. summarise, mirror to W&B (started before step 3, so a W&B that cannot start fails at once), write the
+   result row (its own file, atomically: `spiffy.results`), print a summary table and where the row went.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spiffy import results as store
+from spiffy import tracking
 from spiffy.api import build_decoder
+from spiffy.claims import Claim, try_claim
 from spiffy.config import AUTO, RunConfig, decoder_settings, speculation_settings
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.builtin import chain, fig2, two_level_topk
@@ -100,7 +104,12 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
     if g.source == "fig2":
         return fig2()
     if g.source == "file":
-        return DraftGraph.load(g.path)
+        graph = DraftGraph.load(g.path)
+        if graph.budget != g.budget:  # the row is named after graph.budget
+            raise ValueError(
+                f"graph.budget={g.budget} but graph.path={g.path!r} holds a graph of budget {graph.budget}"
+            )
+        return graph
     from spiffy.decoding.config import GenerationConfig
 
     calib_task, prompts = calibration_prompts(cfg, tokenizer)
@@ -114,6 +123,7 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
         budget=g.budget,
         rule=g.rule,
         draft_noise=cfg.decoder.draft_noise,
+        cross_block=cfg.decoder.cross_block,
         seed=cfg.seed,
         horizon=g.horizon,
         root=g.root,
@@ -144,6 +154,13 @@ def evaluate_task(cfg: RunConfig, lm) -> dict:
     )
 
 
+def typed_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict]:
+    """The validated typed config (every `__post_init__` runs: before any model loads) and, as a plain dict with
+    the task presets filled in, what the job key and the result row record."""
+    cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+    return cfg, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
 def check_code_execution(cfg: RunConfig) -> None:
     """A task that executes generated code needs `task.allow_code_execution=true` (checked before loading)."""
     from spiffy.eval import sandbox
@@ -157,28 +174,124 @@ def check_code_execution(cfg: RunConfig) -> None:
 
 
 def run(dict_cfg: DictConfig) -> float:
-    """Run one job and return its headline accuracy (the sweep objective)."""
-    cfg: RunConfig = OmegaConf.to_object(dict_cfg)  # semantic validation, before any model loads
+    """Run one job and return its headline accuracy (the sweep objective; NaN while another process runs it).
+
+    A job whose row is already stored is not rerun (unless `force`): its stored summary is printed. Otherwise it
+    claims its key (`spiffy.claims`), so an identical job started elsewhere skips instead of duplicating it.
+    """
+    cfg, resolved = typed_job(dict_cfg)
     check_code_execution(cfg)
-    # the typed config, task presets filled in: what the job key and the result row record
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    results_path = Path(cfg.results_dir) / f"{cfg.experiment_name}.jsonl"
     key = store.job_key(resolved)
-    if not cfg.force and (row := store.finished(results_path, key)) is not None:
-        print(f"skip: job {key} already in {results_path} (force=true reruns it)")
-        return float(row["metrics"].get("accuracy", float("nan")))
+    folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
+    if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
+        return report_stored(cfg, key, *found)
+    held = try_claim(folder, key)
+    if not isinstance(held, Claim):
+        print(
+            f"skip: job {key} is being run by pid {held.get('pid')} on {held.get('host')} "
+            f"(claim {held['path']}); its row will be {store.row_path(folder.parent, folder.name, key)}"
+        )
+        return float("nan")
+    with held:
+        if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
+            return report_stored(cfg, key, *found)  # finished between the first look and the claim
+        return run_claimed(cfg, resolved, key)
+
+
+def report_stored(cfg: RunConfig, key: str, row: dict, path: Path) -> float:
+    """A finished job: print its stored summary (re-uploading it to W&B if its logging had failed)."""
+    print(f"skip: job {key} already done; its row is in {path} (force=true reruns it)")
+    wandb_info = row.get("wandb")
+    if (wandb_info or {}).get("status") == "failed" and cfg.tracking.mode != "disabled":
+        tracker = tracking.start(cfg.tracking, **tracking_args(cfg, row["config"], key, row["env"]))
+        try:
+            wandb_info = tracker.log_job(row["metrics"])
+        except Exception as err:
+            raise tracking.TrackingError(f"W&B logging of the stored row {path} failed again: {err}") from err
+        store.write_row(cfg.results_dir, {**row, "wandb": wandb_info})
+    env = {"dtype": row.get("dtype"), **(row.get("env") or {})}  # rows before 2026-11 kept dtype outside env
+    print_summary(row.get("name", key), row["metrics"], env)
+    print(tracking.describe(wandb_info))
+    return float(row["metrics"].get("accuracy", float("nan")))
+
+
+def tracking_args(cfg: RunConfig, resolved: dict, key: str, env: dict) -> dict:
+    return dict(
+        config=tracking.run_config(resolved, job_key=key, env=env),
+        name=job_name(resolved),
+        group=cfg.experiment_name,
+        job_type=cfg.decoder.name,
+        tags=tracking.run_tags(resolved, speculates=store.speculates(resolved)),
+        job_dir=Path(cfg.tracking.dir) / key,
+    )
+
+
+def job_name(resolved: dict) -> str:
+    budget = resolved["graph"]["budget"] if store.speculates(resolved) else 0
+    return f"{resolved['task']['name']}-{resolved['decoder']['name']}-D{budget}"
+
+
+def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
+    """Evaluate a claimed job: W&B first (fail fast), then model, graph, lm-eval, the row, the summary."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if cfg.eval.threads:
         torch.set_num_threads(cfg.eval.threads)
     torch.manual_seed(cfg.seed)
+    env = store.environment(cfg.model.device, cfg.model.dtype)
+    tracker = tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
+    try:
+        metrics, graph, records, *extra = evaluate_job(cfg)
+    except BaseException:
+        tracker.abort()
+        raise
+    auto = extra[0] if extra else None  # graph.budget=auto: the AutoChoice
+    name = job_name(resolved) + (str(auto.budget) if auto is not None else "")
+    row = {
+        "job_key": key,
+        "experiment": cfg.experiment_name,
+        "name": name,
+        "config": resolved,
+        "metrics": metrics,
+        "env": env,
+        "dtype": cfg.model.dtype,
+        "softmax_dtype": cfg.decoder.softmax_dtype,
+        "graph": graph.to_json() if graph is not None else None,
+        "auto": auto.to_dict() if auto is not None else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    samples = [
+        {"request_id": r.request_id, "completion": r.completion, "nfe": r.stats.nfe, "agrees": r.agrees}
+        for r in records
+    ]
+    try:
+        row["wandb"] = tracker.log_job(metrics, samples)
+    except Exception as err:
+        row["wandb"] = tracker.failed(err)
+        path = store.write_row(cfg.results_dir, row)
+        raise tracking.TrackingError(
+            f"job {key} finished and its row is saved in {path}, but W&B logging failed "
+            f"({type(err).__name__}: {err}). The row is marked wandb.status=failed: rerunning the same "
+            "command uploads it from the row without re-evaluating (tracking=disabled skips W&B)."
+        ) from err
+    path = store.write_row(cfg.results_dir, row)
+    print_summary(name, metrics, env)
+    if auto is not None:  # the chosen D* and why, in one line, under the measured ratio
+        print(auto.reason)
+    print(f"row: {path}")
+    print(tracking.describe(row["wandb"]))
+    return float(metrics["accuracy"])
+
+
+def evaluate_job(cfg: RunConfig):
+    """Model -> graph -> lm-eval: the job's metrics, its graph (None without drafts), per-request records, and
+    with `graph.budget=auto` the `AutoChoice` (D* = 0 runs the base, still measured beside a second instance)."""
     from spiffy.eval.harness import SpiffyLM
     from spiffy.metrics import summarize, task_scores
-    from spiffy.tracking import track
 
     model, tokenizer = load(cfg)
     gen = generation_kwargs(cfg)
     t0 = time.perf_counter()
-    auto = None  # graph.budget=auto: the graph and layout chosen for this device
+    auto = None
     if cfg.decoder.speculate and cfg.graph.budget == AUTO:
         auto = build_auto(cfg, model, tokenizer, gen)
         graph = auto.graph
@@ -194,7 +307,7 @@ def run(dict_cfg: DictConfig) -> float:
         decoder = build_decoder(
             model, **gen, speculate=Speculation(graph, prune=cfg.graph.prune, **options)
         )
-    elif auto is not None:  # D* = 0 is the base itself; a second instance still measures the ratio
+    elif auto is not None:
         decoder = build_decoder(model, **gen)
     lm = SpiffyLM(
         decoder,
@@ -213,51 +326,25 @@ def run(dict_cfg: DictConfig) -> float:
     if "predicted_speedup_nfe" in provenance:
         metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
     metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
-    budget = f"auto{auto.budget}" if auto is not None else (cfg.graph.budget if graph else 0)
-    name = f"{cfg.task.name}-{cfg.decoder.name}-D{budget}"
-    if auto is not None:
-        metrics["auto_budget"] = auto.budget
-        metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
-        metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
-    row = {
-        "job_key": key,
-        "experiment": cfg.experiment_name,
-        "name": name,
-        "config": resolved,
-        "metrics": metrics,
-        "env": store.environment(cfg.model.device),
-        "dtype": cfg.model.dtype,
-        "softmax_dtype": cfg.decoder.softmax_dtype,
-        "graph": graph.to_json() if graph is not None else None,
-        "auto": auto.to_dict() if auto is not None else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    store.append_row(results_path, row)
-    job_dir = Path(cfg.tracking.dir) / "wandb_jobs" / key
-    with track(
-        cfg.tracking, config=resolved, name=name, group=cfg.experiment_name, job_dir=job_dir
-    ) as log:
-        log(
-            metrics,
-            [
-                {
-                    "request_id": r.request_id,
-                    "completion": r.completion,
-                    "nfe": r.stats.nfe,
-                    "agrees": r.agrees,
-                }
-                for r in lm.records
-            ],
-        )
-    print_summary(name, metrics, auto.reason if auto is not None else None)
-    return float(metrics["accuracy"])
+    if auto is None:
+        return metrics, graph, lm.records
+    metrics["auto_budget"] = auto.budget
+    metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
+    metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
+    return metrics, graph, lm.records, auto
 
 
-def print_summary(name: str, metrics: dict, note: str | None = None) -> None:
+def print_summary(name: str, metrics: dict, env: dict | None = None) -> None:
+    """The job's headline metrics as a table, captioned with where they were measured."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"spiffy: {name}")
+    env = env or {}
+    caption = (
+        f"{env.get('device', '?')} ({env.get('device_name', '?')}), {env.get('dtype') or '?'}, "
+        f"{env.get('torch_threads', '?')} torch thread(s)"
+    )
+    table = Table(title=f"spiffy: {name}", caption=caption)
     for column in (
         "accuracy",
         "nfe",
@@ -284,7 +371,4 @@ def print_summary(name: str, metrics: dict, note: str | None = None) -> None:
         fmt("agreement", ".3f"),
         fmt("overhead_share", ".1%"),
     )
-    console = Console(width=120)
-    console.print(table)
-    if note:  # graph.budget=auto: the chosen D* and why, next to the measured ratio above
-        console.print(note, soft_wrap=True, markup=False)
+    Console(width=120).print(table)

@@ -2,9 +2,9 @@
 
 A table shows, for one experiment, the config keys that vary between its rows (the sweep axes) and the headline
 metrics of SPEC §7 (`EXPERIMENT_METRICS` picks other columns per experiment, e.g. the overhead breakdown of
-Table 3). Rows come from the append-only JSONL store (`spiffy.results`). Plots: speedup against a sweep axis
-(one line per setting of the other axes), acceptance per graph level, and the Figure-5 cost curve with the `D`
-it recommends per layout (`budget_recommendation`).
+Table 3). Rows come from the result store (`spiffy.results`: a row file per job, and the older JSONL stores).
+Plots: speedup against a sweep axis (one line per setting of the other axes), acceptance per graph level, and the
+Figure-5 cost curve with the `D` it recommends per layout (`budget_recommendation`).
 """
 
 from __future__ import annotations
@@ -83,9 +83,14 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 
 def load_frame(results_dir: str | Path = "results/runs") -> pd.DataFrame:
-    """One row per job: flattened config (`cfg.*`) and metrics."""
+    """One row per job of a result store (`spiffy.results.read_rows`: JSONL stores and/or row-file folders)."""
+    return rows_frame(read_rows(results_dir))
+
+
+def rows_frame(result_rows: list[dict]) -> pd.DataFrame:
+    """One row per result row: flattened config (`cfg.*`) and metrics."""
     rows = []
-    for row in read_rows(results_dir):
+    for row in result_rows:
         flat = {f"cfg.{k}": v for k, v in _flatten(row["config"]).items()}
         rows.append(
             {

@@ -1,8 +1,14 @@
-"""Append-only, crash-safe local result store: one JSON line per finished job (`results/runs/*.jsonl`).
+"""The result store: one JSON file per finished job, written atomically, in one folder per experiment.
 
-Rows are written with a single `write` of one line plus `flush`/`fsync`, under an exclusive file lock, so
-parallel sweep jobs never interleave. A job is identified by a hash of its resolved config (tracking and `force`
-excluded); reruns skip jobs whose key already has a row. W&B is a mirror; this file is the source of truth.
+Layout: `<results_dir>/<experiment>/<job_key>.json`. A row is written to a temporary file in the same folder,
+flushed, fsync'd and renamed over its final name (`os.replace`), so a reader sees either no row or the whole row:
+on one machine, or from many machines sharing a network filesystem, with no lock involved (advisory locks are
+unreliable there). Readers merge the folders with the older append-only JSONL stores
+(`<results_dir>/<experiment>.jsonl`, such as the committed `results/runs/*.jsonl`), which stay readable; the
+newest row of a job key wins. A job key hashes the job's resolved config, without the settings that cannot change
+its result (tracking, `force`, thread count, progress bars; graph settings when the job drafts nothing).
+W&B is a mirror; this store is the source of truth. `spiffy.claims` keeps identical concurrent jobs from
+running twice.
 """
 
 from __future__ import annotations
@@ -13,17 +19,180 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 
+ROW_SUFFIX = ".json"
+
+
+def speculates(config: dict) -> bool:
+    """Whether a resolved job config drafts anything (Spiffy with a graph of at least one node)."""
+    return bool(config.get("decoder", {}).get("speculate")) and config.get("graph", {}).get(
+        "budget", 0
+    ) != 0
+
 
 def job_key(config: dict) -> str:
-    relevant = {k: v for k, v in config.items() if k not in ("tracking", "force", "eval")}
+    """Hash of everything a job's result depends on.
+
+    A job that does not speculate ignores its graph settings, so the vanilla jobs of a `graph.budget` sweep share
+    one key (one run, the others skip). Keys of speculating jobs are unchanged from the JSONL era.
+    """
+    relevant = {k: v for k, v in config.items() if k not in ("tracking", "force", "eval", "dry_run")}
     relevant["eval_compare_base"] = config.get("eval", {}).get("compare_base")
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
-        :16
-    ]
+    if not speculates(config):
+        relevant.pop("graph", None)
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def experiment_dir(results_dir: str | Path, experiment: str) -> Path:
+    return Path(results_dir) / experiment
+
+
+def row_path(results_dir: str | Path, experiment: str, key: str) -> Path:
+    return experiment_dir(results_dir, experiment) / f"{key}{ROW_SUFFIX}"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def write_row(results_dir: str | Path, row: dict) -> Path:
+    """Store `row` (with `experiment` and `job_key`) as its own file; a rerun's row replaces the old one."""
+    for field in ("experiment", "job_key"):
+        if not row.get(field):
+            raise ValueError(f"a result row needs a non-empty {field!r}, got {row.get(field)!r}")
+    path = row_path(results_dir, row["experiment"], row["job_key"])
+    atomic_write_text(path, json.dumps(row, default=str) + "\n")
+    return path
+
+
+def load_row(path: str | Path) -> dict:
+    """One row file; a file that is not a JSON object raises ValueError naming it."""
+    try:
+        row = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a result row ({err})") from err
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}: not a result row (a JSON {type(row).__name__})")
+    return row
+
+
+def finished(results_dir: str | Path, experiment: str, key: str) -> tuple[dict, Path] | None:
+    """The stored row of job `key` and where it is: its row file, else the experiment's JSONL store."""
+    path = row_path(results_dir, experiment, key)
+    if path.exists():
+        return load_row(path), path
+    legacy = Path(results_dir) / f"{experiment}.jsonl"
+    if legacy.exists():
+        found = None
+        for row in _jsonl_rows(legacy):
+            if row.get("job_key") == key:
+                found = row  # the newest row of the key wins, as in read_rows
+        if found is not None:
+            return found, legacy
+    return None
+
+
+def _jsonl_rows(path: Path):
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line from a killed writer is skipped, never fatal
+        if isinstance(row, dict):
+            yield row
+
+
+def append_row(path: str | Path, row: dict) -> None:
+    """Append one row to a JSONL store (the older format), repairing a torn last line first.
+
+    A writer killed mid-line leaves a last line without its newline; appending after it would glue the next row
+    onto it and lose both. The torn fragment is moved to `<path>.torn` and the file cut back to its last
+    complete line, under an exclusive lock (one machine; the per-job row files need none).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(row, default=str) + "\n"
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(0)
+                data = f.read()
+                if not data.endswith(b"\n"):
+                    cut = data.rfind(b"\n") + 1
+                    with open(path.with_name(path.name + ".torn"), "ab") as torn:
+                        torn.write(data[cut:] + b"\n")
+                    f.truncate(cut)
+            f.seek(0, os.SEEK_END)
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def row_files(folder: Path) -> list[Path]:
+    """The finished rows of one experiment folder (temporary files and claims are hidden files)."""
+    return sorted(p for p in folder.glob(f"*{ROW_SUFFIX}") if not p.name.startswith("."))
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Every row under `path`: a JSONL file, an experiment folder of row files, or a results folder holding
+    both `*.jsonl` stores and experiment folders. The newest row of each job key wins (JSONL rows in file order,
+    then row files, which are newer); torn JSONL lines are skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no result store at {path}")
+    rows: dict[object, dict] = {}
+
+    def add(row: dict, fallback: object) -> None:
+        rows.pop(key := row.get("job_key") or fallback, None)
+        rows[key] = row
+
+    if path.is_file():
+        jsonl, folders = [path], []
+    else:
+        jsonl = sorted(path.glob("*.jsonl"))
+        folders = [path] + sorted(p for p in path.iterdir() if p.is_dir() and p.name[0] != ".")
+    for file in jsonl:
+        for n, row in enumerate(_jsonl_rows(file)):
+            add(row, (file, n))
+    for folder in folders:
+        for file in row_files(folder):
+            add(load_row(file), file)
+    return list(rows.values())
 
 
 def git_state() -> dict:
@@ -46,58 +215,31 @@ def git_state() -> dict:
     return {"git_sha": sha, "git_dirty": dirty}
 
 
-def environment(device: str) -> dict:
+def cpu_name() -> str:
+    """The CPU's model name (`/proc/cpuinfo` on Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str, dtype: str | None = None) -> dict:
+    """Where a row was measured: device and its name, dtype, torch threads, CPU count, versions, git state."""
     import transformers
 
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_name()
     return {
         "device": device,
-        "device_name": name or platform.machine(),
+        "device_name": name,
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
         **git_state(),
     }
-
-
-def finished(path: str | Path, key: str) -> dict | None:
-    """The stored row of job `key`, if any."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn line from a crash is ignored, never fatal
-        if row.get("job_key") == key:
-            return row
-    return None
-
-
-def append_row(path: str | Path, row: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(row, default=str) + "\n"
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-        fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Every row of a JSONL file (or of every `*.jsonl` in a folder); a job rerun with `force=true` appends a
-    new row for its key, and the newest row of each key wins. Torn lines are skipped."""
-    rows: dict[object, dict] = {}
-    for file in sorted(Path(path).glob("*.jsonl")) if Path(path).is_dir() else [Path(path)]:
-        for n, line in enumerate(file.read_text().splitlines()):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows.pop(key := row.get("job_key") or (file, n), None)
-            rows[key] = row
-    return list(rows.values())

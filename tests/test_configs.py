@@ -77,7 +77,7 @@ def test_bad_overrides_fail_at_composition(override, error, match):
     ("override", "match"),
     [
         ("decoder.rule=fast", "decoder.rule='fast'"),
-        ("graph.rule=best", "graph.rule='best'"),
+        ("graph.rule=fastest", "graph.rule='fastest'"),
         ("model.dtype=int8", "model.dtype='int8'"),
         ("graph.budget=-1", "graph.budget=-1"),
         ("graph.budget=ten", "graph.budget='ten' must be 'auto' or an integer >= 0"),

@@ -2,5 +2,8 @@
 # Embedded model (CPU). For the published checkpoints on a GPU: ./launch.sh model=llada_8b_instruct task=gsm8k
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python run.py -m experiment=cross_block decoder.cross_block=false,true graph.budget=3,10 graph.rule=degree1,greedy "$@"
-python scripts/make_tables.py --experiment cross_block
+# Rows go to $RESULTS_DIR (default runs/results, untracked), graphs to $GRAPH_ROOT (runs/graphs), tables to
+# $TABLES_DIR (runs/tables); scripts/reproduce_results.sh points them at results/ to regenerate the committed files.
+RESULTS_DIR="${RESULTS_DIR:-runs/results}" GRAPH_ROOT="${GRAPH_ROOT:-runs/graphs}" TABLES_DIR="${TABLES_DIR:-runs/tables}"
+python run.py -m experiment=cross_block decoder.cross_block=false,true graph.budget=3,10 graph.rule=degree1,greedy results_dir="$RESULTS_DIR" graph.root="$GRAPH_ROOT" "$@"
+python scripts/make_tables.py --experiment cross_block --results "$RESULTS_DIR" --out "$TABLES_DIR"

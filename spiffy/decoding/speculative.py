@@ -92,27 +92,37 @@ class SpiffyDecoder(BlockDecoder):
             raise ValueError(
                 f"fuse_store=True needs a block-causal (SDAR) model and rule, got rule={cfg.rule!r}"
             )
-        self._tensors = GraphTensors.from_graph(
-            self.graph, self.device, keyed=speculation.draft_noise == "keyed"
+        # one (graph, tensors) per phase of a phased graph (drafts chosen by the masked count), else one
+        keyed = speculation.draft_noise == "keyed"
+        self._phases = [
+            (lo, g, GraphTensors.from_graph(g, self.device, keyed=keyed))
+            for lo, g in self.graph.phase_graphs()
+        ]
+        self._tensors = self._phases[0][2]
+        self._max_level = max(
+            (int(t.pair_level.max()) for _, g, t in self._phases if g.nodes), default=1
         )
-        self._max_level = int(self._tensors.pair_level.max()) if len(self.graph.nodes) else 1
 
     def propose(self, anchor, state, ctx, step, stats):
         t = time.perf_counter()
+        graph, tensors = self.graph, self._tensors
+        if len(self._phases) > 1:
+            masked = int((state == self.spec.mask_id).sum())
+            _, graph, tensors = next(p for p in reversed(self._phases) if p[0] <= masked)
         pos_by_rank, top_tokens = rank_tables(
             anchor,
             state,
             ctx,
-            self._tensors.max_token_rank,
+            tensors.max_token_rank,
             step=step,
             levels=self._max_level,
             keyed=self.speculation.draft_noise == "keyed",
         )
-        tensors, keep = self._tensors, self.speculation.prune
-        if keep is not None and keep < len(self.graph.nodes):  # dynamic pruning (SPEC §5.6)
+        keep = self.speculation.prune
+        if keep is not None and keep < len(graph.nodes):  # dynamic pruning (SPEC §5.6)
             probs = torch.softmax(sampling_logits(anchor, ctx), dim=-1)
             pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, probs)
-            tensors = subset(tensors, prune_rows(tensors, pair_probs, self.graph, keep))
+            tensors = subset(tensors, prune_rows(tensors, pair_probs, graph, keep))
         keep_complete = self.speculation.fuse_store or (
             self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
         )

@@ -61,3 +61,25 @@ def resolve_graph(graph: DraftGraph | str | os.PathLike) -> DraftGraph:
     if isinstance(graph, str):
         return parse_graph_spec(graph)
     raise ValueError(f"graph={graph!r} must be a DraftGraph, a JSON path or a spec string")
+
+
+def check_budget(source: str, budget: int, rule: str, horizon: int) -> None:
+    """Reject graph settings whose graph would not match its label (the `graph.*` config group)."""
+    if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
+        raise ValueError(f"graph.horizon={horizon!r} must be a positive integer")
+    if budget == 0:
+        return
+    if source == "fig2" and budget != len(fig2().nodes):
+        raise ValueError(
+            f"graph.budget={budget} with graph.source='fig2': the Figure-2 graph has "
+            f"{len(fig2().nodes)} nodes (use graph.budget={len(fig2().nodes)}, or 0 for the base)"
+        )
+    if source == "topk" and budget % 2:
+        raise ValueError(
+            f"graph.budget={budget} with graph.source='topk': topk:K has 2K nodes (use an even budget)"
+        )
+    if source == "calibrate" and rule == "best" and horizon < budget:
+        raise ValueError(
+            f"graph.horizon={horizon} < graph.budget={budget}: rule 'best' scores chain:{budget}, which "
+            f"needs trajectories recorded at least {budget} transitions deep (set graph.horizon>={budget})"
+        )

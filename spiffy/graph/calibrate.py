@@ -6,7 +6,13 @@ formula at a time that has a parent already in the graph (or hangs off the root)
 * `degree0`: key frequency;  `degree1` (the paper's): count + counts of its parents;
 * `total`: count + counts of all its ancestors;
 * `greedy` (ours): the node that most reduces the exact simulated NFE, i.e. maximises accepted transitions
-  per forward on the recorded trajectories.
+  per forward on the recorded trajectories;
+* `phased` (ours, `spiffy.graph.phases`): one greedy graph per phase of the block (masked count);
+* `best` (ours, the default, `spiffy.graph.selection`): the cross-validated choice among all of the above and
+  the built-in chain, fig2 and topk graphs, never worse than `chain:D` on the calibration data.
+
+With `cross_block=True` the complete state's key joins each recorded sequence, and the evaluator credits the
+next block's saved first forward when the complete state was a verified draft.
 
 `evaluate` replays the acceptance walk (SPEC §5.4) on the trajectories without running the model; for a
 lossless configuration on the same prompts its NFE equals the decoder's NFE exactly (a test checks this).
@@ -15,67 +21,37 @@ lossless configuration on the same prompts its NFE equals the decoder's NFE exac
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import replace
 
 from spiffy.graph.draft_graph import ROOT, DraftGraph, Formula
+from spiffy.graph.replay import EMPTY, Prediction, Replay, evaluate, node_sets, walk_block
 from spiffy.graph.trajectories import Trajectories
 
-SELECTION_RULES = ("degree0", "degree1", "total", "greedy")
-EMPTY: Formula = ()
+__all__ = [
+    "SELECTION_RULES",
+    "Prediction",
+    "evaluate",
+    "key_statistics",
+    "node_sets",
+    "select_graph",
+    "walk_block",
+]
+
+SELECTION_RULES = ("best", "degree0", "degree1", "total", "greedy", "phased")
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Simulated NFE of a graph on recorded trajectories (model calls: SDAR's prefill and stores included)."""
-
-    nfe: int
-    transitions: int
-    # the published base's calls that perform no transition (SDAR's prefill and stores), and this decoder's
-    base_extra_calls: int = 0
-    extra_calls: int = 0
-
-    @property
-    def nfe_base(self) -> int:
-        return self.transitions + self.base_extra_calls
-
-    @property
-    def speedup_nfe(self) -> float:
-        return self.nfe_base / self.nfe
-
-    @property
-    def accepted_per_forward(self) -> float:
-        """Transitions per forward that performed any, minus one (as `DecodeStats`)."""
-        return self.transitions / (self.nfe - self.extra_calls) - 1
-
-
-def _block_nfe(transitions: int, keys: list[list[Formula]], nodes: set[Formula]) -> int:
-    nfe, t = 1, 1  # the block-start forward performs the first transition
-    while t < transitions:
-        nfe += 1  # a forward at X_t verifying the drafts
-        seq, accepted, previous = keys[t - 1], 0, EMPTY
-        while accepted < len(seq) and (seq[accepted] in nodes or seq[accepted] == previous):
-            previous = seq[accepted]
-            accepted += 1
-        t += accepted + 1
-    return nfe
-
-
-def evaluate(graph: DraftGraph | set[Formula], trajectories: Trajectories) -> Prediction:
-    """Exact NFE the acceptance walk would need with `graph` on these trajectories."""
-    nodes = set(graph.nodes) if isinstance(graph, DraftGraph) else set(graph)
-    blocks = trajectories.blocks
-    extra = sum(b.extra_calls for b in blocks)
-    nfe = sum(_block_nfe(b.transitions, b.keys, nodes) for b in blocks) + extra
-    base_extra = sum(b.base_extra_calls for b in blocks)
-    return Prediction(nfe, sum(b.transitions for b in blocks), base_extra, extra)
-
-
-def key_statistics(trajectories: Trajectories) -> tuple[Counter, dict[Formula, set[Formula]]]:
-    """Key counts and recorded parent links (which key directly preceded which; the root is `()`)."""
+def key_statistics(
+    trajectories: Trajectories, *, cross_block: bool = False
+) -> tuple[Counter, dict[Formula, set[Formula]]]:
+    """Key counts and recorded parent links (which key directly preceded which; the root is `()`).
+    With `cross_block`, the complete state's key (within the horizon, not in a prompt's last block) ends
+    each sequence: the cross-block walk accepts it as a draft."""
     counts: Counter = Counter()
     parents: dict[Formula, set[Formula]] = defaultdict(set)
     for block in trajectories.blocks:
-        for seq in block.keys:
+        for seq, complete in zip(block.keys, block.complete):
+            if cross_block and complete is not None and not block.last:
+                seq = [*seq, complete]
             previous = EMPTY
             for key in seq:
                 if key != previous:
@@ -85,15 +61,17 @@ def key_statistics(trajectories: Trajectories) -> tuple[Counter, dict[Formula, s
     return counts, parents
 
 
-def _ancestors(key: Formula, parents: dict[Formula, set[Formula]]) -> set[Formula]:
-    seen: set[Formula] = set()
-    stack = list(parents.get(key, ()))
-    while stack:
-        p = stack.pop()
-        if p != EMPTY and p not in seen:
-            seen.add(p)
-            stack.extend(parents.get(p, ()))
-    return seen
+def _ancestor_sets(parents: dict[Formula, set[Formula]]) -> dict[Formula, frozenset[Formula]]:
+    """Every key's recorded ancestors (the root excluded), smallest keys first: parents are strict subsets."""
+    out: dict[Formula, frozenset[Formula]] = {}
+    for key in sorted(parents, key=len):
+        found: set[Formula] = set()
+        for p in parents[key]:
+            if p != EMPTY:
+                found.add(p)
+                found |= out.get(p, frozenset())
+        out[key] = frozenset(found)
+    return out
 
 
 def _static_scores(rule: str, counts: Counter, parents) -> dict[Formula, float]:
@@ -101,7 +79,8 @@ def _static_scores(rule: str, counts: Counter, parents) -> dict[Formula, float]:
         return {k: float(c) for k, c in counts.items()}
     if rule == "degree1":
         return {k: c + sum(counts[p] for p in parents[k] if p != EMPTY) for k, c in counts.items()}
-    return {k: c + sum(counts[a] for a in _ancestors(k, parents)) for k, c in counts.items()}
+    ancestors = _ancestor_sets(parents)
+    return {k: c + sum(counts[a] for a in ancestors.get(k, ())) for k, c in counts.items()}
 
 
 def select_graph(
@@ -109,19 +88,39 @@ def select_graph(
     budget: int,
     rule: str = "degree1",
     *,
+    cross_block: bool = False,
     max_candidates: int = 64,
     provenance: dict | None = None,
 ) -> DraftGraph:
-    """Grow a graph of at most `budget` nodes with a selection rule, respecting reachability."""
+    """Grow a graph of at most `budget` nodes with a selection rule, respecting reachability.
+
+    `best` (the default of the runner) is `spiffy.graph.selection.select_best`: the cross-validated choice
+    among every other rule and the built-in graphs; `phased` is `spiffy.graph.phases.select_phased`."""
     if rule not in SELECTION_RULES:
         raise ValueError(f"selection rule={rule!r} must be one of {list(SELECTION_RULES)}")
-    if budget < 1:
-        raise ValueError(f"budget={budget} must be >= 1")
-    counts, parents = key_statistics(trajectories)
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget={budget!r} must be a positive integer")
+    if rule == "best":
+        from spiffy.graph.selection import select_best
+
+        return select_best(trajectories, budget, cross_block=cross_block, provenance=provenance)
+    if rule == "phased":
+        from spiffy.graph.phases import select_phased
+
+        graph = select_phased(trajectories, budget, cross_block=cross_block)
+        return replace(graph, provenance=provenance or {})
+    counts, parents = key_statistics(trajectories, cross_block=cross_block)
     if rule == "greedy":
-        chosen = _greedy(trajectories, budget, counts, parents, max_candidates)
+        chosen = _greedy(trajectories, budget, counts, parents, max_candidates, cross_block)
     else:
         chosen = _grow(budget, counts, parents, _static_scores(rule, counts, parents))
+    return graph_from_keys(chosen, parents, budget, rule, provenance)
+
+
+def graph_from_keys(
+    chosen: list[Formula], parents, budget: int, rule: str, provenance: dict | None = None
+) -> DraftGraph:
+    """The `DraftGraph` of selected keys, with the recorded parent links that stay inside it."""
     inside = set(chosen) | {EMPTY}
     index = {k: n for n, k in enumerate(chosen)}
     node_parents = [
@@ -147,14 +146,26 @@ def _grow(budget: int, counts: Counter, parents, score: dict[Formula, float]) ->
 
 
 def _greedy(
-    trajectories: Trajectories, budget: int, counts: Counter, parents, max_candidates: int
+    trajectories: Trajectories,
+    budget: int,
+    counts: Counter,
+    parents,
+    max_candidates: int,
+    cross_block: bool = False,
 ) -> list[Formula]:
     """Minimise the simulated NFE: greedy growth, then the best of it and the static rules' graphs is
     refined by reachability-preserving swaps until no swap helps (so it never loses to them on the
     calibration trajectories)."""
 
+    replay = Replay(trajectories, cross_block)
+
     def nfe(nodes) -> int:
-        return evaluate(set(nodes), trajectories).nfe
+        return replay.set(node_sets(set(nodes)))
+
+    def trial(
+        nodes, changed
+    ) -> int:  # NFE of `nodes`, which differ from the last `nfe` set by `changed`
+        return replay.trial(node_sets(set(nodes)), changed)
 
     def candidates(inside: set[Formula], exclude: Formula = EMPTY) -> list[Formula]:
         eligible = [k for k in _eligible(counts, parents, inside | {EMPTY}) if k != exclude]
@@ -166,7 +177,10 @@ def _greedy(
         options = candidates(set(grown))
         if not options:
             break
-        grown.append(min(options, key=lambda k: (nfe(grown + [k]), -counts[k], _order_key(k))))
+        nfe(grown)
+        grown.append(
+            min(options, key=lambda k: (trial(grown + [k], (k,)), -counts[k], _order_key(k)))
+        )
     starts = [grown] + [
         _grow(budget, counts, parents, _static_scores(r, counts, parents))
         for r in ("degree0", "degree1", "total")
@@ -180,9 +194,10 @@ def _greedy(
             if not _reachable(rest, parents):
                 continue
             for cand in candidates(set(rest), exclude=out):
-                value = nfe(rest + [cand])
+                value = trial(rest + [cand], (out, cand))
                 if value < best:
                     chosen, best, improved = rest + [cand], value, True
+                    nfe(chosen)
                     break
             if improved:
                 break

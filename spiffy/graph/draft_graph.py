@@ -34,6 +34,11 @@ class DraftGraph:
     when calibration saw no state with a successor; Spiffy then drafts nothing), ranks >= 1, distinct
     position ranks within a node, parents are strict subsets, every node reachable from the root, and
     `len(nodes) <= budget`.
+
+    `phases` (optional, ours) conditions the drafts on the walk's state: `((lo, node indices), ...)` with
+    ascending `lo`, the first 1; a forward whose real state has `m` masked positions drafts only the nodes of
+    the last phase with `lo <= m`. Each phase is itself a valid graph of at most `budget` nodes (so D drafts
+    per forward still hold); the union may be larger. Drafts never change outputs, so this stays lossless.
     """
 
     nodes: tuple[Formula, ...]
@@ -41,13 +46,17 @@ class DraftGraph:
     budget: int
     selection: str = "manual"
     provenance: dict = field(default_factory=dict, compare=False)
+    phases: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(canonical(n) for n in self.nodes))
         object.__setattr__(self, "parents", tuple(tuple(int(p) for p in ps) for ps in self.parents))
+        object.__setattr__(
+            self, "phases", tuple((int(lo), tuple(int(q) for q in qs)) for lo, qs in self.phases)
+        )
         if not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"budget={self.budget!r} must be a positive integer")
-        if len(self.nodes) > self.budget:
+        if not self.phases and len(self.nodes) > self.budget:
             raise ValueError(f"{len(self.nodes)} nodes exceed budget={self.budget}")
         if len(self.parents) != len(self.nodes):
             raise ValueError(f"{len(self.parents)} parent lists for {len(self.nodes)} nodes")
@@ -73,6 +82,39 @@ class DraftGraph:
         for n, level in enumerate(levels):
             if level is None:
                 raise ValueError(f"node {n} {list(self.nodes[n])} is not reachable from the root")
+        if self.phases:
+            self._check_phases()
+
+    def _check_phases(self) -> None:
+        los = [lo for lo, _ in self.phases]
+        if los[0] != 1 or any(b <= a for a, b in zip(los, los[1:])):
+            raise ValueError(f"phases start at masked counts {los}: must ascend from 1")
+        used = set()
+        for lo, qs in self.phases:
+            if any(not 0 <= q < len(self.nodes) for q in qs) or len(set(qs)) != len(qs):
+                raise ValueError(f"phase lo={lo}: node indices {list(qs)} invalid or repeated")
+            try:
+                self._subgraph(qs)
+            except ValueError as err:
+                raise ValueError(f"phase lo={lo}: {err}") from err
+            used.update(qs)
+        if used != set(range(len(self.nodes))):
+            raise ValueError(f"nodes {sorted(set(range(len(self.nodes))) - used)} are in no phase")
+
+    def _subgraph(self, qs: Sequence[int]) -> DraftGraph:
+        index = {q: n for n, q in enumerate(qs)}
+        parents = tuple(
+            tuple(p if p == ROOT else index[p] for p in self.parents[q] if p == ROOT or p in index)
+            for q in qs
+        )
+        nodes = tuple(self.nodes[q] for q in qs)
+        return DraftGraph(nodes, parents, self.budget, self.selection, self.provenance)
+
+    def phase_graphs(self) -> list[tuple[int, DraftGraph]]:
+        """`(lowest masked count, graph)` per phase: `[(1, self)]` for a graph without phases."""
+        if not self.phases:
+            return [(1, self)]
+        return [(lo, self._subgraph(qs)) for lo, qs in self.phases]
 
     @property
     def levels(self) -> list[int | None]:
@@ -149,6 +191,8 @@ class DraftGraph:
             "parents": [list(ps) for ps in self.parents],
             "provenance": self.provenance,
         }
+        if self.phases:
+            payload["phases"] = [[lo, list(qs)] for lo, qs in self.phases]
         return json.dumps(payload, indent=1)
 
     @classmethod
@@ -157,13 +201,17 @@ class DraftGraph:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"draft graph {source}: not valid JSON ({err})") from err
+            raise ValueError(
+                f"draft graph {source}: not valid JSON (truncated or corrupted?): {err}"
+            ) from err
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"draft graph {source}: missing 'format': {FORMAT!r}")
         if data.get("version") != VERSION:
             raise ValueError(
                 f"draft graph {source}: version={data.get('version')!r}, expected {VERSION}"
             )
+        if not isinstance(data.get("provenance", {}), dict):
+            raise ValueError(f"draft graph {source}: 'provenance' must be an object")
         try:
             return cls(
                 nodes=tuple(tuple(tuple(p) for p in node) for node in data["nodes"]),
@@ -171,17 +219,28 @@ class DraftGraph:
                 budget=data["budget"],
                 selection=data.get("selection", "manual"),
                 provenance=data.get("provenance", {}),
+                phases=tuple((lo, tuple(qs)) for lo, qs in data.get("phases", [])),
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"draft graph {source}: {err}") from err
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"draft graph {source}: malformed ({type(err).__name__}: {err})"
+            ) from err
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.to_json())
+        """Write the JSON atomically (temporary file + `os.replace`)."""
+        from spiffy.graph.files import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> DraftGraph:
+        """Read and validate; a missing file raises `FileNotFoundError`, anything malformed (random bytes,
+        a truncated file, an invalid graph) a `ValueError` naming the path."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"draft graph file {str(path)!r} does not exist")
-        return cls.from_json(path.read_text(), source=str(path))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"draft graph {str(path)!r}: not UTF-8 text ({err})") from err
+        return cls.from_json(text, source=repr(str(path)))

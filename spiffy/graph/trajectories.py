@@ -3,15 +3,16 @@
 `TrajectoryRecorder` *is* the base decoder B (same rule, cache mode, block length, temperature, EOS options):
 it overrides only the `propose` hook, which the base loop calls at every state that has an anchor, to remember
 the anchor's ranks. For each such state X_t it records the next `h` states X_{t+1..t+h} of the block as formulas
-relative to X_t's anchor: the `(i, j)` pairs of every token added since X_t. Complete states are never drafts,
-so they are not recorded. Memory is bounded: only the last `h` anchors are kept.
+relative to X_t's anchor: the `(i, j)` pairs of every token added since X_t. The complete state X_T ends the
+plain walk, so it is kept apart (`complete`, when T - t <= h): the cross-block walk (SPEC §5.4 option) accepts it
+as a draft. Each origin also keeps its masked count (the walk's phase). Memory is bounded: only the last `h`
+anchors are kept.
 """
 
 from __future__ import annotations
 
-import json
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,57 +21,124 @@ from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.drafting import level_scores
 from spiffy.graph.draft_graph import Formula
+from spiffy.graph.files import atomic_write_text, read_json
 
 FORMAT = "spiffy.trajectories"
+VERSION = 2
 
 
 @dataclass
 class BlockTrajectory:
-    """One block: its number of transitions T and, for each state X_t (t = 1..T-1), the keys of
-    X_{t+1}, ..., X_{t+h} (complete states excluded). SDAR (SPEC §12): `extra_calls` are the recorded
-    decoder's model calls for this block beyond its acceptance walk (the store forward, minus a block start
-    that `fuse_next` merged into the previous store; the request's prefill counts on its first block), and
-    `base_extra_calls` the published loop's (prefill and one store per block), which `nfe_base` counts."""
+    """One block of one prompt: its number of transitions T and, for each state X_t (t = 1..T-1), the keys of
+    X_{t+1}, ..., X_{t+h} (complete states excluded), the key of the complete state X_T (None beyond the
+    horizon) and the number of masked positions in X_t. `last` marks the prompt's last block.
+
+    SDAR (SPEC §12): `extra_calls` are the recorded decoder's model calls for this block beyond its acceptance
+    walk (the store forward, minus a block start that `fuse_next` merged into the previous store; the request's
+    prefill counts on its first block), and `base_extra_calls` the published loop's (prefill and one store per
+    block), which `nfe_base` counts."""
 
     transitions: int
     keys: list[list[Formula]] = field(default_factory=list)
+    complete: list[Formula | None] = field(default_factory=list)
+    masked: list[int] = field(default_factory=list)
+    prompt: int = 0
+    last: bool = True
     extra_calls: int = 0
     base_extra_calls: int = 0
+
+    def __post_init__(self) -> None:
+        origins = max(self.transitions - 1, 0)
+        if not (len(self.keys) == len(self.complete) == len(self.masked) == origins):
+            raise ValueError(
+                f"block of prompt {self.prompt} with transitions={self.transitions} has "
+                f"{len(self.keys)} key lists, {len(self.complete)} complete keys and "
+                f"{len(self.masked)} masked counts (expected {origins} each)"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "transitions": self.transitions,
+            "keys": [[[list(p) for p in key] for key in seq] for seq in self.keys],
+            "complete": [None if k is None else [list(p) for p in k] for k in self.complete],
+            "masked": self.masked,
+            "prompt": self.prompt,
+            "last": self.last,
+            "extra_calls": self.extra_calls,
+            "base_extra_calls": self.base_extra_calls,
+        }
+
+    @classmethod
+    def from_dict(cls, b: dict) -> BlockTrajectory:
+        def formula(key) -> Formula:
+            return tuple((int(i), int(j)) for i, j in key)
+
+        return cls(
+            int(b["transitions"]),
+            [[formula(key) for key in seq] for seq in b["keys"]],
+            [None if k is None else formula(k) for k in b["complete"]],
+            [int(m) for m in b["masked"]],
+            int(b["prompt"]),
+            bool(b["last"]),
+            int(b.get("extra_calls", 0)),  # SDAR only
+            int(b.get("base_extra_calls", 0)),
+        )
 
 
 @dataclass
 class Trajectories:
-    """Recorded blocks plus the settings they were recorded under."""
+    """Recorded blocks (prompt by prompt, blocks in order) plus the settings they were recorded under."""
 
     blocks: list[BlockTrajectory]
     horizon: int
     meta: dict = field(default_factory=dict)
 
-    def save(self, path: str | Path) -> None:
+    @property
+    def prompts(self) -> list[int]:
+        """Prompt ids in recording order."""
+        return list(dict.fromkeys(b.prompt for b in self.blocks))
+
+    def subset(self, prompts) -> Trajectories:
+        """The trajectories of the prompts in `prompts` (whole prompts: the cross-block walk spans blocks)."""
+        keep = set(prompts)
+        return Trajectories([b for b in self.blocks if b.prompt in keep], self.horizon, self.meta)
+
+    def to_json(self) -> str:
+        import json
+
         payload = {
             "format": FORMAT,
+            "version": VERSION,
             "horizon": self.horizon,
             "meta": self.meta,
-            "blocks": [asdict(b) for b in self.blocks],
+            "blocks": [b.to_dict() for b in self.blocks],
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload))
+        return json.dumps(payload, separators=(",", ":"))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Trajectories:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a spiffy trajectories file")
-        blocks = [
-            BlockTrajectory(
-                b["transitions"],
-                [[tuple(tuple(p) for p in key) for key in ks] for ks in b["keys"]],
-                b.get("extra_calls", 0),
-                b.get("base_extra_calls", 0),
+        """Read and validate; any problem raises `ValueError` (or `FileNotFoundError`) naming the path."""
+        data = read_json(path, "trajectories")
+        where = f"trajectories file {str(path)!r}"
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(
+                f"{where}: missing 'format': {FORMAT!r} (not a spiffy trajectories file)"
             )
-            for b in data["blocks"]
-        ]
-        return cls(blocks, data["horizon"], data.get("meta", {}))
+        if data.get("version") != VERSION:
+            raise ValueError(
+                f"{where}: version={data.get('version')!r}, expected {VERSION} (re-record it)"
+            )
+        try:
+            horizon = data["horizon"]
+            if not isinstance(horizon, int) or horizon < 1:
+                raise ValueError(f"horizon={horizon!r} must be a positive integer")
+            blocks = [BlockTrajectory.from_dict(b) for b in data["blocks"]]
+            return cls(blocks, horizon, dict(data.get("meta", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where}: malformed ({type(err).__name__}: {err})") from err
 
 
 @dataclass
@@ -86,6 +154,10 @@ class _Origin:
     keys: list[Formula] = field(default_factory=list)
     _tables: dict = field(default_factory=dict)
 
+    @property
+    def masked(self) -> int:
+        return int((self.state == self.ctx.spec.mask_id).sum())
+
     def tables(self, level: int) -> tuple[dict[int, int], torch.Tensor]:
         """Position ranks and token scores for pairs added at `level` (SPEC §5.1, §5.7)."""
         level = level if self.keyed else 1
@@ -100,14 +172,26 @@ class _Origin:
             self._tables[level] = (pos_rank, scores)
         return self._tables[level]
 
-    def observe(self, state: torch.Tensor) -> None:
-        """Record the key of the next state: the previous key plus the pairs added at this level."""
+    def key_of(self, state: torch.Tensor) -> Formula:
+        """The key of the next state: the previous key plus the pairs added at this level."""
         level = len(self.keys) + 1
         previous = self.state if self.last is None else self.last
         pos_rank, scores = self.tables(level)
         added = (state != previous).nonzero().squeeze(-1).tolist()
         pairs = {(pos_rank[p], token_rank(scores[p], int(state[p]))) for p in added}
-        self.keys.append(tuple(sorted(set(self.keys[-1] if self.keys else ()) | pairs)))
+        return tuple(sorted(set(self.keys[-1] if self.keys else ()) | pairs))
+
+    def complete_key(self, state: torch.Tensor) -> Formula | None:
+        """The key of the block's final state, or None if no draft can equal it (it changed a position
+        that was not masked at this origin)."""
+        previous = self.state if self.last is None else self.last
+        changed = (state != previous).nonzero().squeeze(-1).tolist()
+        if not set(changed) <= set(self.tables(1)[0]):
+            return None
+        return self.key_of(state)
+
+    def observe(self, state: torch.Tensor) -> None:
+        self.keys.append(self.key_of(state))
         self.last = state
 
 
@@ -125,15 +209,18 @@ class TrajectoryRecorder(BlockDecoder):
         self,
         model: torch.nn.Module,
         cfg: GenerationConfig,
-        horizon: int = 12,
+        horizon: int = 16,
         draft_noise: str = "none",
     ):
+        if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
+            raise ValueError(f"horizon={horizon!r} must be a positive integer")
         super().__init__(model, cfg)
         self.horizon = horizon
         self.keyed = draft_noise == "keyed"
         self.blocks: list[BlockTrajectory] = []
+        self.prompt = 0
         self._pending: deque[_Origin] = deque()
-        self._done: list[list[Formula]] = []
+        self._done: list[tuple[list[Formula], Formula | None, int]] = []
 
     def decode_block(self, canvas, block, b, strategy, stats, noise, carry=None):
         self._pending.clear()
@@ -143,23 +230,40 @@ class TrajectoryRecorder(BlockDecoder):
         calls = stats.nfe if b else 0
         base_calls = stats.base_extra_calls if b else 0
         carry = super().decode_block(canvas, block, b, strategy, stats, noise, carry)
-        self._done.extend(o.keys for o in self._pending)
+        final = canvas[block]
+        for o in self._pending:  # the complete state is level len(keys) + 1 of every pending origin
+            self._done.append(
+                (o.keys, o.complete_key(final) if len(o.keys) < self.horizon else None, o.masked)
+            )
+        keys, complete, masked = (list(x) for x in zip(*self._done)) if self._done else ([], [], [])
         transitions = stats.transitions - before
         self.blocks.append(
             BlockTrajectory(
                 transitions,
-                self._done,
-                stats.nfe - calls - transitions,
-                stats.base_extra_calls - base_calls,
+                keys,
+                complete,
+                masked,
+                self.prompt,
+                last=False,  # `generate` marks the prompt's last decoded block (stop ids may end early)
+                extra_calls=stats.nfe - calls - transitions,
+                base_extra_calls=stats.base_extra_calls - base_calls,
             )
         )
         return carry  # None, or SDAR's `fuse_next` start of the next block: the recorder drafts nothing
+
+    def generate(self, prompt_ids, *, request_id=0, seed=0):
+        first = len(self.blocks)
+        result = super().generate(prompt_ids, request_id=request_id, seed=seed)
+        if len(self.blocks) > first:
+            self.blocks[-1].last = True  # no next block: a verified complete draft saves nothing
+        return result
 
     def propose(self, anchor, state, ctx, step, stats):
         for origin in self._pending:  # X_step is a later state of every pending origin
             origin.observe(state)
         while self._pending and len(self._pending[0].keys) >= self.horizon:
-            self._done.append(self._pending.popleft().keys)
+            o = self._pending.popleft()
+            self._done.append((o.keys, None, o.masked))
         self._pending.append(_Origin(state.clone(), anchor, ctx, step, self.keyed))
         return super().propose(anchor, state, ctx, step, stats)
 
@@ -169,7 +273,7 @@ def record_trajectories(
     cfg: GenerationConfig,
     prompts: list[torch.Tensor],
     *,
-    horizon: int = 12,
+    horizon: int = 16,
     seed: int = 0,
     progress: bool = True,
     meta: dict | None = None,
@@ -182,5 +286,6 @@ def record_trajectories(
     for request_id, prompt in enumerate(
         tqdm(prompts, desc="calibrate: record", disable=not progress)
     ):
+        recorder.prompt = request_id
         recorder.generate(prompt, request_id=request_id, seed=seed)
     return Trajectories(recorder.blocks, horizon, meta or {})

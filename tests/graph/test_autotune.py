@@ -74,19 +74,26 @@ def test_overhead_and_the_margin_keep_the_base_when_the_gain_is_marginal(traject
     assert choose(list(free.values()), margin=gain - 1 + 0.01)[0].budget == 0
 
 
-def test_the_replay_counts_the_forwards_and_drafts_the_decoder_runs(trajectories):
-    """Predicted NFE equals `evaluate` and the real decoder; predicted states per forward equal the real ones."""
+@pytest.mark.parametrize(
+    "cfg", [CFG, GenerationConfig(gen_length=32, block_length=16, rule="fixed_k", k=2)]
+)
+def test_the_replay_counts_the_forwards_and_drafts_the_decoder_runs(cfg):
+    """Predicted NFE equals `evaluate` and the real decoder; predicted states per forward equal the real ones
+    (two tokens per step: the masked counts come from the recorded trajectories, not from the rule)."""
     model = ScriptedModel()
+    trajectories = record_trajectories(model, cfg, PROMPTS, horizon=6, progress=False)
+    if cfg.rule == "fixed_k":
+        assert not one_token_per_step(cfg) and trajectories.blocks[0].masked[:2] == [14, 12]
     for graph in (chain(3), DraftGraph.from_formulas([[(1, 1)], [(2, 1)], [(1, 1), (2, 1)]])):
-        (candidate,) = [c for c in predict(trajectories, {3: graph}, scripted_costs(lambda n: 1.0), CFG)]
+        (candidate,) = [c for c in predict(trajectories, {3: graph}, scripted_costs(lambda n: 1.0), cfg)]
         nfe = drafts = 0
         for i, prompt in enumerate(PROMPTS):
-            decoder = spiffy.build_decoder(model, CFG, speculate=spiffy.Speculation(graph))
+            decoder = spiffy.build_decoder(model, cfg, speculate=spiffy.Speculation(graph))
             stats = decoder.generate(prompt, request_id=i, seed=0).stats
             nfe, drafts = nfe + stats.nfe, drafts + stats.drafts_verified
         assert evaluate(graph, trajectories).nfe == nfe
         assert candidate.speedup_nfe == pytest.approx(evaluate(graph, trajectories).speedup_nfe)
-        in_block = nfe - CFG.num_blocks * len(PROMPTS)
+        in_block = nfe - cfg.num_blocks * len(PROMPTS)
         assert candidate.states_per_forward == pytest.approx((in_block + drafts) / in_block)
 
 

@@ -22,6 +22,12 @@ SETTINGS = [
 ]
 
 
+# decoded in the prediction tests: one static rule (the others differ only in which keys they pick, and the
+# evaluator does not look at the rule), the phased graph and the default
+DECODED_RULES = ("degree1", "phased", "best")
+assert set(DECODED_RULES) <= set(SELECTION_RULES)
+
+
 def prompts(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
@@ -68,9 +74,10 @@ def test_evaluator_predicts_the_measured_nfe(fixture_model, settings, noise, tmp
     traj = record_trajectories(fixture_model, cfg, calib, progress=False, seed=4, draft_noise=noise)
     traj.save(tmp_path / "t.json")
     traj = Trajectories.load(tmp_path / "t.json")  # selection re-runs from disk
-    for rule in SELECTION_RULES:
+    for rule in DECODED_RULES:
         graph = select_graph(traj, 5, rule)
-        assert len(graph.nodes) <= 5 and all(level is not None for level in graph.levels)
+        assert all(len(g.nodes) <= 5 for _, g in graph.phase_graphs())  # D drafts per forward
+        assert all(level is not None for level in graph.levels)
         decoder = spiffy.build_decoder(
             fixture_model, speculate=spiffy.Speculation(graph, draft_noise=noise), **settings
         )
@@ -82,6 +89,62 @@ def test_evaluator_predicts_the_measured_nfe(fixture_model, settings, noise, tmp
             assert predicted == measured, rule
         else:  # keyed rank tables differ per level: two formulas may rarely build one state
             assert measured <= predicted <= measured * 1.05, rule
+
+
+CROSS_SETTINGS = [
+    dict(gen_length=32, block_length=8, steps=32),
+    dict(gen_length=32, block_length=8, rule="fixed_k", k=2),
+    dict(gen_length=32, block_length=8, rule="threshold", tau=0.5),
+    dict(gen_length=32, block_length=8, steps=32, temperature=0.8, remasking="random"),
+    dict(gen_length=32, block_length=8, steps=32, stop_ids=[4, 72]),  # some prompts stop early
+]
+
+
+@pytest.mark.parametrize("settings", CROSS_SETTINGS)
+def test_evaluator_predicts_the_cross_block_walk_exactly(fixture_model, settings):
+    """Calibration for the cross-block walk: complete-state keys and the block-start saving are recorded, so
+    graphs selected for it predict the decoder's NFE exactly, and the plain prediction stays exact too."""
+    cfg = GenerationConfig(**settings)
+    calib = prompts()
+    traj = record_trajectories(fixture_model, cfg, calib, progress=False, seed=2)
+    assert any(c is not None for b in traj.blocks for c in b.complete)
+    lasts = [n for n, b in enumerate(traj.blocks) if b.last]
+    # one last block per prompt
+    assert len(lasts) == len(calib) and lasts[-1] == len(traj.blocks) - 1
+    if "stop_ids" in settings:  # a stop id ends a request early: its last block has no next one
+        assert len(traj.blocks) < 4 * len(calib)
+    else:
+        assert [b.last for b in traj.blocks[:4]] == [False, False, False, True]
+    saved = 0
+    for rule in DECODED_RULES:
+        graph = select_graph(traj, 6, rule, cross_block=True)
+        measured = {}
+        for cross in (False, True):
+            decoder = spiffy.build_decoder(
+                fixture_model, speculate=spiffy.Speculation(graph, cross_block=cross), **settings
+            )
+            measured[cross] = sum(
+                decoder.generate(p, request_id=i, seed=2).stats.nfe for i, p in enumerate(calib)
+            )
+            assert evaluate(graph, traj, cross_block=cross).nfe == measured[cross], (rule, cross)
+        saved += measured[False] - measured[True]
+    if settings.get("rule", "schedule") == "schedule" and settings.get("temperature", 0) == 0:
+        assert saved > 0  # the walk did cross blocks, so the saving was modelled, not just zero
+
+
+def test_cross_block_selection_counts_complete_states(fixture_model):
+    traj = record_trajectories(
+        fixture_model, GenerationConfig(**SETTINGS[0]), prompts(8), progress=False
+    )
+    plain, _ = key_statistics(traj)
+    cross, _ = key_statistics(traj, cross_block=True)
+    completes = {c for b in traj.blocks if not b.last for c in b.complete if c is not None}
+    assert completes and completes <= set(cross) and sum(cross.values()) > sum(plain.values())
+    graph = select_graph(traj, 8, "greedy", cross_block=True)
+    assert (
+        evaluate(graph, traj, cross_block=True).nfe
+        <= evaluate(select_graph(traj, 8, "greedy"), traj, cross_block=True).nfe
+    )
 
 
 def test_greedy_never_loses_on_its_calibration_data(fixture_model):
