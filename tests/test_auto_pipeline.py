@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
-from tests.test_pipeline_smoke import pytestmark, run_py  # noqa: F401  (skip without the checkpoint)
+from tests.test_pipeline_smoke import rows_of, run_py
 
 
 def test_budget_auto_job_records_the_chosen_budget_and_its_prediction(tmp_path):
     proc = run_py(tmp_path, "decoder=spiffy", "graph.max_budget=2", "experiment_name=auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = (tmp_path / "runs" / "auto.jsonl").read_text().splitlines()
-    row = json.loads(line)
+    (row,) = rows_of(tmp_path / "runs" / "auto")
     m, auto = row["metrics"], row["auto"]
     assert row["config"]["graph"]["budget"] == "auto" and m["auto_budget"] in (0, 1, 2)
     assert auto["budget"] == m["auto_budget"] and auto["layout"] == "exact"
