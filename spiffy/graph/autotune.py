@@ -8,15 +8,15 @@ reproduces), and every forward is charged what it costs on this device (`spiffy.
     wall(0)  = blocks · F_start + Σ_in-block forwards F_base(block)                + T · step
 
 `drafts` is the number of graph nodes the forward instantiates: the state's masked count `m` (recorded with the
-trajectories) admits a node iff its largest position rank is <= m and it leaves a mask (SPEC §5.1); without
-recorded masked counts a one-token-per-step rule gives m = block_length - t, and any other rule is charged every node
-(an upper bound on the cost). The predicted wall-clock speedup is wall(0) / wall(D*); the choice maximises it over
+trajectories) admits a node iff its largest position rank is <= m and it leaves a mask (SPEC §5.1), among the
+nodes of m's phase for a phased graph. The predicted wall-clock speedup is wall(0) / wall(D*); the choice maximises it over
 D* and the lossless layouts of the base's cache mode, and keeps the base unless the best beats it by `margin`.
 Only the graph (and a lossless layout) is chosen, so the output is the base decoder's whatever is chosen.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -26,10 +26,9 @@ from spiffy.cost import CostModel, load_or_measure, lossless_layouts
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.drafting import insertion_levels
 from spiffy.decoding.modes import get_cache_mode
-from spiffy.decoding.rules import get_rule
 from spiffy.decoding.speculative import Speculation
-from spiffy.graph.calibrate import EMPTY, evaluate
-from spiffy.graph.draft_graph import DraftGraph, Formula
+from spiffy.graph.draft_graph import DraftGraph
+from spiffy.graph.replay import EMPTY, NodeSets, evaluate, node_sets
 from spiffy.graph.store import load_or_calibrate, trajectories_path
 from spiffy.graph.trajectories import Trajectories
 
@@ -82,11 +81,13 @@ class AutoChoice:
         }
 
 
-def forward_states(block, nodes: set[Formula]) -> list[int]:
-    """The states X_t (1-based t) at which the acceptance walk runs an in-block forward (SPEC §5.4)."""
+def forward_states(block, nodes_of: NodeSets) -> list[int]:
+    """The states X_t (1-based t) at which the acceptance walk runs an in-block forward (SPEC §5.4; the walk of
+    `spiffy.graph.replay.walk_block`, whose forward count `predict` checks it against)."""
     at, t = [], 1  # the block-start forward performs the first transition
     while t < block.transitions:
         at.append(t)
+        nodes = nodes_of(block.masked[t - 1])
         seq, accepted, previous = block.keys[t - 1], 0, EMPTY
         while accepted < len(seq) and (seq[accepted] in nodes or seq[accepted] == previous):
             previous = seq[accepted]
@@ -95,31 +96,21 @@ def forward_states(block, nodes: set[Formula]) -> list[int]:
     return at
 
 
-def one_token_per_step(cfg: GenerationConfig) -> bool:
-    """Whether every transition of the base commits exactly one token (a step schedule of one token per step,
-    or `fixed_k` with k = 1)."""
-    steps = "steps" in get_rule(cfg.rule).params and cfg.schedule_steps_per_block == cfg.block_length
-    return steps or (cfg.rule == "fixed_k" and cfg.k == 1)
+def drafts_counter(graph: DraftGraph, keyed: bool) -> Callable[[int], int]:
+    """drafts(m): the draft rows a forward at a state with m masked positions instantiates. A node is
+    instantiated iff its largest position rank is <= m and it leaves a mask (SPEC §5.1); a phased graph drafts
+    the nodes of the phase of m."""
+    phases = graph.phase_graphs()
+    los, specs = [lo for lo, _ in phases], []
+    for _, g in phases:
+        rows = [len(a) if keyed else 1 for a in insertion_levels(g)]
+        specs.append([(max(i for i, _ in node), len(node), r) for node, r in zip(g.nodes, rows)])
 
+    def count(m: int) -> int:
+        spec = specs[max(0, bisect_right(los, m) - 1)]
+        return sum(r for top, size, r in spec if top <= m and size < m)
 
-def masked_counts(block, cfg: GenerationConfig) -> Callable[[int], int | None]:
-    """m(t): masked positions of X_t, recorded or implied by a one-token-per-step rule; None if unknown."""
-    recorded = getattr(block, "masked", None)
-    if recorded:
-        return lambda t: recorded[t - 1]
-    if one_token_per_step(cfg):
-        return lambda t: cfg.block_length - t
-    return lambda t: None
-
-
-def drafts_counter(graph: DraftGraph | None, keyed: bool) -> Callable[[int | None], int]:
-    """drafts(m): draft rows a forward at a state with m masked positions instantiates (all if m unknown)."""
-    if graph is None:
-        return lambda m: 0
-    rows = [len(a) if keyed else 1 for a in insertion_levels(graph)]
-    spec = [(max(i for i, _ in node), len(node), r) for node, r in zip(graph.nodes, rows)]
-    total = sum(rows)
-    return lambda m: total if m is None else sum(r for top, size, r in spec if top <= m and size < m)
+    return count
 
 
 def predict(
@@ -145,26 +136,24 @@ def predict(
             if graph is None:  # D* = 0 is the base decoder itself
                 out.append(Candidate(layout, budget, 0, 1.0, 1.0, 1.0, 1.0, 0.0))
                 continue
-            nodes = set(graph.nodes)
-            count = drafts_counter(graph, keyed)
+            nodes_of, count = node_sets(graph), drafts_counter(graph, keyed)
             fwd_ms, states, n_in = 0.0, 0, 0
             for k, block in enumerate(blocks):
-                m_of = masked_counts(block, cfg)
-                for t in forward_states(block, nodes):
-                    n = 1 + count(m_of(t))
+                for t in forward_states(block, nodes_of):
+                    n = 1 + count(block.masked[t - 1])
                     fwd_ms += costs.forward(layout, k % nb, n)
                     states, n_in = states + n, n_in + 1
             nfe = len(blocks) + n_in
-            expected = evaluate(nodes, trajectories).nfe
+            expected = evaluate(graph, trajectories).nfe
             if nfe != expected:  # the replay must be the evaluator's walk
                 raise RuntimeError(f"replay NFE {nfe} != evaluate NFE {expected} at D={budget}")
-            extra = n_in * costs.overhead(layout, len(nodes))
+            extra = n_in * costs.overhead(layout, len(graph.nodes))
             ms = len(blocks) * costs.block_start_ms + fwd_ms + transitions * costs.step_ms + extra
             out.append(
                 Candidate(
                     layout,
                     budget,
-                    len(nodes),
+                    len(graph.nodes),
                     transitions / nfe,
                     base_ms / ms,
                     states / max(1, n_in),

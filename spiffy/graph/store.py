@@ -160,7 +160,7 @@ def load_or_calibrate(
         "predicted_speedup_nfe": round(predicted.speedup_nfe, 4),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    graph = DraftGraph(graph.nodes, graph.parents, budget, rule, provenance)
+    graph = DraftGraph(graph.nodes, graph.parents, budget, rule, provenance, graph.phases)
     atomic_write_text(graph_path, graph.to_json())
     return graph
 

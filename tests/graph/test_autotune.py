@@ -11,7 +11,7 @@ import spiffy
 from spiffy import cost
 from spiffy.cost import CostModel, load_or_measure, lossless_layouts, state_grid
 from spiffy.decoding.config import GenerationConfig
-from spiffy.graph.autotune import Candidate, choose, drafts_counter, one_token_per_step, predict
+from spiffy.graph.autotune import Candidate, choose, drafts_counter, predict
 from spiffy.graph.builtin import chain
 from spiffy.graph.calibrate import evaluate
 from spiffy.graph.draft_graph import DraftGraph
@@ -83,8 +83,11 @@ def test_the_replay_counts_the_forwards_and_drafts_the_decoder_runs(cfg):
     model = ScriptedModel()
     trajectories = record_trajectories(model, cfg, PROMPTS, horizon=6, progress=False)
     if cfg.rule == "fixed_k":
-        assert not one_token_per_step(cfg) and trajectories.blocks[0].masked[:2] == [14, 12]
-    for graph in (chain(3), DraftGraph.from_formulas([[(1, 1)], [(2, 1)], [(1, 1), (2, 1)]])):
+        assert trajectories.blocks[0].masked[:2] == [14, 12]
+    c3 = chain(3)
+    phased = DraftGraph(c3.nodes, c3.parents, 3, phases=((1, (0,)), (8, (0, 1, 2))))
+    two = DraftGraph.from_formulas([[(1, 1)], [(2, 1)], [(1, 1), (2, 1)]])
+    for graph in (c3, two, phased):
         (candidate,) = [c for c in predict(trajectories, {3: graph}, scripted_costs(lambda n: 1.0), cfg)]
         nfe = drafts = 0
         for i, prompt in enumerate(PROMPTS):
@@ -102,13 +105,10 @@ def test_drafts_counter_drops_nodes_beyond_the_masked_positions_and_complete_dra
     count = drafts_counter(graph, keyed=False)
     # m = 3: all but the node filling every masked position; m = 2: only ranks <= 2 that leave a mask
     assert [count(m) for m in (1, 2, 3, 4)] == [0, 1, 3, 4]
-    assert count(None) == 4  # unknown masked count: every node (the conservative bound)
-
-
-def test_one_token_per_step_rules_imply_the_masked_counts():
-    assert one_token_per_step(CFG) and one_token_per_step(GenerationConfig(8, 8, rule="fixed_k", k=1))
-    assert not one_token_per_step(GenerationConfig(gen_length=32, block_length=16, steps=16))
-    assert not one_token_per_step(GenerationConfig(8, 8, rule="threshold", tau=0.9))
+    # a phased graph drafts the nodes of the phase of m: {(1,1)} from m = 1, the chain of 2 from m = 3
+    nodes = (((1, 1),), ((1, 1), (2, 1)))
+    phased = DraftGraph(nodes, ((-1,), (0,)), 2, phases=((1, (0,)), (3, (0, 1))))
+    assert [drafts_counter(phased, keyed=False)(m) for m in (1, 2, 3, 4)] == [0, 1, 2, 2]
 
 
 def test_choose_needs_candidates():
@@ -195,3 +195,17 @@ def test_autotune_entry_point_chooses_a_graph_whose_output_is_the_base_decoders(
         spiffy.autotune(model, CFG, PROMPTS, **{**kw, "max_budget": 0})
     with pytest.raises(ValueError, match="margin=1.5"):
         spiffy.autotune(model, CFG, PROMPTS, margin=1.5, **kw)
+
+
+def test_the_store_keeps_a_phased_graphs_phases(tmp_path, monkeypatch):
+    """`best` may choose a phased graph whose phases together hold more nodes than the budget (each phase
+    <= D): the store used to rebuild it without its phases, which raised for every such budget."""
+    from spiffy.graph import store
+
+    phased = DraftGraph(((((1, 1),), ((2, 1),))), ((-1,), (-1,)), 1, phases=((1, (0,)), (3, (1,))))
+    monkeypatch.setattr(store, "select_graph", lambda *args, **kwargs: phased)
+    graph = store.load_or_calibrate(
+        ScriptedModel(), CFG, lambda: PROMPTS, model_name="s", task="t", n_samples=2, budget=1,
+        root=tmp_path, progress=False,
+    )
+    assert graph.phases == phased.phases and len(graph.nodes) == 2 and graph.budget == 1
