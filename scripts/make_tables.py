@@ -70,8 +70,9 @@ def main() -> None:
             )
             note = (
                 f"Cost curve from `{args.cost_curve}` ({device}), {blocks} blocks per request. "
-                "Predicted wall speedup = (B·F_start + (N0 − B)·F(0) + N0·c) / (B·F_start + (N − B)·F(d) + N·c) "
-                "with F(d) the forward time at the mean number of drafts d the D-node graph sent "
+                "Predicted wall speedup = (B·F_start + (N0 − B)·F(0) + N0·c) / (B·F_start + (N − B)·F(d) + N·c + "
+                "N·o) with F(d) the forward time at the mean number of drafts d the D-node graph sent and o Spiffy's "
+                "own ms per forward (`spiffy_overhead_ms`) "
                 "(`spiffy.report.budget_recommendation`); `recommended` = best predicted D per layout."
             )
             rec.to_csv(out / f"{name}_cost.csv", index=False)

@@ -53,12 +53,14 @@ step python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arit
   --gen '{"stop_ids": [96]}' --cost-curve --block-sizes 8 4 16 --name sdar_sweep_cpu --decoders sdar \
   sdar_fused sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar_fused+spiffy@calibrated:2/fused \
   sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused sdar_fused+spiffy@calibrated:8/fused
+# graph.budget=auto against its base and every fixed D, side by side (vanilla, prefix, dual, threshold 0.9)
+step python scripts/auto_study.py --n 30 --rounds 3 --root /tmp/spiffy_auto_graphs
 # the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
 step python run.py "${STORE[@]}" eval.progress=false
 step python run.py -m "${STORE[@]}" eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
 step python run.py "${STORE[@]}" eval.progress=false decoder=kv_cache decoder.speculate=true
 # one sweep per paper table/figure (experiments/<name>/launch.sh: run.py -m ... then make_tables.py)
-for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block sdar_v4 \
+for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cross_block auto sdar_v4 \
   sdar_v4_embedded; do
   step "experiments/$experiment/launch.sh" eval.progress=false
 done

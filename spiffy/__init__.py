@@ -1,6 +1,7 @@
 """spiffy: lossless speculative decoding for diffusion LLMs (Spiffy, arXiv 2509.18085).
 
-Public API (SPEC §11): `load_model`, `build_decoder`, `Speculation`, `DraftGraph` and the graph helpers.
+Public API (SPEC §11): `load_model`, `build_decoder`, `Speculation`, `DraftGraph` and the graph helpers; `autotune`
+chooses the draft budget and lossless layout this device runs fastest (`graph.budget=auto`).
 """
 
 from spiffy.api import build_decoder
@@ -9,9 +10,11 @@ from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.decoding.types import DecodeResult, DecodeStats
 from spiffy.graph import DraftGraph, chain, fig2, parse_graph_spec, two_level_topk
+from spiffy.graph.autotune import AutoChoice, autotune
 from spiffy.models import ModelSpec, load_model, load_tokenizer, model_spec
 
 __all__ = [
+    "AutoChoice",
     "BlockDecoder",
     "DecodeResult",
     "DecodeStats",
@@ -20,6 +23,7 @@ __all__ = [
     "ModelSpec",
     "Speculation",
     "SpiffyDecoder",
+    "autotune",
     "build_decoder",
     "chain",
     "fig2",

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.modes import check_cross_block, get_layout
+from spiffy.decoding.modes import check_cross_block, get_cache_mode, get_layout, is_lossless
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.calibrate import SELECTION_RULES
 
@@ -175,10 +175,17 @@ def speculation_settings(decoder) -> dict:
     }
 
 
+AUTO = "auto"
+
+
 @dataclass
 class GraphConfig:
     source: str = "calibrate"
-    budget: int = 10  # D; 0 runs the base decoder (the paper's D = 0 column)
+    # D; 0 runs the base decoder (the paper's D = 0 column); "auto": the D* in 0..max_budget and the lossless
+    # layout predicted fastest on this device (spiffy.graph.autotune). `Any`: OmegaConf has no int | str.
+    budget: Any = AUTO
+    max_budget: int = 10  # the largest D that budget=auto considers
+    auto_margin: float = 0.03  # budget=auto keeps the base unless a graph is predicted this much faster
     rule: str = "best"  # selection rule for source=calibrate
     n_samples: int = 20  # calibration prompts
     prune: int | None = None  # dynamic pruning: keep D* of the budget per forward
@@ -191,15 +198,31 @@ class GraphConfig:
     def __post_init__(self) -> None:
         _choice("graph", "source", self.source, GRAPH_SOURCES)
         _choice("graph", "rule", self.rule, SELECTION_RULES)
-        if self.budget < 0:
-            raise ValueError(f"graph.budget={self.budget} must be >= 0")
+        if self.budget == AUTO:
+            if self.source != "calibrate":
+                raise ValueError(
+                    f"graph.budget='auto' replays calibration trajectories: it needs graph.source='calibrate', "
+                    f"not {self.source!r} (or give graph.budget=D)"
+                )
+            if self.prune is not None:
+                raise ValueError(
+                    f"graph.budget='auto' chooses the graph itself: graph.prune={self.prune} must be null "
+                    "(or give graph.budget=D)"
+                )
+        elif not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 0:
+            raise ValueError(f"graph.budget={self.budget!r} must be 'auto' or an integer >= 0")
+        if not isinstance(self.max_budget, int) or self.max_budget < 1:
+            raise ValueError(f"graph.max_budget={self.max_budget!r} must be an integer >= 1")
+        if not 0 <= self.auto_margin < 1:
+            raise ValueError(f"graph.auto_margin={self.auto_margin!r} must be in [0, 1)")
         if self.n_samples < 1:
             raise ValueError(f"graph.n_samples={self.n_samples} must be >= 1")
         if self.source == "file" and not self.path:
             raise ValueError("graph.source='file' needs graph.path")
         from spiffy.graph.builtin import check_budget
 
-        check_budget(self.source, self.budget, self.rule, self.horizon)
+        budget = self.max_budget if self.budget == AUTO else self.budget  # auto calibrates up to max_budget
+        check_budget(self.source, budget, self.rule, self.horizon)
 
 
 @dataclass
@@ -265,9 +288,27 @@ class RunConfig:
         except ValueError as e:
             msg = str(e)
             prefix = "task." if msg.split("=")[0] in TASK_OWNED[:2] else "decoder."
-            raise ValueError(
-                prefix + msg if not msg.startswith(("decoder.", "task.")) else msg
-            ) from None
+            raise ValueError(prefix + msg if not msg.startswith(("decoder.", "task.")) else msg) from None
+        if self.graph.budget == AUTO and self.decoder.speculate:
+            check_auto(self.decoder)
+
+
+def check_auto(decoder) -> None:
+    """`graph.budget=auto` chooses among lossless layouts, for the plain walk: refuse what it cannot honour."""
+    if not is_lossless(decoder.cache, decoder.verify):
+        raise ValueError(
+            f"graph.budget='auto' chooses among lossless layouts, but decoder.verify={decoder.verify!r} is "
+            f"lossy with decoder.cache={decoder.cache!r} (use decoder.verify=exact or give graph.budget=D)"
+        )
+    if decoder.cross_block:
+        raise ValueError(
+            "graph.budget='auto' predicts the plain walk; decoder.cross_block=true needs graph.budget=D"
+        )
+    if get_cache_mode(decoder.cache).stores_blocks:
+        raise ValueError(
+            f"graph.budget='auto' does not model decoder.cache={decoder.cache!r} (SDAR's prefill and store "
+            "forwards) yet: give graph.budget=D"
+        )
 
 
 def register_configs() -> None:

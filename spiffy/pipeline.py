@@ -23,7 +23,7 @@ from spiffy import results as store
 from spiffy import tracking
 from spiffy.api import build_decoder
 from spiffy.claims import Claim, try_claim
-from spiffy.config import RunConfig, decoder_settings, speculation_settings
+from spiffy.config import AUTO, RunConfig, decoder_settings, speculation_settings
 from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.decoding.speculative import Speculation
 from spiffy.graph.builtin import chain, fig2, two_level_topk
@@ -51,6 +51,48 @@ def load(cfg: RunConfig):
     return _MODELS[key]
 
 
+def calibration_prompts(cfg: RunConfig, tokenizer):
+    """The calibration task's name and a callable returning its `graph.n_samples` encoded prompts."""
+    from spiffy.eval.offline import encode
+    from spiffy.tasks.registry import TASKS
+
+    calib_task = cfg.task.calibration_task or cfg.task.name
+    if calib_task not in TASKS or TASKS[calib_task].calibration is None:
+        raise ValueError(f"task.calibration_task={calib_task!r} has no calibration prompts")
+    source = TASKS[calib_task].calibration
+
+    def prompts():
+        return [encode(tokenizer, text) for text in source(cfg.graph.n_samples, cfg.seed)]
+
+    return calib_task, prompts
+
+
+def build_auto(cfg: RunConfig, model, tokenizer, gen: dict):
+    """`graph.budget=auto`: the D* and lossless layout predicted fastest on this device (an `AutoChoice`)."""
+    from spiffy.decoding.config import GenerationConfig
+    from spiffy.graph.autotune import autotune
+
+    g = cfg.graph
+    calib_task, prompts = calibration_prompts(cfg, tokenizer)
+    return autotune(
+        model,
+        GenerationConfig(**gen),
+        prompts,
+        model_name=cfg.model.name,
+        task=calib_task,
+        n_samples=g.n_samples,
+        max_budget=g.max_budget,
+        margin=g.auto_margin,
+        rule=g.rule,
+        seed=cfg.seed,
+        horizon=g.horizon,
+        draft_noise=cfg.decoder.draft_noise,
+        root=g.root,
+        force=cfg.force,
+        progress=cfg.eval.progress,
+    )
+
+
 def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | None:
     """The job's draft graph, or None for budget 0 (the base decoder)."""
     g = cfg.graph
@@ -70,17 +112,8 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
             )
         return graph
     from spiffy.decoding.config import GenerationConfig
-    from spiffy.eval.offline import encode
-    from spiffy.tasks.registry import TASKS
 
-    calib_task = cfg.task.calibration_task or cfg.task.name
-    if calib_task not in TASKS or TASKS[calib_task].calibration is None:
-        raise ValueError(f"task.calibration_task={calib_task!r} has no calibration prompts")
-    source = TASKS[calib_task].calibration
-
-    def prompts():
-        return [encode(tokenizer, text) for text in source(g.n_samples, cfg.seed)]
-
+    calib_task, prompts = calibration_prompts(cfg, tokenizer)
     return load_or_calibrate(
         model,
         GenerationConfig(**gen),
@@ -213,11 +246,12 @@ def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
     env = store.environment(cfg.model.device, cfg.model.dtype)
     tracker = tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
     try:
-        metrics, graph, records = evaluate_job(cfg)
+        metrics, graph, records, *extra = evaluate_job(cfg)
     except BaseException:
         tracker.abort()
         raise
-    name = job_name(resolved)
+    auto = extra[0] if extra else None  # graph.budget=auto: the AutoChoice
+    name = job_name(resolved) + (str(auto.budget) if auto is not None else "")
     row = {
         "job_key": key,
         "experiment": cfg.experiment_name,
@@ -228,6 +262,7 @@ def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
         "dtype": cfg.model.dtype,
         "softmax_dtype": cfg.decoder.softmax_dtype,
         "graph": graph.to_json() if graph is not None else None,
+        "auto": auto.to_dict() if auto is not None else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     samples = [
@@ -251,33 +286,44 @@ def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
         ) from err
     path = store.write_row(cfg.results_dir, row)
     print_summary(name, metrics, env)
+    if auto is not None:  # the chosen D* and why, in one line, under the measured ratio
+        print(auto.reason)
     print(f"row: {path}")
     print(tracking.describe(row["wandb"]))
     return float(metrics["accuracy"])
 
 
 def evaluate_job(cfg: RunConfig):
-    """Model -> graph -> lm-eval: the job's metrics, its graph (None without drafts), and per-request records."""
+    """Model -> graph -> lm-eval: the job's metrics, its graph (None without drafts), per-request records, and
+    with `graph.budget=auto` the `AutoChoice` (D* = 0 runs the base, still measured beside a second instance)."""
     from spiffy.eval.harness import SpiffyLM
     from spiffy.metrics import summarize, task_scores
 
     model, tokenizer = load(cfg)
     gen = generation_kwargs(cfg)
     t0 = time.perf_counter()
-    graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
+    auto = None
+    if cfg.decoder.speculate and cfg.graph.budget == AUTO:
+        auto = build_auto(cfg, model, tokenizer, gen)
+        graph = auto.graph
+    else:
+        graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
     graph_s = time.perf_counter() - t0
     options = DecoderOptions(compile=cfg.decoder.compile)
     base = build_decoder(model, **gen, options=options)
     decoder = base
     if graph is not None:
+        spec_options = speculation_settings(cfg.decoder)
+        if auto is not None:
+            spec_options["verify"] = auto.layout
         decoder = build_decoder(
             model,
             **gen,
             options=options,
-            speculate=Speculation(
-                graph, prune=cfg.graph.prune, **speculation_settings(cfg.decoder)
-            ),
+            speculate=Speculation(graph, prune=cfg.graph.prune, **spec_options),
         )
+    elif auto is not None:
+        decoder = build_decoder(model, **gen, options=options)
     lm = SpiffyLM(
         decoder,
         tokenizer,
@@ -295,7 +341,12 @@ def evaluate_job(cfg: RunConfig):
     if "predicted_speedup_nfe" in provenance:
         metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
     metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
-    return metrics, graph, lm.records
+    if auto is None:
+        return metrics, graph, lm.records
+    metrics["auto_budget"] = auto.budget
+    metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
+    metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
+    return metrics, graph, lm.records, auto
 
 
 def print_summary(name: str, metrics: dict, env: dict | None = None) -> None:

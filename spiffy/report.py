@@ -51,11 +51,22 @@ COST_METRICS = [
     "draft_query_tokens_per_forward",
     "model_ms_per_forward",
     "wall_ms_per_forward",
+    "overhead_share",
     "speedup_wall",
     "agreement",
 ]
-EXPERIMENT_METRICS = {"table3": OVERHEAD_METRICS, "fig5": COST_METRICS}
-EXTRA_METRICS = OVERHEAD_METRICS + COST_METRICS
+# graph.budget=auto: the chosen D* and its predicted vs measured speedups (spiffy.graph.autotune)
+AUTO_METRICS = [
+    "auto_budget",
+    "predicted_speedup_nfe",
+    "speedup_nfe",
+    "predicted_speedup_wall",
+    "speedup_wall",
+    "agreement",
+    "accuracy",
+]
+EXPERIMENT_METRICS = {"table3": OVERHEAD_METRICS, "fig5": COST_METRICS, "auto": AUTO_METRICS}
+EXTRA_METRICS = OVERHEAD_METRICS + COST_METRICS + AUTO_METRICS
 LEVEL_PREFIX = "accepted_level/"
 # sweep axes a speedup plot may use as its x axis, in order of preference
 PLOT_AXES = ["graph.budget", "graph.n_samples", "graph.prune"]
@@ -263,11 +274,12 @@ def budget_recommendation(
     `graph.budget`, `nfe_mean`, `speedup_nfe`, and, when measured, `draft_query_tokens_per_forward`,
     `model_ms_per_forward`, `wall_ms_per_forward`, `speedup_wall`.
 
-    Per request with `B = blocks_per_request` blocks, `N` forwards (`N0 = N · speedup_nfe` for the base) and `c`
+    Per request with `B = blocks_per_request` blocks, `N` forwards (`N0 = N · speedup_nfe` for the base), `c`
     ms of per-step work outside the model (sampling, bookkeeping; read off the layout's D = 0 run as wall minus
-    model time per forward, else 0), the predicted wall speedup is
+    model time per forward, else 0) and `o` ms of Spiffy's own work per forward (drafting, masks, acceptance
+    bookkeeping: the run's `overhead_share` of its model time, else 0), the predicted wall speedup is
 
-        (B·F_start + (N0 − B)·F(0) + N0·c) / (B·F_start + (N − B)·F(d) + N·c)
+        (B·F_start + (N0 − B)·F(0) + N0·c) / (B·F_start + (N − B)·F(d) + N·c + N·o)
 
     where `d` is the mean number of drafts the D-node graph actually sent per in-block forward (fewer than D: none
     that would unmask more positions than are left), from the measured draft query rows, and `F(d)` is the curve
@@ -308,16 +320,21 @@ def budget_recommendation(
             rows["drafts_per_forward"] = rows["graph.budget"].astype(float)
         rows["forward_ms_at_d"] = np.interp(rows["drafts_per_forward"], lc.drafts, lc.forward_ms)
         rows["step_overhead_ms"] = c
+        rows["spiffy_overhead_ms"] = 0.0
+        if {"overhead_share", "model_ms_per_forward"} <= set(rows):
+            spiffy = rows["overhead_share"] * rows["model_ms_per_forward"]
+            rows["spiffy_overhead_ms"] = spiffy.fillna(0.0).where(rows["graph.budget"] > 0, 0.0)
         base_ms = b * f_start + (n0 - b) * f0 + n0 * c
         rows["speedup_wall_predicted"] = base_ms / (
-            b * f_start + (n - b) * rows["forward_ms_at_d"] + n * c
+            b * f_start + (n - b) * rows["forward_ms_at_d"] + n * (c + rows["spiffy_overhead_ms"])
         )
         out.append(rows)
     joined = pd.concat(out)
     best = joined.groupby("layout")["speedup_wall_predicted"].transform("max")
     joined["recommended"] = joined["speedup_wall_predicted"] == best
     columns = ["layout", "graph.budget", "block_start_ms", "forward_ms", "cost_vs_no_drafts"]
-    columns += ["drafts_per_forward", "forward_ms_at_d", "step_overhead_ms", "speedup_nfe"]
+    columns += ["drafts_per_forward", "forward_ms_at_d", "step_overhead_ms", "spiffy_overhead_ms"]
+    columns += ["speedup_nfe"]
     columns += ["speedup_wall_predicted", "speedup_wall", "recommended"]
     return joined[[c for c in columns if c in joined]].sort_values(["layout", "graph.budget"])
 

@@ -35,7 +35,8 @@ def companion(group: str, option: str) -> list[str]:
     """The other half of an SDAR combination (the defaults are LLaDA's)."""
     if not is_sdar(group, option):
         return []
-    return ["decoder=sdar"] if group == "model" else ["model=sdar_tiny"]
+    # graph.budget=auto does not model SDAR's prefill and store forwards: Spiffy over SDAR takes an explicit D
+    return ["decoder=sdar"] if group == "model" else ["model=sdar_tiny", "graph.budget=10"]
 
 
 @pytest.mark.parametrize(
@@ -56,13 +57,13 @@ def test_every_option_composes_and_validates(group, option):
 def test_default_is_spiffy_on_the_embedded_task():
     typed = OmegaConf.to_object(compose_with())
     assert typed.model.path == "embedded" and typed.task.name == "arith"
-    assert typed.decoder.speculate and typed.graph.budget == 10
+    assert typed.decoder.speculate and typed.graph.budget == "auto" and typed.graph.max_budget == 10
 
 
 @pytest.mark.parametrize(
     ("override", "error", "match"),
     [
-        ("graph.budget=ten", ValidationError, "budget"),
+        ("graph.max_budget=ten", ValidationError, "max_budget"),
         ("decoder.foo=1", ConfigCompositionException, "foo"),
         ("decoder=turbo", ConfigCompositionException, "turbo"),
     ],
@@ -79,6 +80,19 @@ def test_bad_overrides_fail_at_composition(override, error, match):
         ("graph.rule=fastest", "graph.rule='fastest'"),
         ("model.dtype=int8", "model.dtype='int8'"),
         ("graph.budget=-1", "graph.budget=-1"),
+        ("graph.budget=ten", "graph.budget='ten' must be 'auto' or an integer >= 0"),
+        ("graph.budget=true", "graph.budget=True must be 'auto' or an integer"),
+        ("graph.budget=2.5", "graph.budget=2.5 must be 'auto' or an integer"),
+        ("graph.max_budget=0", "graph.max_budget=0"),
+        ("graph.auto_margin=1.5", "graph.auto_margin=1.5"),
+        ("graph=chain graph.budget=auto", "graph.budget='auto' .* needs graph.source='calibrate'"),
+        ("graph.prune=2", "graph.budget='auto' chooses the graph itself: graph.prune=2"),
+        ("decoder.verify=shared", "decoder.verify='shared' is lossy with decoder.cache='none'"),
+        ("decoder.cross_block=true", "decoder.cross_block=true needs graph.budget=D"),
+        (
+            "model=sdar_tiny decoder=spiffy_sdar_dynamic",
+            "graph.budget='auto' does not model decoder.cache='block_causal'",
+        ),
         ("decoder.steps_per_token=7", "decoder.steps_per_token=7 must divide task.gen_length=32"),
         ("task.block_length=5", "task.gen_length=32 must be a multiple of block_length=5"),
         ("decoder.temperature=-0.5", "decoder.temperature=-0.5"),
@@ -88,7 +102,7 @@ def test_bad_overrides_fail_at_composition(override, error, match):
     ],
 )
 def test_bad_values_fail_before_any_model_loads(override, match):
-    cfg = compose_with(override)
+    cfg = compose_with(*override.split())
     with pytest.raises(ValueError, match=match):
         OmegaConf.to_object(cfg)
 
@@ -126,7 +140,11 @@ def test_sdar_models_compose_with_every_task_and_spiffy(model, task):
     for decoder in ("sdar", "sdar_dynamic", "spiffy_sdar_dynamic"):
         typed = OmegaConf.to_object(
             compose_with(
-                f"model={model}", f"task={task}", f"decoder={decoder}", "decoder.speculate=true"
+                f"model={model}",
+                f"task={task}",
+                f"decoder={decoder}",
+                "decoder.speculate=true",
+                "graph.budget=10",
             )
         )
         gen = GenerationConfig(**generation_kwargs(typed))
@@ -144,7 +162,9 @@ def test_cross_block_needs_the_no_cache_exact_layout():
         ValueError, match=r"decoder.cross_block=True needs cache in \['none'\] .*got cache='dual'"
     ):
         OmegaConf.to_object(cfg)
-    typed = OmegaConf.to_object(compose_with("decoder=spiffy", "decoder.cross_block=true"))
+    typed = OmegaConf.to_object(
+        compose_with("decoder=spiffy", "decoder.cross_block=true", "graph.budget=3")
+    )
     assert typed.decoder.cross_block
 
 
@@ -174,3 +194,19 @@ def test_every_rule_that_reads_steps_gets_them():
     assert generation_kwargs(typed)["steps"] == 32
     typed = OmegaConf.to_object(compose_with("decoder.rule=dream_threshold", "decoder.tau=0.9"))
     assert GenerationConfig(**generation_kwargs(typed)).steps == 32
+
+
+def test_graph_budget_is_auto_or_an_explicit_integer():
+    """`auto` (the default) or D; an explicit D still means exactly that, with every option it allows."""
+    assert OmegaConf.to_object(compose_with("graph.budget=3")).graph.budget == 3
+    typed = OmegaConf.to_object(compose_with("graph.budget=auto", "graph.max_budget=4"))
+    assert (typed.graph.budget, typed.graph.max_budget) == ("auto", 4)
+    explicit = OmegaConf.to_object(
+        compose_with("graph.budget=5", "graph.prune=2", "decoder.verify=shared")
+    )
+    assert (explicit.graph.budget, explicit.graph.prune, explicit.decoder.verify) == (5, 2, "shared")
+    # the dual cache runs `shared` as exact block queries: lossless, so auto accepts it
+    assert OmegaConf.to_object(compose_with("decoder=spiffy_kv_cache", "decoder.verify=shared"))
+    # a base decoder ignores the graph group
+    assert OmegaConf.to_object(compose_with("decoder=vanilla", "decoder.verify=shared"))
+    assert OmegaConf.to_object(compose_with("graph=chain")).graph.budget == 10

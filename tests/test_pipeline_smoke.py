@@ -107,6 +107,7 @@ def test_every_default_output_location_is_untracked():
     paths = [
         f"{cfg.results_dir}/default/0123.json",
         f"{cfg.graph.root}/model/task/D10-degree1-0123.json",
+        f"{cfg.graph.root}/model/costs/cpu-0123.json",  # graph.budget=auto's device cost model
         f"{cfg.tracking.dir}/0123/wandb/offline-run-x/run.wandb",
         f"{cfg.hydra.run.dir}/.hydra/config.yaml",
         f"{cfg.hydra.sweep.dir}/0/.hydra/config.yaml",

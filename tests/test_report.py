@@ -140,6 +140,14 @@ def test_cost_model_matches_hand_computation():
     assert bool(dual.recommended) and bool(rec.loc[("exact", 0)].recommended)
     assert not bool(exact.recommended)
 
+    # Spiffy's own work (its share of model time, per forward) is charged: 16 forwards x 0.1 x 3 ms
+    charged = budget_recommendation(
+        curve_rows(), runs.assign(overhead_share=[0.0, 0.05, 0.0, 0.1]), blocks_per_request=4
+    ).set_index(["layout", "graph.budget"])
+    assert charged.loc[("dual", 4)].spiffy_overhead_ms == pytest.approx(0.3)
+    assert charged.loc[("dual", 4)].speedup_wall_predicted == pytest.approx(112 / (84 + 16 * 0.3))
+    assert charged.loc[("exact", 4)].speedup_wall_predicted == pytest.approx(352 / (416 + 16 * 1.0))
+
 
 def test_cost_model_rejects_runs_it_cannot_join():
     runs = pd.DataFrame(

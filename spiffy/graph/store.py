@@ -160,7 +160,7 @@ def load_or_calibrate(
         "predicted_speedup_nfe": round(predicted.speedup_nfe, 4),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    graph = DraftGraph(graph.nodes, graph.parents, budget, rule, provenance)
+    graph = DraftGraph(graph.nodes, graph.parents, budget, rule, provenance, graph.phases)
     atomic_write_text(graph_path, graph.to_json())
     return graph
 
@@ -199,6 +199,31 @@ def _cached_trajectories(path: Path, settings: dict) -> Trajectories | None:
         )
         return None
     return trajectories
+
+
+# the keys of `trajectory_settings`: every cached graph's provenance carries them
+TRAJECTORY_SETTINGS = (
+    "trajectories_version",
+    "model",
+    "dtype",
+    "device",
+    "decoder",
+    "task",
+    "n_samples",
+    "seed",
+    "horizon",
+    "draft_noise",
+)
+
+
+def trajectories_path(graph: DraftGraph, root: str | Path = "results/graphs") -> Path:
+    """Where the trajectories a graph calibrated by `load_or_calibrate` was selected from are cached."""
+    p = graph.provenance
+    missing = [k for k in TRAJECTORY_SETTINGS if k not in p]
+    if missing:
+        raise ValueError(f"graph provenance lacks {missing}: not a graph from load_or_calibrate")
+    key = calibration_key({k: p[k] for k in TRAJECTORY_SETTINGS})
+    return Path(root) / _slug(p["model"]) / _slug(p["task"]) / "trajectories" / f"{key}.json"
 
 
 def _slug(text: str) -> str:
