@@ -1,4 +1,4 @@
-"""Calibrate draft graphs (SPEC §5.5) for a model × decoder settings × task × n × D × selection rule.
+"""Calibrate draft graphs (docs/algorithm.md §5.5) for a model × decoder settings × task × n × D × selection rule.
 
     python scripts/calibrate.py --budgets 3 5 8 10 --rules best degree1 greedy --n 20
     python scripts/calibrate.py --budgets 10 --cross-block

@@ -25,7 +25,7 @@ step python scripts/calibrate.py --budgets 3 5 8 10 --rules degree1 greedy --n 2
 step python scripts/calibration_study.py --n-test 200
 # issue 21: chain (FreeDave) vs degree1 vs greedy vs best, per base and walk, replayed on 100 held-out problems
 step python scripts/selection_study.py --n-test 100 --spot 10
-# noise-aware drafting: acceptance vs temperature (SPEC 5.7)
+# noise-aware drafting: acceptance vs temperature (docs/algorithm.md §5.7)
 step python scripts/temperature_study.py --n-test 100 --measure 20
 # wall-clock, side by side in one process: chain/fig2 graphs in exact and shared layouts
 step python scripts/bench.py --name graphs_cpu --n 30 --decoders vanilla vanilla+spiffy@chain:3 \
@@ -36,7 +36,7 @@ step python scripts/bench.py --name bases_cpu --n 30 --graph calibrated:8 --deco
   fixed_k2 fixed_k2+spiffy fixed_k4 fixed_k4+spiffy threshold0.9 threshold0.9+spiffy \
   threshold0.8 threshold0.8+spiffy threshold0.7 threshold0.7+spiffy prefix prefix+spiffy \
   dual dual+spiffy dual_threshold0.9 dual_threshold0.9+spiffy
-# SDAR (fixture model, tests/fixtures): model calls of the reference loop, its fusions, Spiffy (SPEC §12)
+# SDAR (fixture model, tests/fixtures): model calls of the reference loop, its fusions, Spiffy (docs/algorithm.md §12)
 step python scripts/sdar_fusions.py --out results/tables
 # the embedded block-causal model tiny-sdar-arith: model card accuracy (SDAR base, 1 token/step, stop at EOS)
 step python scripts/eval_embedded.py --model tiny-sdar-arith --n 200 --gen '{"stop_ids": [96]}' \

@@ -1,4 +1,4 @@
-"""NFE effect of SDAR's two fusions (SPEC §12) for the base decoder and for Spiffy, with losslessness checked.
+"""NFE effect of SDAR's two fusions (docs/algorithm.md §12) for the base decoder and for Spiffy, with losslessness checked.
 
     python scripts/sdar_fusions.py --model tests/fixtures/sdar_reference --out results/tables
 

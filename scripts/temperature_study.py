@@ -1,4 +1,4 @@
-"""Acceptance vs temperature with and without noise-aware drafting (SPEC §5.7; paper v4 Fig. 6 in shape).
+"""Acceptance vs temperature with and without noise-aware drafting (docs/algorithm.md §5.7; paper v4 Fig. 6 in shape).
 
     python scripts/temperature_study.py --n-test 100
 

@@ -1,6 +1,6 @@
 """spiffy: lossless speculative decoding for diffusion LLMs (Spiffy, arXiv 2509.18085).
 
-Public API (SPEC §11): `load_model`, `build_decoder`, `Speculation`, `DraftGraph` and the graph helpers; `autotune`
+Public API (docs/algorithm.md §11): `load_model`, `build_decoder`, `Speculation`, `DraftGraph` and the graph helpers; `autotune`
 chooses the draft budget and lossless layout this device runs fastest (`graph.budget=auto`).
 """
 

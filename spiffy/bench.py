@@ -1,10 +1,10 @@
-"""Side-by-side benchmarks in one process (SPEC §7): decoders interleaved per prompt, and the cost curve.
+"""Side-by-side benchmarks in one process (docs/algorithm.md §7): decoders interleaved per prompt, and the cost curve.
 
 Decoder specs are `<base>` or `<base>+spiffy[@<graph>][/shared|/cross|/fused]`, where `<base>` names a preset of
 `BASES` and `<graph>` is a spec string (`chain:10`, `fig2`), a JSON path, or `calibrated:<D>[:<rule>]`
 (calibrated for that base on the task's calibration split, cached in results/graphs/); `/shared` is the paper's
-near-lossless layout, `/cross` continues the walk across blocks (SPEC §5.4), `/fused` (SDAR) stores a finished
-block from the forward that verified it (SPEC §12). Ratios are against the first spec's decoder.
+near-lossless layout, `/cross` continues the walk across blocks (docs/algorithm.md §5.4), `/fused` (SDAR) stores a finished
+block from the forward that verified it (docs/algorithm.md §12). Ratios are against the first spec's decoder.
 `cost_curve` times one forward against the number of query rows (1 + D drafts) for the exact layout (full
 canvases) and the dual cache (block rows): the curve that decides when fewer NFE means less wall-clock.
 """
@@ -49,7 +49,7 @@ BASES: dict[str, dict] = {
     "prefix": dict(cache="prefix"),
     "dual": dict(cache="dual"),
     "dual_threshold0.9": dict(cache="dual", rule="threshold", tau=0.9),
-    # block-causal (SDAR) models, SPEC §12: the exact cache is implied; steps_per_block defaults to the block
+    # block-causal (SDAR) models, docs/algorithm.md §12: the exact cache is implied; steps_per_block defaults to the block
     # length (one token per step); `_fused`: each block's store forward also starts the next block
     "sdar": dict(rule="sdar_static"),
     "sdar_fused": dict(rule="sdar_static", fuse_next=True),
@@ -252,7 +252,7 @@ def summarize_rows(rows: dict[str, BenchRow], bases: dict[str, str]) -> list[dic
     return out
 
 
-LAYOUTS = {  # cost-curve layout -> (cache mode, verification layout); SPEC §5.3
+LAYOUTS = {  # cost-curve layout -> (cache mode, verification layout); docs/algorithm.md §5.3
     "exact": ("none", "exact"),
     "shared": ("none", "shared"),
     "prefix": ("prefix", "exact"),
@@ -371,13 +371,13 @@ def environment(model, device: torch.device) -> dict:
     }
 
 
-# SPEC §10: LLaDA, gen 256, block 32, one token per step: the paper's NFE speedup range per D (midpoints used)
+# docs/algorithm.md §10: LLaDA, gen 256, block 32, one token per step: the paper's NFE speedup range per D (midpoints used)
 PAPER_NFE_SPEEDUP = {3: (2.24, 2.40), 5: (2.50, 2.71), 8: (2.74, 3.00), 10: (2.80, 3.07)}
 
 
 def paper_runs(gen_length: int = 256, block_length: int = 32) -> pd.DataFrame:
     """Runs in `spiffy.report.budget_recommendation`'s format from the paper's NFE speedups (midpoints of
-    SPEC §10's ranges), for the exact layout and the dual cache alike (on the embedded model Spiffy's NFE gain
+    docs/algorithm.md §10's ranges), for the exact layout and the dual cache alike (on the embedded model Spiffy's NFE gain
     over the dual cache equals its gain without a cache). No drafts-per-forward measurement: every in-block
     forward is assumed to send all D drafts (the conservative fallback)."""
     rows = []

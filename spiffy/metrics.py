@@ -1,4 +1,4 @@
-"""Reduce per-request records and lm-eval results to one flat row of metrics (SPEC §7)."""
+"""Reduce per-request records and lm-eval results to one flat row of metrics (docs/algorithm.md §7)."""
 
 from __future__ import annotations
 

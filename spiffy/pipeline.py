@@ -334,7 +334,7 @@ def evaluate_job(cfg: RunConfig):
     )
     results = evaluate_task(cfg, lm)
     metrics = summarize(lm.records, task_scores(results, cfg.task.lm_eval_task))
-    # a cached graph loads in milliseconds: report the calibration it came from (SPEC §5.5 step 3 provenance)
+    # a cached graph loads in milliseconds: report the calibration it came from (docs/algorithm.md §5.5 step 3 provenance)
     provenance = graph.provenance if graph is not None else {}
     metrics["graph_load_s"] = graph_s
     metrics["calibration_s"] = provenance.get("calibration_s", graph_s)

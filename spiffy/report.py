@@ -1,7 +1,7 @@
 """Result rows → tables and plots (pandas / matplotlib), shared by scripts/make_tables.py and the notebooks.
 
 A table shows, for one experiment, the config keys that vary between its rows (the sweep axes) and the headline
-metrics of SPEC §7 (`EXPERIMENT_METRICS` picks other columns per experiment, e.g. the overhead breakdown of
+metrics of docs/algorithm.md §7 (`EXPERIMENT_METRICS` picks other columns per experiment, e.g. the overhead breakdown of
 Table 3). Rows come from the result store (`spiffy.results`: a row file per job, and the older JSONL stores).
 Plots: speedup against a sweep axis (one line per setting of the other axes), acceptance per graph level, and the
 Figure-5 cost curve with the `D` it recommends per layout (`budget_recommendation`).
@@ -29,7 +29,7 @@ METRICS = [
     "calibration_s",
     "calibration_speedup_nfe",
 ]
-# Table 3: where the time goes. Shares are of model (forward) time, SPEC §7.
+# Table 3: where the time goes. Shares are of model (forward) time, docs/algorithm.md §7.
 OVERHEAD_METRICS = [
     "nfe_mean",
     "speedup_nfe",

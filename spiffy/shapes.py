@@ -1,6 +1,6 @@
 """Random-weight models with the published configurations, to measure cost at real scale without weights.
 
-`random_model("llada-8b", layers=2)` builds LLaDA-8B's architecture (SPEC §9: width, heads, MLP, vocabulary,
+`random_model("llada-8b", layers=2)` builds LLaDA-8B's architecture (docs/algorithm.md §9: width, heads, MLP, vocabulary,
 RoPE) with `layers` of its 32 blocks and random weights; `hidden=` narrows the width (heads and MLP scaled with
 it, head_dim kept) for machines that cannot hold even one full block. Timings then scale with the number of
 layers (plus the embedding and LM head, which keep the real vocabulary). `sdar-8b` needs the SDAR model class

@@ -1,4 +1,4 @@
-"""spiffy.report: experiment tables, acceptance per level, and the Figure-5 cost model (SPEC §7)."""
+"""spiffy.report: experiment tables, acceptance per level, and the Figure-5 cost model (docs/algorithm.md §7)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
-"""The exact block-causal cache (SPEC §12): SDAR's finished blocks' K/V, stored once, read by every block query.
+"""The exact block-causal cache (docs/algorithm.md §12): SDAR's finished blocks' K/V, stored once, read by every block query.
 
 With block-causal attention a finished block never sees later positions, so its K/V are final when it is
-finished and caching them is exact (not an approximation as in Fast-dLLM's caches, SPEC §4). Calls:
+finished and caching them is exact (not an approximation as in Fast-dLLM's caches, docs/algorithm.md §4). Calls:
 
 * `prefill(canvas, end)`: one forward over the whole prompt blocks `[0, end)` that stores their K/V (none when
   the prompt is shorter than a block);
 * `begin_block` / `verify`: query rows of one block (the real state, and Spiffy's drafts as extra batch
   rows) against the cache, storing nothing; each row is exactly its own forward. With `lookahead` every row
   also carries the next block (all masks), which attends to that row's block: its logits are the next block's
-  first denoising distribution should that row be the finished state (SPEC §12's second fusion), returned in
+  first denoising distribution should that row be the finished state (docs/algorithm.md §12's second fusion), returned in
   `Verification.lookahead`;
 * `store_block`: the finished block's K/V enter the cache, from a separate store forward (the reference's
   loop; with `with_next` it also computes the next block's first distribution), or, when the last forward

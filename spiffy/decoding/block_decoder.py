@@ -1,10 +1,10 @@
-"""The one semi-autoregressive block loop: transition rule × cache mode (SPEC §2, §3, §4, §5.4).
+"""The one semi-autoregressive block loop: transition rule × cache mode (docs/algorithm.md §2, §3, §4, §5.4).
 
 `BlockDecoder` is LLaDA's sampler (`rule="schedule"`, `cache="none"`), Fast-dLLM's (`threshold`/`factor`,
 `prefix`/`dual`), SDAR's `block_diffusion_generate` (the `sdar_*` rules with the exact `block_causal` cache,
-SPEC §12: blocks aligned to absolute positions, a prefill, one store per finished block) and every other
+docs/algorithm.md §12: blocks aligned to absolute positions, a prefill, one store per finished block) and every other
 combination; presets are configurations, not forks. The loop is Spiffy's
-acceptance walk (SPEC §5.4) over the rows of one forward (row 0 the real state, rows 1.. verified drafts); the
+acceptance walk (docs/algorithm.md §5.4) over the rows of one forward (row 0 the real state, rows 1.. verified drafts); the
 base decoder verifies row 0 only, so each of its transitions costs exactly one forward. Subclasses plug in
 through typed hooks: `propose` / `propose_early` (draft states to verify with the next forward), `lookahead`
 (how many next-block positions that forward should also project) and `stored_row` (SDAR: the verified row whose
@@ -15,7 +15,7 @@ would be reached at (row r of graph level l at `step + l`) in one batched call, 
 next state equals (`walk.py`), and follows the links on the device. A single read brings the links and the
 draft validity to the host; the host replays the walk in plain Python. The rare cases where a row is reached at
 another step (a transition that committed nothing, or a multi-token transition landing on a deeper draft) finish
-transition by transition (`_walk_slowly`), which is the SPEC loop verbatim. Drafts for the next forward are
+transition by transition (`_walk_slowly`), which is the loop of docs/algorithm.md §5.4 verbatim. Drafts for the next forward are
 built from the device-side end of the walk before the read, so their validity comes with it.
 """
 
@@ -158,7 +158,7 @@ class BlockDecoder:
     def layout(self, p: int) -> tuple[int, list[slice]]:
         """Canvas length and the blocks to decode for a prompt of length `p`.
 
-        Bidirectional families: the prompt, then `gen_length` positions in blocks. Block-causal ones (SPEC §12):
+        Bidirectional families: the prompt, then `gen_length` positions in blocks. Block-causal ones (docs/algorithm.md §12):
         blocks aligned to absolute positions, the canvas rounded up to whole blocks; the prompt's whole blocks
         are prefilled and its partial last block is decoded as part of the first block.
         """
@@ -227,10 +227,10 @@ class BlockDecoder:
         *,
         masked_at_start: int | None = None,
     ) -> Carry | None:
-        """Run one block to completion: the acceptance walk of SPEC §5.4 (updates `canvas` in place).
+        """Run one block to completion: the acceptance walk of docs/algorithm.md §5.4 (updates `canvas` in place).
 
         `carry` is this block's first-forward distribution when the previous block's last forward already
-        computed it (optional cross-block continuation, SPEC §5.4); the returned `Carry` is the next block's.
+        computed it (optional cross-block continuation, docs/algorithm.md §5.4); the returned `Carry` is the next block's.
         `masked_at_start` (known to `generate` from the prompt length; else read from the canvas) is the
         block's number of masked positions before its first transition.
         """
@@ -282,10 +282,10 @@ class BlockDecoder:
     ) -> Carry | None:
         """End the complete block; return the next block's first distribution if already known.
 
-        Block-causal models store the block's K/V (SPEC §12): from the last forward's row of the complete state
+        Block-causal models store the block's K/V (docs/algorithm.md §12): from the last forward's row of the complete state
         when it was verified there (`stored_row`), else with a store forward, which with `fuse_next` also
         computes the next block's first distribution. The base's count is the reference's: one store call per
-        block. Other families: the optional cross-block continuation (SPEC §5.4).
+        block. Other families: the optional cross-block continuation (docs/algorithm.md §5.4).
         """
         has_next = block.stop < canvas.numel()
         if isinstance(strategy, BlockCausalCache):
@@ -318,7 +318,7 @@ class BlockDecoder:
     def propose(
         self, anchor: Distributions, state: torch.Tensor, ctx: TransitionContext, step: int
     ) -> Drafts | None:
-        """Draft states for the next forward from the anchor (SPEC §5.1); the base decoder drafts nothing."""
+        """Draft states for the next forward from the anchor (docs/algorithm.md §5.1); the base decoder drafts nothing."""
         return None
 
     def propose_early(
@@ -405,7 +405,7 @@ class BlockDecoder:
         return self._walk_slowly(rows, m, new, s, 0, len(path), ctx, stats)
 
     def _walk_slowly(self, rows, r, state, step, stalled, taken, ctx, stats) -> WalkEnd:
-        """SPEC §5.4 verbatim from row `r`'s distribution, `state` and `step`: one read per transition."""
+        """docs/algorithm.md §5.4 verbatim from row `r`'s distribution, `state` and `step`: one read per transition."""
         while True:
             if stalled >= self.cfg.block_length and not self.rule.bounded:
                 raise RuntimeError(

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from spiffy.decoding.modes import CACHE_MODES
 from spiffy.decoding.rules import RULES, get_rule, rules_needing
 
-# the rules of block-causal models (SDAR, SPEC §12), from the registry
+# the rules of block-causal models (SDAR, docs/algorithm.md §12), from the registry
 SDAR_RULES = tuple(name for name, spec in RULES.items() if spec.block_causal)
 
 REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
@@ -48,7 +48,7 @@ class GenerationConfig:
     """Base-decoder settings. Rule parameters (`steps`, `k`, `tau`, `factor`, `steps_per_block`) are read only
     by the rules that declare them (see `spiffy.decoding.rules.RULES`).
 
-    SDAR (SPEC §12): the block-causal rules take `steps_per_block` (SDAR's `denoising_steps`; `steps` stays the
+    SDAR (docs/algorithm.md §12): the block-causal rules take `steps_per_block` (SDAR's `denoising_steps`; `steps` stays the
     total of §2), imply the `block_causal` cache, and round `gen_length` up to whole blocks; `fuse_next` lets
     each block's store forward also start the next block. `stop_ids` (any family) stops after the first block
     whose generated region contains one of them. `top_k`/`top_p` filter sampling at `temperature > 0`.
@@ -115,7 +115,7 @@ class GenerationConfig:
         return ValueError(f"{name}={getattr(self, name)!r}: {why}")
 
     def _check_block_causal(self) -> None:
-        """Block-causal rules and the cache that stores blocks go together (SPEC §12)."""
+        """Block-causal rules and the cache that stores blocks go together (docs/algorithm.md §12)."""
         rule, stores = get_rule(self.rule), CACHE_MODES[self.cache].stores_blocks
         if rule.block_causal and not stores:
             raise self._bad("cache", f"rule={self.rule!r} implies the exact block-causal cache")
@@ -171,7 +171,7 @@ class GenerationConfig:
 
     @property
     def num_blocks(self) -> int:
-        """Blocks of the generated region (SDAR's also depend on the prompt's length, SPEC §12)."""
+        """Blocks of the generated region (SDAR's also depend on the prompt's length, docs/algorithm.md §12)."""
         return -(-self.gen_length // self.block_length)
 
     @property

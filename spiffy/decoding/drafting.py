@@ -1,4 +1,4 @@
-"""Auto-speculative drafting: instantiate every graph node into a draft block state (SPEC §5.1, §5.6).
+"""Auto-speculative drafting: instantiate every graph node into a draft block state (docs/algorithm.md §5.1, §5.6).
 
 Ranks come from the anchor (the distribution the real state was sampled from), processed exactly as the
 transition processes logits: position rank orders the real state's masked positions by the rule's confidence
@@ -8,7 +8,7 @@ logits, ties to the lower id. Only the top `J = max j` tokens are ranked.
 Shapes are static and nothing is read back to the host: every graph row yields a draft row, and a validity mask
 marks the ones to verify (rank beyond the masked count, the mask id, complete drafts, rows pruned away, and
 repeats of an earlier row's state are invalid; of equal states the lowest level, then the first row, is kept).
-Dynamic pruning (SPEC §5.6) is vectorised over nodes.
+Dynamic pruning (docs/algorithm.md §5.6) is vectorised over nodes.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def level_scores(
     """Token scores (Lb, V) and position confidences (Lb,) predicting transition `step` from the anchor.
 
     `keyed=False` (the paper): the anchor's un-noised scores and its greedy confidence, whatever the step.
-    `keyed=True` (SPEC §5.7): the anchor's scores noised with transition `step`'s own keyed Gumbel draw, the
+    `keyed=True` (docs/algorithm.md §5.7): the anchor's scores noised with transition `step`'s own keyed Gumbel draw, the
     confidence of that noisy prediction, and with `random` remasking that step's remasking uniforms; exactly
     what the rule would pick at `step` if the distribution did not move.
     """
@@ -215,7 +215,7 @@ def rank_tables(
         n_masked: 0-dim tensor, the number of masked positions (valid entries of `pos_by_rank`).
     Without keyed noise every level shares one table (computed once). With it, token ranks use each
     level's own step key, while the position order is the first drafted step's for every level: one
-    consistent order of M keeps a formula's position ranks distinct (SPEC §5.1).
+    consistent order of M keeps a formula's position ranks distinct (docs/algorithm.md §5.1).
     """
     d = as_distributions(anchor, ctx)
     masked = state == ctx.spec.mask_id
@@ -254,9 +254,9 @@ def instantiate(
 ) -> Drafts:
     """One draft row per graph row; `valid` marks the valid, distinct, incomplete, kept ones.
 
-    `keep_complete` also keeps drafts with no mask left: the cross-block continuation (SPEC §5.4) uses their
-    logits over the next block; otherwise they are never needed (SPEC §5.1). `keep_rows` (R,) is the pruning
-    mask (SPEC §5.6)."""
+    `keep_complete` also keeps drafts with no mask left: the cross-block continuation (docs/algorithm.md §5.4) uses their
+    logits over the next block; otherwise they are never needed (docs/algorithm.md §5.1). `keep_rows` (R,) is the pruning
+    mask (docs/algorithm.md §5.6)."""
     lb = state.numel()
     pos_idx = graph.pos_idx if graph.max_position_rank <= lb else graph.pos_idx.clamp(max=lb - 1)
     ok = ((graph.pos_rank <= n_masked) | ~graph.valid).all(dim=1)  # (R,)
@@ -266,7 +266,7 @@ def instantiate(
     pos, tok = pos.gather(1, graph.pad_src), tok.gather(1, graph.pad_src)  # padding repeats pair 0
     drafts = state.repeat(pos.shape[0], 1).scatter_(1, pos, tok)  # (R, Lb)
     if not keep_complete:
-        ok &= (drafts == mask_id).any(dim=1)  # complete drafts are never needed (SPEC §5.1)
+        ok &= (drafts == mask_id).any(dim=1)  # complete drafts are never needed (docs/algorithm.md §5.1)
     if keep_rows is not None:
         ok &= keep_rows
     if graph.can_repeat:
@@ -291,7 +291,7 @@ def pair_probabilities(
 
 
 def prune_rows(tensors: GraphTensors, pair_probs: torch.Tensor, keep: int) -> torch.Tensor:
-    """Dynamic pruning (SPEC §5.6): a row mask (R,) of the `keep` best nodes by the geometric-mean score,
+    """Dynamic pruning (docs/algorithm.md §5.6): a row mask (R,) of the `keep` best nodes by the geometric-mean score,
     closed under reachability (a node's score uses its first row's pair probabilities). Vectorised over
     nodes; the arithmetic (sums in child order, then halving) is the reference's, so ties break alike."""
     first = tensors.first_row

@@ -1,4 +1,4 @@
-"""Forward strategies: how the distribution of one or many block states is computed (SPEC §4, §5.3).
+"""Forward strategies: how the distribution of one or many block states is computed (docs/algorithm.md §4, §5.3).
 
 Every strategy has two calls, each one model forward (one NFE):
 
@@ -7,7 +7,7 @@ Every strategy has two calls, each one model forward (one NFE):
 * `verify(canvas, block, states, layout, lookahead)`: the distributions of `N` block states in one forward.
   Row 0 is the real state, rows 1.. are Spiffy's drafts. With `N = 1` this is the base decoder's step.
 
-Layouts (SPEC §5.3): `exact` gives every state its own row (batch), so each state's logits equal a separate
+Layouts (docs/algorithm.md §5.3): `exact` gives every state its own row (batch), so each state's logits equal a separate
 forward; `shared` appends drafts after one canvas and reuses the block's position ids (the paper's layout,
 near-lossless). With a cache, every row attends to one shared frozen cache (drafts folded into the query axis,
 `spiffy.models.kv`); with the dual cache each state is a query block against it, which is exact, so the layout
@@ -49,7 +49,7 @@ class ForwardTimer:
 @dataclass
 class Verification:
     """One forward's distributions: block logits (N, Lb, V) per state, and with the look-ahead the next
-    block's logits (N, Lb', V) per state (SPEC §5.4 optional continuation), else None."""
+    block's logits (N, Lb', V) per state (docs/algorithm.md §5.4 optional continuation), else None."""
 
     logits: torch.Tensor
     lookahead: torch.Tensor | None = None
@@ -122,7 +122,7 @@ class ForwardStrategy:
 
         `lookahead` (no cache, exact layout only): also return the logits of the next `lookahead` positions
         (the next block) of every row. A complete draft's next-block logits are that block's first-forward
-        distribution (SPEC §5.4, optional cross-block continuation).
+        distribution (docs/algorithm.md §5.4, optional cross-block continuation).
         """
         raise NotImplementedError
 
@@ -145,7 +145,7 @@ class ForwardStrategy:
 def shared_layout_mask(
     n_context: int, blocked: slice, n_drafts: int, block_len: int, n_prefix: int = 0
 ) -> torch.Tensor:
-    """Attention mask (Q, K) of the appended-drafts layout (SPEC §5.3 `shared`).
+    """Attention mask (Q, K) of the appended-drafts layout (docs/algorithm.md §5.3 `shared`).
 
     Keys are `[prefix (n_prefix), context rows (n_context), drafts (n_drafts * block_len)]`; queries are the
     context rows then the drafts. Context rows see the prefix and the context. Draft `d` sees the prefix, the

@@ -27,7 +27,7 @@ class CacheMode:
     `exact`: its logits equal the no-cache decoder's. `layouts`: the verification layouts it runs, mapped to the
     layout it actually uses. `cross_block`: the acceptance walk may continue across a block boundary (the
     verifying forward computed the next block's first-forward distribution). `stores_blocks`: the cache of a
-    block-causal model (SDAR, SPEC §12): a prefill, then each finished block's exact K/V stored once; only the
+    block-causal model (SDAR, docs/algorithm.md §12): a prefill, then each finished block's exact K/V stored once; only the
     rules that declare `block_causal` use it, and they imply it.
     """
 

@@ -1,4 +1,4 @@
-"""Keyed randomness (SPEC §2.1): every draw is a pure function of (seed, request, block, step, purpose).
+"""Keyed randomness (docs/algorithm.md §2.1): every draw is a pure function of (seed, request, block, step, purpose).
 
 Any decoder performing the same transition therefore draws the same noise, whatever its forward schedule; this
 is what makes losslessness at temperature > 0 an exact, testable property. Draw shapes are fixed:

@@ -29,7 +29,7 @@ class RuleSpec:
     `params` are `GenerationConfig` fields the rule requires (given, not None); `bounded` rules end a block after
     `steps_per_block` transitions, the others when no mask is left. A rule with a `select` function chooses the
     positions itself, `select(rule, conf, masked, step) -> positions`, instead of a count of top positions.
-    `block_causal` rules decode block-causal models (SDAR, SPEC §12): they imply the `block_causal` cache and use
+    `block_causal` rules decode block-causal models (SDAR, docs/algorithm.md §12): they imply the `block_causal` cache and use
     SDAR's sampler (top-k before top-p; confidence under the tempered, filtered distribution).
     `ranks_by_position`: positions are taken left to right, so drafts rank them that way too.
     """
@@ -295,9 +295,9 @@ class TransitionRule:
         """The rule of a `GenerationConfig` (or any object with its declared parameters as attributes)."""
         spec = get_rule(cfg.rule)
         params = {p: getattr(cfg, p) for p in spec.params if p not in ("steps", "steps_per_block")}
-        if "steps" in spec.params:  # a total over the blocks (SPEC §2)
+        if "steps" in spec.params:  # a total over the blocks (docs/algorithm.md §2)
             steps_per_block = cfg.schedule_steps_per_block
-        else:  # SDAR's denoising steps, given per block (SPEC §12)
+        else:  # SDAR's denoising steps, given per block (docs/algorithm.md §12)
             steps_per_block = cfg.steps_per_block if "steps_per_block" in spec.params else None
         return cls(cfg.rule, steps_per_block, **params)
 

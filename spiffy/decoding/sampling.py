@@ -1,4 +1,4 @@
-"""Pure functions of one transition: logit processing, keyed sampling, confidence, position choice (SPEC §2).
+"""Pure functions of one transition: logit processing, keyed sampling, confidence, position choice (docs/algorithm.md §2).
 
 `transition` is *the* output rule: the base decoders and Spiffy's acceptance walk call exactly this function
 (`transition_rows` is the same rule on a batch of states, each with its own step), with the same keyed noise,
@@ -34,7 +34,7 @@ class TransitionContext:
 
 
 def sampling_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
-    """Float64 logits the token is sampled from (after `logits_eos_inf`; SPEC §2 step 6)."""
+    """Float64 logits the token is sampled from (after `logits_eos_inf`; docs/algorithm.md §2 step 6)."""
     out = logits.to(torch.float64)
     if ctx.cfg.logits_eos_inf and ctx.spec.eos_id is not None:
         out = out.clone()
@@ -57,7 +57,7 @@ def _confidence_probs(sampling: torch.Tensor, dtype: torch.dtype, ctx: Transitio
 
 
 def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
-    """Probabilities used for confidence, with the optional EoT/EOS removal (SPEC §2 steps 4, 6)."""
+    """Probabilities used for confidence, with the optional EoT/EOS removal (docs/algorithm.md §2 steps 4, 6)."""
     return _confidence_probs(sampling_logits(logits, ctx), logits.dtype, ctx)
 
 
@@ -120,7 +120,7 @@ class Distributions:
 
     @property
     def probs(self) -> torch.Tensor:
-        """Confidence probabilities (..., Lb, V) float64 (SPEC §2 steps 4, 6)."""
+        """Confidence probabilities (..., Lb, V) float64 (docs/algorithm.md §2 steps 4, 6)."""
         if self._probs is None:
             self._probs = _confidence_probs(self.sampling, self.logits.dtype, self.ctx)
         return self._probs
@@ -157,7 +157,7 @@ def noised_scores(
     logits: torch.Tensor | Distributions, ctx: TransitionContext, step: int | list[int]
 ) -> torch.Tensor:
     """Scores whose argmax is transition `step`'s token: the logits at T=0, keyed float64 Gumbel-max
-    scores `exp(logits) / (-log u)^T` at T>0 (SPEC §2 step 3), after `top_k`/`top_p`. With (N, Lb, V)
+    scores `exp(logits) / (-log u)^T` at T>0 (docs/algorithm.md §2 step 3), after `top_k`/`top_p`. With (N, Lb, V)
     distributions, `step` may give each row its own step."""
     d = as_distributions(logits, ctx)
     scores = d.sampling
@@ -194,10 +194,10 @@ def confidence(
     step: int | list[int],
     ctx: TransitionContext,
 ) -> torch.Tensor:
-    """Per-position confidence (..., Lb) float64 of the remasking strategy (SPEC §2 step 4; Dream's
+    """Per-position confidence (..., Lb) float64 of the remasking strategy (docs/algorithm.md §2 step 4; Dream's
     `topk_margin` = top-1 minus top-2 probability, `entropy` = sum p log(p + 1e-10)).
 
-    Block-causal rules (SDAR, SPEC §12): the probability of the token under SDAR's sampler, i.e. after
+    Block-causal rules (SDAR, docs/algorithm.md §12): the probability of the token under SDAR's sampler, i.e. after
     temperature, `top_k` and `top_p` at T>0 (the float64 softmax of the logits at T=0); a rule that
     `ranks_by_position` (`sdar_sequential`) takes positions left to right: its "confidence" is -position."""
     cfg, rule = ctx.cfg, ctx.rule.spec
@@ -229,7 +229,7 @@ def transition_rows(
     ctx: TransitionContext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One transition of each of N states (N, Lb), row r with distribution `logits[r]` (N, Lb, V) at step
-    `steps[r]` (SPEC §2 steps 3-5, §3); returns the next states and the confidences the rule ranked
+    `steps[r]` (docs/algorithm.md §2 steps 3-5, §3); returns the next states and the confidences the rule ranked
     (float64, -inf at positions that were not masked). No device read."""
     d = as_distributions(logits, ctx)
     masked = states == ctx.spec.mask_id  # (N, Lb)
@@ -237,7 +237,7 @@ def transition_rows(
     conf = confidence(d, x0, steps, ctx).masked_fill(~masked, NEG_INF)
     if (
         ctx.rule.spec.select is not None
-    ):  # the rule chooses positions itself (SDAR, SPEC §12): host, per row
+    ):  # the rule chooses positions itself (SDAR, docs/algorithm.md §12): host, per row
         new, last = states.clone(), ctx.rule.steps_per_block
         for r, (step, left) in enumerate(zip(steps, masked.sum(1).tolist())):
             if r and (left == 0 or (last is not None and step >= last)):
@@ -266,7 +266,7 @@ def _ranks(n: int, device: torch.device) -> torch.Tensor:
 def transition(
     logits: torch.Tensor | Distributions, state: torch.Tensor, step: int, ctx: TransitionContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One denoising transition of the block state (SPEC §2 steps 3-5, §3).
+    """One denoising transition of the block state (docs/algorithm.md §2 steps 3-5, §3).
 
     Args:
         logits: the distribution of `state`, (Lb, V) in any dtype.

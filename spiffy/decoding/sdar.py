@@ -1,4 +1,4 @@
-"""SDAR's position choice (SPEC §12): the per-step quota, its three strategies and the over-selection order.
+"""SDAR's position choice (docs/algorithm.md §12): the per-step quota, its three strategies and the over-selection order.
 
 SDAR's `block_diffusion_generate` writes, at denoising step `s` of a block, the greedy (or sampled) token at a set
 of block positions chosen from the confidences (the chosen token's probability at masked positions, `-inf`
@@ -14,7 +14,7 @@ elsewhere):
 positions, and those are overwritten with their greedy token (possibly a prompt token of a partial prompt block).
 Which ones comes from torch's CPU top-k: libstdc++ `std::nth_element` on `(value, index)` pairs. It is emulated
 here in Python, so every device picks the same positions (the fixture README describes the rule). Among finite
-confidences, ties go to the lowest index as everywhere else (SPEC §2 step 5).
+confidences, ties go to the lowest index as everywhere else (docs/algorithm.md §2 step 5).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def libstdcxx_topk_indices(values: list[float], k: int) -> list[int]:
 
 
 def step_quota(block_length: int, steps: int, step: int, masked_left: int) -> int:
-    """`n[step]` of SDAR's schedule: `B // S`, plus one for the first `B % S` steps (SPEC §12)."""
+    """`n[step]` of SDAR's schedule: `B // S`, plus one for the first `B % S` steps (docs/algorithm.md §12)."""
     if step >= steps:  # the reference's schedule lookup fails here (IndexError)
         raise RuntimeError(
             f"the block still has {masked_left} masked positions after steps_per_block={steps} "

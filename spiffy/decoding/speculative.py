@@ -1,15 +1,15 @@
 """Spiffy (arXiv 2509.18085): auto-speculative drafts from a directed draft graph, verified in one forward.
 
-`SpiffyDecoder` is any base `BlockDecoder` plus its drafting hooks (SPEC §5.4): `propose` / `propose_early`
-instantiate the graph from the anchor (SPEC §5.1); the base loop's walk looks each new real state up among the
+`SpiffyDecoder` is any base `BlockDecoder` plus its drafting hooks (docs/algorithm.md §5.4): `propose` / `propose_early`
+instantiate the graph from the anchor (docs/algorithm.md §5.1); the base loop's walk looks each new real state up among the
 states verified in the last forward. Because every committed token comes from `transition` on the true
-distribution of the current state, under the same keyed noise, the output equals the base decoder's (SPEC §6) in
+distribution of the current state, under the same keyed noise, the output equals the base decoder's (docs/algorithm.md §6) in
 the lossless layouts (`exact`, and any layout with the dual cache); `shared` is the paper's near-lossless layout.
 With `cross_block=True` (no cache, `exact`), `lookahead` asks the verification forward for the next block's logits
-too, and the walk carries a verified complete draft's into the next block, saving its first forward (SPEC §5.4,
+too, and the walk carries a verified complete draft's into the next block, saving its first forward (docs/algorithm.md §5.4,
 optional).
 
-On SDAR (block-causal, SPEC §12) drafts are extra block rows against the exact cache, so every layout is exact.
+On SDAR (block-causal, docs/algorithm.md §12) drafts are extra block rows against the exact cache, so every layout is exact.
 `fuse_store=True` keeps complete drafts: when the block finishes on one, its K/V come from the verifying forward
 instead of a store forward (`stored_row`), and with the base option `fuse_next` that forward also carries the next
 block's rows, so the next block starts without a forward of its own.
@@ -49,13 +49,13 @@ class Speculation:
 
     graph: DraftGraph | str
     verify: str = "exact"
-    prune: int | None = None  # keep only the best `prune` nodes per forward (SPEC §5.6)
+    prune: int | None = None  # keep only the best `prune` nodes per forward (docs/algorithm.md §5.6)
     # "keyed": rank tokens/positions under future steps' keyed noise (§5.7)
     draft_noise: str = "none"
-    # continue the walk across a block boundary when the complete state was a verified draft (SPEC §5.4,
+    # continue the walk across a block boundary when the complete state was a verified draft (docs/algorithm.md §5.4,
     # optional; cache="none" with verify="exact" only): saves the next block's first forward
     cross_block: bool = False
-    # SDAR only (SPEC §12): store a finished block's K/V from the forward that verified it as a draft
+    # SDAR only (docs/algorithm.md §12): store a finished block's K/V from the forward that verified it as a draft
     fuse_store: bool = False
 
     def __post_init__(self) -> None:
@@ -127,7 +127,7 @@ class SpiffyDecoder(BlockDecoder):
             keyed=self.keyed,
         )
         keep, rows = self.speculation.prune, None
-        if keep is not None and keep < len(graph.nodes):  # dynamic pruning (SPEC §5.6)
+        if keep is not None and keep < len(graph.nodes):  # dynamic pruning (docs/algorithm.md §5.6)
             probs = torch.softmax(anchor.sampling, dim=-1)
             pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, n_masked, probs)
             rows = prune_rows(tensors, pair_probs, keep)

@@ -1,4 +1,4 @@
-"""Result types every decoder returns (SPEC §7): tokens plus typed statistics, never bare dicts."""
+"""Result types every decoder returns (docs/algorithm.md §7): tokens plus typed statistics, never bare dicts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class DecodeStats:
 
     `nfe` counts every model call (block starts and verification calls included); `transitions` counts
     denoising transitions. The base decoder's NFE for the same request is `transitions` plus, for SDAR, the
-    reference loop's prefill and store calls (`base_extra_calls`, SPEC §7, §12).
+    reference loop's prefill and store calls (`base_extra_calls`, docs/algorithm.md §7, §12).
     `accepted_per_forward[n]` is how many forwards advanced `n + 1` transitions.
     """
 
@@ -86,7 +86,7 @@ class DecodeStats:
 @dataclass
 class DecodeResult:
     """`tokens` is the generated region only (gen_length,); `stats` its counters; `canvas` (T,) the whole
-    canvas, prompt region included (SDAR: rounded up to whole blocks, SPEC §12)."""
+    canvas, prompt region included (SDAR: rounded up to whole blocks, docs/algorithm.md §12)."""
 
     tokens: torch.Tensor
     stats: DecodeStats

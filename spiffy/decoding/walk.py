@@ -1,4 +1,4 @@
-"""One forward's acceptance walk (SPEC §5.4) as batched device work plus one host read.
+"""One forward's acceptance walk (docs/algorithm.md §5.4) as batched device work plus one host read.
 
 The forward verified N block states (row 0 the real state, rows 1.. drafts of graph level `levels[r]`). The
 walk from row 0 applies the transition to the state it is at, moves to the verified row equal to the result,

@@ -1,7 +1,7 @@
 """Decode-and-score loops that need no lm-eval: used by the embedded model's evaluation, benchmarks, tests.
 
 `decode_prompts` runs any decoder over tokenised prompts with stable request ids; `score_arith` decodes test
-problems of the `arith` task and scores them with the GSM8K extraction (SPEC §7 metrics per request).
+problems of the `arith` task and scores them with the GSM8K extraction (docs/algorithm.md §7 metrics per request).
 """
 
 from __future__ import annotations

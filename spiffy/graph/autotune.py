@@ -8,7 +8,7 @@ reproduces), and every forward is charged what it costs on this device (`spiffy.
     wall(0)  = blocks · F_start + Σ_in-block forwards F_base(block)                + T · step
 
 `drafts` is the number of graph nodes the forward instantiates: the state's masked count `m` (recorded with the
-trajectories) admits a node iff its largest position rank is <= m and it leaves a mask (SPEC §5.1), among the
+trajectories) admits a node iff its largest position rank is <= m and it leaves a mask (docs/algorithm.md §5.1), among the
 nodes of m's phase for a phased graph. The predicted wall-clock speedup is wall(0) / wall(D*); the choice maximises it over
 D* and the lossless layouts of the base's cache mode, and keeps the base unless the best beats it by `margin`.
 Only the graph (and a lossless layout) is chosen, so the output is the base decoder's whatever is chosen.
@@ -82,7 +82,7 @@ class AutoChoice:
 
 
 def forward_states(block, nodes_of: NodeSets) -> list[int]:
-    """The states X_t (1-based t) at which the acceptance walk runs an in-block forward (SPEC §5.4; the walk of
+    """The states X_t (1-based t) at which the acceptance walk runs an in-block forward (docs/algorithm.md §5.4; the walk of
     `spiffy.graph.replay.walk_block`, whose forward count `predict` checks it against)."""
     at, t = [], 1  # the block-start forward performs the first transition
     while t < block.transitions:
@@ -98,7 +98,7 @@ def forward_states(block, nodes_of: NodeSets) -> list[int]:
 
 def drafts_counter(graph: DraftGraph, keyed: bool) -> Callable[[int], int]:
     """drafts(m): the draft rows a forward at a state with m masked positions instantiates. A node is
-    instantiated iff its largest position rank is <= m and it leaves a mask (SPEC §5.1); a phased graph drafts
+    instantiated iff its largest position rank is <= m and it leaves a mask (docs/algorithm.md §5.1); a phased graph drafts
     the nodes of the phase of m."""
     phases = graph.phase_graphs()
     los, specs = [lo for lo, _ in phases], []

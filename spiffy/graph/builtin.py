@@ -1,4 +1,4 @@
-"""Hand-built draft graphs and the graph spec strings of the public API (SPEC §11; paper Fig. 2).
+"""Hand-built draft graphs and the graph spec strings of the public API (docs/algorithm.md §11; paper Fig. 2).
 
 * `chain:D`    — `{(1,1)}, {(1,1),(2,1)}, ...`: bets on the anchor's confidence order, one token per level.
 * `topk:K`     — two levels: the top-K tokens at the most confident position, each followed by the top token

@@ -1,4 +1,4 @@
-"""Offline draft-graph calibration: selection rules and an exact NFE evaluator (SPEC §5.5; paper Alg. 2).
+"""Offline draft-graph calibration: selection rules and an exact NFE evaluator (docs/algorithm.md §5.5; paper Alg. 2).
 
 From recorded trajectories (`spiffy.graph.trajectories`) every rule grows the graph from the root, adding one
 formula at a time that has a parent already in the graph (or hangs off the root), until `D` nodes are in:
@@ -14,7 +14,7 @@ formula at a time that has a parent already in the graph (or hangs off the root)
 With `cross_block=True` the complete state's key joins each recorded sequence, and the evaluator credits the
 next block's saved first forward when the complete state was a verified draft.
 
-`evaluate` replays the acceptance walk (SPEC §5.4) on the trajectories without running the model; for a
+`evaluate` replays the acceptance walk (docs/algorithm.md §5.4) on the trajectories without running the model; for a
 lossless configuration on the same prompts its NFE equals the decoder's NFE exactly (a test checks this).
 """
 
@@ -135,7 +135,7 @@ def _eligible(counts: Counter, parents, inside: set[Formula]) -> list[Formula]:
 
 
 def _grow(budget: int, counts: Counter, parents, score: dict[Formula, float]) -> list[Formula]:
-    """Add the best-scoring reachable formula until `budget` nodes are in (SPEC §5.5 step 2)."""
+    """Add the best-scoring reachable formula until `budget` nodes are in (docs/algorithm.md §5.5 step 2)."""
     chosen: list[Formula] = []
     while len(chosen) < budget:
         eligible = _eligible(counts, parents, set(chosen) | {EMPTY})

@@ -1,4 +1,4 @@
-"""The directed draft graph as plain, validated, serialisable data (SPEC §5.1, §5.2; paper §3.2, Fig. 2).
+"""The directed draft graph as plain, validated, serialisable data (docs/algorithm.md §5.1, §5.2; paper §3.2, Fig. 2).
 
 A node is a formula: a set of `(i, j)` rank pairs with distinct position ranks `i` (1-based position rank among
 the still-masked positions, ordered by the anchor's confidence; `j` the token rank at that position). The root is

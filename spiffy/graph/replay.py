@@ -1,4 +1,4 @@
-"""The exact replay of the acceptance walk on recorded trajectories (SPEC §5.4), and its incremental form.
+"""The exact replay of the acceptance walk on recorded trajectories (docs/algorithm.md §5.4), and its incremental form.
 
 `evaluate` counts the forwards the walk needs with a graph on recorded trajectories, without running the model;
 for a lossless configuration on the same prompts it equals the decoder's NFE exactly (tests/graph checks this for
@@ -86,7 +86,7 @@ def _cost(block: BlockTrajectory, nodes_of: NodeSets, cross_block: bool) -> int:
 def evaluate(
     graph: DraftGraph | set[Formula], trajectories: Trajectories, *, cross_block: bool = False
 ) -> Prediction:
-    """Exact NFE the acceptance walk would need with `graph` on these trajectories (SPEC §5.4); with
+    """Exact NFE the acceptance walk would need with `graph` on these trajectories (docs/algorithm.md §5.4); with
     `cross_block`, a block whose complete state was a verified draft saves the next block's first forward."""
     nodes_of, blocks = node_sets(graph), trajectories.blocks
     nfe = sum(_cost(b, nodes_of, cross_block) for b in blocks)

@@ -1,4 +1,4 @@
-"""Load-or-calibrate with a cache keyed by everything the graph depends on (SPEC §5.5 step 3).
+"""Load-or-calibrate with a cache keyed by everything the graph depends on (docs/algorithm.md §5.5 step 3).
 
 Calibrated graphs live in `<root>/<model>/<task>/D<budget>-<rule>[-xb]-<key>.json`, recorded trajectories beside
 them in `trajectories/<key>.json`, so that other budgets, selection rules and walks reuse one decoding pass.

@@ -1,10 +1,10 @@
-"""Trajectory recording for calibration (SPEC §5.5 step 1; the paper's Algorithm 2, first half).
+"""Trajectory recording for calibration (docs/algorithm.md §5.5 step 1; the paper's Algorithm 2, first half).
 
 `TrajectoryRecorder` *is* the base decoder B (same rule, cache mode, block length, temperature, EOS options):
 it overrides only the `propose` hook, which the base loop calls at every state that has an anchor, to remember
 the anchor's ranks. For each such state X_t it records the next `h` states X_{t+1..t+h} of the block as formulas
 relative to X_t's anchor: the `(i, j)` pairs of every token added since X_t. The complete state X_T ends the
-plain walk, so it is kept apart (`complete`, when T - t <= h): the cross-block walk (SPEC §5.4 option) accepts it
+plain walk, so it is kept apart (`complete`, when T - t <= h): the cross-block walk (docs/algorithm.md §5.4 option) accepts it
 as a draft. Each origin also keeps its masked count (the walk's phase). Memory is bounded: only the last `h`
 anchors are kept.
 """
@@ -34,7 +34,7 @@ class BlockTrajectory:
     X_{t+1}, ..., X_{t+h} (complete states excluded), the key of the complete state X_T (None beyond the
     horizon) and the number of masked positions in X_t. `last` marks the prompt's last block.
 
-    SDAR (SPEC §12): `extra_calls` are the recorded decoder's model calls for this block beyond its acceptance
+    SDAR (docs/algorithm.md §12): `extra_calls` are the recorded decoder's model calls for this block beyond its acceptance
     walk (the store forward, minus a block start that `fuse_next` merged into the previous store; the request's
     prefill counts on its first block), and `base_extra_calls` the published loop's (prefill and one store per
     block), which `nfe_base` counts."""
@@ -160,7 +160,7 @@ class _Origin:
         return int((self.state == self.ctx.spec.mask_id).sum())
 
     def tables(self, level: int) -> tuple[dict[int, int], torch.Tensor]:
-        """Position ranks and token scores for pairs added at `level` (SPEC §5.1, §5.7)."""
+        """Position ranks and token scores for pairs added at `level` (docs/algorithm.md §5.1, §5.7)."""
         level = level if self.keyed else 1
         if level not in self._tables:
             scores, conf = level_scores(self.anchor, self.ctx, self.step + level - 1, self.keyed)
@@ -197,7 +197,7 @@ class _Origin:
 
 
 def token_rank(scores: torch.Tensor, token: int) -> int:
-    """1-based rank of `token` in `scores` (V,), ties to the lower id (SPEC §5.1)."""
+    """1-based rank of `token` in `scores` (V,), ties to the lower id (docs/algorithm.md §5.1)."""
     s = scores[token]
     ids = torch.arange(scores.numel(), device=scores.device)
     return 1 + int((scores > s).sum()) + int(((scores == s) & (ids < token)).sum())

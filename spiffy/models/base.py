@@ -1,4 +1,4 @@
-"""The model contract decoders rely on (SPEC §4, §5.3, §9): a typed `Protocol` every family adapter implements.
+"""The model contract decoders rely on (docs/algorithm.md §4, §5.3, §9): a typed `Protocol` every family adapter implements.
 
 A decoder calls a model in exactly one way:
 

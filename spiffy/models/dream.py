@@ -2,7 +2,7 @@
 
 It reads Dream's `config.json` (`model_type: Dream`) and Qwen2-style weight names (q/k/v biases, grouped-query
 attention). Dream's raw logits are **shifted**: the hidden state at position i predicts position i+1. The shift
-lives here, not in the decoders: `forward` returns logits aligned to the query positions (SPEC §9) at the rows
+lives here, not in the decoders: `forward` returns logits aligned to the query positions (docs/algorithm.md §9) at the rows
 `logits_at` only (`spiffy.models.base.DiffusionLM`), and runs the LM head on the hidden rows those need. For a query
 row at position p the aligned logits are the raw logits of the row at position p-1 that it attends to (so
 appended drafts use their own previous row, or the canvas row before the block), `raw[0]` at position 0, and,
@@ -265,7 +265,7 @@ class DreamModel(PreTrainedModel):
 
     def _aligned(self, h, rows: torch.Tensor, positions, attention_mask, kv_cache) -> torch.Tensor:
         """General layouts (masks, appended drafts): aligned[r] = raw[r'] with r' the visible query row at
-        position pos[r] - 1 (SPEC §9); the LM head runs on the P selected source rows only."""
+        position pos[r] - 1 (docs/algorithm.md §9); the LM head runs on the P selected source rows only."""
         B, Q = positions.shape
         pos = positions[:, rows]  # (B, P)
         prev = positions[:, None, :] == (pos[:, :, None] - 1)  # (B, P, Q): row r -> source r'

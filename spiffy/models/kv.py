@@ -1,4 +1,4 @@
-"""Key/value caches and the attention over them (SPEC §4, §5.3).
+"""Key/value caches and the attention over them (docs/algorithm.md §4, §5.3).
 
 A `KVCache` holds post-RoPE keys and values of canvas positions, one `(k, v)` pair per layer, with batch 1: one
 frozen cache shared by every block state verified in a forward. Queries attend to `[cached keys, fresh keys]`:
@@ -9,13 +9,13 @@ frozen cache shared by every block state verified in a forward. Queries attend t
 
 With a cache, the attention scores come in two products joined under one softmax: every query row of every state
 (drafts folded into one query axis) against the shared cache, and each state's rows against that state's own
-fresh keys (batched over states). So no row copies the cache, no draft sees another (SPEC §5.3 constraints), and a row's
+fresh keys (batched over states). So no row copies the cache, no draft sees another (docs/algorithm.md §5.3 constraints), and a row's
 arithmetic does not depend on how many states share the forward (batch-invariant, so a draft's distribution
 equals the base decoder's computation of the same state bit for bit, in every dtype). Grouped-query heads are
 grouped, never repeated. Without a cache (full canvases) it is SDPA, with `enable_gqa` when torch has it.
 
 Forwards never write into a cache (`append_kv` builds a new one: SDAR's stored blocks). Shifted-logit families (Dream) also keep `boundary_logits`, the block-start
-forward's aligned logits at position `insert_at`: the only cached-out position a query row can need (SPEC §9).
+forward's aligned logits at position `insert_at`: the only cached-out position a query row can need (docs/algorithm.md §9).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def append_kv(
     row: int = 0,
 ) -> KVCache:
     """A new cache holding `cache`'s positions followed by batch row `row` of a forward's fresh K/V
-    (`present`, per layer `(B, H_kv, Q, hd)`): storing a finished block of a block-causal model (SPEC §12).
+    (`present`, per layer `(B, H_kv, Q, hd)`): storing a finished block of a block-causal model (docs/algorithm.md §12).
     The input cache is not modified; the result's splice point is its end (queries are appended)."""
     fresh = tuple((k[row : row + 1], v[row : row + 1]) for k, v in present)
     if cache is not None:

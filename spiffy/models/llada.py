@@ -1,4 +1,4 @@
-"""Native PyTorch implementation of the LLaDA architecture (SPEC §8, §9), weight-compatible with GSAI-ML/LLaDA-*.
+"""Native PyTorch implementation of the LLaDA architecture (docs/algorithm.md §8, §9), weight-compatible with GSAI-ML/LLaDA-*.
 
 It reads LLaDA's own `config.json` (`model_type: llada`) and weight names
 (`model.transformer.blocks.N.q_proj.weight`, ...), and is registered with transformers' Auto classes so that
@@ -6,7 +6,7 @@ It reads LLaDA's own `config.json` (`model_type: llada`) and weight names
 features the decoders need: explicit boolean attention masks (B, Q, K), explicit position ids, and K/V caches that
 a query block is spliced into (`spiffy.models.kv`). It deliberately has no causal mode, dropout or generation API.
 
-Precision follows the reference (SPEC §8): RMSNorm in float32 then cast back before the weight multiply, RoPE on
+Precision follows the reference (docs/algorithm.md §8): RMSNorm in float32 then cast back before the weight multiply, RoPE on
 float32 q/k with float32 inverse frequencies and positions (rotate-half), bidirectional SDPA scaled by 1/sqrt(hd).
 The call follows the decoders' contract (`spiffy.models.base.DiffusionLM`): the LM head runs on `logits_at` only.
 """
@@ -89,7 +89,7 @@ class LLaDAConfig(PretrainedConfig):
 
 
 class RMSNorm(nn.Module):
-    """LLaDA's RMSLayerNorm: normalise in float32, cast back, then scale (SPEC §8)."""
+    """LLaDA's RMSLayerNorm: normalise in float32, cast back, then scale (docs/algorithm.md §8)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

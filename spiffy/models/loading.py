@@ -1,4 +1,4 @@
-"""Load dLLM checkpoints (published or embedded) through one path, and describe their token ids (SPEC §9, §11).
+"""Load dLLM checkpoints (published or embedded) through one path, and describe their token ids (docs/algorithm.md §9, §11).
 
 `load_model` reads `config.json`, picks the native class registered for its `model_type`, and loads weights with
 transformers' `from_pretrained` (offline for local directories; hub ids need network). `ModelSpec` is everything
@@ -49,7 +49,7 @@ EMBEDDED_MODEL_DIR = CHECKPOINTS_DIR / "tiny-llada-arith"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Token ids and limits a decoder needs (SPEC §2 step 6: ids always come from the adapter)."""
+    """Token ids and limits a decoder needs (docs/algorithm.md §2 step 6: ids always come from the adapter)."""
 
     mask_id: int
     eos_id: int | None
@@ -58,7 +58,7 @@ class ModelSpec:
     vocab_size: int
     max_length: int
     # block-causal families (SDAR): attention is causal across blocks of this many positions, so finished
-    # blocks' K/V are exact and decoders cache them (SPEC §12); None = bidirectional (LLaDA, Dream)
+    # blocks' K/V are exact and decoders cache them (docs/algorithm.md §12); None = bidirectional (LLaDA, Dream)
     attention_block_size: int | None = None
 
     @property

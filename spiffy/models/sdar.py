@@ -2,7 +2,7 @@
 
 It reads SDAR's own `config.json` (`model_type: sdar`, `block_size`, `mask_token_id`) and the Qwen3 weight names
 (`model.layers.N.self_attn.{q,k,v,o}_proj`, `self_attn.{q,k}_norm`, `mlp.{gate,up,down}_proj`, untied `lm_head`),
-and is registered with transformers' Auto classes without `trust_remote_code`; no flash-attn, no Triton (SPEC §9, §12).
+and is registered with transformers' Auto classes without `trust_remote_code`; no flash-attn, no Triton (docs/algorithm.md §9, §12).
 
 Attention is **block-causal**: query position i sees key position j iff `j // block_size <= i // block_size`, so
 it is causal across blocks and bidirectional inside one. Positions are absolute. Called with no mask and no

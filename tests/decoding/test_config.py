@@ -1,4 +1,4 @@
-"""Invalid settings raise ValueError naming the argument and the value (SPEC §2 step 1, §11)."""
+"""Invalid settings raise ValueError naming the argument and the value (docs/algorithm.md §2 step 1, §11)."""
 
 from __future__ import annotations
 

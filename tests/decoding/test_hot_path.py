@@ -174,7 +174,7 @@ def test_models_satisfy_the_contract(fixture_model):
 def test_rows_reached_at_another_step_finish_one_transition_at_a_time(fixture_model, monkeypatch):
     """A transition that commits nothing (Dream's step schedule often rounds to 0), or a multi-token one at
     T > 0 landing on a deeper draft than its level assumed: the walk then finishes transition by transition
-    (SPEC §5.4 verbatim), still lossless."""
+    (docs/algorithm.md §5.4 verbatim), still lossless."""
     calls = []
     original = block_decoder.BlockDecoder._walk_slowly
 

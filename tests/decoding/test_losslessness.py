@@ -1,4 +1,4 @@
-"""Losslessness (SPEC §6): Spiffy(B) produces exactly B's tokens with NFE <= NFE(B), for every base decoder
+"""Losslessness (docs/algorithm.md §6): Spiffy(B) produces exactly B's tokens with NFE <= NFE(B), for every base decoder
 (rule × cache mode × temperature × remasking), every graph and seed, at T = 0 and T > 0, in float64."""
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def test_property_spiffy_equals_base(
 def test_cross_block_continuation_is_lossless_and_saves_block_start_forwards(
     fixture_model, rule, temperature, remasking
 ):
-    """SPEC §5.4 (optional): a verified complete draft's next-block logits replace that block's first
+    """docs/algorithm.md §5.4 (optional): a verified complete draft's next-block logits replace that block's first
     forward; tokens stay the base's, and it never costs a forward over the plain walk."""
     saved = 0
     for graph, (request_id, prompt) in itertools.product(
@@ -199,7 +199,7 @@ def test_cross_block_needs_the_exact_no_cache_layout(fixture_model):
 
 
 def test_shared_mode_reports_agreement(fixture_model):
-    """`shared` is near-lossless: measured and reported, not asserted equal (SPEC §5.3)."""
+    """`shared` is near-lossless: measured and reported, not asserted equal (docs/algorithm.md §5.3)."""
     prompts = [torch.tensor([71, 124, 84, 108, 88]), torch.tensor([5, 9, 14]), torch.tensor([3])]
     agree = 0
     for prompt, cache in itertools.product(prompts, ["none", "prefix"]):
@@ -217,7 +217,7 @@ def test_shared_mode_reports_agreement(fixture_model):
 @pytest.mark.parametrize("temperature", [0.0, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("cache", ["none", "dual"])
 def test_keyed_draft_noise_is_lossless(fixture_model, remasking, temperature, cache):
-    """SPEC §5.7: drafts ranked under future steps' keyed noise; verification still decides."""
+    """docs/algorithm.md §5.7: drafts ranked under future steps' keyed noise; verification still decides."""
     prompt = torch.tensor([71, 124, 84, 108, 88])
     for graph in ("chain:6", "fig2"):
         assert_lossless_keyed = dict(
@@ -253,7 +253,7 @@ def test_keyed_drafts_recover_acceptance_at_high_temperature(fixture_model):
     assert nfe["keyed"] < nfe["none"]
 
 
-# --- SDAR (block-causal, SPEC §12): drafts are block rows against the exact cache; both fusions
+# --- SDAR (block-causal, docs/algorithm.md §12): drafts are block rows against the exact cache; both fusions
 
 SDAR_RULES = {
     "sdar_static": {"steps_per_block": 4},

@@ -1,4 +1,4 @@
-"""Our decoders reproduce LLaDA's `generate` and Fast-dLLM's three generators token for token (SPEC §8)."""
+"""Our decoders reproduce LLaDA's `generate` and Fast-dLLM's three generators token for token (docs/algorithm.md §8)."""
 
 from __future__ import annotations
 

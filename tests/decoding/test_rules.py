@@ -1,4 +1,4 @@
-"""Transition rules and tie handling on hand-made confidences (SPEC §2 steps 2 and 5, §3)."""
+"""Transition rules and tie handling on hand-made confidences (docs/algorithm.md §2 steps 2 and 5, §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Keyed randomness and the EOS options of a transition (SPEC §2.1, §2 step 6)."""
+"""Keyed randomness and the EOS options of a transition (docs/algorithm.md §2.1, §2 step 6)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _one_step(logits, **options):
 def test_confidence_eos_eot_option_changes_which_position_is_committed():
     """Position 0 predicts EoT with p = 0.9, position 1 predicts token 3 with p = 0.6. Plain confidence commits
     position 0 first; with `confidence_eos_eot_inf` the EoT logit is removed before the confidence softmax, so
-    position 0's predicted token has confidence 0 and position 1 is committed instead (SPEC §2 step 6)."""
+    position 0's predicted token has confidence 0 and position 1 is committed instead (docs/algorithm.md §2 step 6)."""
     probs = torch.tensor(
         [[0.01, 0.02, 0.90, 0.03, 0.04], [0.01, 0.02, 0.17, 0.60, 0.20]], dtype=torch.float64
     )

@@ -1,4 +1,4 @@
-"""SDAR's block decoder (SPEC §12) against `block_diffusion_generate` (the sdar_reference fixture): canvas and
+"""SDAR's block decoder (docs/algorithm.md §12) against `block_diffusion_generate` (the sdar_reference fixture): canvas and
 call counts of every case, the over-selection tie order, and the settings around it (stop ids, top-k/top-p)."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def test_every_generate_case_equals_the_reference_canvas_and_call_counts(sdar, c
 
 
 def test_fused_base_keeps_the_tokens_and_saves_one_call_per_block_boundary(sdar, cases):
-    """SPEC §12's second fusion on the base: the store forward also starts the next block."""
+    """docs/algorithm.md §12's second fusion on the base: the store forward also starts the next block."""
     for case in cases:
         kw = reference_kwargs(case)
         plain = spiffy.build_decoder(sdar, **kw).generate(torch.tensor(case["prompt"]))

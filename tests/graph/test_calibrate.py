@@ -223,7 +223,7 @@ SDAR_SETTINGS = [
 @pytest.mark.parametrize("settings", SDAR_SETTINGS)
 def test_evaluator_predicts_the_measured_nfe_on_sdar(sdar_fixture_dir, settings):
     """SDAR counts model calls (prefill, denoising, store): the same trajectories and evaluator predict
-    them exactly, and `nfe_base` is the published loop's count (SPEC §12)."""
+    them exactly, and `nfe_base` is the published loop's count (docs/algorithm.md §12)."""
     from tests.conftest import _never_predict_mask
 
     model = spiffy.load_model(sdar_fixture_dir, dtype=torch.float64)

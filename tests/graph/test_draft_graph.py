@@ -1,4 +1,4 @@
-"""Draft graphs: validation names the bad node, JSON round-trips, spec strings (SPEC §5.2, §11)."""
+"""Draft graphs: validation names the bad node, JSON round-trips, spec strings (docs/algorithm.md §5.2, §11)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def test_rope_inverse_frequencies_are_float32(sdar, expected):
 
 @torch.no_grad()
 def test_cache_check_is_exact(sdar, expected):
-    """Prefill two blocks with store, then the third block alone against the cache (SPEC §12)."""
+    """Prefill two blocks with store, then the third block alone against the cache (docs/algorithm.md §12)."""
     case = expected["cache_check"]
     assert case["max_abs_diff_prefill_vs_full"] == case["max_abs_diff_block_vs_full"] == 0.0
     ids = torch.tensor([case["input_ids"]])
