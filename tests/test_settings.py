@@ -35,6 +35,12 @@ def test_unknown_names_raise_with_the_known_ones():
         rules.TransitionRule("fast")
     with pytest.raises(ValueError, match=r"cache='full' is not known; known: \['block_causal', 'dual', 'none', 'prefix'\]"):
         get_cache_mode("full")
+    from spiffy.graph.calibrate import SELECTORS, select_graph
+    from spiffy.graph.trajectories import Trajectories
+
+    with pytest.raises(ValueError, match=r"selection rule='fancy' must be one of \['best', "):
+        select_graph(Trajectories([], horizon=4), 3, "fancy")
+    assert set(SELECTORS) >= {"best", "degree0", "degree1", "total", "greedy", "phased"}
     with pytest.raises(ValueError, match=r"unknown decoder setting\(s\) \['turbo'\]"):
         spiffy.build_decoder(torch.nn.Linear(1, 1), turbo=True)
 

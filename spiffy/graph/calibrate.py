@@ -37,7 +37,45 @@ __all__ = [
     "walk_block",
 ]
 
-SELECTION_RULES = ("best", "degree0", "degree1", "total", "greedy", "phased")
+def _select_best(trajectories, budget, *, cross_block, max_candidates, provenance) -> DraftGraph:
+    from spiffy.graph.selection import select_best
+
+    return select_best(trajectories, budget, cross_block=cross_block, provenance=provenance)
+
+
+def _select_phased(trajectories, budget, *, cross_block, max_candidates, provenance) -> DraftGraph:
+    from spiffy.graph.phases import select_phased
+
+    graph = select_phased(trajectories, budget, cross_block=cross_block)
+    return replace(graph, provenance=provenance or {})
+
+
+def _static_selector(rule: str):
+    def select(trajectories, budget, *, cross_block, max_candidates, provenance) -> DraftGraph:
+        counts, parents = key_statistics(trajectories, cross_block=cross_block)
+        chosen = _grow(budget, counts, parents, _static_scores(rule, counts, parents))
+        return graph_from_keys(chosen, parents, budget, rule, provenance)
+
+    return select
+
+
+def _select_greedy(trajectories, budget, *, cross_block, max_candidates, provenance) -> DraftGraph:
+    counts, parents = key_statistics(trajectories, cross_block=cross_block)
+    chosen = _greedy(trajectories, budget, counts, parents, max_candidates, cross_block)
+    return graph_from_keys(chosen, parents, budget, "greedy", provenance)
+
+
+# The selection-rule registry (docs/extending.md): name -> selector(trajectories, budget, *, cross_block,
+# max_candidates, provenance) -> DraftGraph. A new rule is one entry here.
+SELECTORS: dict = {
+    "best": _select_best,
+    "degree0": _static_selector("degree0"),
+    "degree1": _static_selector("degree1"),
+    "total": _static_selector("total"),
+    "greedy": _select_greedy,
+    "phased": _select_phased,
+}
+SELECTION_RULES = tuple(SELECTORS)
 
 
 def key_statistics(
@@ -75,10 +113,13 @@ def _ancestor_sets(parents: dict[Formula, set[Formula]]) -> dict[Formula, frozen
 
 
 def _static_scores(rule: str, counts: Counter, parents) -> dict[Formula, float]:
+    """Scores of the count-based rules: `degree0`, `degree1` (the paper's) and `total`."""
     if rule == "degree0":
         return {k: float(c) for k, c in counts.items()}
     if rule == "degree1":
         return {k: c + sum(counts[p] for p in parents[k] if p != EMPTY) for k, c in counts.items()}
+    if rule != "total":
+        raise ValueError(f"selection rule={rule!r} has no count-based score")
     ancestors = _ancestor_sets(parents)
     return {k: c + sum(counts[a] for a in ancestors.get(k, ())) for k, c in counts.items()}
 
@@ -96,25 +137,17 @@ def select_graph(
 
     `best` (the default of the runner) is `spiffy.graph.selection.select_best`: the cross-validated choice
     among every other rule and the built-in graphs; `phased` is `spiffy.graph.phases.select_phased`."""
-    if rule not in SELECTION_RULES:
-        raise ValueError(f"selection rule={rule!r} must be one of {list(SELECTION_RULES)}")
+    if rule not in SELECTORS:
+        raise ValueError(f"selection rule={rule!r} must be one of {list(SELECTORS)}")
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget={budget!r} must be a positive integer")
-    if rule == "best":
-        from spiffy.graph.selection import select_best
-
-        return select_best(trajectories, budget, cross_block=cross_block, provenance=provenance)
-    if rule == "phased":
-        from spiffy.graph.phases import select_phased
-
-        graph = select_phased(trajectories, budget, cross_block=cross_block)
-        return replace(graph, provenance=provenance or {})
-    counts, parents = key_statistics(trajectories, cross_block=cross_block)
-    if rule == "greedy":
-        chosen = _greedy(trajectories, budget, counts, parents, max_candidates, cross_block)
-    else:
-        chosen = _grow(budget, counts, parents, _static_scores(rule, counts, parents))
-    return graph_from_keys(chosen, parents, budget, rule, provenance)
+    return SELECTORS[rule](
+        trajectories,
+        budget,
+        cross_block=cross_block,
+        max_candidates=max_candidates,
+        provenance=provenance,
+    )
 
 
 def graph_from_keys(
