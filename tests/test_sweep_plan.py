@@ -35,7 +35,7 @@ def test_dry_run_lists_jobs_with_their_action(tmp_path, capsys):
 
 
 def test_dry_run_names_the_job_with_a_bad_value(capsys):
-    with pytest.raises(ValueError, match=r"job #1 \(graph.budget=-1\): graph.budget=-1 must be >= 0"):
+    with pytest.raises(ValueError, match=r"job #1 \(graph.budget=-1\): graph.budget=-1 must be 'auto' or an integer >= 0"):
         plan(["graph.budget=3,-1"])
     assert dry_run(["graph.budget=3,ten"]) == 1
     assert "job #1 (graph.budget=ten)" in capsys.readouterr().out
