@@ -185,7 +185,9 @@ class GraphConfig:
     # layout predicted fastest on this device (spiffy.graph.autotune). `Any`: OmegaConf has no int | str.
     budget: Any = AUTO
     max_budget: int = 10  # the largest D that budget=auto considers
-    auto_margin: float = 0.03  # budget=auto keeps the base unless a graph is predicted this much faster
+    auto_margin: float = (
+        0.03  # budget=auto keeps the base unless a graph is predicted this much faster
+    )
     rule: str = "best"  # selection rule for source=calibrate
     n_samples: int = 20  # calibration prompts
     prune: int | None = None  # dynamic pruning: keep D* of the budget per forward
@@ -221,7 +223,9 @@ class GraphConfig:
             raise ValueError("graph.source='file' needs graph.path")
         from spiffy.graph.builtin import check_budget
 
-        budget = self.max_budget if self.budget == AUTO else self.budget  # auto calibrates up to max_budget
+        budget = (
+            self.max_budget if self.budget == AUTO else self.budget
+        )  # auto calibrates up to max_budget
         check_budget(self.source, budget, self.rule, self.horizon)
 
 
@@ -288,7 +292,9 @@ class RunConfig:
         except ValueError as e:
             msg = str(e)
             prefix = "task." if msg.split("=")[0] in TASK_OWNED[:2] else "decoder."
-            raise ValueError(prefix + msg if not msg.startswith(("decoder.", "task.")) else msg) from None
+            raise ValueError(
+                prefix + msg if not msg.startswith(("decoder.", "task.")) else msg
+            ) from None
         if self.graph.budget == AUTO and self.decoder.speculate:
             check_auto(self.decoder)
 

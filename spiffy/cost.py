@@ -115,13 +115,18 @@ class CostModel:
                 [float(x) for x in data["base_forward_ms"]],
                 float(data["block_start_ms"]),
                 float(data["step_ms"]),
-                {k: {int(n): float(x) for n, x in v.items()} for k, v in data["overhead_ms"].items()},
+                {
+                    k: {int(n): float(x) for n, x in v.items()}
+                    for k, v in data["overhead_ms"].items()
+                },
                 dict(data.get("meta", {})),
             )
             if len(model.base_forward_ms) != len(model.blocks):
                 raise ValueError("base_forward_ms does not match blocks")
             for layout, table in model.forward_ms.items():
-                if len(table) != len(model.blocks) or any(len(r) != len(model.states) for r in table):
+                if len(table) != len(model.blocks) or any(
+                    len(r) != len(model.states) for r in table
+                ):
                     raise ValueError(f"forward_ms[{layout!r}] does not match blocks x states")
                 if not model.overhead_ms.get(layout):
                     raise ValueError(f"no overhead_ms for layout {layout!r}")
@@ -161,7 +166,9 @@ def time_forwards(
     starts: list[float] = []
     times = {(lay, b, n): [] for lay in layouts for b in blocks for n in states}
     plain: dict[int, list[float]] = {b: [] for b in blocks}
-    held = None  # as in the acceptance walk, the last forward's logits stay alive during the next one
+    held = (
+        None  # as in the acceptance walk, the last forward's logits stay alive during the next one
+    )
     for r in range(rounds + 1):  # round 0 warms up
         for b in [blocks[i] for i in torch.randperm(len(blocks), generator=gen).tolist()]:
             block = slice(prompt_len + b * lb, prompt_len + (b + 1) * lb)
@@ -232,7 +239,9 @@ def time_outside_model(
     for (lay, nodes), values in per_prompt.items():
         if lay == "base":
             continue
-        extra = sum(values) - sum(base)  # noise can make it slightly negative: no overhead is the floor
+        extra = sum(values) - sum(
+            base
+        )  # noise can make it slightly negative: no overhead is the floor
         overhead[lay][nodes] = max(0.0, 1000 * extra / max(1, sum(forwards[(lay, nodes)])))
     base_model_ms = 1000 * sum(statistics.median(v) for v in model_s)
     return step_ms, overhead, base_model_ms, sum(forwards[("base", 0)])

@@ -29,9 +29,10 @@ ROW_SUFFIX = ".json"
 
 def speculates(config: dict) -> bool:
     """Whether a resolved job config drafts anything (Spiffy with a graph of at least one node)."""
-    return bool(config.get("decoder", {}).get("speculate")) and config.get("graph", {}).get(
-        "budget", 0
-    ) != 0
+    return (
+        bool(config.get("decoder", {}).get("speculate"))
+        and config.get("graph", {}).get("budget", 0) != 0
+    )
 
 
 def job_key(config: dict) -> str:
@@ -40,7 +41,9 @@ def job_key(config: dict) -> str:
     A job that does not speculate ignores its graph settings, so the vanilla jobs of a `graph.budget` sweep share
     one key (one run, the others skip). Keys of speculating jobs are unchanged from the JSONL era.
     """
-    relevant = {k: v for k, v in config.items() if k not in ("tracking", "force", "eval", "dry_run")}
+    relevant = {
+        k: v for k, v in config.items() if k not in ("tracking", "force", "eval", "dry_run")
+    }
     relevant["eval_compare_base"] = config.get("eval", {}).get("compare_base")
     if not speculates(config):
         relevant.pop("graph", None)

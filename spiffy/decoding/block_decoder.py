@@ -21,11 +21,14 @@ built from the device-side end of the walk before the read, so their validity co
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from spiffy.decoding.batching import BatchRunner
 from spiffy.decoding.block_causal import BlockCausalCache
 from spiffy.decoding.config import SDAR_RULES, GenerationConfig
 from spiffy.decoding.drafting import Drafts
@@ -33,7 +36,7 @@ from spiffy.decoding.forward import STRATEGIES, ForwardStrategy
 from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
 from spiffy.decoding.sampling import Distributions, TransitionContext, pick, transition
-from spiffy.decoding.types import DecodeResult, DecodeStats
+from spiffy.decoding.types import BatchDecodeResult, DecodeResult, DecodeStats
 from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay
 from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec, model_spec
@@ -82,7 +85,8 @@ class WalkEnd:
 
 
 class BlockDecoder:
-    """Base decoder. `generate(prompt_ids, request_id=, seed=)` returns a `DecodeResult`."""
+    """Base decoder. `generate(prompt_ids, request_id=, seed=)` returns a `DecodeResult`;
+    `generate_batch(prompts, request_ids, seed)` decodes many prompts per forward with the same outputs."""
 
     def __init__(
         self,
@@ -214,6 +218,43 @@ class BlockDecoder:
         stats.generated_tokens = int(eos[0]) if len(eos) else tokens.numel()
         stats.wall_s = time.perf_counter() - t0
         return DecodeResult(tokens=tokens, stats=stats, canvas=canvas.clone())
+
+    def generate_batch(
+        self,
+        prompts: Sequence[torch.Tensor | list[int]],
+        request_ids: Sequence[int | str] | None = None,
+        seed: int = 0,
+        *,
+        batch_size: int | None = None,
+        tolerance: float = 0.25,
+        on_result: Callable[[int, DecodeResult], None] | None = None,
+    ) -> BatchDecodeResult:
+        """Decode many prompts, up to `batch_size` at a time (default: all), each exactly as `generate` would
+        (docs/algorithm.md §13): every request keeps its own canvas, NFE and keyed noise; forwards carry the rows
+        of every live request, bucketed by query length (`tolerance`: the padding allowed, as a fraction of a
+        bucket's longest query). A finished request leaves and the next prompt joins; `on_result(i, result)` is
+        called as each finishes. `request_ids` default to the prompts' indices."""
+        ids = list(range(len(prompts))) if request_ids is None else list(request_ids)
+        if len(ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(ids)} request_ids")
+        checked = []
+        for i, prompt in enumerate(prompts):
+            try:
+                checked.append(self.prepare_prompt(prompt))
+            except ValueError as error:
+                raise ValueError(f"prompts[{i}]: {error}") from None
+        runner = BatchRunner(
+            self.model,
+            len(prompts) if batch_size is None else batch_size,
+            block_causal=self.spec.block_causal,
+            tolerance=tolerance,
+            on_done=on_result,
+        )
+        jobs = [
+            functools.partial(self.generate, p, request_id=r, seed=seed)
+            for p, r in zip(checked, ids, strict=True)
+        ]
+        return BatchDecodeResult(runner.run(jobs), runner.stats)
 
     def decode_block(
         self,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from spiffy.decoding.batching import active_runner
 from spiffy.models.base import DiffusionLM
 from spiffy.models.kv import KVCache
 
@@ -75,6 +76,11 @@ class ForwardStrategy:
         """One model forward (one NFE); `draft_rows` of its query rows belong to drafts."""
         self.timer.draft_query_tokens += draft_rows
         self.timer.query_tokens += input_ids.numel()
+        runner = active_runner()
+        if runner is not None:  # batched decoding: the runner stacks this call with other requests'
+            out, seconds = runner.submit(input_ids, kwargs)
+            self.timer.model_s += seconds
+            return out
         on_gpu = input_ids.device.type == "cuda"
         if on_gpu and not self.profile:
             self.timer.model_s = float("nan")

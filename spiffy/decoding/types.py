@@ -91,3 +91,21 @@ class DecodeResult:
     tokens: torch.Tensor
     stats: DecodeStats
     canvas: torch.Tensor | None = None
+
+
+@dataclass
+class BatchDecodeResult:
+    """`generate_batch`'s results, one `DecodeResult` per prompt in prompt order (iterable and indexable like a
+    list), and how the batch ran (`spiffy.decoding.batching.BatchStats`: forwards, calls and rows per forward)."""
+
+    results: list[DecodeResult]
+    batch: object
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __getitem__(self, i: int) -> DecodeResult:
+        return self.results[i]

@@ -11,11 +11,13 @@ A decoder calls a model in exactly one way:
 - `attention_mask`: bool (B, Q, K), True = attend; the key axis is `[cached keys (L_c), this row's fresh keys (Q)]`.
 - `kv_cache`: a frozen `KVCache` (batch 1) that all B rows share; no forward writes into it.
 - `return_kv`: also return this call's fresh post-RoPE K/V per layer (the block-start forward that fills a cache).
-- `logits_at`: the query rows (a slice, or a LongTensor (P,)) whose *position-aligned* logits the caller reads;
-  None = every row. The LM head runs on those rows only: a shifted family (Dream) maps each row to the hidden
+- `logits_at`: the query rows (a slice, a LongTensor (P,), or (B, P) for rows of their own) whose
+  *position-aligned* logits the caller reads; None = every row. The LM head runs on those rows only: a shifted family (Dream) maps each row to the hidden
   state it needs, or to the cache's `boundary_logits` for the first cached-out position.
 
-It returns a `DiffusionLMOutput` with logits (B, P, V). A new family (SDAR, ...) implements this signature and
+It returns a `DiffusionLMOutput` with logits (B, P, V). For batched decoding (docs/algorithm.md §13) a model also
+gives its default attention as an explicit mask, `model.default_attention_mask(positions (B, Q), kv_cache)`
+(B, Q, L_c + Q), and accepts a stacked `KVCache` (`spiffy.models.kv.stack_caches`). A new family (SDAR, ...) implements this signature and
 registers its config class in `spiffy.models.loading`; decoders need nothing else from it.
 """
 
@@ -60,6 +62,10 @@ class DiffusionLM(Protocol):
         logits_at: LogitsRows | None = None,
     ) -> DiffusionLMOutput: ...
 
+    def default_attention_mask(
+        self, positions: torch.Tensor, kv_cache: KVCache | None
+    ) -> torch.Tensor: ...
+
 
 def position_tensor(
     position_ids: Positions | None, q_len: int, start: int, limit: tuple[str, int], device
@@ -102,6 +108,17 @@ def row_slice(logits_at: LogitsRows | None, q_len: int) -> slice | None:
             raise ValueError(f"logits_at={logits_at!r} must be a non-empty unit-step slice")
         return slice(start, stop)
     return None
+
+
+def select_rows(x: torch.Tensor, logits_at: LogitsRows | None) -> torch.Tensor:
+    """Rows `logits_at` of hidden states `x` (B, Q, d): a slice or (P,) index shared by every batch row, or
+    (B, P) indices of each row's own."""
+    rows = row_slice(logits_at, x.shape[1])
+    if rows is not None:
+        return x[:, rows]
+    if logits_at.dim() == 2:
+        return x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+    return x.index_select(1, logits_at)
 
 
 class RopeTables:

@@ -27,7 +27,7 @@ from spiffy.models.base import (
     position_tensor,
     row_slice,
 )
-from spiffy.models.kv import KVCache, bidirectional_attention, plan_attention
+from spiffy.models.kv import KVCache, bidirectional_attention, bidirectional_mask, plan_attention
 from spiffy.models.llada import RMSNorm
 
 
@@ -241,6 +241,12 @@ class DreamModel(PreTrainedModel):
             logits = self._aligned(h, logits_at, positions.expand(B, Q), attention_mask, kv_cache)
         return DiffusionLMOutput(logits=logits, present=present)
 
+    def default_attention_mask(
+        self, positions: torch.Tensor, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        """Bidirectional attention as an explicit mask (B, Q, L_c + Q) (`spiffy.models.base`)."""
+        return bidirectional_mask(positions, kv_cache)
+
     def _boundary(self, kv_cache: KVCache | None, position: int) -> torch.Tensor:
         if kv_cache is None or kv_cache.boundary_logits is None or kv_cache.insert_at != position:
             raise ValueError(
@@ -264,24 +270,26 @@ class DreamModel(PreTrainedModel):
         return torch.cat([first, raw], dim=1)
 
     def _aligned(self, h, rows: torch.Tensor, positions, attention_mask, kv_cache) -> torch.Tensor:
-        """General layouts (masks, appended drafts): aligned[r] = raw[r'] with r' the visible query row at
-        position pos[r] - 1 (docs/algorithm.md §9); the LM head runs on the P selected source rows only."""
+        """General layouts (masks, appended drafts, per-row `rows` (B, P)): aligned[r] = raw[r'] with r' the
+        visible query row at position pos[r] - 1 (docs/algorithm.md §9); the LM head runs on the P selected source
+        rows only. A row whose previous position is cached out takes its cache's boundary logits."""
         B, Q = positions.shape
-        pos = positions[:, rows]  # (B, P)
+        rows = rows.expand(B, -1) if rows.dim() == 1 else rows  # (B, P)
+        pos = positions.gather(1, rows)
         prev = positions[:, None, :] == (pos[:, :, None] - 1)  # (B, P, Q): row r -> source r'
         if attention_mask is not None:  # the query rows' own keys follow the cached ones
             lo = kv_cache.length if kv_cache is not None else 0
-            prev &= attention_mask[:, rows, lo : lo + Q]
+            own = attention_mask[:, :, lo : lo + Q]
+            prev &= own.gather(1, rows[..., None].expand(-1, -1, Q))
         has_prev = prev.any(-1)
-        source = torch.where(has_prev, prev.to(torch.int8).argmax(-1), rows.expand(B, -1))
+        source = torch.where(has_prev, prev.to(torch.int8).argmax(-1), rows)
         hidden = h.gather(1, source[..., None].expand(B, -1, h.shape[-1]))
         logits = self.lm_head(hidden)
         missing = ~has_prev & (pos != 0)
         if bool(missing.any()):
-            boundary = self._boundary(kv_cache, int(pos[missing].min()))
-            if bool((pos[missing] != kv_cache.insert_at).any()):
-                raise ValueError(
-                    "Dream: a query row's previous position is neither visible nor cached"
-                )
-            logits = torch.where(missing[..., None], boundary.to(logits.dtype), logits)
+            b, p = missing.nonzero(as_tuple=True)
+            if kv_cache is None:
+                self._boundary(None, int(pos[b[0], p[0]]))  # raises
+            boundary = kv_cache.boundary(b, pos[b, p])
+            logits = logits.index_put((b, p), boundary.to(logits.dtype))
         return logits

@@ -1,7 +1,9 @@
 """Key/value caches and the attention over them (docs/algorithm.md §4, §5.3).
 
 A `KVCache` holds post-RoPE keys and values of canvas positions, one `(k, v)` pair per layer, with batch 1: one
-frozen cache shared by every block state verified in a forward. Queries attend to `[cached keys, fresh keys]`:
+frozen cache shared by every block state verified in a forward. A *stacked* cache (`stack_caches`, batched
+decoding of many requests, docs/algorithm.md §13) holds C requests' caches, padded to one length, and serves
+`group` consecutive query rows each: row b reads cache `b // group`. Queries attend to `[cached keys, fresh keys]`:
 
 * prefix cache: the cache holds positions `[0, s)`; queries are `[s, L)`.
 * dual cache:   the cache holds the whole canvas; queries are the block `[s, e)`; the cached block columns
@@ -29,17 +31,41 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class KVCache:
-    """Frozen per-layer keys/values, each `(1, H_kv, L_c, head_dim)`, plus the masked-out block region."""
+    """Frozen per-layer keys/values, each `(1, H_kv, L_c, head_dim)`, plus the masked-out block region.
+
+    Stacked (`group > 0`): each `(C, H_kv, L_c, head_dim)`, the caches `parts` zero-padded to one length; which
+    keys a row sees then comes only from the call's explicit `attention_mask` (`insert_at = replace = 0`)."""
 
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     insert_at: int
     replace: int = 0
     boundary_logits: torch.Tensor | None = None  # (V,) aligned logits at position `insert_at`
+    group: int = 0  # stacked caches: query rows per cache (0: one cache for every row)
+    parts: tuple[KVCache, ...] = ()  # stacked caches: the request caches, in order
     _masks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.layers and self.layers[0][0].shape[0] != 1:
-            raise ValueError(f"KVCache holds batch 1, got {self.layers[0][0].shape[0]}")
+        batch = self.layers[0][0].shape[0] if self.layers else 1
+        if self.group == 0 and batch != 1:
+            raise ValueError(f"KVCache holds batch 1, got {batch} (stack caches with stack_caches)")
+        if self.group and batch != len(self.parts):
+            raise ValueError(f"a stacked KVCache of {batch} caches lists {len(self.parts)} parts")
+
+    def boundary(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Boundary logits (M, V) for batch rows `rows` (M,) whose query positions `positions` (M,) start
+        their cached-out region (docs/algorithm.md §9); raises `ValueError` where a cache holds none there."""
+        parts = self.parts or (self,)
+        owner = rows // self.group if self.group else torch.zeros_like(rows)
+        out = []
+        for c, position in zip(owner.tolist(), positions.tolist(), strict=True):
+            part = parts[c]
+            if part.boundary_logits is None or part.insert_at != position:
+                raise ValueError(
+                    f"Dream needs the logits of position {position - 1} for a query at position "
+                    f"{position}: pass a KVCache whose boundary_logits are at that position"
+                )
+            out.append(part.boundary_logits)
+        return torch.stack(out)
 
     @property
     def length(self) -> int:
@@ -103,6 +129,16 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
         ~mask, float("-inf")
     )
+
+
+def bidirectional_mask(positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """The default attention of LLaDA and Dream as an explicit bool mask (B, Q, L_c + Q) for query
+    positions (B, Q): every visible cached key and every fresh key (batched decoding stacks such masks)."""
+    b, q = positions.shape
+    own = torch.ones(b, q, q, dtype=torch.bool, device=positions.device)
+    if cache is None:
+        return own
+    return torch.cat([cache.visible(positions.device).expand(b, q, -1), own], dim=2)
 
 
 def plan_attention(
@@ -173,13 +209,15 @@ def bidirectional_attention(
     )  # as SDPA accumulates
     kv_heads = k.shape[1]
     g = H // kv_heads
-    k_c, v_c = cache.layers[layer]
-    n_cache = k_c.shape[2]
-    qg = (q.to(work) * hd**-0.5).view(B, kv_heads, g, Q, hd)
-    # scores against the shared cache, every row of every state folded into one product (rows (b, g, q))
-    folded = qg.transpose(0, 1).reshape(kv_heads, B * g * Q, hd)
-    s_c = torch.matmul(folded, k_c[0].to(work).transpose(-1, -2))  # (H_kv, B*G*Q, L_c)
-    s_c = s_c.view(kv_heads, B, g * Q, n_cache).transpose(0, 1)
+    k_c, v_c = cache.layers[layer]  # (C, H_kv, L_c, hd): C = 1, or C stacked caches of `group` rows
+    n_caches, n_cache = k_c.shape[0], k_c.shape[2]
+    rows = B // n_caches
+    qg = (q.to(work) * hd**-0.5).view(n_caches, rows, kv_heads, g, Q, hd)
+    # scores against the cache, every row of every state of a cache folded into one product (rows (b, g, q))
+    folded = qg.transpose(1, 2).reshape(n_caches, kv_heads, rows * g * Q, hd)
+    s_c = torch.matmul(folded, k_c.to(work).transpose(-1, -2))  # (C, H_kv, B/C*G*Q, L_c)
+    s_c = s_c.view(n_caches, kv_heads, rows, g * Q, n_cache).transpose(1, 2)
+    s_c = s_c.reshape(B, kv_heads, g * Q, n_cache)
     # and against each state's own fresh keys (batched over states): one softmax over both
     s_o = torch.matmul(qg.reshape(B, kv_heads, g * Q, hd), k.to(work).transpose(-1, -2))
     scores = torch.cat([s_c, s_o], dim=-1)
@@ -187,8 +225,13 @@ def bidirectional_attention(
     if mask is not None:
         scores = scores + mask
     p = torch.softmax(scores, dim=-1)
-    p_c = p[..., :n_cache].transpose(0, 1).reshape(kv_heads, B * g * Q, n_cache)
-    out_c = torch.matmul(p_c, v_c[0].to(work)).view(kv_heads, B, g * Q, hd).transpose(0, 1)
+    p_c = p[..., :n_cache].reshape(n_caches, rows, kv_heads, g * Q, n_cache).transpose(1, 2)
+    out_c = torch.matmul(p_c.reshape(n_caches, kv_heads, rows * g * Q, n_cache), v_c.to(work))
+    out_c = (
+        out_c.view(n_caches, kv_heads, rows, g * Q, hd)
+        .transpose(1, 2)
+        .reshape(B, kv_heads, g * Q, hd)
+    )
     out = out_c + torch.matmul(p[..., n_cache:], v.to(work))  # (B, H_kv, G*Q, hd)
     return out.to(dtype).reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd)
 
@@ -208,3 +251,23 @@ def append_kv(
             for (kc, vc), (k, v) in zip(cache.layers, fresh, strict=True)
         )
     return KVCache(fresh, insert_at=fresh[0][0].shape[2] if fresh else 0)
+
+
+def stack_caches(caches: list[KVCache], group: int) -> KVCache:
+    """One stacked cache over the request caches `caches` (each batch 1), zero-padded to the longest, for a
+    forward whose consecutive `group` query rows belong to each cache in turn (batched decoding). Which keys a
+    row sees (the padding, a recomputed block) must come with the call's `attention_mask`."""
+    if len(caches) == 1 and not caches[0].replace:
+        return caches[0]
+    longest = max(c.length for c in caches)
+    layers = []
+    for per_layer in zip(*(c.layers for c in caches), strict=True):
+        pair = []
+        for j in (0, 1):
+            first = per_layer[0][j]
+            out = first.new_zeros((len(caches), *first.shape[1:2], longest, first.shape[3]))
+            for c, kv in enumerate(per_layer):
+                out[c, :, : kv[j].shape[2]] = kv[j][0]
+            pair.append(out)
+        layers.append(tuple(pair))
+    return KVCache(tuple(layers), insert_at=0, group=group, parts=tuple(caches))

@@ -24,9 +24,15 @@ from spiffy.models.base import (
     Positions,
     RopeTables,
     position_tensor,
-    row_slice,
+    select_rows,
 )
-from spiffy.models.kv import AttentionPlan, KVCache, bidirectional_attention, plan_attention
+from spiffy.models.kv import (
+    AttentionPlan,
+    KVCache,
+    bidirectional_attention,
+    bidirectional_mask,
+    plan_attention,
+)
 
 __all__ = ["DiffusionLMOutput", "LLaDAConfig", "LLaDAModelLM"]
 
@@ -225,7 +231,7 @@ class LLaDAModelLM(PreTrainedModel):
             attention_mask: bool (B, Q, K) with True = attend, keys `[cache, own fresh]`; None = all.
             kv_cache: frozen K/V (batch 1) that every row attends to; never modified.
             return_kv: also return this call's fresh post-RoPE K/V per layer.
-            logits_at: query rows to project (slice or LongTensor); None = all rows.
+            logits_at: query rows to project (slice, LongTensor (P,) or per row (B, P)); None = all rows.
         """
         B, Q = input_ids.shape
         start = kv_cache.insert_at if kv_cache is not None else 0
@@ -240,7 +246,11 @@ class LLaDAModelLM(PreTrainedModel):
             x, fresh = block(x, sin_cos, plan, kv_cache, i)
             if return_kv:
                 present.append(fresh)
-        rows = row_slice(logits_at, Q)
-        x = x[:, rows] if rows is not None else x.index_select(1, logits_at)
-        logits = tr["ff_out"](tr["ln_f"](x))
+        logits = tr["ff_out"](tr["ln_f"](select_rows(x, logits_at)))
         return DiffusionLMOutput(logits=logits, present=tuple(present) if return_kv else None)
+
+    def default_attention_mask(
+        self, positions: torch.Tensor, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        """Bidirectional attention as an explicit mask (B, Q, L_c + Q) (`spiffy.models.base`)."""
+        return bidirectional_mask(positions, kv_cache)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from spiffy.models.base import select_rows
 from spiffy.models.dream import qwen_rope, rotate_half
 from spiffy.models.kv import KVCache, append_kv, bidirectional_attention
 from spiffy.models.llada import DiffusionLMOutput, RMSNorm
@@ -263,7 +264,7 @@ class SDARForCausalLM(PreTrainedModel):
             if return_kv or store_kv:
                 present.append(fresh)
         if logits_at is not None:
-            x = x[:, logits_at] if isinstance(logits_at, slice) else x.index_select(1, logits_at)
+            x = select_rows(x, logits_at)
         logits = self.lm_head(self.model.norm(x))
         stored = append_kv(kv_cache, present) if store_kv else None
         return SDAROutput(
@@ -274,6 +275,13 @@ class SDARForCausalLM(PreTrainedModel):
         self, position_ids: torch.Tensor, cache: KVCache | None
     ) -> torch.Tensor | None:
         """The block-causal mask for these query positions over the spliced keys; None when all true."""
+        mask = self.default_attention_mask(position_ids, cache)
+        return None if bool(mask.all()) else mask
+
+    def default_attention_mask(
+        self, position_ids: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
+        """Block-causal attention as an explicit mask (B, Q, L_c + Q) (`spiffy.models.base`)."""
         keys = position_ids
         if cache is not None:  # cached key i sits at position i; the queries are spliced in
             cached = torch.arange(cache.length, device=position_ids.device).expand(
@@ -281,5 +289,4 @@ class SDARForCausalLM(PreTrainedModel):
             )
             lo, hi = cache.insert_at, cache.insert_at + cache.replace
             keys = torch.cat([cached[:, :lo], position_ids, cached[:, hi:]], dim=1)
-        mask = block_causal_mask(position_ids, keys, self.config.block_size)
-        return None if bool(mask.all()) else mask
+        return block_causal_mask(position_ids, keys, self.config.block_size)

@@ -1,0 +1,234 @@
+"""Batched decoding (docs/algorithm.md §13): every request's tokens, canvas and NFE in a batch equal its batch-of-one
+result, whatever its batch-mates, their prompt lengths, the batch size and the order (float64)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+import spiffy
+from spiffy.decoding.batching import BatchAborted, CallStacker, ModelCall
+from spiffy.models.kv import KVCache, bidirectional_attention, stack_caches
+from tests.conftest import tiny_random_model, tiny_random_sdar
+from tests.decoding.test_losslessness import RULES, SDAR_RULES, draft_graphs
+
+PROMPTS = [[71, 124, 84, 108, 88], [5, 9], [33, 44, 55, 66, 77, 88, 99, 110, 12], [7]]
+
+
+def assert_batch_equals_alone(decoder, prompts, request_ids, seed=0, **batch_kw):
+    """Decode alone, then in a batch (and in reverse order); every request must come out the same."""
+    alone = [decoder.generate(p, request_id=r, seed=seed) for p, r in zip(prompts, request_ids)]
+    batch = decoder.generate_batch(prompts, request_ids, seed, **batch_kw)
+    backwards = decoder.generate_batch(prompts[::-1], request_ids[::-1], seed, **batch_kw)
+    for a, b, c in zip(alone, batch, reversed(list(backwards)), strict=True):
+        for other in (b, c):
+            assert torch.equal(a.tokens, other.tokens)
+            assert torch.equal(a.canvas, other.canvas)
+            assert a.stats.nfe == other.stats.nfe
+            assert a.stats.accepted_per_forward == other.stats.accepted_per_forward
+    return alone, batch
+
+
+@pytest.mark.parametrize(
+    ("rule", "cache", "temperature", "graph"),
+    list(itertools.product(RULES, ["none", "prefix", "dual"], [0.0, 0.7], [None, "fig2"])),
+)
+def test_every_llada_decoder_batched(fixture_model, rule, cache, temperature, graph):
+    speculate = spiffy.Speculation(graph) if graph else None
+    decoder = spiffy.build_decoder(
+        fixture_model,
+        gen_length=16,
+        block_length=8,
+        rule=rule,
+        cache=cache,
+        temperature=temperature,
+        speculate=speculate,
+        **RULES[rule],
+    )
+    alone, batch = assert_batch_equals_alone(decoder, PROMPTS, [3, "b", 3, 9], seed=5)
+    # fewer forwards than requests' calls: calls were really stacked
+    assert batch.batch.forwards < sum(r.stats.nfe for r in alone)
+    assert max(batch.batch.calls_per_forward) > 1
+
+
+@pytest.mark.parametrize(
+    ("cache", "graph", "verify"),
+    [
+        ("none", None, "exact"),
+        ("dual", None, "exact"),
+        ("none", "chain:4", "shared"),
+        ("prefix", "fig2", "shared"),
+        ("dual", "fig2", "exact"),
+    ],
+)
+def test_dream_batched(dream_fixture_dir, cache, graph, verify):
+    model = spiffy.load_model(dream_fixture_dir, dtype=torch.float64)
+    speculate = spiffy.Speculation(graph, verify=verify) if graph else None
+    decoder = spiffy.build_decoder(
+        model, gen_length=16, block_length=8, cache=cache, speculate=speculate, temperature=0.5
+    )
+    vocab = model.config.vocab_size
+    prompts = [[t % vocab for t in p] for p in PROMPTS]
+    assert_batch_equals_alone(decoder, prompts, [0, 1, 2, 3], seed=2)
+
+
+@pytest.mark.parametrize(
+    ("rule", "fuse_store", "fuse_next"),
+    [(r, s, n) for r in SDAR_RULES for s, n in [(False, False), (True, True), (False, True)]],
+)
+def test_sdar_batched(rule, fuse_store, fuse_next):
+    model = tiny_random_sdar(seed=1, block_size=4)
+    for spec in (None, spiffy.Speculation("fig2", fuse_store=fuse_store)):
+        decoder = spiffy.build_decoder(
+            model,
+            gen_length=10,
+            block_length=4,
+            rule=rule,
+            fuse_next=fuse_next,
+            temperature=0.5,
+            speculate=spec,
+            **SDAR_RULES[rule],
+        )
+        prompts = [[t % 20 for t in p] for p in PROMPTS]
+        assert_batch_equals_alone(decoder, prompts, [0, 1, 2, 3], seed=4)
+
+
+def test_continuous_batching_and_stats(fixture_model):
+    """batch_size < requests: a finished request leaves, the next joins; results come back in prompt order."""
+    decoder = spiffy.build_decoder(
+        fixture_model,
+        gen_length=16,
+        block_length=8,
+        cache="dual",
+        rule="threshold",
+        tau=0.6,
+        speculate=spiffy.Speculation("chain:4"),
+    )
+    prompts = PROMPTS * 2
+    done = []
+    alone, batch = assert_batch_equals_alone(
+        decoder, prompts, list(range(8)), batch_size=3, on_result=lambda i, r: done.append(i)
+    )
+    assert sorted(done) == sorted(list(range(8)) * 2)  # the batch, then the reversed batch
+    assert max(batch.batch.calls_per_forward) <= 3
+    assert len(batch.batch.rows_per_forward) == batch.batch.forwards
+    nfe = [r.stats.nfe for r in alone]
+    assert len(set(nfe)) > 1  # requests finish independently, with their own NFE
+
+
+def test_batch_input_errors(fixture_model):
+    decoder = spiffy.build_decoder(fixture_model, gen_length=8, block_length=8)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        decoder.generate_batch(PROMPTS, batch_size=0)
+    with pytest.raises(ValueError, match="4 prompts but 2 request_ids"):
+        decoder.generate_batch(PROMPTS, [0, 1])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: prompt_ids contain 99999"):
+        decoder.generate_batch([[1, 2], [99999]])
+
+
+def test_a_failing_request_stops_the_batch(fixture_model):
+    """An error in one request's decode reaches the caller; the others are stopped, not left waiting."""
+    decoder = spiffy.build_decoder(fixture_model, gen_length=16, block_length=8)
+    original = decoder.decode_block
+
+    def failing(canvas, block, b, *args, **kwargs):
+        if canvas.numel() == len(PROMPTS[1]) + 16 and b == 1:
+            raise RuntimeError("request 1 fails in its second block")
+        return original(canvas, block, b, *args, **kwargs)
+
+    decoder.decode_block = failing
+    with pytest.raises(RuntimeError, match="request 1 fails"):
+        decoder.generate_batch(PROMPTS, batch_size=4)
+    assert not isinstance(RuntimeError("x"), BatchAborted)
+
+
+def test_stacked_cache_attention_equals_each_cache_alone():
+    """Rows of several requests, each with its own cache (different lengths), in one attention call."""
+    torch.manual_seed(0)
+    heads, kv_heads, hd, q = 4, 2, 8, 3
+    caches, queries, fresh = [], [], []
+    for length, rows in [(5, 2), (9, 1), (7, 3)]:
+        layers = ((torch.randn(1, kv_heads, length, hd, dtype=torch.float64),) * 2,)
+        caches.append(KVCache(layers, insert_at=length))
+        queries.append(torch.randn(rows, heads, q, hd, dtype=torch.float64))
+        fresh.append(torch.randn(rows, kv_heads, q, hd, dtype=torch.float64))
+    group = 3
+    stacked = stack_caches(caches, group)
+    mask = torch.zeros(3 * group, q, stacked.length + q, dtype=torch.bool)
+    qs, ks = [], []
+    for c, (cache, qq, kk) in enumerate(zip(caches, queries, fresh)):
+        pad = group - qq.shape[0]
+        qs.append(torch.cat([qq, qq[:1].expand(pad, -1, -1, -1)]))
+        ks.append(torch.cat([kk, kk[:1].expand(pad, -1, -1, -1)]))
+        mask[c * group : (c + 1) * group, :, : cache.length] = True
+        mask[c * group : (c + 1) * group, :, stacked.length :] = True
+    together = bidirectional_attention(
+        torch.cat(qs), torch.cat(ks), torch.cat(ks), mask, stacked, 0
+    )
+    for c, (cache, qq, kk) in enumerate(zip(caches, queries, fresh)):
+        alone = bidirectional_attention(qq, kk, kk, None, cache, 0)
+        rows = together[c * group : c * group + qq.shape[0]]
+        torch.testing.assert_close(rows, alone, rtol=0, atol=1e-12)
+
+
+def test_buckets_keep_calls_apart_by_kind_and_length():
+    stacker = CallStacker(torch.nn.Identity(), block_causal=False, tolerance=0.25)
+    cache = KVCache(((torch.zeros(1, 1, 4, 2),) * 2,), insert_at=4)
+
+    def call(order, q, **kw):
+        return ModelCall(order, torch.zeros(1, q, dtype=torch.long), kw)
+
+    calls = [
+        call(0, 100),
+        call(1, 90),
+        call(2, 60),
+        call(3, 8, kv_cache=cache),
+        call(4, 8, kv_cache=cache),
+        call(5, 8, store_kv=True),
+    ]
+    groups = [[c.order for c in g] for g in stacker.buckets(calls)]
+    assert sorted(groups) == [[0, 1], [2], [3, 4], [5]]
+    with pytest.raises(ValueError, match="tolerance=1"):
+        CallStacker(torch.nn.Identity(), block_causal=False, tolerance=1)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate])
+@given(
+    model_seed=st.integers(0, 3),
+    prompts=st.lists(st.lists(st.integers(0, 19), min_size=1, max_size=9), min_size=2, max_size=4),
+    blocks=st.sampled_from([(8, 4), (12, 4), (16, 8)]),
+    rule=st.sampled_from(list(RULES)),
+    cache=st.sampled_from(["none", "prefix", "dual"]),
+    temperature=st.sampled_from([0.0, 0.5, 1.5]),
+    graph=st.one_of(st.none(), draft_graphs()),
+    seed=st.integers(0, 1000),
+    batch_size=st.integers(1, 4),
+    sdar=st.booleans(),
+)
+def test_property_batch_equals_batch_of_one(
+    model_seed, prompts, blocks, rule, cache, temperature, graph, seed, batch_size, sdar
+):
+    gen_length, block_length = blocks
+    if sdar:
+        model = tiny_random_sdar(seed=model_seed, block_size=block_length)
+        rule, kw = "sdar_static", {"steps_per_block": block_length}
+        cache = "none"  # implies SDAR's exact block-causal cache
+    else:
+        model, kw = tiny_random_model(seed=model_seed), RULES[rule]
+    speculate = spiffy.Speculation(graph) if graph is not None else None
+    decoder = spiffy.build_decoder(
+        model,
+        gen_length=gen_length,
+        block_length=block_length,
+        rule=rule,
+        cache=cache,
+        temperature=temperature,
+        speculate=speculate,
+        **kw,
+    )
+    ids = [seed + i for i in range(len(prompts))]
+    assert_batch_equals_alone(decoder, prompts, ids, seed=seed, batch_size=batch_size)
