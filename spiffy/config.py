@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from spiffy.decoding.batching import parse_batch_size
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.modes import check_cross_block, get_cache_mode, get_layout, is_lossless
 from spiffy.decoding.speculative import Speculation
@@ -247,10 +248,17 @@ class EvalConfig:
         1  # torch threads (0 = torch's default); recorded in every row (env.torch_threads)
     )
     progress: bool = True
+    # requests decoded per forward (docs/algorithm.md §13; outputs unchanged): a positive integer, or "auto" (all
+    # of lm-eval's requests in flight, up to 64). README "Batched decoding" measures which is fastest here.
+    batch_size: Any = 16
 
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ValueError(f"eval.threads={self.threads} must be >= 0 (0 = torch's default)")
+        try:
+            parse_batch_size(self.batch_size)
+        except ValueError as error:
+            raise ValueError(f"eval.{error}") from None
 
 
 @dataclass

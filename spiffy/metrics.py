@@ -48,7 +48,9 @@ def summarize(records: list[RequestRecord], scores: dict[str, float]) -> dict[st
         # per forward that performed a transition (SDAR's prefill and plain store calls perform none)
         "accepted_per_forward": transitions / sum(hist.values()) - 1 if hist else float("nan"),
         "tokens_per_s": tokens / wall if wall else float("nan"),
-        "latency_s_p50": statistics.median(s.wall_s for s in stats) if stats else float("nan"),
+        "latency_s_p50": statistics.median(s.latency_s or s.wall_s for s in stats)
+        if stats
+        else float("nan"),
         "draft_query_tokens_per_forward": sum(s.draft_query_tokens for s in stats) / max(1, nfe),
         "overhead_share": sum(s.overhead_s for s in stats) / model_s if model_s else 0.0,
         "draft_share": sum(s.draft_s for s in stats) / model_s if model_s else 0.0,

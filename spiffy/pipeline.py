@@ -331,6 +331,7 @@ def evaluate_job(cfg: RunConfig):
         seed=cfg.seed,
         chat_template=cfg.model.chat_template,
         progress=cfg.eval.progress,
+        batch_size=cfg.eval.batch_size,
     )
     results = evaluate_task(cfg, lm)
     metrics = summarize(lm.records, task_scores(results, cfg.task.lm_eval_task))

@@ -303,6 +303,20 @@ def _pad(t: torch.Tensor, size: int, dim: int, value: int | None = None) -> torc
     return torch.cat([t, fill], dim=dim)
 
 
+def parse_batch_size(value) -> int | str:
+    """A positive integer or "auto" (lm-eval passes strings: "16", "auto"; "auto:N" reads as "auto")."""
+    text = str(value)
+    if text.startswith("auto"):
+        return "auto"
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1 or isinstance(value, bool) or (isinstance(value, float) and value != size):
+        raise ValueError(f"batch_size={value!r} must be a positive integer or 'auto'")
+    return size
+
+
 _RUNNING, _WAITING, _DONE = "running", "waiting", "done"
 
 
@@ -315,11 +329,17 @@ class _Worker:
     result: Any = None
     error: BaseException | None = None
     abort: bool = False
+    go: threading.Event = field(default_factory=threading.Event)
 
 
 class BatchRunner:
     """Runs jobs (each one request's batch-of-one decode) with at most `max_batch` of them live, stacking
-    their model calls round by round (module docstring). `run(jobs)` returns the results in job order."""
+    their model calls round by round (module docstring). `run(jobs)` returns the results in job order.
+
+    Only one thread runs at a time: the runner hands a baton to each live job in turn, which walks until its
+    next model call (or its end) and hands it back; then the runner runs the round's forwards. So the jobs'
+    host work is never slowed by contention for the interpreter, scheduling is deterministic, and each job's
+    wall-clock share is exact: its own walking time plus its share of the forwards (by query rows)."""
 
     def __init__(
         self,
@@ -336,7 +356,8 @@ class BatchRunner:
         self.stacker = CallStacker(model, block_causal=block_causal, tolerance=tolerance)
         self.on_done = on_done
         self.stats = BatchStats()
-        self._cond = threading.Condition()
+        self.shares: list[float] = []  # each job's share of the wall-clock
+        self._back = threading.Event()
 
     # ---- inside a worker ------------------------------------------------------------------------------
 
@@ -344,64 +365,73 @@ class BatchRunner:
         """Hand one model call to the runner and wait for its output; returns (output, its model seconds)."""
         worker: _Worker = _local.worker
         call = ModelCall(worker.index, input_ids, kwargs)
-        with self._cond:
-            worker.call, worker.state = call, _WAITING
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: worker.state != _WAITING)
-            if worker.abort:
-                raise BatchAborted("another request of the batch failed")
+        worker.call, worker.state = call, _WAITING
+        self._pass_baton(worker)
+        if worker.abort:
+            raise BatchAborted("another request of the batch failed")
         if call.error is not None:
             raise call.error
         return call.out, call.seconds
 
+    def _pass_baton(self, worker: _Worker) -> None:
+        self._back.set()
+        worker.go.wait()
+        worker.go.clear()
+
     def _work(self, worker: _Worker, job: Callable[[], Any]) -> None:
         _local.runner, _local.worker = self, worker
+        worker.go.wait()
+        worker.go.clear()
         try:
             worker.result = job()
         except BaseException as error:  # handed to the runner's thread, which re-raises it
             worker.error = error
         finally:
-            with self._cond:
-                worker.state = _DONE
-                self._cond.notify_all()
+            worker.state = _DONE
+            self._back.set()
 
     # ---- the runner's thread ----------------------------------------------------------------------------
+
+    def _resume(self, worker: _Worker) -> None:
+        """Let `worker` walk until its next call or its end."""
+        t = time.perf_counter()
+        worker.state = _RUNNING
+        worker.go.set()
+        self._back.wait()
+        self._back.clear()
+        self.shares[worker.index] += time.perf_counter() - t
 
     def run(self, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
         """Run every job; re-raises the first failing job's error (in job order) after stopping the rest."""
         t0 = time.perf_counter()
+        self.shares = [0.0] * len(jobs)
         results: list[Any] = [None] * len(jobs)
         todo, live = deque(range(len(jobs))), []
         error: BaseException | None = None
-        with self._cond:
-            while todo or live:
-                while todo and len(live) < self.max_batch and error is None:
-                    live.append(self._start(todo.popleft(), jobs))
-                self._cond.wait_for(lambda: all(w.state != _RUNNING for w in live))
-                finished = [w for w in live if w.state == _DONE]
-                for w in finished:
-                    live.remove(w)
+        while todo or live:
+            while todo and len(live) < self.max_batch:
+                live.append(self._start(todo.popleft(), jobs))
+            for w in [w for w in live if w.state == _DONE]:
+                live.remove(w)
+                w.thread.join()
+                if w.error is not None:
+                    error = w.error
+                    break
+                results[w.index] = w.result
+                if self.on_done is not None:
+                    self.on_done(w.index, w.result)
+            if error is not None:
+                for w in live:  # each raises BatchAborted at the call it waits on
+                    w.abort = True
+                    self._resume(w)
                     w.thread.join()
-                    if w.error is not None:
-                        if error is None or not isinstance(w.error, BatchAborted):
-                            error = error or w.error
-                    else:
-                        results[w.index] = w.result
-                        if self.on_done is not None:
-                            self.on_done(w.index, w.result)
-                if error is not None:
-                    todo.clear()
-                    for w in live:
-                        w.abort, w.state = True, _RUNNING
-                    self._cond.notify_all()
-                    continue
-                if finished and todo:
-                    continue  # new requests join before the next round
-                if live:
-                    self._round([w.call for w in live])
-                    for w in live:
-                        w.call, w.state = None, _RUNNING
-                    self._cond.notify_all()
+                break
+            if (len(live) < self.max_batch and todo) or not live:
+                continue  # new requests join before the next round
+            self._round([w.call for w in live])
+            for w in live:
+                w.call = None
+                self._resume(w)
         self.stats.wall_s += time.perf_counter() - t0
         if error is not None:
             raise error
@@ -410,9 +440,13 @@ class BatchRunner:
     def _start(self, index: int, jobs) -> _Worker:
         worker = _Worker(index)
         worker.thread = threading.Thread(
-            target=self._work, args=(worker, jobs[index]), name=f"spiffy-request-{index}"
+            target=self._work,
+            args=(worker, jobs[index]),
+            name=f"spiffy-request-{index}",
+            daemon=True,
         )
         worker.thread.start()
+        self._resume(worker)  # walks to its first call
         return worker
 
     def _round(self, calls: list[ModelCall]) -> None:
@@ -428,6 +462,7 @@ class BatchRunner:
             rows = sum(c.n * c.q for c in bucket)
             for call in bucket:
                 call.seconds = seconds * call.n * call.q / rows
+                self.shares[call.order] += call.seconds
             self.stats.forwards += 1
             self.stats.calls_per_forward.append(len(bucket))
             self.stats.rows_per_forward.append(sum(c.n for c in bucket))

@@ -216,7 +216,7 @@ class BlockDecoder:
         stats.query_tokens, stats.draft_query_tokens = timer.query_tokens, timer.draft_query_tokens
         eos = (tokens == self.spec.eos_id).nonzero() if self.spec.eos_id is not None else []
         stats.generated_tokens = int(eos[0]) if len(eos) else tokens.numel()
-        stats.wall_s = time.perf_counter() - t0
+        stats.wall_s = stats.latency_s = time.perf_counter() - t0
         return DecodeResult(tokens=tokens, stats=stats, canvas=canvas.clone())
 
     def generate_batch(
@@ -233,7 +233,9 @@ class BlockDecoder:
         (docs/algorithm.md §13): every request keeps its own canvas, NFE and keyed noise; forwards carry the rows
         of every live request, bucketed by query length (`tolerance`: the padding allowed, as a fraction of a
         bucket's longest query). A finished request leaves and the next prompt joins; `on_result(i, result)` is
-        called as each finishes. `request_ids` default to the prompts' indices."""
+        called as each finishes. `request_ids` default to the prompts' indices. Each result's `stats.wall_s` is
+        its share of the batch's wall-clock (its own walking time plus its share of the forwards, by query
+        rows), `stats.latency_s` its own start-to-end time."""
         ids = list(range(len(prompts))) if request_ids is None else list(request_ids)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(ids)} request_ids")
@@ -254,7 +256,10 @@ class BlockDecoder:
             functools.partial(self.generate, p, request_id=r, seed=seed)
             for p, r in zip(checked, ids, strict=True)
         ]
-        return BatchDecodeResult(runner.run(jobs), runner.stats)
+        results = runner.run(jobs)
+        for result, share in zip(results, runner.shares, strict=True):
+            result.stats.wall_s = share
+        return BatchDecodeResult(results, runner.stats)
 
     def decode_block(
         self,

@@ -33,7 +33,10 @@ class DecodeStats:
     draft_s: float = 0.0
     mask_s: float = 0.0
     bookkeeping_s: float = 0.0
-    wall_s: float = 0.0
+    wall_s: float = (
+        0.0  # in a batch: this request's share of the batch's wall-clock (they sum to it)
+    )
+    latency_s: float = 0.0  # from the request's start to its end (alone: wall_s)
     generated_tokens: int = 0
     committed_confidence: list[float] | None = None
 
@@ -79,6 +82,7 @@ class DecodeStats:
             "mask_s": self.mask_s,
             "bookkeeping_s": self.bookkeeping_s,
             "wall_s": self.wall_s,
+            "latency_s": self.latency_s,
             "generated_tokens": self.generated_tokens,
         }
 

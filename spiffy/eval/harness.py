@@ -4,6 +4,11 @@ Each request is decoded with a stable request id (`<task>:<doc_id>`) so keyed no
 cut at the first EOS, at `max_gen_toks` tokens and at the first `until` string (lm-eval leaves that to the model).
 With `base` given, the base decoder decodes the same request too, interleaved, for `agreement` and the wall-clock
 speedup measured in the same process. One `RequestRecord` per request is kept in `records`.
+
+`batch_size` (lm-eval's `--batch_size`, `eval.batch_size`) decodes that many requests per forward
+(`BlockDecoder.generate_batch`, docs/algorithm.md §13; outputs are the batch-of-one outputs). The base and the
+decoder then alternate per chunk of `4 * batch_size` requests; `"auto"` keeps every request of the call in flight,
+up to `max_batch_size` (64).
 `loglikelihood*` are out of scope for generation-only evaluation and raise `NotImplementedError`.
 """
 
@@ -16,6 +21,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from spiffy.decoding.batching import parse_batch_size
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.types import DecodeStats
 from spiffy.eval.offline import completion_text, encode
@@ -54,10 +60,14 @@ class SpiffyLM(LM):
         seed: int = 0,
         chat_template: bool = False,
         progress: bool = True,
+        batch_size: int | str = 1,
+        max_batch_size: int = 64,
     ):
         super().__init__()
         self.decoder, self.base, self.tokenizer = decoder, base, tokenizer
         self.seed, self.use_chat_template, self.progress = seed, chat_template, progress
+        self.batch_size = parse_batch_size(batch_size)
+        self.max_batch_size = parse_batch_size(max_batch_size)
         self.records: list[RequestRecord] = []
 
     @classmethod
@@ -100,12 +110,15 @@ class SpiffyLM(LM):
             if graph is None
             else build_decoder(model, base.cfg, speculate=Speculation(graph, **speculation))
         )
+        extra = additional_config or {}
+        batch = {k: extra[k] for k in ("batch_size", "max_batch_size") if extra.get(k) is not None}
         return cls(
             decoder,
             tokenizer,
             base=base if compare and graph else None,
             seed=seed,
             chat_template=chat,
+            **batch,
         )
 
     @property
@@ -121,29 +134,54 @@ class SpiffyLM(LM):
         return getattr(self.tokenizer, "chat_template", None) if self.use_chat_template else None
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        outputs = []
-        bar = tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress)
-        for instance in bar:
+        items = []
+        for instance in requests:
             context, gen_kwargs = instance.args
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_tokens = int(gen_kwargs.get("max_gen_toks", self.decoder.cfg.gen_length))
             request_id = f"{instance.task_name}:{instance.doc_id}:{instance.idx}"
-            prompt = encode(self.tokenizer, context)
-            base_stats, agrees = None, None
-            if self.base is not None:
-                base_result = self.base.generate(prompt, request_id=request_id, seed=self.seed)
-                base_stats = base_result.stats
-            result = self.decoder.generate(prompt, request_id=request_id, seed=self.seed)
-            if self.base is not None:
-                agrees = torch.equal(result.tokens, base_result.tokens)
-            text = completion_text(
-                self.tokenizer, result.tokens[:max_tokens], self.decoder.spec.eos_id
-            )
-            text = cut_at_stop(text, until)
-            self.records.append(RequestRecord(request_id, text, result.stats, base_stats, agrees))
-            outputs.append(text)
+            items.append((request_id, encode(self.tokenizer, context), until, max_tokens))
+        size = self.batch_size
+        if size == "auto":
+            size = max(1, min(len(items), self.max_batch_size))
+        chunk = 1 if size == 1 else 4 * size
+        outputs = []
+        bar = tqdm(
+            total=len(items), desc="generate_until", disable=disable_tqdm or not self.progress
+        )
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            prompts, ids = [p for _, p, _, _ in part], [r for r, _, _, _ in part]
+            base = self._decode(self.base, prompts, ids, size) if self.base is not None else None
+            results = self._decode(self.decoder, prompts, ids, size, lambda *_: bar.update())
+            for i, (request_id, _, until, max_tokens) in enumerate(part):
+                result = results[i]
+                text = completion_text(
+                    self.tokenizer, result.tokens[:max_tokens], self.decoder.spec.eos_id
+                )
+                text = cut_at_stop(text, until)
+                base_stats = base[i].stats if base is not None else None
+                agrees = torch.equal(result.tokens, base[i].tokens) if base is not None else None
+                self.records.append(
+                    RequestRecord(request_id, text, result.stats, base_stats, agrees)
+                )
+                outputs.append(text)
+        bar.close()
         return outputs
+
+    def _decode(self, decoder: BlockDecoder, prompts, ids, size: int, done=None):
+        """Decode with `batch_size` requests per forward (one at a time: the plain `generate`)."""
+        if size == 1:
+            results = []
+            for prompt, request_id in zip(prompts, ids, strict=True):
+                results.append(decoder.generate(prompt, request_id=request_id, seed=self.seed))
+                if done is not None:
+                    done()
+            return results
+        return list(
+            decoder.generate_batch(prompts, ids, self.seed, batch_size=size, on_result=done)
+        )
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError(

@@ -79,3 +79,38 @@ def test_model_args_string_builds_spiffy_with_its_options():
         SpiffyLM.create_from_arg_string("pretrained=embedded,gen_length=32,block_length=8,turbo=1")
     with pytest.raises(ValueError, match="need graph"):
         SpiffyLM.create_from_arg_string("pretrained=embedded,gen_length=32,block_length=8,prune=2")
+
+
+@pytest.mark.parametrize("batch_size", [2, "auto"])
+def test_batched_generate_until_equals_one_at_a_time(fixture_model, batch_size):
+    """lm-eval's batch_size: the same completions, NFE and agreement as one request at a time."""
+    tok = build_char_tokenizer()
+    kwargs = dict(gen_length=16, block_length=8, cache="dual", rule="threshold", tau=0.6)
+    base = spiffy.build_decoder(fixture_model, **kwargs)
+    spec = spiffy.build_decoder(fixture_model, speculate=spiffy.Speculation("fig2"), **kwargs)
+    # the fixture's vocabulary is larger than the character tokenizer's: any char id is a valid token id
+    requests = [
+        instance(text, {"until": []}, doc_id=i)
+        for i, text in enumerate(["ab", "xyz1", "q", "a+b="] * 2)
+    ]
+    alone = SpiffyLM(spec, tok, base=base, progress=False)
+    batched = SpiffyLM(spec, tok, base=base, progress=False, batch_size=batch_size)
+    assert batched.generate_until(requests) == alone.generate_until(requests)
+    for a, b in zip(alone.records, batched.records, strict=True):
+        assert (a.request_id, a.stats.nfe, a.base_stats.nfe, a.agrees) == (
+            b.request_id,
+            b.stats.nfe,
+            b.base_stats.nfe,
+            b.agrees,
+        )
+
+
+def test_batch_size_from_lm_eval_arguments():
+    lm = SpiffyLM.create_from_arg_string(
+        "pretrained=embedded,gen_length=8,block_length=8,steps=8", {"batch_size": "16"}
+    )
+    assert lm.batch_size == 16
+    auto = SpiffyLM.create_from_arg_string("pretrained=embedded", {"batch_size": "auto:4"})
+    assert auto.batch_size == "auto"
+    with pytest.raises(ValueError, match="batch_size='many' must be a positive integer or 'auto'"):
+        SpiffyLM.create_from_arg_string("pretrained=embedded", {"batch_size": "many"})

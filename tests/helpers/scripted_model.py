@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spiffy.models.base import DiffusionLMOutput
+from spiffy.models.base import DiffusionLMOutput, select_rows
 
 
 class _Config:
@@ -59,5 +59,11 @@ class ScriptedModel(nn.Module):
         logits.scatter_(2, target[..., None], (20.0 - 0.1 * pos.to(torch.float64))[..., None])
         logits = logits + self.anchor
         if logits_at is not None:  # the decoders' contract: logits at the requested rows only
-            logits = logits[:, logits_at]
+            logits = select_rows(logits, logits_at)
         return DiffusionLMOutput(logits=logits)
+
+    def default_attention_mask(self, positions, kv_cache):
+        """Every key (it reads no keys at all); batched decoding stacks such masks."""
+        b, q = positions.shape
+        n = kv_cache.length if kv_cache is not None else 0
+        return torch.ones(b, q, n + q, dtype=torch.bool)
