@@ -30,6 +30,7 @@ import spiffy
 from spiffy.bench import (
     LAYOUTS,
     DecoderSpec,
+    batch_throughput,
     cost_curve,
     count_reads,
     environment,
@@ -92,6 +93,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=None, help="cost curve (default: task's)")
     p.add_argument("--peak-memory", type=int, default=None, metavar="D", help="one exact forward")
     p.add_argument("--name", default="bench")
+    p.add_argument(
+        "--batch-sizes",
+        nargs="*",
+        type=int,
+        default=None,
+        help="throughput table: decode the --n prompts at each batch size (docs/algorithm.md §13)",
+    )
+    p.add_argument(
+        "--batch-repeats", type=int, default=1, help="throughput table: interleaved rounds"
+    )
     p.add_argument("--out", default="results/bench")
     return p.parse_args()
 
@@ -150,8 +161,19 @@ def main() -> None:
                     old_model, tok, s, **kw, package=old["spiffy"], calibration_model=m
                 )
                 bases[label] = f"before:{s.base}{tag}"
-    rows = run_side_by_side(decoders, tok, problems) if specs else {}
-    table = pd.DataFrame(summarize_rows(rows, bases) if rows else [])
+    if args.batch_sizes:  # the throughput table replaces the one-at-a-time table
+        if args.before or args.reads or not specs:
+            raise SystemExit("--batch-sizes takes --decoders, without --before / --reads")
+        prompts = [encode(tok, format_prompt(p["question"])) for p in problems]
+        table = pd.DataFrame(
+            batch_throughput(
+                decoders, prompts, sorted(args.batch_sizes), repeats=args.batch_repeats
+            )
+        )
+        rows = {}
+    else:
+        rows = run_side_by_side(decoders, tok, problems) if specs else {}
+        table = pd.DataFrame(summarize_rows(rows, bases) if rows else [])
     if args.reads and specs:
         prompts = [encode(tok, format_prompt(p["question"])) for p in problems[:3]]
         reads = {

@@ -432,3 +432,69 @@ def verification_peak_memory(
     strategy = strategies["none"](model)
     verify = getattr(strategy, "verify", None) or strategy.block_logits
     return peak_memory(lambda: verify(canvas, block, states, "exact"), device)
+
+
+def batch_throughput(
+    decoders: dict[str, BlockDecoder],
+    prompts: list[torch.Tensor],
+    batch_sizes: list[int],
+    *,
+    seed: int = 0,
+    repeats: int = 1,
+) -> list[dict]:
+    """Generated tokens/s of every decoder at every batch size (docs/algorithm.md §13), over the same prompts.
+
+    Runs interleave (repeat → batch size → decoder, a fresh decoder order each time) so machine noise hits
+    every cell alike. Each cell also checks that every request's tokens and NFE equal the batch-of-one run's
+    (`identical`) and reports forwards, requests (calls) and query rows per forward.
+    """
+    order = torch.Generator().manual_seed(seed)
+    labels = list(decoders)
+    for d in decoders.values():  # warm up allocators and kernels
+        d.generate_batch(prompts[: max(batch_sizes)], seed=seed, batch_size=max(batch_sizes))
+    cells: dict[tuple[str, int], dict] = {}
+    reference: dict[str, list] = {}
+    for _ in range(repeats):
+        for size in batch_sizes:
+            for k in torch.randperm(len(labels), generator=order).tolist():
+                label = labels[k]
+                t = time.perf_counter()
+                out = decoders[label].generate_batch(prompts, seed=seed, batch_size=size)
+                wall = time.perf_counter() - t
+                got = [(r.tokens, r.stats.nfe) for r in out]
+                ref = reference.setdefault(label, got) if size == 1 else reference.get(label)
+                cell = cells.setdefault(
+                    (label, size), {"wall_s": [], "identical": True, "batch": out.batch}
+                )
+                cell["wall_s"].append(wall)
+                cell["tokens"] = sum(r.stats.generated_tokens for r in out)
+                cell["nfe"] = statistics.mean(r.stats.nfe for r in out)
+                if ref is not None:
+                    cell["identical"] &= all(
+                        torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(ref, got)
+                    )
+    rows = []
+    for (label, size), cell in cells.items():
+        wall = statistics.median(cell["wall_s"])
+        batch = cell["batch"].summary()
+        rows.append(
+            {
+                "decoder": label,
+                "batch_size": size,
+                "tokens_per_s": cell["tokens"] / wall,
+                "wall_s": wall,
+                "nfe_mean": cell["nfe"],
+                "forwards": batch["forwards"],
+                "calls_per_forward": batch["calls_per_forward"],
+                "rows_per_forward": batch["rows_per_forward"],
+                "model_share": batch["model_s"] / batch["wall_s"] if batch["wall_s"] else 0.0,
+                "identical_to_batch_1": cell["identical"] if 1 in batch_sizes else None,
+            }
+        )
+    frame = pd.DataFrame(rows)
+    first = frame.groupby("decoder")["tokens_per_s"].transform(
+        lambda s: s.iloc[0] if len(s) else float("nan")
+    )
+    frame["throughput_vs_smallest_batch"] = frame["tokens_per_s"] / first
+    frame["decoder"] = pd.Categorical(frame["decoder"], labels, ordered=True)
+    return frame.sort_values(["decoder", "batch_size"]).to_dict("records")
