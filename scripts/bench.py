@@ -8,6 +8,8 @@
         --block-length 32 --cost-curve 0 1 2 3 5 8 10 --layouts exact prefix dual --name fig5_llada8b_cpu
     python scripts/bench.py --decoders --cost-curve --shape llada-8b --layers 2 --hidden 256 \\
         --peak-memory 10 --before /tmp/before --name peak_memory_cpu
+    python scripts/bench.py --decoders vanilla dual dual+spiffy@calibrated:5 --n 64 --batch-sizes 1 4 16 64 \
+        --cost-curve 0 2 5 10 --name batching_cpu                    # throughput vs batch size, batched cost
     python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --gen '{"stop_ids": [96]}' \
         --cost-curve --decoders sdar sdar+spiffy@calibrated:5 sdar_fused sdar_fused+spiffy@calibrated:5/fused
 
@@ -31,6 +33,7 @@ from spiffy.bench import (
     LAYOUTS,
     DecoderSpec,
     batch_throughput,
+    batched_cost_curve,
     cost_curve,
     count_reads,
     environment,
@@ -98,7 +101,8 @@ def parse_args() -> argparse.Namespace:
         nargs="*",
         type=int,
         default=None,
-        help="throughput table: decode the --n prompts at each batch size (docs/algorithm.md §13)",
+        help="throughput table: decode the --n prompts at each batch size (docs/algorithm.md §13); "
+        "with --cost-curve, the cost curve gets this batch axis",
     )
     p.add_argument(
         "--batch-repeats", type=int, default=1, help="throughput table: interleaved rounds"
@@ -161,8 +165,8 @@ def main() -> None:
                     old_model, tok, s, **kw, package=old["spiffy"], calibration_model=m
                 )
                 bases[label] = f"before:{s.base}{tag}"
-    if args.batch_sizes:  # the throughput table replaces the one-at-a-time table
-        if args.before or args.reads or not specs:
+    if args.batch_sizes and specs:  # the throughput table replaces the one-at-a-time table
+        if args.before or args.reads:
             raise SystemExit("--batch-sizes takes --decoders, without --before / --reads")
         prompts = [encode(tok, format_prompt(p["question"])) for p in problems]
         table = pd.DataFrame(
@@ -192,19 +196,33 @@ def main() -> None:
         sum(len(tok(format_prompt(p["question"]))["input_ids"]) for p in problems) / len(problems)
     )
     canvas_len = prompt_len + gen_length
-    curve = pd.DataFrame(
-        cost_curve(
-            model,
-            canvas_len,
-            block_length,
-            args.cost_curve,
-            repeats=args.repeats,
-            layouts=tuple(args.layouts or layouts_for(model)),
-            warmup=args.warmup,
+    layouts = tuple(args.layouts or layouts_for(model))
+    if args.cost_curve and args.batch_sizes:  # the cost curve with a batch axis
+        curve = pd.DataFrame(
+            batched_cost_curve(
+                model,
+                canvas_len,
+                block_length,
+                args.cost_curve,
+                sorted(args.batch_sizes),
+                repeats=args.batch_repeats * 5,
+                layouts=layouts,
+            )
         )
-        if args.cost_curve
-        else []
-    )
+    elif args.cost_curve:
+        curve = pd.DataFrame(
+            cost_curve(
+                model,
+                canvas_len,
+                block_length,
+                args.cost_curve,
+                repeats=args.repeats,
+                layouts=layouts,
+                warmup=args.warmup,
+            )
+        )
+    else:
+        curve = pd.DataFrame()
     recommendation = pd.DataFrame()
     if not curve.empty and args.shape:
         runs = paper_runs(gen_length, block_length)

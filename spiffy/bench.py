@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spiffy.api import build_decoder
+from spiffy.decoding.batching import CallRecorder, CallStacker
 from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.forward import STRATEGIES
@@ -33,6 +34,7 @@ from spiffy.decoding.rules import get_rule
 from spiffy.decoding.speculative import Speculation
 from spiffy.eval.offline import completion_text, encode
 from spiffy.graph.store import load_or_calibrate
+from spiffy.models.loading import model_spec
 from spiffy.profiling import peak_memory, reads_between_forwards
 from spiffy.tasks.arith import format_prompt
 from spiffy.tasks.registry import TASKS, task_generation
@@ -498,3 +500,72 @@ def batch_throughput(
     frame["throughput_vs_smallest_batch"] = frame["tokens_per_s"] / first
     frame["decoder"] = pd.Categorical(frame["decoder"], labels, ordered=True)
     return frame.sort_values(["decoder", "batch_size"]).to_dict("records")
+
+
+def batched_cost_curve(
+    model,
+    canvas_len: int,
+    block_len: int,
+    drafts: list[int],
+    batch_sizes: list[int],
+    *,
+    repeats: int = 5,
+    layouts: tuple[str, ...] = ("exact", "dual"),
+) -> list[dict]:
+    """The cost curve with a batch axis (docs/algorithm.md §13): median time of one stacked in-block
+    verification forward of `b` requests with `1 + D` states each, per layout, and the block-start forward of
+    `b` requests. `cost_vs_no_drafts` is against the same batch without drafts: drafts pay while it stays below
+    the NFE speedup they bring. Requests have their own random canvases (and caches); rounds visit every
+    (b, D) in a fresh order; the clock is as in `cost_curve`."""
+    spec = model_spec(model)
+    device = next(model.parameters()).device
+    block = slice(canvas_len - 2 * block_len, canvas_len - block_len)
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
+    order = torch.Generator().manual_seed(0)
+    rows = []
+    for layout in layouts:
+        cache, verify = LAYOUTS[layout]
+        starts, verifies = [], {d: [] for d in drafts}
+        for r in range(max(batch_sizes)):
+            canvas = torch.randint(0, spec.mask_id, (canvas_len,), device=device)
+            strategy = STRATEGIES[cache](model)
+            with CallRecorder(model) as rec:
+                if hasattr(strategy, "prefill"):
+                    strategy.prefill(canvas, block.start)
+                strategy.begin_block(canvas, block)
+                for d in drafts:
+                    strategy.verify(canvas, block, canvas[block].repeat(d + 1, 1), verify)
+            starts.append(rec.calls[-1 - len(drafts)])
+            for d, call in zip(drafts, rec.calls[-len(drafts) :], strict=True):
+                verifies[d].append(call)
+        stacker = CallStacker(model, block_causal=spec.block_causal)
+        cells = [(b, d) for b in batch_sizes for d in [None, *drafts]]
+        times: dict[tuple, list[float]] = {c: [] for c in cells}
+        for _ in range(repeats + 1):  # the first round warms up
+            for k in torch.randperm(len(cells), generator=order).tolist():
+                b, d = cells[k]
+                calls = (starts if d is None else verifies[d])[:b]
+                with torch.no_grad():
+                    synchronize(device)
+                    t = clock()
+                    stacker.run(calls)
+                    synchronize(device)
+                times[cells[k]].append(clock() - t)
+        for b in batch_sizes:
+            none = statistics.median(times[b, drafts[0]][1:])
+            for d in drafts:
+                ms = 1000 * statistics.median(times[b, d][1:])
+                rows.append(
+                    {
+                        "layout": layout,
+                        "batch": b,
+                        "drafts": d,
+                        "forward_ms": ms,
+                        "ms_per_request": ms / b,
+                        "block_start_ms_per_request": 1000
+                        * statistics.median(times[b, None][1:])
+                        / b,
+                        "cost_vs_no_drafts": ms / (1000 * none),
+                    }
+                )
+    return rows

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spiffy.decoding.batching import CallRecorder, CallStacker
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.forward import STRATEGIES
@@ -152,9 +153,15 @@ def time_forwards(
     rounds: int = 7,
     burst: int = 3,
     seed: int = 0,
+    batch: int = 1,
 ) -> tuple[list[int], dict[str, list[list[float]]], list[float], float]:
     """Blocks timed, median in-block forward ms per layout x block x states, the base's in-block forward ms per
-    block (`burst` single-state forwards after each block start), and the block-start ms."""
+    block (`burst` single-state forwards after each block start), and the block-start ms.
+
+    With `batch` > 1 every time is per request of a stacked forward of `batch` requests, each with the same
+    number of states (docs/algorithm.md §13): the cost a request pays in batched decoding."""
+    if batch > 1:
+        return _time_batched_forwards(model, cfg, prompt_len, layouts, states, rounds, seed, batch)
     mask_id = int(model.config.mask_token_id)
     device = next(model.parameters()).device
     length, lb, nb = prompt_len + cfg.gen_length, cfg.block_length, cfg.num_blocks
@@ -193,6 +200,50 @@ def time_forwards(
         lay: [[_median_ms(times[(lay, b, n)]) for n in states] for b in blocks] for lay in layouts
     }
     return blocks, table, [_median_ms(plain[b]) for b in blocks], _median_ms(starts)
+
+
+def _time_batched_forwards(model, cfg, prompt_len, layouts, states, rounds, seed, batch):
+    """`time_forwards` per request of stacked forwards of `batch` requests (their own random canvases)."""
+    mask_id = int(model.config.mask_token_id)
+    device = next(model.parameters()).device
+    length, lb, nb = prompt_len + cfg.gen_length, cfg.block_length, cfg.num_blocks
+    gen = torch.Generator().manual_seed(seed)
+    blocks = sorted({0, nb // 2, nb - 1})
+    stacker = CallStacker(model, block_causal=False)
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
+    calls: dict[tuple, list] = {}
+    for _ in range(
+        batch
+    ):  # record every request's calls once: block start, plain and verify forwards
+        canvas = torch.randint(0, mask_id, (length,), generator=gen).to(device)
+        strategy = STRATEGIES[cfg.cache](model)
+        for b in blocks:
+            block = slice(prompt_len + b * lb, prompt_len + (b + 1) * lb)
+            with CallRecorder(model) as rec:
+                strategy.begin_block(canvas, block)
+                for lay in layouts:
+                    for n in states:
+                        strategy.block_logits(canvas, block, canvas[block].repeat(n, 1), lay)
+            calls.setdefault(("start", b, 0), []).append(rec.calls[0])
+            for i, (lay, n) in enumerate((lay, n) for lay in layouts for n in states):
+                calls.setdefault((lay, b, n), []).append(rec.calls[1 + i])
+    keys = list(calls)
+    times: dict[tuple, list[float]] = {k: [] for k in keys}
+    for r in range(rounds + 1):  # round 0 warms up
+        for k in torch.randperm(len(keys), generator=gen).tolist():
+            with torch.no_grad():
+                t = clock()
+                stacker.run(calls[keys[k]])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            if r:
+                times[keys[k]].append((clock() - t) / batch)
+    table = {
+        lay: [[_median_ms(times[(lay, b, n)]) for n in states] for b in blocks] for lay in layouts
+    }
+    plain = [_median_ms(times[(layouts[0], b, 1)]) for b in blocks]
+    start = _median_ms([t for b in blocks for t in times[("start", b, 0)]])
+    return blocks, table, plain, start
 
 
 def time_outside_model(
@@ -295,11 +346,13 @@ def load_or_measure(
     draft_noise: str = "none",
     overhead_prompts: int = 2,
     force: bool = False,
+    batch: int = 1,
 ) -> tuple[CostModel, Path]:
     """The cached cost model of this configuration on this device, or a fresh measurement (seconds).
 
     `graphs` (non-empty, e.g. the smallest and largest candidate) are the graphs whose overhead is measured;
-    `max_states` bounds the timed states per forward (default: the largest graph's nodes + 1).
+    `max_states` bounds the timed states per forward (default: the largest graph's nodes + 1). `batch`: the
+    forwards are timed per request of `batch` stacked requests (batched decoding, docs/algorithm.md §13).
     """
     if not graphs:
         raise ValueError("graphs: at least one draft graph is needed to measure Spiffy's overhead")
@@ -321,6 +374,7 @@ def load_or_measure(
             "graphs": graphs_digest(graphs),
             "draft_noise": draft_noise,
             "overhead_prompts": [p.tolist() for p in used],
+            **({"batch": batch} if batch > 1 else {}),
         },
     )
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -328,7 +382,9 @@ def load_or_measure(
     if path.exists() and not force:
         return CostModel.from_json(path.read_text(), str(path)), path
     t0 = time.perf_counter()
-    blocks, table, base_forward, start = time_forwards(model, cfg, prompt_len, layouts, states)
+    blocks, table, base_forward, start = time_forwards(
+        model, cfg, prompt_len, layouts, states, batch=batch
+    )
     step, overhead, base_ms, base_in_block = time_outside_model(
         model, cfg, used, graphs, layouts, draft_noise=draft_noise
     )
@@ -336,6 +392,10 @@ def load_or_measure(
     # forward timings' scale by the base's model time, measured in the second phase and predicted by the first.
     plain = statistics.mean(base_forward)
     scale = (len(used) * cfg.num_blocks * start + base_in_block * plain) / base_ms
+    if (
+        batch > 1
+    ):  # the forwards were timed per request of a batch: no one-request reference to scale by
+        scale = 1.0
     overhead = {lay: {n: ms * scale for n, ms in v.items()} for lay, v in overhead.items()}
     meta = {k: v for k, v in key.items() if k != "overhead_prompts"}
     meta["load_scale"] = scale

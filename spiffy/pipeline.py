@@ -90,7 +90,16 @@ def build_auto(cfg: RunConfig, model, tokenizer, gen: dict):
         root=g.root,
         force=cfg.force,
         progress=cfg.eval.progress,
+        batch_size=eval_batch(cfg),
     )
+
+
+def eval_batch(cfg: RunConfig) -> int:
+    """The batch size the evaluation decodes with (`eval.batch_size`; "auto": the task's requests, up to 64)."""
+    size = cfg.eval.batch_size
+    if str(size) != "auto":
+        return int(size)
+    return max(1, min(cfg.task.limit or 64, 64))
 
 
 def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | None:
@@ -331,7 +340,7 @@ def evaluate_job(cfg: RunConfig):
         seed=cfg.seed,
         chat_template=cfg.model.chat_template,
         progress=cfg.eval.progress,
-        batch_size=cfg.eval.batch_size,
+        batch_size=eval_batch(cfg),
     )
     results = evaluate_task(cfg, lm)
     metrics = summarize(lm.records, task_scores(results, cfg.task.lm_eval_task))

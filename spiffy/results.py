@@ -6,8 +6,8 @@ on one machine, or from many machines sharing a network filesystem, with no lock
 unreliable there). Readers merge the folders with the older append-only JSONL stores
 (`<results_dir>/<experiment>.jsonl`, such as the committed `results/runs/*.jsonl`), which stay readable; the
 newest row of a job key wins. A job key hashes the job's resolved config, without the settings that cannot change
-its result (tracking, `force`, thread count, progress bars; graph settings when the job drafts nothing).
-W&B is a mirror; this store is the source of truth. `spiffy.claims` keeps identical concurrent jobs from
+its result (tracking, `force`, thread count, progress bars; graph settings when the job drafts nothing); a batch
+size other than 1 (`eval.batch_size`, an experimental axis) is part of it. W&B is a mirror; this store is the source of truth. `spiffy.claims` keeps identical concurrent jobs from
 running twice.
 """
 
@@ -45,6 +45,12 @@ def job_key(config: dict) -> str:
         k: v for k, v in config.items() if k not in ("tracking", "force", "eval", "dry_run")
     }
     relevant["eval_compare_base"] = config.get("eval", {}).get("compare_base")
+    batch = config.get("eval", {}).get("batch_size", 1)
+    if (
+        str(batch) != "1"
+    ):  # an experimental axis (throughput, and graph.budget=auto's costs); keys of
+        relevant["eval_batch_size"] = batch  # batch-of-one jobs are unchanged
+
     if not speculates(config):
         relevant.pop("graph", None)
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())

@@ -41,6 +41,15 @@ def test_job_key_ignores_what_cannot_change_a_result():
     assert store.job_key(config(rule="greedy")) != base
 
 
+def test_batch_size_is_an_axis_of_the_job_key():
+    """A batch-size sweep runs every point; batch-of-one keys are those of rows written before batching."""
+    base = config()
+    batched = {**base, "eval": {**base["eval"], "batch_size": 16}}
+    one = {**base, "eval": {**base["eval"], "batch_size": 1}}
+    assert store.job_key(one) == store.job_key(base)
+    assert store.job_key(batched) != store.job_key(base)
+
+
 def test_vanilla_jobs_of_a_budget_sweep_share_one_key():
     keys = {store.job_key(config("vanilla", False, b, r)) for b in (3, 5, 8) for r in ("degree1", "greedy")}
     assert len(keys) == 1

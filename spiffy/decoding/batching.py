@@ -467,3 +467,25 @@ class BatchRunner:
             self.stats.calls_per_forward.append(len(bucket))
             self.stats.rows_per_forward.append(sum(c.n for c in bucket))
             self.stats.model_s += seconds
+
+
+class CallRecorder:
+    """Stands in for a runner on this thread: records the model calls a strategy makes (and runs each alone),
+    so that benchmarks can stack recorded calls of many requests (`spiffy.bench.batched_cost_curve`)."""
+
+    def __init__(self, model: DiffusionLM):
+        self.model, self.calls = model, []
+
+    def __enter__(self) -> CallRecorder:
+        _local.runner = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _local.runner = None
+
+    def submit(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Any, float]:
+        call = ModelCall(len(self.calls), input_ids, kwargs)
+        with torch.no_grad():
+            call.out = self.model(input_ids, **kwargs)
+        self.calls.append(call)
+        return call.out, 0.0

@@ -207,11 +207,13 @@ def autotune(
     force: bool = False,
     remeasure: bool = False,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> AutoChoice:
     """Calibrate graphs of 1..`max_budget` nodes (cached), measure this device's costs (cached), and choose.
 
     `prompts`: the calibration prompts (token ids), or a callable returning them. `force` recalibrates and
-    remeasures, `remeasure` only remeasures the costs. Use the result with
+    remeasures, `remeasure` only remeasures the costs. `batch_size`: the costs are those of a request decoded in
+    batches of that many (docs/algorithm.md §13), where draft rows compete with batch-mates. Use the result with
     `build_decoder(model, cfg, speculate=choice.speculation())`.
     """
     if not isinstance(max_budget, int) or isinstance(max_budget, bool) or max_budget < 1:
@@ -252,6 +254,7 @@ def autotune(
         root=root,
         draft_noise=draft_noise,
         force=force or remeasure,
+        batch=batch_size,
     )
     candidates = predict(trajectories, graphs, costs, cfg, keyed=draft_noise == "keyed")
     candidates = [c for c in candidates if c.layout in lossless_layouts(cfg.cache)]

@@ -155,6 +155,20 @@ def test_cost_model_is_measured_once_then_read_from_its_cache(tmp_path, monkeypa
         measure(tmp_path, [chain(1), chain(3)], force=True)
 
 
+def test_batched_costs_are_per_request_of_a_stacked_forward(tmp_path, fixture_model):
+    """eval.batch_size > 1: the forwards are timed per request of a stacked batch, under their own cache key."""
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, cache="dual")
+    kw = dict(model_name="fixture", root=tmp_path)
+    one, one_path = load_or_measure(fixture_model, cfg, PROMPTS, [chain(2)], **kw)
+    four, four_path = load_or_measure(fixture_model, cfg, PROMPTS, [chain(2)], batch=4, **kw)
+    assert one_path != four_path and four.meta["batch"] == 4 and "batch" not in one.meta
+    assert set(four.forward_ms) == set(one.forward_ms) == {"exact"}  # dual: the exact layout only
+    assert four.states == one.states and four.blocks == one.blocks
+    assert all(ms > 0 for row in four.forward_ms["exact"] for ms in row) and four.block_start_ms > 0
+    again, same = load_or_measure(fixture_model, cfg, PROMPTS, [chain(2)], batch=4, **kw)
+    assert same == four_path and again == four
+
+
 def test_a_malformed_cost_model_file_raises_naming_its_path(tmp_path):
     _, path = measure(tmp_path, [chain(2)])
     data = json.loads(path.read_text())
