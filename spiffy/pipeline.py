@@ -344,6 +344,16 @@ def evaluate_job(cfg: RunConfig):
     )
     results = evaluate_task(cfg, lm)
     metrics = summarize(lm.records, task_scores(results, cfg.task.lm_eval_task))
+    metrics["batch_size"] = eval_batch(cfg)
+    if lm.batches:  # batched decoding (docs/algorithm.md §13): forwards and what each carried
+        forwards = sum(b.forwards for b in lm.batches)
+        metrics["batch_forwards"] = forwards
+        metrics["batch_calls_per_forward"] = (
+            sum(sum(b.calls_per_forward) for b in lm.batches) / forwards
+        )
+        metrics["batch_rows_per_forward"] = (
+            sum(sum(b.rows_per_forward) for b in lm.batches) / forwards
+        )
     # a cached graph loads in milliseconds: report the calibration it came from (docs/algorithm.md §5.5 step 3 provenance)
     provenance = graph.provenance if graph is not None else {}
     metrics["graph_load_s"] = graph_s

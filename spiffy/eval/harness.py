@@ -69,6 +69,7 @@ class SpiffyLM(LM):
         self.batch_size = parse_batch_size(batch_size)
         self.max_batch_size = parse_batch_size(max_batch_size)
         self.records: list[RequestRecord] = []
+        self.batches: list = []  # the decoder's `BatchStats`, one per batched chunk
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -179,9 +180,10 @@ class SpiffyLM(LM):
                 if done is not None:
                     done()
             return results
-        return list(
-            decoder.generate_batch(prompts, ids, self.seed, batch_size=size, on_result=done)
-        )
+        out = decoder.generate_batch(prompts, ids, self.seed, batch_size=size, on_result=done)
+        if decoder is self.decoder:
+            self.batches.append(out.batch)
+        return list(out)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError(
