@@ -456,10 +456,12 @@ def batch_throughput(
         d.generate_batch(prompts[: max(batch_sizes)], seed=seed, batch_size=max(batch_sizes))
     cells: dict[tuple[str, int], dict] = {}
     reference: dict[str, list] = {}
+    bar = tqdm(total=repeats * len(batch_sizes) * len(labels), desc="throughput")
     for _ in range(repeats):
         for size in batch_sizes:
             for k in torch.randperm(len(labels), generator=order).tolist():
                 label = labels[k]
+                bar.update()
                 t = time.perf_counter()
                 out = decoders[label].generate_batch(prompts, seed=seed, batch_size=size)
                 wall = time.perf_counter() - t
@@ -475,6 +477,7 @@ def batch_throughput(
                     cell["identical"] &= all(
                         torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(ref, got)
                     )
+    bar.close()
     rows = []
     for (label, size), cell in cells.items():
         wall = statistics.median(cell["wall_s"])

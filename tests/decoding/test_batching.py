@@ -232,3 +232,32 @@ def test_property_batch_equals_batch_of_one(
     )
     ids = [seed + i for i in range(len(prompts))]
     assert_batch_equals_alone(decoder, prompts, ids, seed=seed, batch_size=batch_size)
+
+
+def test_throughput_table_and_batched_cost_curve(fixture_model):
+    """The bench's batch axis: every cell checks its outputs against batch 1; the curve has one row per cell."""
+    from spiffy.bench import batch_throughput, batched_cost_curve
+
+    kw = dict(gen_length=8, block_length=8, cache="dual")
+    decoders = {
+        "dual": spiffy.build_decoder(fixture_model, **kw),
+        "dual+spiffy": spiffy.build_decoder(
+            fixture_model, speculate=spiffy.Speculation("chain:3"), **kw
+        ),
+    }
+    prompts = [torch.tensor(p) for p in PROMPTS[:3]]
+    rows = batch_throughput(decoders, prompts, [1, 3])
+    assert [(r["decoder"], r["batch_size"]) for r in rows] == [
+        ("dual", 1),
+        ("dual", 3),
+        ("dual+spiffy", 1),
+        ("dual+spiffy", 3),
+    ]
+    assert all(r["identical_to_batch_1"] and r["wall_s"] > 0 for r in rows)
+    assert rows[1]["forwards"] < rows[0]["forwards"] and rows[1]["calls_per_forward"] > 1
+    curve = batched_cost_curve(
+        fixture_model, 24, 8, [0, 2], [1, 2], repeats=1, layouts=("exact", "dual")
+    )
+    assert len(curve) == 2 * 2 * 2
+    assert all(r["cost_vs_no_drafts"] == 1.0 for r in curve if r["drafts"] == 0)
+    assert all(r["forward_ms"] > 0 and r["block_start_ms_per_request"] > 0 for r in curve)
