@@ -273,7 +273,7 @@ class CallStacker:
         if stacked is None:
             stacked = stack_caches(caches, group)
             self._stacked[key] = stacked  # holds the parts: their ids stay unique while memoised
-            if len(self._stacked) > 4:
+            if len(self._stacked) > 2:
                 self._stacked.popitem(last=False)
         if stacked.group != group and stacked.parts:
             stacked = dataclasses.replace(stacked, group=group, _masks={})
@@ -407,6 +407,19 @@ class BatchRunner:
         self.shares = [0.0] * len(jobs)
         results: list[Any] = [None] * len(jobs)
         todo, live = deque(range(len(jobs))), []
+        try:
+            results = self._run(jobs, todo, live, results)
+        except BaseException:  # the runner itself failed (or was interrupted): stop every live job
+            for w in live:
+                if w.state == _WAITING:
+                    w.abort = True
+                    self._resume(w)
+            raise
+        finally:
+            self.stats.wall_s += time.perf_counter() - t0
+        return results
+
+    def _run(self, jobs, todo: deque, live: list[_Worker], results: list[Any]) -> list[Any]:
         error: BaseException | None = None
         while todo or live:
             while todo and len(live) < self.max_batch:
@@ -432,7 +445,6 @@ class BatchRunner:
             for w in live:
                 w.call = None
                 self._resume(w)
-        self.stats.wall_s += time.perf_counter() - t0
         if error is not None:
             raise error
         return results
@@ -455,6 +467,8 @@ class BatchRunner:
             try:
                 with torch.no_grad():
                     self.stacker.run(bucket)
+                if bucket[0].input_ids.is_cuda:  # the forward's time, not its launch
+                    torch.cuda.synchronize(bucket[0].input_ids.device)
             except Exception as error:  # each request of the forward raises it
                 for call in bucket:
                     call.error = error
