@@ -181,9 +181,7 @@ def main() -> None:
     p.add_argument("--n-calib", type=int, default=20, help="calibration prompts")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-budget", type=int, default=10)
-    p.add_argument(
-        "--budgets", type=int, nargs="*", default=None, help="fixed D to sweep (default: all)"
-    )
+    p.add_argument("--budgets", type=int, nargs="*", default=None, help="fixed D to sweep (default: all)")
     p.add_argument("--margin", type=float, default=MARGIN)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--root", default="results/graphs")

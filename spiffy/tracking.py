@@ -53,11 +53,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def run_config(resolved: dict, *, job_key: str, env: dict) -> dict:
     """The W&B config of a job: its resolved config (tracking excluded), key and environment, nested, so that
     W&B shows (and `wandb-workspaces` addresses) the result tables' axes as `graph.budget`, `decoder.cache`..."""
-    return {
-        **{k: v for k, v in resolved.items() if k != "tracking"},
-        "job_key": job_key,
-        "env": env,
-    }
+    return {**{k: v for k, v in resolved.items() if k != "tracking"}, "job_key": job_key, "env": env}
 
 
 def run_tags(resolved: dict, *, speculates: bool) -> list[str]:
@@ -80,9 +76,7 @@ class Tracker:
         if self.run is None:
             return {"mode": "disabled", "status": status}
         run = self.run
-        where = (
-            {"url": run.url} if self.cfg.mode == "online" else {"dir": str(Path(run.dir).parent)}
-        )
+        where = {"url": run.url} if self.cfg.mode == "online" else {"dir": str(Path(run.dir).parent)}
         return {
             "mode": self.cfg.mode,
             "project": self.cfg.project,
@@ -106,11 +100,7 @@ class Tracker:
         run.summary.update(scalars)
         history = []
         levels = sorted(
-            (
-                (int(k.removeprefix(LEVEL_PREFIX)), v)
-                for k, v in scalars.items()
-                if k.startswith(LEVEL_PREFIX)
-            ),
+            ((int(k.removeprefix(LEVEL_PREFIX)), v) for k, v in scalars.items() if k.startswith(LEVEL_PREFIX)),
         )
         if levels:
             run.define_metric(HISTORY_X)
@@ -163,6 +153,7 @@ class Tracker:
         return {**self.info("failed"), "error": f"{type(err).__name__}: {err}"}
 
 
+
 def describe(info: dict | None) -> str:
     """One line saying where a row's W&B run went (printed after the summary table)."""
     info = info or {}
@@ -173,8 +164,6 @@ def describe(info: dict | None) -> str:
     if info.get("mode") == "online":
         return f"W&B: {info.get('url')}"
     return f"W&B: offline run in {info.get('dir')}; upload with: wandb sync {info.get('dir')}"
-
-
 def start(
     cfg: TrackingConfig,
     *,

@@ -266,9 +266,7 @@ def instantiate(
     pos, tok = pos.gather(1, graph.pad_src), tok.gather(1, graph.pad_src)  # padding repeats pair 0
     drafts = state.repeat(pos.shape[0], 1).scatter_(1, pos, tok)  # (R, Lb)
     if not keep_complete:
-        ok &= (drafts == mask_id).any(
-            dim=1
-        )  # complete drafts are never needed (docs/algorithm.md §5.1)
+        ok &= (drafts == mask_id).any(dim=1)  # complete drafts are never needed (docs/algorithm.md §5.1)
     if keep_rows is not None:
         ok &= keep_rows
     if graph.can_repeat:

@@ -49,9 +49,7 @@ class Speculation:
 
     graph: DraftGraph | str
     verify: str = "exact"
-    prune: int | None = (
-        None  # keep only the best `prune` nodes per forward (docs/algorithm.md §5.6)
-    )
+    prune: int | None = None  # keep only the best `prune` nodes per forward (docs/algorithm.md §5.6)
     # "keyed": rank tokens/positions under future steps' keyed noise (§5.7)
     draft_noise: str = "none"
     # continue the walk across a block boundary when the complete state was a verified draft (docs/algorithm.md §5.4,

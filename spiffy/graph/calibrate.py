@@ -37,7 +37,6 @@ __all__ = [
     "walk_block",
 ]
 
-
 def _select_best(trajectories, budget, *, cross_block, max_candidates, provenance) -> DraftGraph:
     from spiffy.graph.selection import select_best
 

@@ -53,7 +53,9 @@ def gsm8k_calibration(n: int, seed: int = 0) -> list[str]:
 
 TASKS: dict[str, TaskPreset] = {
     "arith": TaskPreset("arith", dict(gen_length=32, block_length=8), arith_calibration),
-    "gsm8k": TaskPreset("gsm8k", dict(gen_length=256, block_length=32), gsm8k_calibration),
+    "gsm8k": TaskPreset(
+        "gsm8k", dict(gen_length=256, block_length=32), gsm8k_calibration
+    ),
     "humaneval": TaskPreset("humaneval", dict(gen_length=256, block_length=32)),
 }
 
