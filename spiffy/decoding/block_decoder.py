@@ -69,7 +69,7 @@ class Carry:
 @dataclass
 class WalkEnd:
     """Where one forward's walk stopped: transitions taken, the block state, whether the block is complete,
-    the anchor row, the first verified draft row equal to the final state (-1: none), and drafts built early
+    the anchor row, the first verified draft row equal to the final state (< 1: none), and drafts built early
     with their validity."""
 
     transitions: int
