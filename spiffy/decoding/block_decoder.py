@@ -34,7 +34,7 @@ from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
 from spiffy.decoding.sampling import Distributions, TransitionContext, pick, transition
 from spiffy.decoding.types import DecodeResult, DecodeStats
-from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay
+from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay, row_index
 from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec, model_spec
 
@@ -345,8 +345,8 @@ class BlockDecoder:
             self._count_drafts(known, levels, stats)
             if not self.options.compile:
                 kept = [r for r, ok in enumerate(known) if ok]
-                order = torch.argsort((~drafts.valid).to(torch.int8), stable=True)[: len(kept)]
-                states = torch.cat([state[None], drafts.states[order]])
+                sent = row_index((0, *(r + 1 for r in kept)), state.device)
+                states = torch.cat([state[None], drafts.states]).index_select(0, sent)
                 return states, [0] + [levels[r] for r in kept], None, None
         valid = torch.cat([drafts.valid.new_ones(1), drafts.valid])
         unread = None if known is not None else drafts.valid

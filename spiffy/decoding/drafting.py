@@ -179,18 +179,20 @@ def level_scores(
     confidence of that noisy prediction, and with `random` remasking that step's remasking uniforms; exactly
     what the rule would pick at `step` if the distribution did not move.
     """
-    scores, _, conf = _level_predictions(as_distributions(anchor, ctx), ctx, step, keyed)
-    return scores, conf
+    d = as_distributions(anchor, ctx)
+    scores, _, conf = _level_predictions(d, ctx, step, keyed)
+    return d.sampling if scores is None else scores, conf
 
 
 def _level_predictions(d: Distributions, ctx: TransitionContext, step: int, keyed: bool):
-    """`level_scores` plus the scores' argmax (Lb,); un-keyed, all three are the anchor's own (computed once
-    per forward and shared with the transition, `Distributions.greedy`)."""
+    """`level_scores` plus the scores' argmax (Lb,); un-keyed, the scores are the anchor's sampling logits
+    (returned as None: a row view picks them only if used) and the prediction and its confidence are those
+    the transition computed (once per forward, `Distributions.greedy`)."""
     if not keyed:
         x0, conf = d.greedy()
         if conf is None:  # un-keyed random remasking: the paper's anchor confidence
             conf = d.probs.gather(-1, x0[:, None]).squeeze(-1)
-        return d.sampling, x0, conf
+        return None, x0, conf
     scores = noised_scores(d, ctx, step)
     x0 = scores.argmax(dim=-1)
     return scores, x0, confidence(d, x0, step, ctx)  # the rule's own confidence of that prediction
@@ -243,7 +245,11 @@ def rank_tables(
         if order is None:
             key = torch.where(masked, conf, float("-inf"))
             order = torch.sort(key, descending=True, stable=True).indices
-        tokens.append(top_ranked(scores, max_token_rank, first=x0))
+        if max_token_rank == 1:  # the prediction itself
+            tokens.append(x0[:, None])
+        else:
+            scores = d.sampling if scores is None else scores
+            tokens.append(top_ranked(scores, max_token_rank, first=x0))
     n_masked = masked.sum()
     if n_levels == 1:
         return order[None], tokens[0][None], n_masked

@@ -108,8 +108,11 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
     expected = eq if step_free else eq & _later(rows, device, "level")
     # the expected row, else the row itself (the identity's 1 loses to an expected row's 2)
     nxt = torch.where(expected, 2, _eye(n, device)).argmax(1)
+    # pointer doubling, end[r] = where r's walk stops: a walk takes at most one link per level (each
+    # expected row is one level deeper), and step-free at most n - 1 (each link fills a mask)
+    longest = n - 1 if step_free else max(rows.levels)
     end = nxt
-    for _ in range(math.ceil(math.log2(n))):  # pointer doubling: end[r] = where r's walk stops
+    for _ in range(math.ceil(math.log2(longest)) if longest > 1 else 0):
         end = end[end]
     return WalkLinks(new, conf, nxt, complete, same, match, end[:1])
 
@@ -124,6 +127,11 @@ def _constant(key, make) -> torch.Tensor:
             _MEMO.clear()
         _MEMO[key] = make()
     return _MEMO[key]
+
+
+def row_index(rows: tuple[int, ...], device) -> torch.Tensor:
+    """The index tensor of host row numbers `rows`, built once per distinct tuple (no copy per forward)."""
+    return _constant(("index", rows, device), lambda: torch.tensor(rows, device=device))
 
 
 def _eye(n: int, device) -> torch.Tensor:
