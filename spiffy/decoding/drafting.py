@@ -288,8 +288,13 @@ def instantiate(
     # every rank exists; and unless kept, the draft leaves a mask: its ranks are distinct masked positions,
     # so it fills exactly its size of them (complete drafts are never needed, docs/algorithm.md §5.1)
     ok = (graph.min_masked if keep_complete else graph.min_masked_incomplete) <= n_masked  # (R,)
-    pos = pos_by_rank[graph.level_idx, pos_idx]  # (R, P), padding repeats pair 0
-    tok = top_tokens[graph.level_idx, pos, graph.tok_idx]  # (R, P)
+    if pos_by_rank.shape[0] == 1:  # one table for every level: plain lookups
+        pos = pos_by_rank[0].take(pos_idx)  # (R, P), padding repeats pair 0
+        one = top_tokens.shape[2] == 1
+        tok = top_tokens[0, :, 0].take(pos) if one else top_tokens[0][pos, graph.tok_idx]
+    else:
+        pos = pos_by_rank[graph.level_idx, pos_idx]
+        tok = top_tokens[graph.level_idx, pos, graph.tok_idx]  # (R, P)
     ok &= (tok != mask_id).all(dim=1)
     drafts = state.expand(pos.shape[0], -1).scatter(1, pos, tok)  # (R, Lb)
     if keep_rows is not None:

@@ -317,7 +317,8 @@ def transition_rows(
     values, order = rank_positions(conf)
     count = ctx.rule.counts(values, masked.sum(1), steps, ctx.masked_at_start)
     ranks = _ranks(states.shape[1], states.device)
-    commit = torch.zeros_like(masked).scatter_(1, order, ranks < count[:, None])
+    # `order` is a permutation of the positions: the scatter writes every entry
+    commit = torch.empty_like(masked).scatter_(1, order, ranks < count[:, None])
     return torch.where(commit, x0, states), conf
 
 
