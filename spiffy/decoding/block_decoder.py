@@ -374,7 +374,10 @@ class BlockDecoder:
     ) -> WalkEnd:
         links: WalkLinks = link_rows(rows, step, ctx, self.step_free)
         early = None
-        if type(self).propose_early is not BlockDecoder.propose_early:  # a drafting decoder
+        # a bounded rule's block ends after its last step, known on the host: if row 0's transition is
+        # that step, the walk ends there and no forward follows to draft for
+        last = self.rule.bounded and self.rule.is_complete(True, step + 1)
+        if not last and type(self).propose_early is not BlockDecoder.propose_early:  # drafting
             t = time.perf_counter()
             early = self.propose_early(rows.dists.row(links.end), pick(links.new, links.end), ctx)
             stats.draft_s += time.perf_counter() - t
