@@ -208,7 +208,8 @@ def top_ranked(scores: torch.Tensor, k: int, *, first: torch.Tensor | None = Non
     if k == 1:
         return pick[..., None]
     lowest = torch.finfo(scores.dtype).min  # -inf scores rank here, above the picks' -inf
-    s = torch.where(scores == float("-inf"), lowest, scores)
+    inf = float("inf")
+    s = torch.nan_to_num(scores, nan=float("nan"), posinf=inf, neginf=lowest)  # a copy: -inf only
     picks = [pick[..., None]]
     for t in range(1, k):
         s.scatter_(-1, picks[-1], float("-inf"))

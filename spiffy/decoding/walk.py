@@ -142,16 +142,15 @@ def _later(rows: Rows, device, kind: str | None) -> torch.Tensor:
     """(N, N) bool: column r' may follow row r: r' > 0 and valid; with `kind="level"` also exactly one level
     deeper. Host-built from the levels, memoised (the device validity is and-ed in, not memoised)."""
     levels = tuple(rows.levels)
-
-    def make():
+    key = (kind, levels, device)
+    out = _MEMO.get(key)
+    if out is None:
         n = len(levels)
         allowed = [
             [c > 0 and (kind is None or levels[c] == levels[r] + 1) for c in range(n)]
             for r in range(n)
         ]
-        return torch.tensor(allowed, device=device)
-
-    out = _constant((kind, levels, device), make)
+        out = _constant(key, lambda: torch.tensor(allowed, device=device))
     return out if rows.valid is None or kind is not None else out & rows.valid[None, :]
 
 
