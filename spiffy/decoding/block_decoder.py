@@ -37,7 +37,7 @@ from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
 from spiffy.decoding.sampling import Distributions, TransitionContext, pick, transition
 from spiffy.decoding.types import BatchDecodeResult, DecodeResult, DecodeStats
-from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay
+from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay, row_index
 from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec, model_spec
 
@@ -72,7 +72,7 @@ class Carry:
 @dataclass
 class WalkEnd:
     """Where one forward's walk stopped: transitions taken, the block state, whether the block is complete,
-    the anchor row, the first verified draft row equal to the final state (-1: none), and drafts built early
+    the anchor row, the first verified draft row equal to the final state (< 1: none), and drafts built early
     with their validity."""
 
     transitions: int
@@ -391,8 +391,8 @@ class BlockDecoder:
             self._count_drafts(known, levels, stats)
             if not self.options.compile:
                 kept = [r for r, ok in enumerate(known) if ok]
-                order = torch.argsort((~drafts.valid).to(torch.int8), stable=True)[: len(kept)]
-                states = torch.cat([state[None], drafts.states[order]])
+                sent = row_index((0, *(r + 1 for r in kept)), state.device)
+                states = torch.cat([state[None], drafts.states]).index_select(0, sent)
                 return states, [0] + [levels[r] for r in kept], None, None
         valid = torch.cat([drafts.valid.new_ones(1), drafts.valid])
         unread = None if known is not None else drafts.valid
@@ -420,7 +420,10 @@ class BlockDecoder:
     ) -> WalkEnd:
         links: WalkLinks = link_rows(rows, step, ctx, self.step_free)
         early = None
-        if type(self).propose_early is not BlockDecoder.propose_early:  # a drafting decoder
+        # a bounded rule's block ends after its last step, known on the host: if row 0's transition is
+        # that step, the walk ends there and no forward follows to draft for
+        last = self.rule.bounded and self.rule.is_complete(True, step + 1)
+        if not last and type(self).propose_early is not BlockDecoder.propose_early:  # drafting
             t = time.perf_counter()
             early = self.propose_early(rows.dists.row(links.end), pick(links.new, links.end), ctx)
             stats.draft_s += time.perf_counter() - t

@@ -47,8 +47,10 @@ class GraphTensors:
     children: torch.Tensor | None = None  # (n, C) child indices, padded with 0
     child_ok: torch.Tensor | None = None  # (n, C) bool
     size_groups: tuple[torch.Tensor, ...] = ()  # node indices by formula size, largest first
-    # instantiation constants: pair indices into the rank tables, the pair each padding slot repeats, the
-    # dedupe order (lower level, then lower row, wins) and whether rows can repeat a state at all
+    # instantiation constants: pair indices into the rank tables (padding slots repeat pair 0), the pair
+    # each padding slot repeats, the dedupe order (lower level, then lower row, wins), whether rows can
+    # repeat a state at all, and the fewest masked positions a row needs to be drafted: its largest
+    # position rank, and one more than its size when complete drafts are dropped (docs/algorithm.md §5.1)
     level_idx: torch.Tensor | None = None
     pos_idx: torch.Tensor | None = None
     tok_idx: torch.Tensor | None = None
@@ -56,6 +58,8 @@ class GraphTensors:
     earlier: torch.Tensor | None = None
     max_position_rank: int = 1
     can_repeat: bool = False
+    min_masked: torch.Tensor | None = None  # (R,)
+    min_masked_incomplete: torch.Tensor | None = None  # (R,)
 
     @property
     def rows(self) -> int:
@@ -113,6 +117,9 @@ class GraphTensors:
             (lv[None, :] == lv[:, None]) & (row[None] < row[:, None])
         )
         pad_src = torch.where(valid, torch.arange(shape[1]).expand(shape), 0)
+        max_rank = torch.where(valid, pos, 0).amax(1)  # (R,) (every formula has a pair)
+        size = valid.sum(1)
+        level_idx = (pair_level - 1 if keyed else torch.zeros_like(pair_level)).gather(1, pad_src)
         sizes = sorted({len(f) for f in graph.nodes}, reverse=True)
         groups = tuple(
             torch.tensor([q for q in range(n) if len(graph.nodes[q]) == s], device=device)
@@ -133,13 +140,15 @@ class GraphTensors:
             children.to(device),
             child_ok.to(device),
             groups,
-            (pair_level - 1 if keyed else torch.zeros_like(pair_level)).to(device),
-            (pos - 1).to(device),
-            (tok - 1).to(device),
+            level_idx.to(device),
+            (pos - 1).gather(1, pad_src).to(device),
+            (tok - 1).gather(1, pad_src).to(device),
             pad_src.to(device),
             earlier.to(device),
             graph.max_position_rank,
             keyed,  # without keyed noise distinct nodes give distinct states (distinct pairs)
+            max_rank.to(torch.long).to(device),
+            torch.maximum(max_rank, size + 1).to(torch.long).to(device),
         )
 
 
@@ -171,29 +180,40 @@ def level_scores(
     what the rule would pick at `step` if the distribution did not move.
     """
     d = as_distributions(anchor, ctx)
-    scores = noised_scores(d, ctx, step) if keyed else d.sampling
+    scores, _, conf = _level_predictions(d, ctx, step, keyed)
+    return d.sampling if scores is None else scores, conf
+
+
+def _level_predictions(d: Distributions, ctx: TransitionContext, step: int, keyed: bool):
+    """`level_scores` plus the scores' argmax (Lb,); un-keyed, the scores are the anchor's sampling logits
+    (returned as None: a row view picks them only if used) and the prediction and its confidence are those
+    the transition computed (once per forward, `Distributions.greedy`)."""
+    if not keyed:
+        x0, conf = d.greedy()
+        if conf is None:  # un-keyed random remasking: the paper's anchor confidence
+            conf = d.probs.gather(-1, x0[:, None]).squeeze(-1)
+        return None, x0, conf
+    scores = noised_scores(d, ctx, step)
     x0 = scores.argmax(dim=-1)
-    if keyed or ctx.cfg.remasking != "random":  # the rule's own confidence of that prediction
-        conf = confidence(d, x0, step, ctx)
-    else:  # un-keyed random remasking: the paper's anchor confidence
-        conf = d.probs.gather(-1, x0[:, None]).squeeze(-1)
-    return scores, conf
+    return scores, x0, confidence(d, x0, step, ctx)  # the rule's own confidence of that prediction
 
 
-def top_ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_ranked(scores: torch.Tensor, k: int, *, first: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (R, k) of the k largest scores per row, ties to the lower index, without a sort or a device
     read: k rounds of argmax (which returns the first maximum), each taking its pick out of the next round.
-    -inf scores (tokens of probability 0) rank after every finite one, among themselves by id."""
+    -inf scores (tokens of probability 0) rank after every finite one, among themselves by id. `first` (R,),
+    when the caller has it, is the rows' argmax (the first round)."""
     k = min(k, scores.shape[-1])
+    pick = scores.argmax(dim=-1) if first is None else first
     if k == 1:
-        return scores.argmax(dim=-1, keepdim=True)
+        return pick[..., None]
     lowest = torch.finfo(scores.dtype).min  # -inf scores rank here, above the picks' -inf
-    s = torch.where(scores == float("-inf"), lowest, scores)
-    picks = []
-    for t in range(k):
+    inf = float("inf")
+    s = torch.nan_to_num(scores, nan=float("nan"), posinf=inf, neginf=lowest)  # a copy: -inf only
+    picks = [pick[..., None]]
+    for t in range(1, k):
+        s.scatter_(-1, picks[-1], float("-inf"))
         picks.append(s.argmax(dim=-1, keepdim=True))
-        if t < k - 1:
-            s.scatter_(-1, picks[-1], float("-inf"))
     return torch.cat(picks, dim=-1)
 
 
@@ -222,12 +242,19 @@ def rank_tables(
     n_levels = levels if keyed else 1
     order, tokens = None, []
     for level in range(1, n_levels + 1):
-        scores, conf = level_scores(d, ctx, step + level - 1, keyed)
+        scores, x0, conf = _level_predictions(d, ctx, step + level - 1, keyed)
         if order is None:
-            key = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+            key = torch.where(masked, conf, float("-inf"))
             order = torch.sort(key, descending=True, stable=True).indices
-        tokens.append(top_ranked(scores, max_token_rank))
-    return order.expand(n_levels, -1), torch.stack(tokens), masked.sum()
+        if max_token_rank == 1:  # the prediction itself
+            tokens.append(x0[:, None])
+        else:
+            scores = d.sampling if scores is None else scores
+            tokens.append(top_ranked(scores, max_token_rank, first=x0))
+    n_masked = masked.sum()
+    if n_levels == 1:
+        return order[None], tokens[0][None], n_masked
+    return order.expand(n_levels, -1), torch.stack(tokens), n_masked
 
 
 @dataclass(frozen=True)
@@ -259,14 +286,18 @@ def instantiate(
     mask (docs/algorithm.md §5.6)."""
     lb = state.numel()
     pos_idx = graph.pos_idx if graph.max_position_rank <= lb else graph.pos_idx.clamp(max=lb - 1)
-    ok = ((graph.pos_rank <= n_masked) | ~graph.valid).all(dim=1)  # (R,)
-    pos = pos_by_rank[graph.level_idx, pos_idx]  # (R, P)
-    tok = top_tokens[graph.level_idx, pos, graph.tok_idx]  # (R, P)
-    ok &= ~((tok == mask_id) & graph.valid).any(dim=1)
-    pos, tok = pos.gather(1, graph.pad_src), tok.gather(1, graph.pad_src)  # padding repeats pair 0
-    drafts = state.repeat(pos.shape[0], 1).scatter_(1, pos, tok)  # (R, Lb)
-    if not keep_complete:
-        ok &= (drafts == mask_id).any(dim=1)  # complete drafts are never needed (docs/algorithm.md §5.1)
+    # every rank exists; and unless kept, the draft leaves a mask: its ranks are distinct masked positions,
+    # so it fills exactly its size of them (complete drafts are never needed, docs/algorithm.md §5.1)
+    ok = (graph.min_masked if keep_complete else graph.min_masked_incomplete) <= n_masked  # (R,)
+    if pos_by_rank.shape[0] == 1:  # one table for every level: plain lookups
+        pos = pos_by_rank[0].take(pos_idx)  # (R, P), padding repeats pair 0
+        one = top_tokens.shape[2] == 1
+        tok = top_tokens[0, :, 0].take(pos) if one else top_tokens[0][pos, graph.tok_idx]
+    else:
+        pos = pos_by_rank[graph.level_idx, pos_idx]
+        tok = top_tokens[graph.level_idx, pos, graph.tok_idx]  # (R, P)
+    ok &= (tok != mask_id).all(dim=1)
+    drafts = state.expand(pos.shape[0], -1).scatter(1, pos, tok)  # (R, Lb)
     if keep_rows is not None:
         ok &= keep_rows
     if graph.can_repeat:

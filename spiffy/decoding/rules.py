@@ -186,8 +186,18 @@ def _dream_threshold(rule, sorted_conf, step, masked_at_start):
     return min(quota, 1 + int((sorted_conf[1:quota] >= rule.tau).sum())) if quota else 0
 
 
+_HOST: dict = {}
+
+
 def _host(values: list, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    return torch.tensor(values, device=like.device, dtype=dtype)
+    """A tensor of host values on `like`'s device, built once per distinct value list (a walk asks for the
+    same few step patterns again and again); callers never modify it."""
+    key = (tuple(values), tuple(map(type, values)), like.device, dtype)  # True == 1 as a key
+    if key not in _HOST:
+        if len(_HOST) > 1024:
+            _HOST.clear()
+        _HOST[key] = torch.tensor(values, device=like.device, dtype=dtype)
+    return _HOST[key]
 
 
 @register_batched("schedule")

@@ -101,15 +101,43 @@ def filtered_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tenso
 
 
 class Distributions:
-    """Distributions (..., Lb, V) processed once: float64 sampling logits now, confidence probabilities on the
-    first use. `row(i)` views one state's (i an int or a device index, read without a sync)."""
+    """Distributions (..., Lb, V) processed once: float64 sampling logits, confidence probabilities and the
+    un-noised prediction with its confidence, each computed on first use and shared by the transition,
+    drafting and pruning. `row(i)` views one state's (i an int or a device index, read without a sync): it
+    picks what the batch has already computed, and computes the rest for that row only."""
 
     def __init__(self, logits: torch.Tensor, ctx: TransitionContext, sampling=None, probs=None):
-        self.logits = logits
+        self._logits = logits
         self.ctx = ctx
-        self.sampling = sampling_logits(logits, ctx) if sampling is None else sampling
+        self._sampling = sampling
         self._probs = probs
         self._filtered = None
+        self._greedy = None
+        self._source: tuple[Distributions, int | torch.Tensor] | None = None
+
+    def _picked(self, name: str) -> torch.Tensor | None:
+        """Row `i` of the batch's attribute `name`, if the batch this row views has computed it."""
+        if self._source is None:
+            return None
+        batch, i = self._source
+        value = getattr(batch, name)
+        return None if value is None else pick(value, i)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            batch, i = self._source
+            self._logits = pick(batch.logits, i)
+        return self._logits
+
+    @property
+    def sampling(self) -> torch.Tensor:
+        """Float64 sampling logits (..., Lb, V) (docs/algorithm.md §2 steps 3, 6)."""
+        if self._sampling is None:
+            self._sampling = self._picked("_sampling")
+            if self._sampling is None:
+                self._sampling = sampling_logits(self.logits, self.ctx)
+        return self._sampling
 
     @property
     def filtered(self) -> torch.Tensor:
@@ -122,17 +150,53 @@ class Distributions:
     def probs(self) -> torch.Tensor:
         """Confidence probabilities (..., Lb, V) float64 (docs/algorithm.md §2 steps 4, 6)."""
         if self._probs is None:
-            self._probs = _confidence_probs(self.sampling, self.logits.dtype, self.ctx)
+            self._probs = self._picked("_probs")
+            if self._probs is None:
+                self._probs = _confidence_probs(self.sampling, self.logits.dtype, self.ctx)
         return self._probs
 
+    def greedy(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The un-noised prediction (..., Lb) (the sampling logits' argmax: the T=0 token) and the rule's
+        confidence of it (float64), or None for a confidence that reads the step (`random` remasking)."""
+        if self._greedy is None:
+            if self._source is not None and self._source[0]._greedy is not None:
+                batch, i = self._source
+                x0, conf = batch._greedy
+                self._greedy = (pick(x0, i), None if conf is None else pick(conf, i))
+            else:
+                x0 = self.sampling.argmax(dim=-1)
+                reads_step = _confidence_reads_step(self.ctx)
+                conf = None if reads_step else confidence(self, x0, 0, self.ctx)
+                self._greedy = (x0, conf)
+        return self._greedy
+
     def row(self, i: int | torch.Tensor) -> Distributions:
-        probs = None if self._probs is None else pick(self._probs, i)
-        return Distributions(pick(self.logits, i), self.ctx, pick(self.sampling, i), probs)
+        out = Distributions(None, self.ctx)
+        out._source = (self, i)
+        return out
+
+    def batched(self) -> Distributions:
+        """This single state's distribution (Lb, V) as a batch of one (1, Lb, V)."""
+        out = Distributions(self.logits[None], self.ctx, self.sampling[None])
+        if self._probs is not None:
+            out._probs = self._probs[None]
+        if self._greedy is not None:
+            x0, conf = self._greedy
+            out._greedy = (x0[None], None if conf is None else conf[None])
+        return out
 
 
 def pick(t: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
     """`t[i]` for a host int or a 0-dim device index, without reading the index back to the host."""
     return t[i] if isinstance(i, int) else t.index_select(0, i.reshape(1))[0]
+
+
+def _confidence_reads_step(ctx: TransitionContext) -> bool:
+    """Whether `confidence` depends on the step index (the keyed draws of `random` remasking)."""
+    spec = ctx.rule.spec
+    if spec.ranks_by_position or (spec.block_causal and ctx.cfg.temperature > 0):
+        return False
+    return ctx.cfg.remasking == "random"
 
 
 def as_distributions(logits: torch.Tensor | Distributions, ctx: TransitionContext) -> Distributions:
@@ -233,8 +297,12 @@ def transition_rows(
     (float64, -inf at positions that were not masked). No device read."""
     d = as_distributions(logits, ctx)
     masked = states == ctx.spec.mask_id  # (N, Lb)
-    x0 = predict_tokens(d, ctx, steps)
-    conf = confidence(d, x0, steps, ctx).masked_fill(~masked, NEG_INF)
+    x0, conf = d.greedy() if ctx.cfg.temperature == 0 else (None, None)
+    if x0 is None:
+        x0 = predict_tokens(d, ctx, steps)
+    if conf is None:
+        conf = confidence(d, x0, steps, ctx)
+    conf = torch.where(masked, conf, NEG_INF)
     if (
         ctx.rule.spec.select is not None
     ):  # the rule chooses positions itself (SDAR, docs/algorithm.md §12): host, per row
@@ -249,7 +317,8 @@ def transition_rows(
     values, order = rank_positions(conf)
     count = ctx.rule.counts(values, masked.sum(1), steps, ctx.masked_at_start)
     ranks = _ranks(states.shape[1], states.device)
-    commit = torch.zeros_like(masked).scatter_(1, order, ranks < count[:, None])
+    # `order` is a permutation of the positions: the scatter writes every entry
+    commit = torch.empty_like(masked).scatter_(1, order, ranks < count[:, None])
     return torch.where(commit, x0, states), conf
 
 
@@ -276,9 +345,5 @@ def transition(
         The next block state (Lb,) (the input is not modified) and the confidences (Lb,) the rule
         ranked (float64, -inf at positions that were not masked).
     """
-    d = as_distributions(logits, ctx)
-    batch = Distributions(
-        d.logits[None], ctx, d.sampling[None], None if d._probs is None else d._probs[None]
-    )
-    new, conf = transition_rows(batch, state[None], [step], ctx)
+    new, conf = transition_rows(as_distributions(logits, ctx).batched(), state[None], [step], ctx)
     return new[0], conf[0]

@@ -41,7 +41,8 @@ class Rows:
 @dataclass
 class HostLinks:
     """`WalkLinks` read to the host: per row the next row (itself = stop), completion, no change, the first
-    verified row equal to its result (-1: none), and any extra boolean vectors read along."""
+    verified row equal to its result (0: none; row 0 is never a match), and any extra boolean vectors read
+    along."""
 
     nxt: list[int]
     complete: list[int]
@@ -52,8 +53,10 @@ class HostLinks:
 
 @dataclass
 class WalkLinks:
-    """Per row r: its transition's result `new[r]` and confidences, the row the walk continues to, and flags;
-    `end` is where the walk from row 0 stops (a device index, or 0)."""
+    """Per row r: its transition's result `new[r]` and confidences, the row the walk continues to if it
+    continues (itself: it stops; a complete or unchanged result stops it whatever `nxt` says), the first
+    verified row equal to its result (0: none), and flags; `end` is where the walk from row 0 stops when no
+    complete or unchanged result stops it first (a device index, or 0)."""
 
     new: torch.Tensor
     conf: torch.Tensor
@@ -64,27 +67,22 @@ class WalkLinks:
     end: torch.Tensor | int
 
     def read(self, extra: list[torch.Tensor]) -> HostLinks:
-        """The one host read of a forward: links, flags and `extra` boolean vectors in a single transfer."""
-        flags = [self.complete, self.same, *extra]
-        if self.new.shape[0] == 1:  # one row: its links are known (it stops where it is)
-            complete, same, *rest = _split(torch.cat(flags).tolist(), flags)
-            return HostLinks([0], complete, same, [-1], rest)
-        parts = [self.nxt, self.match, *flags]
-        flat = torch.cat([self.nxt, self.match, torch.cat(flags).long()]).tolist()
+        """The one host read of a forward: links, flags and `extra` boolean vectors in a single transfer
+        (`cat` promotes them all to one integer tensor)."""
+        parts = [self.complete, self.same, *extra]
+        if self.nxt is not None:
+            parts += [self.nxt, self.match]
+        flat = torch.cat(parts).tolist()
         out, at = [], 0
         for p in parts:
             out.append(flat[at : at + p.numel()])
             at += p.numel()
-        nxt, match, complete, same, *rest = out
+        if self.nxt is None:  # one row: its links are known (it stops where it is)
+            complete, same, *rest = out
+            nxt, match = [0], [0]
+        else:
+            complete, same, *rest, nxt, match = out
         return HostLinks(nxt, complete, same, match, [[bool(v) for v in e] for e in rest])
-
-
-def _split(flat: list, parts: list[torch.Tensor]) -> list[list[bool]]:
-    out, at = [], 0
-    for p in parts:
-        out.append([bool(v) for v in flat[at : at + p.numel()]])
-        at += p.numel()
-    return out
 
 
 def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) -> WalkLinks:
@@ -94,23 +92,27 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
     new, conf = transition_rows(rows.dists, rows.states, steps, ctx)
     device = new.device
     if ctx.rule.bounded:
-        complete = torch.tensor([ctx.rule.is_complete(True, s + 1) for s in steps], device=device)
+        ends = tuple(ctx.rule.is_complete(True, s + 1) for s in steps)
+        complete = _constant(("complete", ends, device), lambda: torch.tensor(ends, device=device))
     else:
         complete = (new != ctx.spec.mask_id).all(1)
-    same = (new == rows.states).all(1)
     if n == 1:  # links of a single row are known on the host (`read`)
-        return WalkLinks(new, conf, None, complete, same, None, 0)
-    # eq[r, r']: the result of row r is the state of row r' (a later, valid draft: never row 0)
-    eq = (new[:, None, :] == rows.states[None, :, :]).all(-1) & _later(rows, device, None)
-    match = torch.where(eq.any(1), eq.to(torch.int8).argmax(1), -1)
+        return WalkLinks(new, conf, None, complete, (new == rows.states).all(1), None, 0)
+    # equal[r, r']: the result of row r is the state of row r' (N, N)
+    equal = (new[:, None, :] == rows.states[None, :, :]).all(-1)
+    same = equal.diagonal()
+    # a later, valid draft (never row 0, so argmax 0 means none)
+    eq = equal & _later(rows, device, None)
+    match = eq.to(torch.int8).argmax(1)
     # the batched transition of r' is only right if r' is reached at its own level (unless step-free)
     expected = eq if step_free else eq & _later(rows, device, "level")
-    stop = complete | same | ~expected.any(1)
-    nxt = torch.where(stop, _rows(n, device), expected.to(torch.int8).argmax(1))
+    # the expected row, else the row itself (the identity's 1 loses to an expected row's 2)
+    nxt = torch.where(expected, 2, _eye(n, device)).argmax(1)
+    # pointer doubling, end[r] = where r's walk stops: a walk takes at most one link per level (each
+    # expected row is one level deeper), and step-free at most n - 1 (each link fills a mask)
+    longest = n - 1 if step_free else max(rows.levels)
     end = nxt
-    for _ in range(
-        math.ceil(math.log2(n))
-    ):  # pointer doubling: end[r] = where the walk from r stops
+    for _ in range(math.ceil(math.log2(longest)) if longest > 1 else 0):
         end = end[end]
     return WalkLinks(new, conf, nxt, complete, same, match, end[:1])
 
@@ -118,11 +120,22 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
 _MEMO: dict = {}
 
 
-def _rows(n: int, device) -> torch.Tensor:
-    key = ("rows", n, device)
+def _constant(key, make) -> torch.Tensor:
+    """A small constant tensor built once per key (host-built from host values; never mutated)."""
     if key not in _MEMO:
-        _MEMO[key] = torch.arange(n, device=device)
+        if len(_MEMO) > 256:
+            _MEMO.clear()
+        _MEMO[key] = make()
     return _MEMO[key]
+
+
+def row_index(rows: tuple[int, ...], device) -> torch.Tensor:
+    """The index tensor of host row numbers `rows`, built once per distinct tuple (no copy per forward)."""
+    return _constant(("index", rows, device), lambda: torch.tensor(rows, device=device))
+
+
+def _eye(n: int, device) -> torch.Tensor:
+    return _constant(("eye", n, device), lambda: torch.eye(n, dtype=torch.int8, device=device))
 
 
 def _later(rows: Rows, device, kind: str | None) -> torch.Tensor:
@@ -130,16 +143,14 @@ def _later(rows: Rows, device, kind: str | None) -> torch.Tensor:
     deeper. Host-built from the levels, memoised (the device validity is and-ed in, not memoised)."""
     levels = tuple(rows.levels)
     key = (kind, levels, device)
-    if key not in _MEMO:
-        if len(_MEMO) > 256:
-            _MEMO.clear()
+    out = _MEMO.get(key)
+    if out is None:
         n = len(levels)
         allowed = [
             [c > 0 and (kind is None or levels[c] == levels[r] + 1) for c in range(n)]
             for r in range(n)
         ]
-        _MEMO[key] = torch.tensor(allowed, device=device)
-    out = _MEMO[key]
+        out = _constant(key, lambda: torch.tensor(allowed, device=device))
     return out if rows.valid is None or kind is not None else out & rows.valid[None, :]
 
 
