@@ -250,7 +250,7 @@ class EvalConfig:
     progress: bool = True
     # requests decoded per forward (docs/algorithm.md §13; outputs unchanged): a positive integer, or "auto" (all
     # of lm-eval's requests in flight, up to 64). README "Batched decoding" measures which is fastest here.
-    batch_size: Any = 16
+    batch_size: Any = 1
 
     def __post_init__(self) -> None:
         if self.threads < 0:
