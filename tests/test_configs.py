@@ -87,8 +87,14 @@ def test_bad_overrides_fail_at_composition(override, error, match):
         ("graph.auto_margin=1.5", "graph.auto_margin=1.5"),
         ("graph=chain graph.budget=auto", "graph.budget='auto' .* needs graph.source='calibrate'"),
         ("graph.prune=2", "graph.budget='auto' chooses the graph itself: graph.prune=2"),
-        ("decoder.verify=shared", "decoder.verify='shared' is lossy with decoder.cache='none'"),
-        ("decoder.cross_block=true", "decoder.cross_block=true needs graph.budget=D"),
+        (
+            "decoder=spiffy decoder.verify=shared",
+            "decoder.verify='shared' is lossy with decoder.cache='none'",
+        ),
+        (
+            "decoder=spiffy decoder.cross_block=true",
+            "decoder.cross_block=true needs graph.budget=D",
+        ),
         (
             "model=sdar_tiny decoder=spiffy_sdar_dynamic",
             "graph.budget='auto' does not model decoder.cache='block_causal'",
@@ -126,7 +132,10 @@ def test_each_experiment_has_a_launcher_and_runs_on_the_published_checkpoint(exp
     assert (gen["gen_length"], gen["block_length"]) == (256, 32)
 
 
-PUBLISHED = {"sdar_v4": "sdar_8b_chat_b32", "sdar_v4_embedded": "sdar_8b_chat_b32"}  # the published checkpoint each experiment is about
+PUBLISHED = {
+    "sdar_v4": "sdar_8b_chat_b32",
+    "sdar_v4_embedded": "sdar_8b_chat_b32",
+}  # the published checkpoint each experiment is about
 
 
 SDAR_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if is_sdar("model", p.stem))
@@ -204,7 +213,11 @@ def test_graph_budget_is_auto_or_an_explicit_integer():
     explicit = OmegaConf.to_object(
         compose_with("graph.budget=5", "graph.prune=2", "decoder.verify=shared")
     )
-    assert (explicit.graph.budget, explicit.graph.prune, explicit.decoder.verify) == (5, 2, "shared")
+    assert (explicit.graph.budget, explicit.graph.prune, explicit.decoder.verify) == (
+        5,
+        2,
+        "shared",
+    )
     # the dual cache runs `shared` as exact block queries: lossless, so auto accepts it
     assert OmegaConf.to_object(compose_with("decoder=spiffy_kv_cache", "decoder.verify=shared"))
     # a base decoder ignores the graph group
