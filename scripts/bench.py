@@ -272,8 +272,14 @@ def main() -> None:
         "",
         f"Device: {env['device_name']} ({env['device']}), dtype {env['dtype']}, torch {env['torch']}, "
         f"transformers {env['transformers']}, {env['threads']} threads, peak memory "
-        f"{env['peak_memory_mb']:.0f} MB; {what}. Decoders run interleaved per prompt (fresh order per "
-        "prompt); ratios are of summed wall time.",
+        f"{env['peak_memory_mb']:.0f} MB; {what}. "
+        + (
+            f"Throughput at each batch size (docs/algorithm.md §13): decoders interleaved (a fresh order per batch "
+            f"size and round), medians of {args.batch_repeats} round(s); every cell checks each request's tokens "
+            "and NFE against batch 1."
+            if args.batch_sizes and specs
+            else "Decoders run interleaved per prompt (fresh order per prompt); ratios are of summed wall time."
+        ),
     ]
     if args.before:
         md.append(
