@@ -49,7 +49,7 @@ from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.forward import STRATEGIES
 from spiffy.eval.offline import encode
 from spiffy.models.loading import load_tokenizer, model_spec
-from spiffy.report import budget_recommendation
+from spiffy.report import budget_recommendation, plot_batching
 from spiffy.shapes import SHAPES, random_model
 from spiffy.tasks.arith import format_prompt, generate_split
 
@@ -261,6 +261,8 @@ def main() -> None:
         "peak_memory": memory,
     }
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
+    if args.batch_sizes and specs:  # throughput vs batch size (and the cost curve's batch axis)
+        plot_batching(payload, out / f"{args.name}.png")
     what = (
         f"random-weight `{args.shape}` ({args.layers or 'all'} layers"
         f"{f', hidden {args.hidden}' if args.hidden else ''})"

@@ -366,3 +366,53 @@ def plot_cost_curve(recommendation: pd.DataFrame, path: str | Path, *, device: s
     right.set_xlabel("D")
     right.set_ylabel("× vs base decoder")
     _finish(fig, path, left, right)
+
+
+def plot_batching(payload: dict, path: str | Path) -> None:
+    """Batched decoding (docs/algorithm.md §13), from a `scripts/bench.py --batch-sizes` payload: generated tokens/s
+    vs batch size per decoder (left) and, with the batched cost curve, the forward cost of D drafts relative to
+    none vs batch size (right): drafts pay while that stays below their NFE saving."""
+    plt = _pyplot()
+    table = pd.DataFrame(payload["decoders"])
+    curve = pd.DataFrame(payload.get("cost_curve", []))
+    batched = not curve.empty and "batch" in curve
+    fig, axes = plt.subplots(
+        1, 2 if batched else 1, figsize=(10 if batched else 6, 3.6), squeeze=False
+    )
+    left = axes[0][0]
+    for decoder, data in table.groupby("decoder", sort=False):
+        left.plot(data["batch_size"], data["tokens_per_s"], marker="o", label=decoder)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("batch size (requests per forward)")
+    left.set_ylabel("generated tokens / s")
+    env = payload.get("env", {})
+    left.set_title(
+        f"throughput, {env.get('device', '')} {env.get('threads', '')} thread(s)", fontsize=9
+    )
+    if not batched:
+        left.set_xticks(
+            sorted(table["batch_size"].unique()),
+            [str(b) for b in sorted(table["batch_size"].unique())],
+        )
+        _finish(fig, path, left)
+        return
+    right = axes[0][1]
+    for (layout, drafts), data in curve[curve["drafts"] > 0].groupby(["layout", "drafts"]):
+        right.plot(
+            data["batch"], data["cost_vs_no_drafts"], marker="o", label=f"{layout}, D={drafts}"
+        )
+    right.set_xscale("log", base=2)
+    right.set_xlabel("batch size")
+    right.set_ylabel("forward cost with D drafts / without")
+    right.set_title("cost curve with a batch axis", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(
+            sorted(table["batch_size"].unique()),
+            [str(b) for b in sorted(table["batch_size"].unique())],
+        )
+    left.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -236,3 +236,24 @@ def test_a_forced_rerun_supersedes_the_old_row(tmp_path):
     write_rows(path, [new])
     table = experiment_table(load_frame(tmp_path), "t")
     assert table[["graph.budget", "speedup_nfe"]].values.tolist() == [[3, 2.5], [5, 3.0]]
+
+
+def test_batching_plot_from_a_bench_payload(tmp_path):
+    """`scripts/bench.py --batch-sizes` writes this plot: throughput vs batch size, and the batched cost curve."""
+    from spiffy.report import plot_batching
+
+    decoders = [
+        {"decoder": d, "batch_size": b, "tokens_per_s": 100.0 * b**0.5}
+        for d in ("dual", "dual+spiffy")
+        for b in (1, 4, 16)
+    ]
+    curve = [
+        {"layout": "dual", "batch": b, "drafts": d, "cost_vs_no_drafts": 1 + d * b / 16}
+        for b in (1, 4, 16)
+        for d in (0, 5)
+    ]
+    plot_batching(
+        {"env": {"device": "cpu"}, "decoders": decoders, "cost_curve": curve}, tmp_path / "b.png"
+    )
+    plot_batching({"decoders": decoders}, tmp_path / "only.png")
+    assert (tmp_path / "b.png").stat().st_size > 0 and (tmp_path / "only.png").stat().st_size > 0
