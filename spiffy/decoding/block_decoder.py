@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spiffy.decoding.batching import BatchRunner
+from spiffy.decoding.batching import BatchRunner, default_max_tokens
 from spiffy.decoding.block_causal import BlockCausalCache
 from spiffy.decoding.config import SDAR_RULES, GenerationConfig
 from spiffy.decoding.drafting import Drafts
@@ -227,12 +227,15 @@ class BlockDecoder:
         *,
         batch_size: int | None = None,
         tolerance: float = 0.25,
+        max_tokens: int | None | str = "auto",
         on_result: Callable[[int, DecodeResult], None] | None = None,
     ) -> BatchDecodeResult:
         """Decode many prompts, up to `batch_size` at a time (default: all), each exactly as `generate` would
         (docs/algorithm.md §13): every request keeps its own canvas, NFE and keyed noise; forwards carry the rows
         of every live request, bucketed by query length (`tolerance`: the padding allowed, as a fraction of a
-        bucket's longest query). A finished request leaves and the next prompt joins; `on_result(i, result)` is
+        bucket's longest query; `max_tokens`: at most that many query tokens per forward, None = no limit, "auto" =
+        `batching.default_max_tokens` of the model's device). A
+        finished request leaves and the next prompt joins; `on_result(i, result)` is
         called as each finishes. `request_ids` default to the prompts' indices. Each result's `stats.wall_s` is
         its share of the batch's wall-clock (its own walking time plus its share of the forwards, by query
         rows), `stats.latency_s` its own start-to-end time."""
@@ -250,6 +253,7 @@ class BlockDecoder:
             len(prompts) if batch_size is None else batch_size,
             block_causal=self.spec.block_causal,
             tolerance=tolerance,
+            max_tokens=default_max_tokens(self.device) if max_tokens == "auto" else max_tokens,
             on_done=on_result,
         )
         jobs = [

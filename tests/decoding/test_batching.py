@@ -194,6 +194,21 @@ def test_buckets_keep_calls_apart_by_kind_and_length():
     assert sorted(groups) == [[0, 1], [2], [3, 4], [5]]
     with pytest.raises(ValueError, match="tolerance=1"):
         CallStacker(torch.nn.Identity(), block_causal=False, tolerance=1)
+    # at most max_tokens query tokens per forward: rows x the bucket's longest query, a call never split
+    capped = CallStacker(torch.nn.Identity(), block_causal=False, max_tokens=200)
+    groups = [[c.order for c in g] for g in capped.buckets(calls[:3] + [call(6, 95), call(7, 99)])]
+    assert sorted(groups) == [[0, 1], [2], [6, 7]]
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        CallStacker(torch.nn.Identity(), block_causal=False, max_tokens=0)
+
+
+def test_a_token_cap_changes_the_forwards_not_the_outputs(fixture_model):
+    decoder = spiffy.build_decoder(fixture_model, gen_length=16, block_length=8)
+    capped = decoder.generate_batch(PROMPTS, seed=1, max_tokens=40)
+    free = decoder.generate_batch(PROMPTS, seed=1, max_tokens=None)
+    assert capped.batch.forwards > free.batch.forwards
+    for a, b in zip(capped, free, strict=True):
+        assert torch.equal(a.tokens, b.tokens) and a.stats.nfe == b.stats.nfe
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate])
