@@ -19,10 +19,11 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from spiffy.graph.files import atomic_write_text as write_text_atomically
 
 ROW_SUFFIX = ".json"
 
@@ -66,20 +67,10 @@ def row_path(results_dir: str | Path, experiment: str, key: str) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """`spiffy.graph.files.atomic_write_text` (temporary file, fsync, rename: never a torn file), then an fsync
+    of the folder so that the rename itself survives a crash."""
+    write_text_atomically(path, text)
+    _fsync_dir(Path(path).parent)
 
 
 def _fsync_dir(folder: Path) -> None:
