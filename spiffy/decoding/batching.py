@@ -299,7 +299,7 @@ class CallStacker:
             self._stacked[key] = stacked  # holds the parts: their ids stay unique while memoised
             if len(self._stacked) > 2:
                 self._stacked.popitem(last=False)
-        if stacked.group != group and stacked.parts:
+        if stacked.group != group:
             stacked = dataclasses.replace(stacked, group=group, _masks={})
         return stacked
 

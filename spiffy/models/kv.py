@@ -257,8 +257,6 @@ def stack_caches(caches: list[KVCache], group: int) -> KVCache:
     """One stacked cache over the request caches `caches` (each batch 1), zero-padded to the longest, for a
     forward whose consecutive `group` query rows belong to each cache in turn (batched decoding). Which keys a
     row sees (the padding, a recomputed block) must come with the call's `attention_mask`."""
-    if len(caches) == 1 and not caches[0].replace:
-        return caches[0]
     longest = max(c.length for c in caches)
     layers = []
     for per_layer in zip(*(c.layers for c in caches), strict=True):
