@@ -107,6 +107,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--batch-repeats", type=int, default=1, help="throughput table: interleaved rounds"
     )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="throughput table: query tokens per forward (0: no limit; default: the device's default)",
+    )
     p.add_argument("--out", default="results/bench")
     return p.parse_args()
 
@@ -171,7 +177,11 @@ def main() -> None:
         prompts = [encode(tok, format_prompt(p["question"])) for p in problems]
         table = pd.DataFrame(
             batch_throughput(
-                decoders, prompts, sorted(args.batch_sizes), repeats=args.batch_repeats
+                decoders,
+                prompts,
+                sorted(args.batch_sizes),
+                repeats=args.batch_repeats,
+                max_tokens="auto" if args.max_tokens is None else (args.max_tokens or None),
             )
         )
         rows = {}

@@ -443,8 +443,10 @@ def batch_throughput(
     *,
     seed: int = 0,
     repeats: int = 1,
+    max_tokens: int | None | str = "auto",
 ) -> list[dict]:
-    """Generated tokens/s of every decoder at every batch size (docs/algorithm.md §13), over the same prompts.
+    """Generated tokens/s of every decoder at every batch size (docs/algorithm.md §13), over the same prompts
+    (`max_tokens`: query tokens per forward, as in `generate_batch`).
 
     Runs interleave (repeat → batch size → decoder, a fresh decoder order each time) so machine noise hits
     every cell alike. Each cell also checks that every request's tokens and NFE equal the batch-of-one run's
@@ -453,7 +455,9 @@ def batch_throughput(
     order = torch.Generator().manual_seed(seed)
     labels = list(decoders)
     for d in decoders.values():  # warm up allocators and kernels
-        d.generate_batch(prompts[: max(batch_sizes)], seed=seed, batch_size=max(batch_sizes))
+        d.generate_batch(
+            prompts[: max(batch_sizes)], seed=seed, batch_size=max(batch_sizes), max_tokens=max_tokens
+        )
     cells: dict[tuple[str, int], dict] = {}
     reference: dict[str, list] = {}
     bar = tqdm(total=repeats * len(batch_sizes) * len(labels), desc="throughput")
@@ -463,7 +467,9 @@ def batch_throughput(
                 label = labels[k]
                 bar.update()
                 t = time.perf_counter()
-                out = decoders[label].generate_batch(prompts, seed=seed, batch_size=size)
+                out = decoders[label].generate_batch(
+                    prompts, seed=seed, batch_size=size, max_tokens=max_tokens
+                )
                 wall = time.perf_counter() - t
                 got = [(r.tokens, r.stats.nfe) for r in out]
                 ref = reference.setdefault(label, got) if size == 1 else reference.get(label)
