@@ -109,11 +109,12 @@ def test_logits_at_and_the_cache_boundary_match_the_full_forward(dream):
 
     ids = PROMPT[None].repeat(2, 1)
     full = dream(ids).logits
+    # Fewer LM-head rows is another GEMM shape (kernel chosen by shape and CPU): equal to float64 rounding only.
     torch.testing.assert_close(
-        dream(ids, logits_at=slice(4, 9)).logits, full[:, 4:9], rtol=0, atol=0
+        dream(ids, logits_at=slice(4, 9)).logits, full[:, 4:9], rtol=0, atol=1e-12
     )
     torch.testing.assert_close(
-        dream(ids, logits_at=slice(0, 3)).logits, full[:, :3], rtol=0, atol=0
+        dream(ids, logits_at=slice(0, 3)).logits, full[:, :3], rtol=0, atol=1e-12
     )
     out = dream(ids[:1], return_kv=True, logits_at=slice(4, 8))
     cache = KVCache(out.present, insert_at=4, replace=4, boundary_logits=out.logits[0, 0])
