@@ -5,8 +5,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from spiffy.config import register_configs
-from spiffy.pipeline import run
+from spiffy.lab.pipeline import run
+from spiffy.lab.schema import register_configs
 
 register_configs()
 
@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     if "--dry-run" in sys.argv[1:]:  # list the jobs of the sweep (launcher overrides ignored), run nothing
-        from spiffy.sweep import dry_run
+        from spiffy.lab.sweep import dry_run
 
         flags = {"--dry-run", "-m", "--multirun"}
         sys.exit(dry_run([a for a in sys.argv[1:] if a not in flags]))

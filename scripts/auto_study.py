@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from spiffy.api import build_decoder, generation_config
-from spiffy.bench import BASES, environment
+from spiffy.calibration.autotune import MARGIN, autotune
+from spiffy.calibration.store import load_or_calibrate
+from spiffy.decoding.build import build_decoder, generation_config
 from spiffy.decoding.speculative import Speculation
 from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
-from spiffy.graph.autotune import MARGIN, autotune
-from spiffy.graph.store import load_or_calibrate
+from spiffy.lab.benchmarks import BASES, environment
 from spiffy.tasks.registry import TASKS, task_generation
 
 MODEL_NAME = "tiny-llada-arith"

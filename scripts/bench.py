@@ -15,8 +15,8 @@
 
 Writes `<out>/<name>.json` and `<out>/<name>.md`. NFE ratios are hardware-independent; wall-clock ratios are
 measured interleaved on this device (stated in the output). With `--shape` the model is a random-weight model of
-a published configuration (`spiffy.shapes`): cost curves and memory only, and the curve is also fed to
-`spiffy.report.budget_recommendation` with the paper's NFE speedups (`spiffy.bench.paper_runs`).
+a published configuration (`spiffy.models.shapes`): cost curves and memory only, and the curve is also fed to
+`spiffy.lab.report.budget_recommendation` with the paper's NFE speedups (`spiffy.lab.benchmarks.paper_runs`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ import pandas as pd
 import torch
 
 import spiffy
-from spiffy.bench import (
+from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.forward import STRATEGIES
+from spiffy.eval.offline import encode
+from spiffy.lab.benchmarks import (
     LAYOUTS,
     DecoderSpec,
     batch_throughput,
@@ -45,12 +48,9 @@ from spiffy.bench import (
     summarize_rows,
     verification_peak_memory,
 )
-from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.forward import STRATEGIES
-from spiffy.eval.offline import encode
+from spiffy.lab.report import budget_recommendation, plot_batching
 from spiffy.models.loading import load_tokenizer, model_spec
-from spiffy.report import budget_recommendation, plot_batching
-from spiffy.shapes import SHAPES, random_model
+from spiffy.models.shapes import SHAPES, random_model
 from spiffy.tasks.arith import format_prompt, generate_split
 
 
@@ -309,8 +309,8 @@ def main() -> None:
     if not recommendation.empty:
         md += [
             "",
-            "Predicted wall speedup with the paper's NFE speedups (`spiffy.report.budget_recommendation`, "
-            "`spiffy.bench.paper_runs`):",
+            "Predicted wall speedup with the paper's NFE speedups (`spiffy.lab.report.budget_recommendation`, "
+            "`spiffy.lab.benchmarks.paper_runs`):",
             "",
             recommendation.to_markdown(index=False, floatfmt=".3f"),
         ]

@@ -3,8 +3,8 @@
     python scripts/calibration_study.py --n-test 200
 
 Every number is an exact NFE count: trajectories of the base decoder are recorded once on held-out test
-problems, and `spiffy.graph.calibrate.evaluate` replays the acceptance walk for each graph. Its prediction equals
-the NFE measured by actually decoding with Spiffy (tests/graph/test_calibrate.py asserts this), so the tables are
+problems, and `spiffy.calibration.calibrate.evaluate` replays the acceptance walk for each graph. Its prediction equals
+the NFE measured by actually decoding with Spiffy (tests/calibration/test_calibrate.py asserts this), so the tables are
 what decoding would give, without decoding every (graph × base) pair. Writes results/tables/*.md and a JSON.
 """
 
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from spiffy.bench import generation_for
+from spiffy.calibration.calibrate import SELECTION_RULES, evaluate, select_graph
+from spiffy.calibration.trajectories import Trajectories, record_trajectories
 from spiffy.decoding.config import GenerationConfig
 from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
 from spiffy.graph import chain, fig2, two_level_topk
-from spiffy.graph.calibrate import SELECTION_RULES, evaluate, select_graph
-from spiffy.graph.trajectories import Trajectories, record_trajectories
+from spiffy.lab.benchmarks import generation_for
 from spiffy.tasks.arith import ArithConfig, format_prompt, generate_split
 from spiffy.tasks.registry import TASKS, gsm8k_calibration
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import spiffy
-from spiffy.bench import BASES, generation_for
 from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.eval.offline import accuracy, formatted_share, load_for_study, score_arith
+from spiffy.lab.benchmarks import BASES, generation_for
 from spiffy.tasks.arith import ArithConfig, generate_split
 
 

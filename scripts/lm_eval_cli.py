@@ -14,7 +14,7 @@ import sys
 from lm_eval.__main__ import cli_evaluate
 
 import spiffy.eval.harness  # noqa: F401 - registers the "spiffy" model with lm-eval
-from spiffy.pipeline import TASKS_DIR
+from spiffy.lab.pipeline import TASKS_DIR
 
 if __name__ == "__main__":
     if "--include_path" not in sys.argv:

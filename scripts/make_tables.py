@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spiffy.report import (
+from spiffy.lab.report import (
     LEVEL_PREFIX,
     axis_columns,
     blocks_per_request,
@@ -73,7 +73,7 @@ def main() -> None:
                 "Predicted wall speedup = (B·F_start + (N0 − B)·F(0) + N0·c) / (B·F_start + (N − B)·F(d) + N·c + "
                 "N·o) with F(d) the forward time at the mean number of drafts d the D-node graph sent and o Spiffy's "
                 "own ms per forward (`spiffy_overhead_ms`) "
-                "(`spiffy.report.budget_recommendation`); `recommended` = best predicted D per layout."
+                "(`spiffy.lab.report.budget_recommendation`); `recommended` = best predicted D per layout."
             )
             rec.to_csv(out / f"{name}_cost.csv", index=False)
             (out / f"{name}_cost.md").write_text(markdown(f"{name}: cost vs D", rec, note))

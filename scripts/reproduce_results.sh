@@ -20,7 +20,7 @@ step() { printf '\n=== %s\n' "$*"; "$@"; }
 # model card: accuracy and confidence of the embedded model (vanilla, T=0, 200 held-out problems)
 step python scripts/eval_embedded.py --n 200 --json results/embedded_eval.json
 # calibrated graphs committed for the embedded model (1 token/step, task settings), D in {3,5,8,10}
-step python scripts/calibrate.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
+step python scripts/calibrate_graph.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
 # Tables 1/4, sample efficiency, transfer, Spiffy over each base: exact NFE replayed on 200 held-out problems
 step python scripts/calibration_study.py --n-test 200
 # issue 21: chain (FreeDave) vs degree1 vs greedy vs best, per base and walk, replayed on 100 held-out problems

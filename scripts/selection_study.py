@@ -5,8 +5,8 @@
 For each base decoder (vanilla with block 8 and with one block of 32, dual cache, threshold 0.9), trajectories
 are recorded once on 20 calibration prompts and on `--n-test` held-out `arith` test problems. For every walk
 (plain; cross-block where the layout allows it), budget D and selection rule, a graph is selected on the
-calibration trajectories and its NFE replayed on the test trajectories (`spiffy.graph.calibrate.evaluate`,
-equal to decoding: tests/graph/test_calibrate.py). Speedups are NFE reductions over the same base. A spot check
+calibration trajectories and its NFE replayed on the test trajectories (`spiffy.calibration.calibrate.evaluate`,
+equal to decoding: tests/calibration/test_calibrate.py). Speedups are NFE reductions over the same base. A spot check
 then decodes the first `--spot` test problems with the `best` graph at D = 10 and compares tokens with the base
 and the measured NFE with the replay. Writes results/tables/selection_study.{md,csv,json}.
 """
@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 
 import spiffy
+from spiffy.calibration.calibrate import evaluate, select_graph
+from spiffy.calibration.trajectories import Trajectories, record_trajectories
 from spiffy.decoding.config import GenerationConfig
 from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
 from spiffy.graph.builtin import chain
-from spiffy.graph.calibrate import evaluate, select_graph
-from spiffy.graph.trajectories import Trajectories, record_trajectories
 from spiffy.tasks.registry import TASKS, task_generation
 
 BASES = {

@@ -4,7 +4,7 @@
 
 For each remasking × temperature × draft_noise, a greedy D = 10 graph is calibrated on 20 calibration prompts
 under that very definition, and the speedup on held-out test prompts is computed from recorded trajectories
-(`spiffy.graph.calibrate.evaluate`). With `none` the prediction equals decoding exactly; with `keyed` it is a
+(`spiffy.calibration.calibrate.evaluate`). With `none` the prediction equals decoding exactly; with `keyed` it is a
 lower bound on the speedup (per-level rank tables can let two formulas build one state, which decoding accepts
 and the replay does not count). `--measure N` also decodes the first N test prompts with Spiffy and reports the
 measured speedup beside the prediction.
@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 import spiffy
+from spiffy.calibration.calibrate import evaluate, select_graph
+from spiffy.calibration.trajectories import record_trajectories
 from spiffy.decoding.config import GenerationConfig
 from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
-from spiffy.graph.calibrate import evaluate, select_graph
-from spiffy.graph.trajectories import record_trajectories
 from spiffy.tasks.registry import TASKS
 
 

@@ -17,9 +17,9 @@ import random
 
 import torch
 
-from spiffy.api import build_decoder
-from spiffy.bench import generation_for
+from spiffy.decoding.build import build_decoder
 from spiffy.eval.offline import accuracy, score_arith
+from spiffy.lab.benchmarks import generation_for
 from spiffy.models.loading import load_model
 from spiffy.tasks.arith import generate_split
 from spiffy.training.loop import add_common_args, arith_batch, save_checkpoint, setup, train

@@ -6,7 +6,7 @@ python scripts/wandb_report.py table1 --mode online          # save the report t
 Panels: NFE and wall-clock speedup vs D per base decoder (one panel grid per (rule, cache) in the rows), the
 NFE/accuracy table (the runs table, with the experiment's sweep axes as columns), acceptance per graph level, and
 calibration transfer (speedup per calibration task and per number of calibration prompts). Runs are selected by
-W&B group = experiment (`spiffy.tracking` conventions). Before writing or saving anything, every key a panel or
+W&B group = experiment (`spiffy.lab.tracking` conventions). Before writing or saving anything, every key a panel or
 column refers to is checked against the keys the runs actually logged: offline, the `wandb.keys` block each row
 stored from its run object; online, also the runs W&B holds. Offline runs are uploaded first with
 `wandb sync <dir>` (the dirs are in the rows' `wandb.dir`, printed at the end).
@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spiffy.report import experiment_table, rows_frame  # noqa: E402
-from spiffy.results import read_rows  # noqa: E402
+from spiffy.lab.report import experiment_table, rows_frame  # noqa: E402
+from spiffy.lab.results import read_rows  # noqa: E402
 
 TABLE_METRICS = ["accuracy", "nfe_mean", "nfe_base_mean", "speedup_nfe", "speedup_wall", "agreement"]
 
@@ -208,7 +208,7 @@ def api_keys(entity: str, project: str, experiment: str) -> dict[str, set[str]]:
     """The keys the experiment's runs hold on W&B (online check)."""
     import wandb
 
-    from spiffy.tracking import flatten
+    from spiffy.lab.tracking import flatten
 
     keys: dict[str, set[str]] = {"config": set(), "summary": set(), "history": set()}
     for run in wandb.Api().runs(f"{entity}/{project}", filters={"group": experiment}):

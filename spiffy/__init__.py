@@ -4,13 +4,13 @@ Public API (docs/algorithm.md §11): `load_model`, `build_decoder`, `Speculation
 chooses the draft budget and lossless layout this device runs fastest (`graph.budget=auto`).
 """
 
-from spiffy.api import build_decoder
+from spiffy.calibration.autotune import AutoChoice, autotune
 from spiffy.decoding.block_decoder import BlockDecoder
+from spiffy.decoding.build import build_decoder
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.decoding.types import DecodeResult, DecodeStats
 from spiffy.graph import DraftGraph, chain, fig2, parse_graph_spec, two_level_topk
-from spiffy.graph.autotune import AutoChoice, autotune
 from spiffy.models import ModelSpec, load_model, load_tokenizer, model_spec
 
 __all__ = [

@@ -519,7 +519,7 @@ class BatchRunner:
 
 class CallRecorder:
     """Stands in for a runner on this thread: records the model calls a strategy makes (and runs each alone),
-    so that benchmarks can stack recorded calls of many requests (`spiffy.bench.batched_cost_curve`)."""
+    so that benchmarks can stack recorded calls of many requests (`spiffy.lab.benchmarks.batched_cost_curve`)."""
 
     def __init__(self, model: DiffusionLM):
         self.model, self.calls = model, []

@@ -2,7 +2,7 @@
 
 `GenerationConfig` is the single source of truth for what a base decoder does. Everything else that enumerates
 decoder settings is derived from its fields: `spiffy.build_decoder`'s keywords, the Hydra schema
-(`spiffy.config.DecoderConfig`), the calibration provenance (`spiffy.graph.provenance`). Which rule needs which
+(`spiffy.lab.schema.DecoderConfig`), the calibration provenance (`spiffy.decoding.provenance`). Which rule needs which
 parameter comes from the rule registry (`spiffy.decoding.rules`), and cache modes from `spiffy.decoding.modes`.
 Invalid combinations raise `ValueError` naming the argument and its value; nothing is rounded or clamped.
 """

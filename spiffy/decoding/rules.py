@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spiffy.decoding.sdar import select_positions
+from spiffy.decoding.sdar_rules import select_positions
 
 
 @dataclass(frozen=True)

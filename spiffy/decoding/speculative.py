@@ -32,10 +32,10 @@ from spiffy.decoding.drafting import (
     rank_tables,
 )
 from spiffy.decoding.modes import check_cross_block, effective_layout, get_cache_mode, get_layout
+from spiffy.decoding.provenance import warn_if_mismatched
 from spiffy.decoding.sampling import Distributions
 from spiffy.graph.builtin import resolve_graph
 from spiffy.graph.draft_graph import DraftGraph
-from spiffy.graph.provenance import warn_if_mismatched
 from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec
 

@@ -87,7 +87,7 @@ class SpiffyLM(LM):
         `draft_noise`, `cross_block`, ...) and every `spiffy.GenerationConfig` field. Unknown keys raise."""
         import dataclasses
 
-        from spiffy.api import build_decoder
+        from spiffy.decoding.build import build_decoder
         from spiffy.decoding.speculative import Speculation
         from spiffy.models.loading import load_model, load_tokenizer
 

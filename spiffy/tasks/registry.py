@@ -1,6 +1,6 @@
 """Task presets: generation settings and prompt sources per task (documented per task in the README).
 
-This is the one place task lengths live: `conf/task/*.yaml` leave them unset and `spiffy.config.TaskConfig` fills
+This is the one place task lengths live: `conf/task/*.yaml` leave them unset and `spiffy.lab.schema.TaskConfig` fills
 them from here. `arith` is the embedded model's task (gen 32, block 8). `gsm8k` and `humaneval` follow the paper's
 LLaDA settings (gen 256, block 32); the decoder's `steps_per_token` sets steps. Calibration prompts come from a split disjoint from test.
 """
@@ -63,7 +63,7 @@ TASKS: dict[str, TaskPreset] = {
 def task_generation(task: str, **overrides) -> dict:
     """The task's generation preset with `overrides`, completed into every `GenerationConfig` field (`steps`
     defaults to one token per step for the rules that read it)."""
-    from spiffy.api import generation_config
+    from spiffy.decoding.build import generation_config
 
     if task not in TASKS:
         raise ValueError(f"task={task!r} has no preset; known: {sorted(TASKS)}")

@@ -251,7 +251,7 @@ def test_property_batch_equals_batch_of_one(
 
 def test_throughput_table_and_batched_cost_curve(fixture_model):
     """The bench's batch axis: every cell checks its outputs against batch 1; the curve has one row per cell."""
-    from spiffy.bench import batch_throughput, batched_cost_curve
+    from spiffy.lab.benchmarks import batch_throughput, batched_cost_curve
 
     kw = dict(gen_length=8, block_length=8, cache="dual")
     decoders = {

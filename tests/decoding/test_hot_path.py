@@ -15,8 +15,8 @@ from spiffy.decoding import block_decoder
 from spiffy.decoding.drafting import GraphTensors, prune_rows, top_ranked
 from spiffy.decoding.rules import BATCHED, TransitionRule
 from spiffy.graph.draft_graph import DraftGraph
+from spiffy.lab.profiling import reads_between_forwards
 from spiffy.models.base import DiffusionLM
-from spiffy.profiling import reads_between_forwards
 from tests.conftest import tiny_random_model
 from tests.helpers.scripted_model import ScriptedModel
 
@@ -57,7 +57,7 @@ def test_at_most_one_host_read_per_forward(fixture_model, name):
 
 
 def test_the_counter_sees_every_kind_of_read():
-    from spiffy.profiling import SyncCounter
+    from spiffy.lab.profiling import SyncCounter
 
     x = torch.arange(6.0)
     with SyncCounter() as c:

@@ -275,9 +275,9 @@ def sdar_model(sdar_fixture_dir):
 @pytest.fixture(scope="module")
 def sdar_calibrated(sdar_model):
     """A graph calibrated on the SDAR base decoder (other prompts than the tests')."""
+    from spiffy.calibration.calibrate import select_graph
+    from spiffy.calibration.trajectories import record_trajectories
     from spiffy.decoding.config import GenerationConfig
-    from spiffy.graph.calibrate import select_graph
-    from spiffy.graph.trajectories import record_trajectories
 
     cfg = GenerationConfig(gen_length=16, block_length=4, rule="sdar_static", steps_per_block=4)
     calib = [torch.tensor([3 + i, 40 + i, 7 * i % 90]) for i in range(6)]

@@ -11,7 +11,7 @@ import torch
 
 import spiffy
 from spiffy.decoding.sampling import top_k_filter, top_p_filter
-from spiffy.decoding.sdar import libstdcxx_topk_indices, step_quota
+from spiffy.decoding.sdar_rules import libstdcxx_topk_indices, step_quota
 from tests.conftest import tiny_random_model, tiny_random_sdar
 
 RULES = {

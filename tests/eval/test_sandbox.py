@@ -20,11 +20,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from spiffy.config import register_configs
 from spiffy.eval import sandbox
 from spiffy.eval.sandbox import Limits, run_program
 from spiffy.eval.tasks.spiffy_tasks import humaneval_pass_at_1, load_humaneval
-from spiffy.pipeline import TASKS_DIR
+from spiffy.lab.pipeline import TASKS_DIR
+from spiffy.lab.schema import register_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 FAST = Limits(timeout_s=5.0)
@@ -200,7 +200,7 @@ class _Loaded(Exception):
 
 
 def test_humaneval_job_needs_the_opt_in_before_any_model_loads(tmp_path, monkeypatch):
-    from spiffy import pipeline
+    from spiffy.lab import pipeline
 
     monkeypatch.setattr(pipeline, "load", lambda cfg: (_ for _ in ()).throw(_Loaded()))
     with pytest.raises(ValueError, match=r"task\.allow_code_execution=true to run each completion"):

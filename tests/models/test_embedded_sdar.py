@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import spiffy
-from spiffy.bench import generation_for
 from spiffy.eval.offline import accuracy, score_arith
+from spiffy.lab.benchmarks import generation_for
 from spiffy.models.loading import CHECKPOINTS_DIR
 from spiffy.tasks.arith import generate_split
 

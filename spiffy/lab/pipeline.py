@@ -1,0 +1,409 @@
+"""`run(cfg)`: the one place that wires a job together (STYLE §4): model → graph → lm-eval → metrics → logs.
+
+1. validate the composed config (`OmegaConf.to_object` runs every `__post_init__`) before loading anything;
+2. skip the job if the result store already has its row (unless `force`), printing the stored summary;
+   otherwise claim its key so that an identical job started elsewhere skips;
+3. load model and tokenizer (cached across the jobs of one multirun);
+4. calibrate the draft graph or load it from the provenance-keyed cache;
+5. evaluate the task through lm-eval with `SpiffyLM` (and the base decoder beside it, for agreement);
+6. summarise, mirror to W&B (started before step 3, so a W&B that cannot start fails at once), write the
+   result row (its own file, atomically: `spiffy.lab.results`), print a summary table and where the row went.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from spiffy.calibration.store import load_or_calibrate
+from spiffy.decoding.block_decoder import DecoderOptions
+from spiffy.decoding.build import build_decoder
+from spiffy.decoding.speculative import Speculation
+from spiffy.graph.builtin import chain, fig2, two_level_topk
+from spiffy.graph.draft_graph import DraftGraph
+from spiffy.lab import results as store
+from spiffy.lab import tracking
+from spiffy.lab.claims import Claim, try_claim
+from spiffy.lab.schema import AUTO, RunConfig, decoder_settings, speculation_settings
+from spiffy.models.loading import load_model, load_tokenizer
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+_MODELS: dict[tuple, tuple] = {}
+
+
+def generation_kwargs(cfg: RunConfig) -> dict:
+    """Base-decoder settings of a job: the decoder group on the task's lengths (`spiffy.lab.schema.decoder_settings`)."""
+    return decoder_settings(cfg.decoder, cfg.task)
+
+
+def load(cfg: RunConfig):
+    """Model and tokenizer, cached per (path, dtype, device) across multirun jobs."""
+
+    key = (cfg.model.path, cfg.model.dtype, cfg.model.device)
+    if key not in _MODELS:
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
+        tokenizer = load_tokenizer(cfg.model.path)
+        _MODELS[key] = (model, tokenizer)
+    return _MODELS[key]
+
+
+def calibration_prompts(cfg: RunConfig, tokenizer):
+    """The calibration task's name and a callable returning its `graph.n_samples` encoded prompts."""
+    from spiffy.eval.offline import encode
+    from spiffy.tasks.registry import TASKS
+
+    calib_task = cfg.task.calibration_task or cfg.task.name
+    if calib_task not in TASKS or TASKS[calib_task].calibration is None:
+        raise ValueError(f"task.calibration_task={calib_task!r} has no calibration prompts")
+    source = TASKS[calib_task].calibration
+
+    def prompts():
+        return [encode(tokenizer, text) for text in source(cfg.graph.n_samples, cfg.seed)]
+
+    return calib_task, prompts
+
+
+def build_auto(cfg: RunConfig, model, tokenizer, gen: dict):
+    """`graph.budget=auto`: the D* and lossless layout predicted fastest on this device (an `AutoChoice`)."""
+    from spiffy.calibration.autotune import autotune
+    from spiffy.decoding.config import GenerationConfig
+
+    g = cfg.graph
+    calib_task, prompts = calibration_prompts(cfg, tokenizer)
+    return autotune(
+        model,
+        GenerationConfig(**gen),
+        prompts,
+        model_name=cfg.model.name,
+        task=calib_task,
+        n_samples=g.n_samples,
+        max_budget=g.max_budget,
+        margin=g.auto_margin,
+        rule=g.rule,
+        seed=cfg.seed,
+        horizon=g.horizon,
+        draft_noise=cfg.decoder.draft_noise,
+        root=g.root,
+        force=cfg.force,
+        progress=cfg.eval.progress,
+        batch_size=eval_batch(cfg),
+    )
+
+
+def eval_batch(cfg: RunConfig) -> int:
+    """The batch size the evaluation decodes with (`eval.batch_size`; "auto": the task's requests, up to 64)."""
+    size = cfg.eval.batch_size
+    if str(size) != "auto":
+        return int(size)
+    return max(1, min(cfg.task.limit or 64, 64))
+
+
+def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | None:
+    """The job's draft graph, or None for budget 0 (the base decoder)."""
+    g = cfg.graph
+    if g.budget == 0:
+        return None
+    if g.source == "chain":
+        return chain(g.budget)
+    if g.source == "topk":
+        return two_level_topk(max(1, g.budget // 2))
+    if g.source == "fig2":
+        return fig2()
+    if g.source == "file":
+        graph = DraftGraph.load(g.path)
+        if graph.budget != g.budget:  # the row is named after graph.budget
+            raise ValueError(
+                f"graph.budget={g.budget} but graph.path={g.path!r} holds a graph of budget {graph.budget}"
+            )
+        return graph
+    from spiffy.decoding.config import GenerationConfig
+
+    calib_task, prompts = calibration_prompts(cfg, tokenizer)
+    return load_or_calibrate(
+        model,
+        GenerationConfig(**gen),
+        prompts,
+        model_name=cfg.model.name,
+        task=calib_task,
+        n_samples=g.n_samples,
+        budget=g.budget,
+        rule=g.rule,
+        draft_noise=cfg.decoder.draft_noise,
+        cross_block=cfg.decoder.cross_block,
+        seed=cfg.seed,
+        horizon=g.horizon,
+        root=g.root,
+        force=cfg.force,
+        progress=cfg.eval.progress,
+    )
+
+
+def evaluate_task(cfg: RunConfig, lm) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    return simple_evaluate(
+        model=lm,
+        tasks=[cfg.task.lm_eval_task],
+        num_fewshot=cfg.task.num_fewshot,
+        limit=cfg.task.limit,
+        task_manager=manager,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        confirm_run_unsafe_code=cfg.task.allow_code_execution,
+        log_samples=False,
+        apply_chat_template=cfg.model.chat_template,
+        bootstrap_iters=0,
+    )
+
+
+def typed_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict]:
+    """The validated typed config (every `__post_init__` runs: before any model loads) and, as a plain dict with
+    the task presets filled in, what the job key and the result row record."""
+    cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+    return cfg, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def check_code_execution(cfg: RunConfig) -> None:
+    """A task that executes generated code needs `task.allow_code_execution=true` (checked before loading)."""
+    from spiffy.eval import sandbox
+
+    sandbox.check_consent(
+        cfg.task.lm_eval_task,
+        TASKS_DIR,
+        allow=cfg.task.allow_code_execution,
+        allow_unisolated=cfg.task.allow_unisolated_execution,
+    )
+
+
+def run(dict_cfg: DictConfig) -> float:
+    """Run one job and return its headline accuracy (the sweep objective; NaN while another process runs it).
+
+    A job whose row is already stored is not rerun (unless `force`): its stored summary is printed. Otherwise it
+    claims its key (`spiffy.lab.claims`), so an identical job started elsewhere skips instead of duplicating it.
+    """
+    cfg, resolved = typed_job(dict_cfg)
+    check_code_execution(cfg)
+    key = store.job_key(resolved)
+    folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
+    if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
+        return report_stored(cfg, key, *found)
+    held = try_claim(folder, key)
+    if not isinstance(held, Claim):
+        print(
+            f"skip: job {key} is being run by pid {held.get('pid')} on {held.get('host')} "
+            f"(claim {held['path']}); its row will be {store.row_path(folder.parent, folder.name, key)}"
+        )
+        return float("nan")
+    with held:
+        if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
+            return report_stored(cfg, key, *found)  # finished between the first look and the claim
+        return run_claimed(cfg, resolved, key)
+
+
+def report_stored(cfg: RunConfig, key: str, row: dict, path: Path) -> float:
+    """A finished job: print its stored summary (re-uploading it to W&B if its logging had failed)."""
+    print(f"skip: job {key} already done; its row is in {path} (force=true reruns it)")
+    wandb_info = row.get("wandb")
+    if (wandb_info or {}).get("status") == "failed" and cfg.tracking.mode != "disabled":
+        tracker = tracking.start(cfg.tracking, **tracking_args(cfg, row["config"], key, row["env"]))
+        try:
+            wandb_info = tracker.log_job(row["metrics"])
+        except Exception as err:
+            raise tracking.TrackingError(
+                f"W&B logging of the stored row {path} failed again: {err}"
+            ) from err
+        store.write_row(cfg.results_dir, {**row, "wandb": wandb_info})
+    env = {
+        "dtype": row.get("dtype"),
+        **(row.get("env") or {}),
+    }  # rows before 2026-11 kept dtype outside env
+    print_summary(row.get("name", key), row["metrics"], env)
+    print(tracking.describe(wandb_info))
+    return float(row["metrics"].get("accuracy", float("nan")))
+
+
+def tracking_args(cfg: RunConfig, resolved: dict, key: str, env: dict) -> dict:
+    return dict(
+        config=tracking.run_config(resolved, job_key=key, env=env),
+        name=job_name(resolved),
+        group=cfg.experiment_name,
+        job_type=cfg.decoder.name,
+        tags=tracking.run_tags(resolved, speculates=store.speculates(resolved)),
+        job_dir=Path(cfg.tracking.dir) / key,
+    )
+
+
+def job_name(resolved: dict) -> str:
+    budget = resolved["graph"]["budget"] if store.speculates(resolved) else 0
+    return f"{resolved['task']['name']}-{resolved['decoder']['name']}-D{budget}"
+
+
+def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
+    """Evaluate a claimed job: W&B first (fail fast), then model, graph, lm-eval, the row, the summary."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if cfg.eval.threads:
+        torch.set_num_threads(cfg.eval.threads)
+    torch.manual_seed(cfg.seed)
+    env = store.environment(cfg.model.device, cfg.model.dtype)
+    tracker = tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
+    try:
+        metrics, graph, records, *extra = evaluate_job(cfg)
+    except BaseException:
+        tracker.abort()
+        raise
+    auto = extra[0] if extra else None  # graph.budget=auto: the AutoChoice
+    name = job_name(resolved) + (str(auto.budget) if auto is not None else "")
+    row = {
+        "job_key": key,
+        "experiment": cfg.experiment_name,
+        "name": name,
+        "config": resolved,
+        "metrics": metrics,
+        "env": env,
+        "dtype": cfg.model.dtype,
+        "softmax_dtype": cfg.decoder.softmax_dtype,
+        "graph": graph.to_json() if graph is not None else None,
+        "auto": auto.to_dict() if auto is not None else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    samples = [
+        {
+            "request_id": r.request_id,
+            "completion": r.completion,
+            "nfe": r.stats.nfe,
+            "agrees": r.agrees,
+        }
+        for r in records
+    ]
+    try:
+        row["wandb"] = tracker.log_job(metrics, samples)
+    except Exception as err:
+        row["wandb"] = tracker.failed(err)
+        path = store.write_row(cfg.results_dir, row)
+        raise tracking.TrackingError(
+            f"job {key} finished and its row is saved in {path}, but W&B logging failed "
+            f"({type(err).__name__}: {err}). The row is marked wandb.status=failed: rerunning the same "
+            "command uploads it from the row without re-evaluating (tracking=disabled skips W&B)."
+        ) from err
+    path = store.write_row(cfg.results_dir, row)
+    print_summary(name, metrics, env)
+    if auto is not None:  # the chosen D* and why, in one line, under the measured ratio
+        print(auto.reason)
+    print(f"row: {path}")
+    print(tracking.describe(row["wandb"]))
+    return float(metrics["accuracy"])
+
+
+def evaluate_job(cfg: RunConfig):
+    """Model -> graph -> lm-eval: the job's metrics, its graph (None without drafts), per-request records, and
+    with `graph.budget=auto` the `AutoChoice` (D* = 0 runs the base, still measured beside a second instance)."""
+    from spiffy.eval.harness import SpiffyLM
+    from spiffy.lab.metrics import summarize, task_scores
+
+    model, tokenizer = load(cfg)
+    gen = generation_kwargs(cfg)
+    t0 = time.perf_counter()
+    auto = None
+    if cfg.decoder.speculate and cfg.graph.budget == AUTO:
+        auto = build_auto(cfg, model, tokenizer, gen)
+        graph = auto.graph
+    else:
+        graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
+    graph_s = time.perf_counter() - t0
+    options = DecoderOptions(compile=cfg.decoder.compile)
+    base = build_decoder(model, **gen, options=options)
+    decoder = base
+    if graph is not None:
+        spec_options = speculation_settings(cfg.decoder)
+        if auto is not None:
+            spec_options["verify"] = auto.layout
+        decoder = build_decoder(
+            model,
+            **gen,
+            options=options,
+            speculate=Speculation(graph, prune=cfg.graph.prune, **spec_options),
+        )
+    elif auto is not None:
+        decoder = build_decoder(model, **gen, options=options)
+    lm = SpiffyLM(
+        decoder,
+        tokenizer,
+        base=base if cfg.eval.compare_base and decoder is not base else None,
+        seed=cfg.seed,
+        chat_template=cfg.model.chat_template,
+        progress=cfg.eval.progress,
+        batch_size=eval_batch(cfg),
+    )
+    results = evaluate_task(cfg, lm)
+    metrics = summarize(lm.records, task_scores(results, cfg.task.lm_eval_task))
+    metrics["batch_size"] = eval_batch(cfg)
+    if lm.batches:  # batched decoding (docs/algorithm.md §13): forwards and what each carried
+        forwards = sum(b.forwards for b in lm.batches)
+        metrics["batch_forwards"] = forwards
+        metrics["batch_calls_per_forward"] = (
+            sum(sum(b.calls_per_forward) for b in lm.batches) / forwards
+        )
+        metrics["batch_rows_per_forward"] = (
+            sum(sum(b.rows_per_forward) for b in lm.batches) / forwards
+        )
+    # a cached graph loads in milliseconds: report the calibration it came from (docs/algorithm.md §5.5 step 3 provenance)
+    provenance = graph.provenance if graph is not None else {}
+    metrics["graph_load_s"] = graph_s
+    metrics["calibration_s"] = provenance.get("calibration_s", graph_s)
+    if "predicted_speedup_nfe" in provenance:
+        metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
+    metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
+    if auto is None:
+        return metrics, graph, lm.records
+    metrics["auto_budget"] = auto.budget
+    metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
+    metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
+    return metrics, graph, lm.records, auto
+
+
+def print_summary(name: str, metrics: dict, env: dict | None = None) -> None:
+    """The job's headline metrics as a table, captioned with where they were measured."""
+    from rich.console import Console
+    from rich.table import Table
+
+    env = env or {}
+    caption = (
+        f"{env.get('device', '?')} ({env.get('device_name', '?')}), {env.get('dtype') or '?'}, "
+        f"{env.get('torch_threads', '?')} torch thread(s)"
+    )
+    table = Table(title=f"spiffy: {name}", caption=caption)
+    for column in (
+        "accuracy",
+        "nfe",
+        "nfe base",
+        "NFE speedup",
+        "tokens/s",
+        "wall speedup",
+        "agreement",
+        "overhead",
+    ):
+        table.add_column(column, justify="right")
+
+    def fmt(key, spec):
+        value = metrics.get(key)
+        return "-" if value is None else format(value, spec)
+
+    table.add_row(
+        fmt("accuracy", ".3f"),
+        fmt("nfe_mean", ".1f"),
+        fmt("nfe_base_mean", ".1f"),
+        fmt("speedup_nfe", ".2f") + "x",
+        fmt("tokens_per_s", ".1f"),
+        fmt("speedup_wall", ".2f") + "x",
+        fmt("agreement", ".3f"),
+        fmt("overhead_share", ".1%"),
+    )
+    Console(width=120).print(table)
