@@ -38,13 +38,14 @@ from spiffy.decoding.rules import TransitionRule
 from spiffy.decoding.sampling import Distributions, TransitionContext, pick, transition
 from spiffy.decoding.types import BatchDecodeResult, DecodeResult, DecodeStats
 from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay, row_index
+from spiffy.models import numerics
 from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec, model_spec
 
 
 @dataclass(frozen=True)
 class DecoderOptions:
-    """Execution options that never change the output.
+    """Execution options. Within one setting of `invariant`, none changes which tokens a decoder returns.
 
     `record_confidence`: keep the confidence of every committed token in the stats (one read per transition).
     `profile`: on a GPU, time model calls with CUDA events (read once per request); else model time is NaN there.
@@ -52,12 +53,29 @@ class DecoderOptions:
     `min_rows`: pad cached verification forwards with inert copies to at least this many query rows, so that
     the base's single-state step runs matrix products of the same kernel class as Spiffy's (batch invariance
     on BLAS libraries that switch kernels for few rows; 16 on this project's CPU, see `scripts/numerics.py`).
+    `invariant`: run every model call in invariant numerics (`spiffy.models.numerics`, docs/numerics.md): each
+    row's logits are bitwise the same whatever the number of rows, states and requests sharing its forward, so
+    Spiffy returns its base's tokens and a batch returns each request's tokens alone in float32 and bfloat16 too,
+    not only where a rounding difference cannot move a token (float64). It may change float32/bfloat16 logits
+    relative to the default mode (other roundings), and costs time (README "What is exact, where").
     """
 
     record_confidence: bool = False
     profile: bool = False
     compile: bool = False
     min_rows: int = 0
+    invariant: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("record_confidence", "profile", "compile", "invariant"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")
+        if (
+            not isinstance(self.min_rows, int)
+            or isinstance(self.min_rows, bool)
+            or self.min_rows < 0
+        ):
+            raise ValueError(f"min_rows={self.min_rows!r}: must be an integer >= 0")
 
 
 @dataclass
@@ -178,7 +196,11 @@ class BlockDecoder:
         """The forward strategy of the cache mode (one per request)."""
         opts = self.options
         return STRATEGIES[self.cfg.cache](
-            self.model, profile=opts.profile, compile=opts.compile, min_rows=opts.min_rows
+            self.model,
+            profile=opts.profile,
+            compile=opts.compile,
+            min_rows=opts.min_rows,
+            invariant=opts.invariant,
         )
 
     def generate(
@@ -249,7 +271,7 @@ class BlockDecoder:
             except ValueError as error:
                 raise ValueError(f"prompts[{i}]: {error}") from None
         runner = BatchRunner(
-            self.model,
+            numerics.wrap(self.model, self.options.invariant),
             len(prompts) if batch_size is None else batch_size,
             block_causal=self.spec.block_causal,
             tolerance=tolerance,

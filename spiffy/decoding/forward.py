@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spiffy.decoding.batching import active_runner
+from spiffy.models import numerics
 from spiffy.models.base import DiffusionLM
 from spiffy.models.kv import KVCache
 
@@ -62,11 +63,18 @@ class ForwardStrategy:
     name = "none"
 
     def __init__(
-        self, model: DiffusionLM, *, profile: bool = False, compile: bool = False, min_rows: int = 0
+        self,
+        model: DiffusionLM,
+        *,
+        profile: bool = False,
+        compile: bool = False,
+        min_rows: int = 0,
+        invariant: bool = False,
     ):
         self.model = model
         self.min_rows = min_rows
-        self._call_model = torch.compile(model, dynamic=None) if compile else model
+        call = torch.compile(model, dynamic=None) if compile else model
+        self._call_model = numerics.wrap(call, invariant)  # invariant numerics: docs/numerics.md
         self.timer = ForwardTimer()
         self.cache: KVCache | None = None
         self._cuda_timing = None  # decided on the first call (device known)

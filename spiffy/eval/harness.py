@@ -82,11 +82,13 @@ class SpiffyLM(LM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         """Build from lm-eval's parsed `--model_args`, e.g.
         `pretrained=embedded,gen_length=48,block_length=16,graph=chain:5,compare_base=true`.
-        Keys: `pretrained`, `dtype`, `device`, `seed`, `compare_base`, `chat_template`, `graph` (Spiffy's draft
+        Keys: `pretrained`, `dtype`, `device`, `seed`, `compare_base`, `chat_template`, `invariant` (invariant
+        numerics, `spiffy.DecoderOptions`), `graph` (Spiffy's draft
         graph; absent = the base decoder), every other `spiffy.Speculation` option (`verify`, `prune`,
         `draft_noise`, `cross_block`, ...) and every `spiffy.GenerationConfig` field. Unknown keys raise."""
         import dataclasses
 
+        from spiffy.decoding.block_decoder import DecoderOptions
         from spiffy.decoding.build import build_decoder
         from spiffy.decoding.speculative import Speculation
         from spiffy.models.loading import load_model, load_tokenizer
@@ -101,15 +103,21 @@ class SpiffyLM(LM):
         compare = bool(args.pop("compare_base", False))
         chat = bool(args.pop("chat_template", False))
         graph = args.pop("graph", None)
+        invariant = args.pop("invariant", False)
+        if not isinstance(invariant, bool):
+            raise ValueError(f"invariant={invariant!r}: must be true or false")
+        run = DecoderOptions(invariant=invariant)
         options = [f.name for f in dataclasses.fields(Speculation) if f.name != "graph"]
         speculation = {k: args.pop(k) for k in options if k in args}
         if graph is None and speculation:
             raise ValueError(f"model_args {sorted(speculation)} need graph=<spec or path>")
-        base = build_decoder(model, **args)
+        base = build_decoder(model, **args, options=run)
         decoder = (
             base
             if graph is None
-            else build_decoder(model, base.cfg, speculate=Speculation(graph, **speculation))
+            else build_decoder(
+                model, base.cfg, options=run, speculate=Speculation(graph, **speculation)
+            )
         )
         extra = additional_config or {}
         batch = {k: extra[k] for k in ("batch_size", "max_batch_size") if extra.get(k) is not None}

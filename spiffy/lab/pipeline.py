@@ -252,7 +252,7 @@ def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
     if cfg.eval.threads:
         torch.set_num_threads(cfg.eval.threads)
     torch.manual_seed(cfg.seed)
-    env = store.environment(cfg.model.device, cfg.model.dtype)
+    env = store.environment(cfg.model.device, cfg.model.dtype, cfg.decoder.invariant)
     tracker = tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
     try:
         metrics, graph, records, *extra = evaluate_job(cfg)
@@ -318,7 +318,7 @@ def evaluate_job(cfg: RunConfig):
     else:
         graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
     graph_s = time.perf_counter() - t0
-    options = DecoderOptions(compile=cfg.decoder.compile)
+    options = DecoderOptions(compile=cfg.decoder.compile, invariant=cfg.decoder.invariant)
     base = build_decoder(model, **gen, options=options)
     decoder = base
     if graph is not None:

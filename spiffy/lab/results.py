@@ -226,9 +226,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: str, dtype: str | None = None) -> dict:
-    """Where a row was measured: device and its name, dtype, torch threads, CPU count, versions, git state."""
+def environment(device: str, dtype: str | None = None, invariant: bool = False) -> dict:
+    """Where a row was measured: device and its name, dtype, torch threads, CPU count, versions, git state,
+    the CPU instruction set and BLAS library, and whether invariant numerics was on (docs/numerics.md)."""
     import transformers
+
+    from spiffy.models.numerics import machine
 
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_name()
     return {
@@ -241,5 +244,7 @@ def environment(device: str, dtype: str | None = None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        **machine(),
+        "invariant": invariant,
         **git_state(),
     }

@@ -130,6 +130,7 @@ def make_decoder_schema(generation=GenerationConfig, speculation=Speculation) ->
                 bool,
                 field(default=False),
             ),  # torch.compile the block forward (DecoderOptions)
+            ("invariant", bool, field(default=False)),  # invariant numerics (DecoderOptions)
             *_derived_fields(speculation, GRAPH_OWNED),
         ],
         namespace={"__post_init__": _decoder_post_init, "__module__": __name__},

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from spiffy.models import numerics
+
 
 @dataclass(frozen=True)
 class KVCache:
@@ -191,6 +193,8 @@ def bidirectional_attention(
     B, H, Q, hd = q.shape
     if not isinstance(plan, AttentionPlan):
         plan = plan_attention(cache, B, Q, plan, q.device)
+    if numerics.active():
+        return invariant_attention(q, k, v, plan, cache, layer)
     if cache is None:
         kwargs = {}
         if k.shape[1] != H:
@@ -234,6 +238,102 @@ def bidirectional_attention(
     )
     out = out_c + torch.matmul(p[..., n_cache:], v.to(work))  # (B, H_kv, G*Q, hd)
     return out.to(dtype).reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd)
+
+
+def _round_up(n: int, tile: int) -> int:
+    return max(-(-n // tile), 1) * tile
+
+
+def _pad_dim(t: torch.Tensor, dim: int, size: int, value=0) -> torch.Tensor:
+    """`t` padded with `value` at the end of `dim` to `size`."""
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
+def invariant_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    cache: KVCache | None,
+    layer: int,
+) -> torch.Tensor:
+    """`bidirectional_attention` in invariant numerics (`spiffy.models.numerics`): a row's arithmetic depends
+    neither on the other rows nor on keys that padding or stacking adds after its own.
+
+    Each state's query rows are padded to whole `ROW_TILE` tiles and each key part (the state's own fresh keys,
+    then the cache's) to whole `KEY_TILE` chunks (padded keys masked). Scores are products of one shape,
+    (ROW_TILE, hd) x (hd, KEY_TILE); the softmax runs row by row over `[own keys, cached keys]` (a masked or
+    padded key is an exact 0 there); the output sums the per-chunk products (ROW_TILE, KEY_TILE) x
+    (KEY_TILE, hd) left to right, so chunks of padding add exact zeros at the end. Returns (B, Q, H * hd)."""
+    B, H, Q, hd = q.shape
+    dtype = q.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    rt, kt = numerics.QUERY_TILE, numerics.KEY_TILE
+    g = H // k.shape[1]
+    qp, lp = _round_up(Q, rt), _round_up(Q, kt)
+    keys, vals = _pad_dim(k.to(work), 2, lp), _pad_dim(v.to(work), 2, lp)
+    if (
+        cache is not None
+    ):  # each state's rows read their own cache (stacked caches: row b reads b // group)
+        k_c, v_c = cache.layers[layer]
+        lc = _round_up(k_c.shape[2], kt)
+        owner = torch.arange(B, device=q.device) // (B // k_c.shape[0])
+        keys = torch.cat([keys, _pad_dim(k_c.to(work), 2, lc).index_select(0, owner)], dim=2)
+        vals = torch.cat([vals, _pad_dim(v_c.to(work), 2, lc).index_select(0, owner)], dim=2)
+    if g > 1:
+        keys, vals = keys.repeat_interleave(g, dim=1), vals.repeat_interleave(g, dim=1)
+    n = keys.shape[2] // kt
+    qt = _pad_dim(q.to(work) * hd**-0.5, 2, qp).view(B, H, qp // rt, 1, rt, hd)
+    s = torch.matmul(
+        qt, keys.view(B, H, 1, n, kt, hd).transpose(-1, -2)
+    )  # (B, H, Qp/rt, n, rt, kt)
+    s = s.permute(0, 1, 2, 4, 3, 5).reshape(B, H, qp, n * kt)
+    p = torch.softmax(
+        s.masked_fill(_invariant_hidden(plan, cache, Q, qp, lp, n * kt, q.device), -torch.inf), -1
+    )
+    p = p.view(B, H, qp // rt, rt, n, kt).transpose(3, 4)  # (B, H, Qp/rt, n, rt, kt)
+    per_chunk = torch.matmul(p, vals.view(B, H, 1, n, kt, hd))  # (B, H, Qp/rt, n, rt, hd)
+    out = per_chunk[:, :, :, 0]
+    for j in range(1, n):  # left to right: trailing padding adds exact zeros
+        out = out + per_chunk[:, :, :, j]
+    out = out.reshape(B, H, qp, hd)[:, :, :Q]
+    return out.to(dtype).transpose(1, 2).reshape(B, Q, H * hd)
+
+
+def _invariant_hidden(
+    plan: AttentionPlan,
+    cache: KVCache | None,
+    q: int,
+    qp: int,
+    lp: int,
+    total: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Which keys `[own (padded to lp), cached (padded)]` each query row may not see, (B or 1, 1, qp, total);
+    padded query rows see every real key (they are dropped). Built once per plan, shared by every layer."""
+    key = ("invariant", qp, total)
+    if key not in plan._additive:
+        own = plan.own if cache is not None else None if plan.mask is None else plan.mask[:, 0]
+        visible = torch.zeros(
+            1 if own is None else own.shape[0], q, lp, dtype=torch.bool, device=device
+        )
+        visible[:, :, :q] = True if own is None else own
+        if cache is not None:
+            cached = plan.cached
+            if cached is None:
+                cached = cache.visible(device)
+            cached = cached if cached.dim() == 3 else cached[None, None].expand(1, q, -1)
+            cached = _pad_dim(cached, 2, total - lp, False)
+            batch = max(visible.shape[0], cached.shape[0])
+            visible = torch.cat(
+                [visible.expand(batch, -1, -1), cached.expand(batch, -1, -1)], dim=2
+            )
+        plan._additive[key] = ~_pad_dim(visible, 1, qp, True)[:, None]
+    return plan._additive[key]
 
 
 def append_kv(

@@ -58,12 +58,14 @@ def test_shared_layout_real_row_is_exact_and_drafts_are_isolated(cache):
         torch.testing.assert_close(again[r], shared[r], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("invariant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-def test_rows_are_batch_invariant_in_lower_precision(llada_fixture_dir, cache, dtype):
-    """A state's logits do not depend on how many states share the forward, bit for bit in float32 and
-    bfloat16: cached attention is split per state (log-sum-exp merge), and `min_rows` keeps the base's
-    single-state products in the BLAS kernel class of Spiffy's batched ones."""
+def test_rows_in_lower_precision_by_mode(llada_fixture_dir, cache, dtype, invariant):
+    """A state's logits among 9 states vs alone in float32 and bfloat16. Invariant mode: bit for bit, by
+    construction (`spiffy.models.numerics`). Default mode: BLAS chooses kernels by the product's shape and the
+    CPU, so only rounding-level closeness holds (torch's default tolerances for the dtype: float32 1.3e-6
+    relative, bfloat16 1.6e-2); tests/decoding/test_invariant.py states the exact claims."""
     import spiffy
 
     model = spiffy.load_model(llada_fixture_dir, dtype=dtype)
@@ -74,11 +76,15 @@ def test_rows_are_batch_invariant_in_lower_precision(llada_fixture_dir, cache, d
     states = torch.randint(0, mask_id, (9, 8), generator=g)
     states[:, 5:] = mask_id
     canvas[block] = states[0]
-    strategy = STRATEGIES[cache](model, min_rows=16)
+    strategy = STRATEGIES[cache](model, invariant=invariant)
     strategy.begin_block(canvas, block)
     together = strategy.verify(canvas, block, states).logits
     for r in range(states.shape[0]):
-        assert torch.equal(together[r], strategy.verify(canvas, block, states[r : r + 1]).logits[0])
+        alone = strategy.verify(canvas, block, states[r : r + 1]).logits[0]
+        if invariant:
+            assert torch.equal(together[r], alone)
+        else:
+            torch.testing.assert_close(together[r], alone)
 
 
 def test_lookahead_rows_equal_the_next_blocks_first_forward():
