@@ -45,7 +45,11 @@ class BlockCausalCache(ForwardStrategy):
     def _mask(self, n: int, start: int, stop: int) -> torch.Tensor | None:
         """Bool mask (n, Q, start + Q) of queries `[start, stop)` over the cache `[0, start)` and themselves:
         block-causal at `block_length` (None when the model's default already is, or one block queries)."""
-        if not self.explicit_mask or (stop - start) <= self.block_length:
+        if not self.explicit_mask:
+            return None
+        if self.block_length is None:
+            raise ValueError("BlockCausalCache.block_length is unset: LLaDA2's block mask needs it")
+        if stop - start <= self.block_length:
             return None
         device = self.model.device
         query = torch.arange(start, stop, device=device) // self.block_length
