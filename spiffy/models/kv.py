@@ -292,9 +292,8 @@ def invariant_attention(
         qt, keys.view(B, H, 1, n, kt, hd).transpose(-1, -2)
     )  # (B, H, Qp/rt, n, rt, kt)
     s = s.permute(0, 1, 2, 4, 3, 5).reshape(B, H, qp, n * kt)
-    p = torch.softmax(
-        s.masked_fill(_invariant_hidden(plan, cache, Q, qp, lp, n * kt, q.device), -torch.inf), -1
-    )
+    mask = _invariant_mask(plan, cache, Q, qp, lp, n * kt, work, q.device)
+    p = torch.softmax(s + mask, -1)  # row-wise; adding 0 is exact
     p = p.view(B, H, qp // rt, rt, n, kt).transpose(3, 4)  # (B, H, Qp/rt, n, rt, kt)
     per_chunk = torch.matmul(p, vals.view(B, H, 1, n, kt, hd))  # (B, H, Qp/rt, n, rt, hd)
     out = per_chunk[:, :, :, 0]
@@ -304,35 +303,42 @@ def invariant_attention(
     return out.to(dtype).transpose(1, 2).reshape(B, Q, H * hd)
 
 
-def _invariant_hidden(
+def _invariant_mask(
     plan: AttentionPlan,
     cache: KVCache | None,
     q: int,
     qp: int,
     lp: int,
     total: int,
+    dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    """Which keys `[own (padded to lp), cached (padded)]` each query row may not see, (B or 1, 1, qp, total);
-    padded query rows see every real key (they are dropped). Built once per plan, shared by every layer."""
-    key = ("invariant", qp, total)
+    """The additive mask over keys `[own (padded to lp), cached (padded)]`, (B or 1, 1, qp, total): -inf where a
+    row may not look, 0 (or the caller's additive value, no-cache float masks) elsewhere; padded query rows see
+    the real own keys (they are dropped). Built once per plan, shared by every layer."""
+    key = ("invariant", qp, total, dtype)
     if key not in plan._additive:
         own = plan.own if cache is not None else None if plan.mask is None else plan.mask[:, 0]
-        visible = torch.zeros(
-            1 if own is None else own.shape[0], q, lp, dtype=torch.bool, device=device
-        )
-        visible[:, :, :q] = True if own is None else own
+        b = 1 if own is None else own.shape[0]
+        add = torch.full((b, q, lp), float("-inf"), dtype=dtype, device=device)
+        if own is None:
+            add[:, :, :q] = 0
+        elif own.dtype == torch.bool:
+            add[:, :, :q] = _additive(own, dtype)
+        else:  # an additive float mask (no cache)
+            add[:, :, :q] = own.to(dtype)
         if cache is not None:
             cached = plan.cached
             if cached is None:
                 cached = cache.visible(device)
             cached = cached if cached.dim() == 3 else cached[None, None].expand(1, q, -1)
-            cached = _pad_dim(cached, 2, total - lp, False)
-            batch = max(visible.shape[0], cached.shape[0])
-            visible = torch.cat(
-                [visible.expand(batch, -1, -1), cached.expand(batch, -1, -1)], dim=2
-            )
-        plan._additive[key] = ~_pad_dim(visible, 1, qp, True)[:, None]
+            cached = _additive(_pad_dim(cached, 2, total - lp, False), dtype)
+            batch = max(add.shape[0], cached.shape[0])
+            add = torch.cat([add.expand(batch, -1, -1), cached.expand(batch, -1, -1)], dim=2)
+        padded_rows = torch.zeros(add.shape[0], qp - q, add.shape[2], dtype=dtype, device=device)
+        padded_rows[..., lp:] = float("-inf")  # padded rows: own real keys only
+        padded_rows[..., q:lp] = float("-inf")
+        plan._additive[key] = torch.cat([add, padded_rows], dim=1)[:, None]
     return plan._additive[key]
 
 

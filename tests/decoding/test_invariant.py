@@ -73,8 +73,13 @@ def model_of(family: str, dtype: torch.dtype, device: str, fixtures: dict):
 
 
 @pytest.fixture
-def fixtures(llada_fixture_dir, dream_fixture_dir, sdar_fixture_dir):
-    return {"llada": llada_fixture_dir, "dream": dream_fixture_dir, "sdar": sdar_fixture_dir}
+def fixtures(llada_fixture_dir, dream_fixture_dir, sdar_fixture_dir, llada2_fixture_dir):
+    return {
+        "llada": llada_fixture_dir,
+        "dream": dream_fixture_dir,
+        "sdar": sdar_fixture_dir,
+        "llada2": llada2_fixture_dir,
+    }
 
 
 def run_lossless(monkeypatch, model, prompt, graph="chain:4", seed=3, **kwargs):
@@ -94,7 +99,7 @@ def run_lossless(monkeypatch, model, prompt, graph="chain:4", seed=3, **kwargs):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("family", ["llada", "dream", "sdar"])
+@pytest.mark.parametrize("family", ["llada", "dream", "sdar", "llada2"])
 def test_a_row_is_bitwise_the_same_among_any_number_of_states(fixtures, family, dtype, device):
     """The mechanism: one verification forward of N states gives each state's logits alone, bit for bit, in
     every cache layout of the family (SDAR: its block-causal cache after a prefill)."""
