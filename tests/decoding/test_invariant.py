@@ -21,7 +21,7 @@ import spiffy
 from spiffy.decoding.block_causal import BlockCausalCache
 from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.decoding.forward import STRATEGIES
-from tests.conftest import tiny_random_model, tiny_random_sdar
+from tests.conftest import load_llada2_fixture, tiny_random_model, tiny_random_sdar
 from tests.decoding.test_losslessness import RULES, SDAR_RULES, draft_graphs
 
 INVARIANT = DecoderOptions(invariant=True)
@@ -69,6 +69,8 @@ def model_of(family: str, dtype: torch.dtype, device: str, fixtures: dict):
         return tiny_random_sdar(block_size=4).to(dtype=dtype, device=device)
     if family == "llada-random":
         return tiny_random_model().to(dtype=dtype, device=device)
+    if family == "llada2":  # the fixture's mask and EOS ids are generate arguments, set on the config
+        return load_llada2_fixture().to(dtype=dtype, device=device)
     return spiffy.load_model(fixtures[family], dtype=dtype).to(device)
 
 
@@ -106,7 +108,7 @@ def test_a_row_is_bitwise_the_same_among_any_number_of_states(fixtures, family, 
     model = model_of(family, dtype, device, fixtures)
     spec = spiffy.model_spec(model)
     g = torch.Generator().manual_seed(0)
-    lb = spec.attention_block_size if spec.block_causal else 8
+    lb = (spec.attention_block_size or 8) if spec.block_causal else 8  # LLaDA2: any block length
     canvas = torch.randint(0, spec.mask_id, (5 * lb,), generator=g).to(device)
     block = slice(3 * lb, 4 * lb)
     states = torch.randint(0, spec.mask_id, (9, lb), generator=g).to(device)
@@ -116,6 +118,7 @@ def test_a_row_is_bitwise_the_same_among_any_number_of_states(fixtures, family, 
     for cache in caches:
         if cache == "block_causal":
             strategy = BlockCausalCache(model, invariant=True)
+            strategy.block_length = lb  # LLaDA2's block mask reads it (the decoder sets it)
             strategy.prefill(canvas, block.start)
         else:
             strategy = STRATEGIES[cache](model, invariant=True)
