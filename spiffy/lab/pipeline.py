@@ -283,10 +283,16 @@ def run_claimed(
     env = store.environment(ranks.device, cfg.model.dtype)
     if ranks.distributed:  # one row for the whole job: where each rank ran
         env = {**env, **distributed_env(ranks, env)}
+    tracker = distributed.checked(  # rank 0 alone logs; a W&B that cannot start stops every rank
+        ranks,
+        "starting W&B",
+        lambda: tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
+        if ranks.is_main
+        else None,
+    )
     if not ranks.is_main:
         evaluate_job(cfg, ranks)
         return float("nan")
-    tracker = tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
     try:
         metrics, graph, records, *extra = evaluate_job(cfg, ranks)
     except BaseException:
