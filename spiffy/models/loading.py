@@ -22,26 +22,21 @@ from transformers import (
     PreTrainedModel,
 )
 
-from spiffy.models.dream import DreamConfig, DreamModel
-from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
-from spiffy.models.sdar import SDARConfig, SDARForCausalLM
+from spiffy.models.dream import DreamModel
+from spiffy.models.llada import LLaDAModelLM
+from spiffy.models.sdar import SDARForCausalLM
 
-# model_type -> native class. A new family is one adapter file plus one entry here.
-MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
-    "llada": LLaDAModelLM,
-    "Dream": DreamModel,
-    "sdar": SDARForCausalLM,
-}
+# The native families. A new family is its adapter file plus one entry here (docs/extending.md).
+FAMILIES: tuple[type[PreTrainedModel], ...] = (LLaDAModelLM, DreamModel, SDARForCausalLM)
+# model_type -> native class
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {f.config_class.model_type: f for f in FAMILIES}
 
-for _cfg, _cls in (
-    (LLaDAConfig, LLaDAModelLM),
-    (DreamConfig, DreamModel),
-    (SDARConfig, SDARForCausalLM),
-):
-    AutoConfig.register(_cfg.model_type, _cfg, exist_ok=True)
-    AutoModel.register(_cfg, _cls, exist_ok=True)
-    AutoModelForMaskedLM.register(_cfg, _cls, exist_ok=True)
-AutoModelForCausalLM.register(SDARConfig, SDARForCausalLM, exist_ok=True)  # SDAR's `architectures`
+for _cls in FAMILIES:
+    AutoConfig.register(_cls.config_class.model_type, _cls.config_class, exist_ok=True)
+    AutoModel.register(_cls.config_class, _cls, exist_ok=True)
+    AutoModelForMaskedLM.register(_cls.config_class, _cls, exist_ok=True)
+    if _cls.__name__.endswith("ForCausalLM"):  # the class its checkpoints' `architectures` names
+        AutoModelForCausalLM.register(_cls.config_class, _cls, exist_ok=True)
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 EMBEDDED_MODEL_DIR = CHECKPOINTS_DIR / "tiny-llada-arith"
