@@ -233,7 +233,7 @@ def environment(device: str, dtype: str | None = None, invariant: bool = False) 
 
     from spiffy.models.numerics import machine
 
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_name()
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
     return {
         "device": device,
         "device_name": name,
