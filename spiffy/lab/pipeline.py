@@ -280,11 +280,7 @@ def run_claimed(
     if cfg.eval.threads:
         torch.set_num_threads(cfg.eval.threads)
     torch.manual_seed(cfg.seed)
-<<<<<<< HEAD
-    env = store.environment(cfg.model.device, cfg.model.dtype, cfg.decoder.invariant)
-    tracker = tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
-=======
-    env = store.environment(ranks.device, cfg.model.dtype)
+    env = store.environment(ranks.device, cfg.model.dtype, cfg.decoder.invariant)
     if ranks.distributed:  # one row for the whole job: where each rank ran
         env = {**env, **distributed_env(ranks, env)}
     tracker = distributed.checked(  # rank 0 alone logs; a W&B that cannot start stops every rank
@@ -297,7 +293,6 @@ def run_claimed(
     if not ranks.is_main:
         evaluate_job(cfg, ranks)
         return float("nan")
->>>>>>> main
     try:
         metrics, graph, records, *extra = evaluate_job(cfg, ranks)
     except BaseException:
