@@ -255,6 +255,7 @@ def autotune(
         draft_noise=draft_noise,
         force=force or remeasure,
         batch=batch_size,
+        progress=progress,
     )
     candidates = predict(trajectories, graphs, costs, cfg, keyed=draft_noise == "keyed")
     candidates = [c for c in candidates if c.layout in lossless_layouts(cfg.cache)]

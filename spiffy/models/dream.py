@@ -27,6 +27,7 @@ from spiffy.models.base import (
     position_tensor,
     row_slice,
 )
+from spiffy.models.generate import DreamGenerate
 from spiffy.models.kv import KVCache, bidirectional_attention, bidirectional_mask, plan_attention
 from spiffy.models.llada import RMSNorm
 
@@ -160,7 +161,7 @@ class DreamBackbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class DreamModel(PreTrainedModel):
+class DreamModel(DreamGenerate, PreTrainedModel):
     """Dream masked-diffusion LM returning position-aligned logits (the shift is applied here)."""
 
     config_class = DreamConfig

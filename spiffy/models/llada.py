@@ -26,6 +26,7 @@ from spiffy.models.base import (
     position_tensor,
     select_rows,
 )
+from spiffy.models.generate import LLaDAGenerate
 from spiffy.models.kv import (
     AttentionPlan,
     KVCache,
@@ -185,7 +186,7 @@ class LLaDATransformer(nn.Module):
         )
 
 
-class LLaDAModelLM(PreTrainedModel):
+class LLaDAModelLM(LLaDAGenerate, PreTrainedModel):
     """LLaDA masked-diffusion LM: bidirectional, no timestep input, logits at every query position."""
 
     config_class = LLaDAConfig

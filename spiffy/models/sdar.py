@@ -24,6 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from spiffy.models.base import select_rows
 from spiffy.models.dream import qwen_rope, rotate_half
+from spiffy.models.generate import SDARGenerate
 from spiffy.models.kv import KVCache, append_kv, bidirectional_attention
 from spiffy.models.llada import DiffusionLMOutput, RMSNorm
 
@@ -189,7 +190,7 @@ class SDARBackbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class SDARForCausalLM(PreTrainedModel):
+class SDARForCausalLM(SDARGenerate, PreTrainedModel):
     """SDAR block-diffusion LM: block-causal attention, absolute positions, logits at every query row."""
 
     config_class = SDARConfig

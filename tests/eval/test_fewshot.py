@@ -53,6 +53,7 @@ def contexts(task: str, num_fewshot: int | None, limit: int = 3) -> list[str]:
             lm_eval_task=task, num_fewshot=num_fewshot, limit=limit, allow_code_execution=False
         ),
         model=SimpleNamespace(chat_template=False),
+        decoder=SimpleNamespace(temperature=0.0, top_k=None, top_p=None),
         seed=0,
     )
     lm = RecordingLM()
