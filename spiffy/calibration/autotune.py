@@ -202,7 +202,7 @@ def autotune(
     seed: int = 0,
     horizon: int = 16,
     draft_noise: str = "none",
-    root: str = "results/graphs",
+    root: str = "runs/graphs",
     margin: float = MARGIN,
     force: bool = False,
     remeasure: bool = False,

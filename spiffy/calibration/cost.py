@@ -358,7 +358,7 @@ def load_or_measure(
     graphs: list[DraftGraph],
     *,
     model_name: str,
-    root: str | Path = "results/graphs",
+    root: str | Path = "runs/graphs",
     max_states: int | None = None,
     draft_noise: str = "none",
     overhead_prompts: int = 2,

@@ -1,6 +1,6 @@
 """Typed schemas of every config group, registered with Hydra's ConfigStore (STYLE §4).
 
-`conf/config.yaml` starts its defaults list with `run_schema`, so Hydra merges every YAML option and command-line
+`spiffy/conf/config.yaml` starts its defaults list with `run_schema`, so Hydra merges every YAML option and command-line
 override into these dataclasses at composition time: an unknown key or a wrongly typed value (`graph.budget=ten`)
 fails before any model loads, naming the key. Semantic checks (allowed choices, ranges) run in `__post_init__`
 when `pipeline.run` converts the config with `OmegaConf.to_object`, also before any model loads.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -13,8 +11,9 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from spiffy import GenerationConfig, Speculation
 from spiffy.lab.pipeline import generation_kwargs
 from spiffy.lab.schema import RunConfig, register_configs, speculation_settings
+from spiffy.lab.sweep import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
 GROUPS = ["model", "task", "decoder", "graph", "tracking", "experiment"]
 register_configs()
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from spiffy.lab.sweep import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -133,7 +135,7 @@ def test_every_default_output_location_is_untracked():
     from spiffy.lab.schema import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     paths = [
         f"{cfg.results_dir}/default/0123.json",

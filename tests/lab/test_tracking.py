@@ -11,8 +11,9 @@ from hydra import compose, initialize_config_dir
 from spiffy.lab import pipeline, tracking
 from spiffy.lab import results as store
 from spiffy.lab.schema import TrackingConfig, register_configs
+from spiffy.lab.sweep import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
 register_configs()
 
 METRICS = {
