@@ -256,7 +256,7 @@ class EvalConfig:
     )
     progress: bool = True
     # requests decoded per forward (docs/algorithm.md §13; outputs unchanged): a positive integer, or "auto" (all
-    # of lm-eval's requests in flight, up to 64). README "Batched decoding" measures which is fastest here.
+    # of lm-eval's requests in flight, up to 64). docs/results.md "Batched decoding" measures which is fastest here.
     batch_size: Any = 1
 
     def __post_init__(self) -> None:
