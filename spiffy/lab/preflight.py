@@ -123,20 +123,20 @@ def check_device(device: str) -> None:
         raise ValueError(f"model.device={device!r}: spiffy runs on cpu, cuda or mps")
 
 
-def shortest_prompt(cfg: RunConfig, n: int = 500) -> int:
-    """An estimate of the task's shortest evaluation prompt in tokens: its shortest of `n` calibration prompts
-    (the task's own format), times `num_fewshot + 1` for the few-shot examples, each a question of at least
-    that length plus its answer. 0 when the task has no prompt source here."""
+def shortest_prompt(cfg: RunConfig, n: int = 100) -> int:
+    """The task's shortest prompt in tokens, estimated as its shortest of `n` calibration prompts, which are
+    written in the evaluation's few-shot layout (`task.num_fewshot` exemplars; docs/conventions.md
+    "Few-shot"). 0 when the task has no prompt source here."""
     from spiffy.eval.offline import encode
     from spiffy.models.loading import load_tokenizer
     from spiffy.tasks.registry import TASKS
 
-    source = TASKS[cfg.task.name].calibration
-    if source is None:
+    preset = TASKS[cfg.task.name]
+    if preset.calibration is None or (cfg.task.num_fewshot and not preset.fewshot):
         return 0
     tokenizer = load_tokenizer(cfg.model.path)
-    shortest = min(len(encode(tokenizer, text)) for text in source(n, cfg.seed))
-    return shortest * (cfg.task.num_fewshot + 1)
+    texts = preset.calibration(n, cfg.seed, num_fewshot=cfg.task.num_fewshot)
+    return min(len(encode(tokenizer, text)) for text in texts)
 
 
 def verify_bytes(cfg: RunConfig, facts: ModelFacts, prompt: int, rows: int) -> int:

@@ -76,8 +76,6 @@ class TaskConfig:
 
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"task.limit={self.limit} must be >= 1 or null")
-        if self.num_fewshot < 0:
-            raise ValueError(f"task.num_fewshot={self.num_fewshot} must be >= 0")
         if self.allow_unisolated_execution and not self.allow_code_execution:
             raise ValueError(
                 "task.allow_unisolated_execution=true needs task.allow_code_execution=true"
@@ -86,6 +84,13 @@ class TaskConfig:
             return
         if self.name not in TASKS:
             raise ValueError(f"task.name={self.name!r} has no preset; known: {sorted(TASKS)}")
+        if self.num_fewshot < 0:
+            raise ValueError(f"task.num_fewshot={self.num_fewshot} must be >= 0")
+        if self.num_fewshot and not TASKS[self.name].fewshot:
+            raise ValueError(
+                f"task.num_fewshot={self.num_fewshot}: task {self.name!r} has no split to draw exemplars from "
+                "(use 0)"
+            )
         known = lm_eval_tasks()
         if self.lm_eval_task not in known:
             raise ValueError(f"task.lm_eval_task={self.lm_eval_task!r} is not a task; known: {known}")
