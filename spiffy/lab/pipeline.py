@@ -384,6 +384,11 @@ def evaluate_job(cfg: RunConfig):
     else:
         graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
     graph_s = time.perf_counter() - t0
+    if graph is not None and auto is None and len(graph.nodes) < graph.budget:  # said, not silently clamped
+        print(
+            f"note: graph.budget={graph.budget}, but calibration found {len(graph.nodes)} nodes worth drafting: "
+            f"the graph has {len(graph.nodes)} (the row records it as graph_nodes)"
+        )
     options = DecoderOptions(compile=cfg.decoder.compile)
     base = build_decoder(model, **gen, options=options)
     decoder = base
