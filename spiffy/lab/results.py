@@ -236,7 +236,7 @@ def read_rows(path: str | Path) -> list[dict]:
 def check_writable(folder: Path, probe_bytes: int = 64 << 10) -> None:
     """Create `folder` and write, fsync and remove a probe file of `probe_bytes` in it, so that a read-only
     store or a full disk fails before the evaluation, naming the folder (OSError)."""
-    probe = folder / f".write-probe-{os.getpid()}"
+    probe = folder / f".write-probe-{platform.node()}-{os.getpid()}"  # unique on a shared filesystem
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as f:
@@ -289,7 +289,7 @@ def environment(device: str, dtype: str | None = None) -> dict:
     """Where a row was measured: device and its name, dtype, torch threads, CPU count, versions, git state."""
     import transformers
 
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_name()
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
     return {
         "device": device,
         "device_name": name,

@@ -284,11 +284,16 @@ class EvalConfig:
     # requests decoded per forward (docs/algorithm.md §13; outputs unchanged): a positive integer, or "auto" (all
     # of lm-eval's requests in flight, up to 64). README "Batched decoding" measures which is fastest here.
     batch_size: Any = 1
+    # seconds any rank of a multi-process job (torchrun run.py, docs/distributed.md) waits for the others before
+    # the job fails: it must cover rank 0's calibration and the slowest rank's share of the requests
+    dist_timeout_s: int = 1800
     # the largest estimated memory of one verification forward (GiB; spiffy.lab.preflight): a graph budget whose
     # drafts need more is refused before the model loads, naming the largest budget that fits
     max_verify_gib: float = 8.0
 
     def __post_init__(self) -> None:
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"eval.dist_timeout_s={self.dist_timeout_s} must be > 0 (seconds)")
         if not self.max_verify_gib > 0 or self.max_verify_gib == float("inf"):
             raise ValueError(f"eval.max_verify_gib={self.max_verify_gib} must be a finite number > 0")
         if self.threads < 0:
