@@ -3,6 +3,7 @@ job list of a sweep with `--dry-run`. The configuration ships inside the package
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -13,11 +14,22 @@ from spiffy.lab.schema import register_configs
 register_configs()
 
 
+def one_line(err: Exception) -> None:
+    """A user error as one line on stderr, exit status 2; HYDRA_FULL_ERROR=1 shows the traceback instead."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"spiffy: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://spiffy.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
-    from spiffy.lab.pipeline import run
+    from spiffy.lab.pipeline import ConfigError, run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except ConfigError as err:
+        one_line(err)
 
 
 def main(argv: list[str] | None = None) -> int:
