@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (README "What is exact, where"; docs/numerics.md).
+# One command for a GPU machine (docs/numerics.md, "What is exact, where").
 #
 #   bash scripts/gpu_check.sh          # on a GPU image: install, CUDA test tier, 8B-shape cost curves (< 8 min, H100)
 #   bash scripts/gpu_check.sh --cpu    # its CPU half (CI): the same test files, CPU parameters

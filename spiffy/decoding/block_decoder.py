@@ -58,7 +58,7 @@ class DecoderOptions:
     row's logits are bitwise the same whatever the number of rows, states and requests sharing its forward, so
     Spiffy returns its base's tokens and a batch returns each request's tokens alone in float32 and bfloat16 too,
     not only where a rounding difference cannot move a token (float64). It may change float32/bfloat16 logits
-    relative to the default mode (other roundings), and costs time (README "What is exact, where").
+    relative to the default mode (other roundings), and costs time (docs/numerics.md "What is exact, where").
     """
 
     record_confidence: bool = False
