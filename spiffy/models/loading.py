@@ -24,6 +24,7 @@ from transformers import (
 
 from spiffy.models.dream import DreamConfig, DreamModel
 from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
+from spiffy.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from spiffy.models.sdar import SDARConfig, SDARForCausalLM
 
 # model_type -> native class. A new family is one adapter file plus one entry here.
@@ -31,17 +32,20 @@ MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llada": LLaDAModelLM,
     "Dream": DreamModel,
     "sdar": SDARForCausalLM,
+    "llada2_moe": LLaDA2MoeModelLM,
 }
 
 for _cfg, _cls in (
     (LLaDAConfig, LLaDAModelLM),
     (DreamConfig, DreamModel),
     (SDARConfig, SDARForCausalLM),
+    (LLaDA2MoeConfig, LLaDA2MoeModelLM),
 ):
     AutoConfig.register(_cfg.model_type, _cfg, exist_ok=True)
     AutoModel.register(_cfg, _cls, exist_ok=True)
     AutoModelForMaskedLM.register(_cfg, _cls, exist_ok=True)
-AutoModelForCausalLM.register(SDARConfig, SDARForCausalLM, exist_ok=True)  # SDAR's `architectures`
+for _cfg, _cls in ((SDARConfig, SDARForCausalLM), (LLaDA2MoeConfig, LLaDA2MoeModelLM)):
+    AutoModelForCausalLM.register(_cfg, _cls, exist_ok=True)  # their `architectures` are causal-LM classes
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 EMBEDDED_MODEL_DIR = CHECKPOINTS_DIR / "tiny-llada-arith"
@@ -70,6 +74,11 @@ class ModelSpec:
 def model_spec(model: PreTrainedModel) -> ModelSpec:
     """Read the `ModelSpec` from a loaded model's config."""
     cfg = model.config
+    if getattr(cfg, "mask_token_id", None) is None:
+        raise ValueError(
+            f"config.mask_token_id is None for model_type={cfg.model_type!r}: this checkpoint names no mask "
+            "id; set model.config.mask_token_id (LLaDA2: or pass mask_id= to model.generate)"
+        )
     return ModelSpec(
         mask_id=int(cfg.mask_token_id),
         eos_id=cfg.eos_token_id,
