@@ -158,12 +158,14 @@ def calibrate_dynamic(
 ) -> DynamicGraph:
     """A dynamic graph of `budget` slots fitted to these trajectories: the acceptance model by maximum
     likelihood, then the slots, the best (replayed NFE, ties to the first) of the default shape, a wider one
-    and a chain. `pool` defaults to the generic pool `budget` levels deep; `replay` (of these trajectories)
+    and a chain (capped at the pool's depth). `pool` defaults to the generic pool one level deeper than the
+    default shape; `replay` (of these trajectories)
     may be shared between budgets, which reuses its scores."""
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ValueError(f"budget={budget!r} must be a positive integer")
     replay = replay or DynamicReplay(trajectories)
-    pool = pool or generic_pool(budget, max_token_rank=min(3, replay.top))
+    # the default shape's depth and one more level (a chain's deeper slots are capped there)
+    pool = pool or generic_pool(max(default_slots(budget)) + 1, max_token_rank=min(3, replay.top))
     gap, bias, token = fit_model(trajectories, top=pool.max_token_rank)
     depth = max(pool.levels)
     shapes = []

@@ -16,6 +16,8 @@ records rank 0 gathers (`spiffy.eval.distributed`).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import os
 import time
 from pathlib import Path
@@ -127,6 +129,8 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
         return two_level_topk(max(1, g.budget // 2))
     if g.source == "fig2":
         return fig2()
+    if g.source == "dynamic":  # drafts chosen per forward (docs/algorithm.md §5.10)
+        return calibrate_dynamic_graph(cfg, model, tokenizer, gen)
     if g.source == "file":
         graph = DraftGraph.load(g.path)
         if graph.budget != g.budget:  # the row is named after graph.budget
@@ -154,6 +158,30 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
         force=cfg.force,
         progress=cfg.eval.progress,
     )
+
+
+def calibrate_dynamic_graph(cfg: RunConfig, model, tokenizer, gen: dict):
+    """`graph.source=dynamic`: a dynamic graph fitted to trajectories recorded on the calibration prompts."""
+    from spiffy.calibration.dynamic import calibrate_dynamic
+    from spiffy.calibration.trajectories import record_trajectories
+    from spiffy.decoding.config import GenerationConfig
+
+    t0 = time.perf_counter()
+    calib_task, prompts = calibration_prompts(cfg, tokenizer)
+    traj = record_trajectories(
+        model,
+        GenerationConfig(**gen),
+        prompts(),
+        horizon=max(cfg.graph.horizon, cfg.graph.budget),
+        seed=cfg.seed,
+        progress=cfg.eval.progress,
+        draft_noise=cfg.decoder.draft_noise,
+        features=3,
+    )
+    graph = calibrate_dynamic(traj, cfg.graph.budget, cross_block=cfg.decoder.cross_block)
+    provenance = {"task": calib_task, "n_samples": cfg.graph.n_samples}
+    provenance["calibration_s"] = time.perf_counter() - t0
+    return replace(graph, provenance=provenance)
 
 
 def evaluate_task(cfg: RunConfig, lm) -> dict:
@@ -449,7 +477,10 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     metrics["calibration_s"] = provenance.get("calibration_s", graph_s)
     if "predicted_speedup_nfe" in provenance:
         metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
-    metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
+    # a dynamic graph drafts `budget` of its pool's nodes per forward
+    metrics["graph_nodes"] = (
+        0 if graph is None else len(graph.nodes) if isinstance(graph, DraftGraph) else graph.budget
+    )
     if auto is None:
         return metrics, graph, records
     metrics["auto_budget"] = auto.budget

@@ -24,7 +24,7 @@ from spiffy.decoding.modes import check_cross_block, get_cache_mode, get_layout,
 from spiffy.decoding.speculative import Speculation
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-GRAPH_SOURCES = ("calibrate", "chain", "fig2", "topk", "file")
+GRAPH_SOURCES = ("calibrate", "chain", "fig2", "topk", "file", "dynamic")
 TRACKING_MODES = ("offline", "online", "disabled")
 
 
