@@ -22,30 +22,29 @@ from transformers import (
     PreTrainedModel,
 )
 
-from spiffy.models.dream import DreamConfig, DreamModel
-from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
-from spiffy.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from spiffy.models.sdar import SDARConfig, SDARForCausalLM
+from spiffy.models.dream import DreamModel
+from spiffy.models.llada import LLaDAModelLM
+from spiffy.models.llada2 import LLaDA2MoeModelLM
+from spiffy.models.sdar import SDARForCausalLM
 
-# model_type -> native class. A new family is one adapter file plus one entry here.
-MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
-    "llada": LLaDAModelLM,
-    "Dream": DreamModel,
-    "sdar": SDARForCausalLM,
-    "llada2_moe": LLaDA2MoeModelLM,
-}
+# The native families. A new family is its adapter file plus its entry here (docs/extending.md).
+FAMILIES: tuple[type[PreTrainedModel], ...] = (
+    LLaDAModelLM,
+    DreamModel,
+    SDARForCausalLM,
+    LLaDA2MoeModelLM,
+)
+# the families whose checkpoints' `architectures` name a causal-LM class
+CAUSAL_LM_FAMILIES = (SDARForCausalLM, LLaDA2MoeModelLM)
+# model_type -> native class
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {f.config_class.model_type: f for f in FAMILIES}
 
-for _cfg, _cls in (
-    (LLaDAConfig, LLaDAModelLM),
-    (DreamConfig, DreamModel),
-    (SDARConfig, SDARForCausalLM),
-    (LLaDA2MoeConfig, LLaDA2MoeModelLM),
-):
-    AutoConfig.register(_cfg.model_type, _cfg, exist_ok=True)
-    AutoModel.register(_cfg, _cls, exist_ok=True)
-    AutoModelForMaskedLM.register(_cfg, _cls, exist_ok=True)
-for _cfg, _cls in ((SDARConfig, SDARForCausalLM), (LLaDA2MoeConfig, LLaDA2MoeModelLM)):
-    AutoModelForCausalLM.register(_cfg, _cls, exist_ok=True)  # their `architectures` are causal-LM classes
+for _cls in FAMILIES:
+    AutoConfig.register(_cls.config_class.model_type, _cls.config_class, exist_ok=True)
+    AutoModel.register(_cls.config_class, _cls, exist_ok=True)
+    AutoModelForMaskedLM.register(_cls.config_class, _cls, exist_ok=True)
+for _cls in CAUSAL_LM_FAMILIES:
+    AutoModelForCausalLM.register(_cls.config_class, _cls, exist_ok=True)
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 EMBEDDED_MODEL_DIR = CHECKPOINTS_DIR / "tiny-llada-arith"
@@ -116,6 +115,32 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> str:
     return name  # a hub id such as GSAI-ML/LLaDA-8B-Instruct: needs network or the HF cache
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device` that exists on this machine; otherwise a `ValueError` naming it (a model is
+    never loaded onto the CPU in place of a missing accelerator)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device!r}: torch sees no CUDA device on this machine (use device=cpu)"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device={device!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"device={device!r}: MPS is not available on this machine (use device=cpu)"
+        )
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ValueError(f"device={device!r}: spiffy runs on cpu, cuda or mps")
+    return dev
+
+
 def load_model(
     path_or_id: str | os.PathLike,
     *,
@@ -131,8 +156,9 @@ def load_model(
 
     Raises:
         FileNotFoundError: the directory does not exist or has no `config.json`.
-        ValueError: the config's `model_type` has no native implementation here.
+        ValueError: the config's `model_type` has no native implementation here, or `device` does not exist here.
     """
+    device = check_device(device)
     name = resolve_model_path(path_or_id)
     if isinstance(dtype, str):
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
