@@ -1,26 +1,31 @@
 """spiffy: lossless speculative decoding for diffusion LLMs (Spiffy, arXiv 2509.18085).
 
 Public API (docs/algorithm.md §11): `load_model`, `build_decoder`, `Speculation`, `DraftGraph` and the graph helpers; `autotune`
-chooses the draft budget and lossless layout this device runs fastest (`graph.budget=auto`).
+chooses the draft budget and lossless layout this device runs fastest (`graph.budget=auto`); `Engine` runs many
+requests of a decoder with stacked forwards and streams their committed blocks (`BlockEvent`).
 """
 
 from spiffy.calibration.autotune import AutoChoice, autotune
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.engine import Engine, Request
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
-from spiffy.decoding.types import DecodeResult, DecodeStats
+from spiffy.decoding.types import BlockEvent, DecodeResult, DecodeStats
 from spiffy.graph import DraftGraph, chain, fig2, parse_graph_spec, two_level_topk
 from spiffy.models import ModelSpec, load_model, load_tokenizer, model_spec
 
 __all__ = [
     "AutoChoice",
     "BlockDecoder",
+    "BlockEvent",
     "DecodeResult",
     "DecodeStats",
     "DraftGraph",
+    "Engine",
     "GenerationConfig",
     "ModelSpec",
+    "Request",
     "Speculation",
     "SpiffyDecoder",
     "autotune",

@@ -73,6 +73,8 @@ class Speculation:
 class SpiffyDecoder(BlockDecoder):
     """Speculative wrapper over the base configuration `cfg`; same output, fewer forwards."""
 
+    drafting = True
+
     def __init__(
         self,
         model: DiffusionLM,
@@ -93,6 +95,7 @@ class SpiffyDecoder(BlockDecoder):
             raise ValueError(
                 f"fuse_store=True needs a block-causal (SDAR) model and rule, got rule={cfg.rule!r}"
             )
+        self.keep_kv = speculation.fuse_store  # keep the verified rows' K/V to store a finished draft
         self.keyed = speculation.draft_noise == "keyed"
         # one (graph, tensors) per phase of a phased graph (drafts chosen by the masked count), else one
         self._phases = [
@@ -146,16 +149,9 @@ class SpiffyDecoder(BlockDecoder):
         )
         return drafts
 
-    def make_strategy(self):
-        strategy = super().make_strategy()
-        if self.speculation.fuse_store:  # keep the verified rows' K/V to store a finished draft
-            strategy.keep_kv = True
-        return strategy
-
-    def stored_row(self, end, rows, stats):
+    def stored_row(self, end):
         if not self.speculation.fuse_store or end.match < 1:
             return None
-        stats.accepted_per_level[rows.levels[end.match]] += 1
         return end.match  # row 0 is the real state
 
     def lookahead(self, canvas_len, block, n_drafts):

@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from spiffy.calibration.store import load_or_calibrate
-from spiffy.decoding.batching import CallRecorder, CallStacker
+from spiffy.decoding.batching import CallStacker
 from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.forward import STRATEGIES
 from spiffy.decoding.rules import get_rule
 from spiffy.decoding.speculative import Speculation
+from spiffy.decoding.strategies import STRATEGIES
 from spiffy.eval.offline import completion_text, encode
 from spiffy.lab.profiling import peak_memory, reads_between_forwards
 from spiffy.models.loading import model_spec
@@ -538,15 +538,15 @@ def batched_cost_curve(
         for r in range(max(batch_sizes)):
             canvas = torch.randint(0, spec.mask_id, (canvas_len,), device=device)
             strategy = STRATEGIES[cache](model)
-            with CallRecorder(model) as rec:
-                if hasattr(strategy, "prefill"):
-                    strategy.prefill(canvas, block.start)
-                strategy.begin_block(canvas, block)
-                for d in drafts:
-                    strategy.verify(canvas, block, canvas[block].repeat(d + 1, 1), verify)
-            starts.append(rec.calls[-1 - len(drafts)])
-            for d, call in zip(drafts, rec.calls[-len(drafts) :], strict=True):
-                verifies[d].append(call)
+            if strategy.stores_blocks:
+                strategy.prefill(canvas, block.start)
+            start = strategy.begin_block_call(canvas, block)
+            strategy.run(start)
+            starts.append(start.call)
+            for d in drafts:
+                pending = strategy.verify_call(canvas, block, canvas[block].repeat(d + 1, 1), verify)
+                strategy.run(pending)
+                verifies[d].append(pending.call)
         stacker = CallStacker(model, block_causal=spec.block_causal)
         cells = [(b, d) for b in batch_sizes for d in [None, *drafts]]
         times: dict[tuple, list[float]] = {c: [] for c in cells}
