@@ -450,7 +450,8 @@ def batch_throughput(
 
     Runs interleave (repeat → batch size → decoder, a fresh decoder order each time) so machine noise hits
     every cell alike. Each cell also checks that every request's tokens and NFE equal the batch-of-one run's
-    (`identical`) and reports forwards, requests (calls) and query rows per forward.
+    (`identical`) and reports forwards, requests (calls) and query rows per forward, the model's share of the
+    wall-clock and Spiffy's host overhead (drafting, masks, walks over drafts) against model time.
     """
     order = torch.Generator().manual_seed(seed)
     labels = list(decoders)
@@ -466,19 +467,21 @@ def batch_throughput(
             for k in torch.randperm(len(labels), generator=order).tolist():
                 label = labels[k]
                 bar.update()
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 out = decoders[label].generate_batch(
                     prompts, seed=seed, batch_size=size, max_tokens=max_tokens
                 )
-                wall = time.perf_counter() - t
+                wall, cpu = time.perf_counter() - t, time.process_time() - cpu
                 got = [(r.tokens, r.stats.nfe) for r in out]
                 ref = reference.setdefault(label, got) if size == 1 else reference.get(label)
                 cell = cells.setdefault(
                     (label, size), {"wall_s": [], "identical": True, "batch": out.batch}
                 )
                 cell["wall_s"].append(wall)
+                cell.setdefault("cpu_s", []).append(cpu)
                 cell["tokens"] = sum(r.stats.generated_tokens for r in out)
                 cell["nfe"] = statistics.mean(r.stats.nfe for r in out)
+                cell["overhead_s"] = sum(r.stats.overhead_s for r in out)
                 if ref is not None:
                     cell["identical"] &= all(
                         torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(ref, got)
@@ -486,7 +489,7 @@ def batch_throughput(
     bar.close()
     rows = []
     for (label, size), cell in cells.items():
-        wall = statistics.median(cell["wall_s"])
+        wall, cpu = statistics.median(cell["wall_s"]), statistics.median(cell["cpu_s"])
         batch = cell["batch"].summary()
         rows.append(
             {
@@ -494,11 +497,15 @@ def batch_throughput(
                 "batch_size": size,
                 "tokens_per_s": cell["tokens"] / wall,
                 "wall_s": wall,
+                # the process's own CPU time: on a shared, loaded machine the steadier measure of its work
+                "tokens_per_cpu_s": cell["tokens"] / cpu,
                 "nfe_mean": cell["nfe"],
                 "forwards": batch["forwards"],
                 "calls_per_forward": batch["calls_per_forward"],
                 "rows_per_forward": batch["rows_per_forward"],
                 "model_share": batch["model_s"] / batch["wall_s"] if batch["wall_s"] else 0.0,
+                # Spiffy's drafting, masks and walk over drafts, against the batch's model time
+                "overhead_vs_model": cell["overhead_s"] / batch["model_s"] if batch["model_s"] else 0.0,
                 "identical_to_batch_1": cell["identical"] if 1 in batch_sizes else None,
             }
         )
@@ -507,6 +514,10 @@ def batch_throughput(
         lambda s: s.iloc[0] if len(s) else float("nan")
     )
     frame["throughput_vs_smallest_batch"] = frame["tokens_per_s"] / first
+    first_cpu = frame.groupby("decoder")["tokens_per_cpu_s"].transform(
+        lambda s: s.iloc[0] if len(s) else float("nan")
+    )
+    frame["cpu_throughput_vs_smallest_batch"] = frame["tokens_per_cpu_s"] / first_cpu
     frame["decoder"] = pd.Categorical(frame["decoder"], labels, ordered=True)
     return frame.sort_values(["decoder", "batch_size"]).to_dict("records")
 

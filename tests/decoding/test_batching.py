@@ -268,6 +268,7 @@ def test_throughput_table_and_batched_cost_curve(fixture_model):
         ("dual+spiffy", 3),
     ]
     assert all(r["identical_to_batch_1"] and r["wall_s"] > 0 for r in rows)
+    assert all(r["tokens_per_cpu_s"] >= 0 and r["overhead_vs_model"] >= 0 for r in rows)
     assert rows[1]["forwards"] < rows[0]["forwards"] and rows[1]["calls_per_forward"] > 1
     curve = batched_cost_curve(
         fixture_model, 24, 8, [0, 2], [1, 2], repeats=1, layouts=("exact", "dual")
