@@ -5,6 +5,7 @@ chooses the draft budget and lossless layout this device runs fastest (`graph.bu
 requests of a decoder with stacked forwards and streams their committed blocks (`BlockEvent`).
 """
 
+import spiffy.decoding.llada2_generate  # noqa: F401  (installs LLaDA2MoeModelLM.generate)
 from spiffy.calibration.autotune import AutoChoice, autotune
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.build import build_decoder

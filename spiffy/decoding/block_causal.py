@@ -14,6 +14,9 @@ finished and caching them is exact (not an approximation as in Fast-dLLM's cache
   loop; with `with_next` it also computes the next block's first distribution), or, when the last forward
   already computed them as one of its rows, from that forward at no cost (the first fusion, `keep_kv`; the
   decoder then takes the next block's logits from that row's look-ahead).
+
+A model whose forward attends to every key by default (LLaDA2, whose block length is a decoding setting, not a
+config key) gets the block-causal mask of `block_length` explicitly whenever a query spans more than one block.
 """
 
 from __future__ import annotations
@@ -28,15 +31,33 @@ from spiffy.models.kv import append_kv
 class BlockCausalCache(ForwardStrategy):
     """SDAR's cache: prefill, block queries that store nothing, one store per finished block.
 
-    `keep_kv`: keep each forward's per-row block K/V, to store a finished draft row (Spiffy's `fuse_store`)."""
+    `keep_kv`: keep each forward's per-row block K/V, to store a finished draft row (Spiffy's `fuse_store`).
+    `block_length`: the decoder's block length (LLaDA2's explicit block-causal mask needs it)."""
 
     name = "block_causal"
     stores_blocks = True
 
-    def __init__(self, model: torch.nn.Module, **options):
+    def __init__(self, model: torch.nn.Module, *, block_length: int | None = None, **options):
         super().__init__(model, **options)
         self.keep_kv = options.get("keep_kv", False)
         self.last_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+        # LLaDA2 (config attention_block_size 0): block-causal at the decoder's block length, passed as a mask
+        self.block_length = block_length
+        self.explicit_mask = getattr(model.config, "attention_block_size", None) == 0
+
+    def _mask(self, n: int, start: int, stop: int) -> torch.Tensor | None:
+        """Bool mask (n, Q, start + Q) of queries `[start, stop)` over the cache `[0, start)` and themselves:
+        block-causal at `block_length` (None when the model's default already is, or one block queries)."""
+        if not self.explicit_mask:
+            return None
+        if self.block_length is None:
+            raise ValueError("BlockCausalCache.block_length is unset: LLaDA2's block mask needs it")
+        if stop - start <= self.block_length:
+            return None
+        device = self.model.device
+        query = torch.arange(start, stop, device=device) // self.block_length
+        keys = torch.arange(stop, device=device) // self.block_length
+        return (keys[None, :] <= query[:, None]).expand(n, -1, -1)
 
     def prefill(self, canvas: torch.Tensor, end: int) -> int:
         """Store the K/V of canvas positions `[0, end)` in one forward; returns the calls made (0 or 1)."""
@@ -53,7 +74,12 @@ class BlockCausalCache(ForwardStrategy):
         def finish(out: DiffusionLMOutput) -> None:
             self.cache = out.kv_cache
 
-        return Pending(self._call(canvas[None, :end], store_kv=True), finish)
+        mask = self._mask(1, 0, end)
+        # nobody reads the prefill's logits: the LM head runs on one row (at a real vocabulary, most of its cost)
+        call = self._call(
+            canvas[None, :end], store_kv=True, attention_mask=mask, logits_at=slice(end - 1, end)
+        )
+        return Pending(call, finish)
 
     def begin_block_call(self, canvas: torch.Tensor, block: slice) -> Pending:
         """The block's first denoising forward: its current state against the cache (no drafts)."""
@@ -73,6 +99,7 @@ class BlockCausalCache(ForwardStrategy):
             position_ids=torch.arange(block.start, stop, device=canvas.device),
             kv_cache=self.cache,
             return_kv=self.keep_kv,
+            attention_mask=self._mask(n, block.start, stop),
         )
 
         def finish(out: DiffusionLMOutput) -> Verification:
@@ -109,12 +136,16 @@ class BlockCausalCache(ForwardStrategy):
             position_ids=torch.arange(block.start, stop, device=canvas.device),
             kv_cache=self.cache,
             return_kv=True,
+            attention_mask=self._mask(1, block.start, stop),
+            logits_at=slice(lb, stop - block.start)
+            if with_next
+            else slice(0, 1),  # only what is read
         )
 
         def finish(out: DiffusionLMOutput) -> torch.Tensor | None:
             self.cache = append_kv(self.cache, _block_part(out.present, lb))
             self.last_kv = None
-            return out.logits[0, lb:] if with_next else None
+            return out.logits[0] if with_next else None
 
         return Pending(call, finish)
 

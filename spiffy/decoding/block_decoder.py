@@ -38,6 +38,7 @@ from spiffy.decoding.config import SDAR_RULES, GenerationConfig
 from spiffy.decoding.drafting import Drafts
 from spiffy.decoding.engine import Engine
 from spiffy.decoding.forward import ForwardStrategy, Pending, Verification
+from spiffy.decoding.llada2_rules import PostCounter, eos_stopped
 from spiffy.decoding.modes import get_cache_mode
 from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
@@ -185,7 +186,12 @@ class BlockDecoder:
             kind = "block-causal (SDAR)" if spec.block_causal else "bidirectional"
             need = list(SDAR_RULES) if spec.block_causal else "a rule other than the SDAR rules"
             raise ValueError(f"rule={cfg.rule!r}: the model is {kind}; use {need}")
-        if spec.block_causal and cfg.block_length != spec.attention_block_size:
+        # (attention_block_size 0: block-causal at any block length, LLaDA2)
+        if (
+            spec.block_causal
+            and spec.attention_block_size
+            and cfg.block_length != spec.attention_block_size
+        ):
             raise ValueError(
                 f"block_length={cfg.block_length}: this SDAR model's block_size is "
                 f"{spec.attention_block_size}"
@@ -254,6 +260,7 @@ class BlockDecoder:
             compile=opts.compile,
             min_rows=opts.min_rows,
             keep_kv=self.keep_kv,
+            block_length=self.cfg.block_length,
         )
 
     # ---- running requests ----------------------------------------------------------------------------
@@ -393,8 +400,16 @@ class BlockDecoder:
         block = state.block
         # positions from the prompt's end start masked
         masked = block.stop - max(block.start, state.prompt_len)
+        # LLaDA2.1 counts the calls on a block without masks (docs/llada2.md)
+        post = PostCounter() if self.rule.spec.edit is not None else None
         state.ctx = TransitionContext(
-            self.cfg, self.rule, self.spec, state.noise, state.index, masked_at_start=masked
+            self.cfg,
+            self.rule,
+            self.spec,
+            state.noise,
+            state.index,
+            masked_at_start=masked,
+            post=post,
         )
         state.step = 0
         if (
@@ -425,6 +440,8 @@ class BlockDecoder:
         the block."""
         rec, block, canvas = state.recorder, state.block, state.canvas
         state.rows = rows
+        if state.ctx.post is not None:  # LLaDA2.1 counts the calls on a block without masks
+            state.ctx.post.note_forward(rows.states[0], self.spec.mask_id)
         end = self._walk(rows, state.step, state.ctx)
         rec.accepted(end.accepted)
         if end.read_valid is not None:
@@ -435,6 +452,8 @@ class BlockDecoder:
         state.advanced += end.transitions
         canvas[block] = end.state
         if end.complete:
+            if self.cfg.eos_early_stop:  # did the rule end the block at EOS (LLaDA2.0)?
+                rec.eos_early_stop(bool(eos_stopped(rows.states[end.anchor], end.state, state.ctx)))
             return self._complete(state, end)
         rec.forward_advanced(state.advanced)
         state.advanced = 0
@@ -641,7 +660,11 @@ class BlockDecoder:
             ).tolist()
             if seen["confidence"] is not None:
                 seen["confidence"].extend(conf[new != state].tolist())
-            if self.rule.is_complete(has_mask, step):
+            if self.rule.spec.complete is not None:  # LLaDA2: its own end of block (docs/llada2.md)
+                done = bool(self.rule.complete_rows(state[None], new[None], ctx)[0])
+            else:
+                done = self.rule.is_complete(has_mask, step)
+            if done:
                 return WalkEnd(taken, new, True, r, match, **seen)
             stalled = stalled + 1 if same else 0
             if same:

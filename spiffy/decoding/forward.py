@@ -76,7 +76,8 @@ class ForwardStrategy:
     """Base class: owns the model, the timer and the cache of the current block.
 
     Capabilities: `returns_kv` (the block-start forward fills a cache), `stores_blocks` (SDAR's exact cache:
-    a prefill and one store per finished block, `prefill_call` / `store_call`)."""
+    a prefill and one store per finished block, `prefill_call` / `store_call`). `block_length` is the
+    decoder's (used by the block-causal cache only)."""
 
     name = "none"
     returns_kv = False
@@ -90,6 +91,7 @@ class ForwardStrategy:
         compile: bool = False,
         min_rows: int = 0,
         keep_kv: bool = False,
+        block_length: int | None = None,
     ):
         if keep_kv and not self.stores_blocks:
             raise ValueError(f"keep_kv=True needs a block-causal cache, got cache={self.name!r}")

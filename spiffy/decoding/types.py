@@ -39,6 +39,9 @@ class DecodeStats:
     latency_s: float = 0.0  # from the request's start to its end (alone: wall_s)
     generated_tokens: int = 0
     committed_confidence: list[float] | None = None
+    eos_early_stop: bool = (
+        False  # a block ended inside at EOS (LLaDA2.0's `eos_early_stop`, docs/llada2.md)
+    )
 
     @property
     def nfe_base(self) -> int:
@@ -126,6 +129,10 @@ class StatsRecorder:
 
     def drafted(self, seconds: float) -> None:
         self.stats.draft_s += seconds
+
+    def eos_early_stop(self, stopped: bool) -> None:
+        """Whether the rule ended the last completed block inside, at EOS (LLaDA2.0)."""
+        self.stats.eos_early_stop = stopped
 
 
 @dataclass(frozen=True)

@@ -301,8 +301,9 @@ def cost_curve(
     rows = []
     for layout in layouts:
         cache, verify = LAYOUTS[layout]
-        strategy = STRATEGIES[cache](model)
-        if hasattr(strategy, "prefill"):  # SDAR: the positions before the block are stored first
+        # (LLaDA2's block-causal mask comes from the block length)
+        strategy = STRATEGIES[cache](model, block_length=block_len)
+        if strategy.stores_blocks:  # SDAR: the positions before the block are stored first
             strategy.prefill(canvas, block.start)
         starts: list[float] = []
         times: dict[int, list[float]] = {d: [] for d in drafts}
@@ -548,7 +549,7 @@ def batched_cost_curve(
         starts, verifies = [], {d: [] for d in drafts}
         for r in range(max(batch_sizes)):
             canvas = torch.randint(0, spec.mask_id, (canvas_len,), device=device)
-            strategy = STRATEGIES[cache](model)
+            strategy = STRATEGIES[cache](model, block_length=block_len)
             if strategy.stores_blocks:
                 strategy.prefill(canvas, block.start)
             start = strategy.begin_block_call(canvas, block)

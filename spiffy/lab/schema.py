@@ -80,6 +80,13 @@ class TaskConfig:
             return
         if self.name not in TASKS:
             raise ValueError(f"task.name={self.name!r} has no preset; known: {sorted(TASKS)}")
+        if self.num_fewshot < 0:
+            raise ValueError(f"task.num_fewshot={self.num_fewshot} must be >= 0")
+        if self.num_fewshot and not TASKS[self.name].fewshot:
+            raise ValueError(
+                f"task.num_fewshot={self.num_fewshot}: task {self.name!r} has no split to draw exemplars from "
+                "(use 0)"
+            )
         preset = TASKS[self.name].generation
         for key in ("gen_length", "block_length"):
             if getattr(self, key) is None:
@@ -251,8 +258,13 @@ class EvalConfig:
     # requests decoded per forward (docs/algorithm.md §13; outputs unchanged): a positive integer, or "auto" (all
     # of lm-eval's requests in flight, up to 64). README "Batched decoding" measures which is fastest here.
     batch_size: Any = 1
+    # seconds any rank of a multi-process job (torchrun run.py, docs/distributed.md) waits for the others before
+    # the job fails: it must cover rank 0's calibration and the slowest rank's share of the requests
+    dist_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"eval.dist_timeout_s={self.dist_timeout_s} must be > 0 (seconds)")
         if self.threads < 0:
             raise ValueError(f"eval.threads={self.threads} must be >= 0 (0 = torch's default)")
         try:
@@ -318,10 +330,10 @@ def check_auto(decoder) -> None:
         raise ValueError(
             "graph.budget='auto' predicts the plain walk; decoder.cross_block=true needs graph.budget=D"
         )
-    if get_cache_mode(decoder.cache).stores_blocks:
+    if get_cache_mode(decoder.cache).stores_blocks and (decoder.fuse_next or decoder.fuse_store):
         raise ValueError(
-            f"graph.budget='auto' does not model decoder.cache={decoder.cache!r} (SDAR's prefill and store "
-            "forwards) yet: give graph.budget=D"
+            f"graph.budget='auto' does not model the block-causal fusions (decoder.fuse_next="
+            f"{decoder.fuse_next}, decoder.fuse_store={decoder.fuse_store}) yet: give graph.budget=D"
         )
 
 
