@@ -1,4 +1,4 @@
-"""Model adapters: native LLaDA, Dream and SDAR implementations, loading, and the `ModelSpec` decoders rely on."""
+"""Model adapters: the shared transformer parts, native LLaDA, Dream and SDAR, loading, and the `ModelSpec` decoders rely on."""
 
 from spiffy.models.base import DiffusionLM, DiffusionLMOutput
 from spiffy.models.kv import KVCache

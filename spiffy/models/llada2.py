@@ -20,19 +20,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from spiffy.models.base import select_rows
-from spiffy.models.dream import qwen_rope, rotate_half
 from spiffy.models.kv import KVCache, append_kv, bidirectional_attention, bidirectional_mask
-from spiffy.models.llada import RMSNorm
 from spiffy.models.sdar import SDAROutput
+from spiffy.models.transformer import QwenConfig, RMSNorm, apply_rope, rope_tables, swiglu
 
 # the published generate defaults (LLaDA2.0-mini / 2.1-mini): the config itself has neither id
 PUBLISHED_MASK_ID, PUBLISHED_EOS_ID = 156895, 156892
 
 
-class LLaDA2MoeConfig(PretrainedConfig):
+class LLaDA2MoeConfig(QwenConfig):
     """LLaDA2's config format (Bailing-MoE keys). `mask_token_id` / `eos_token_id` are not in the published
     file (they are `generate` arguments); they default to the published values when the vocabulary holds
     them (else None: set them on the config before building a decoder)."""
@@ -137,15 +136,6 @@ class LLaDA2MoeConfig(PretrainedConfig):
         """RoPE dims per head: the first `int(head_dim * partial_rotary_factor)` (the reference's rule)."""
         return int(self.head_dim * self.partial_rotary_factor)
 
-    # the names spiffy's ModelSpec reads
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def embedding_size(self) -> int:
-        return self.vocab_size
-
     @property
     def attention_block_size(self) -> int:
         """Block-causal at the decoder's block length (0): LLaDA2 builds its mask from `block_length`."""
@@ -176,7 +166,7 @@ class LLaDA2Attention(nn.Module):
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot], x[..., self.rot :]
-        return torch.cat([rot * cos + rotate_half(rot) * sin, rest], dim=-1)
+        return torch.cat([apply_rope(rot, cos, sin), rest], dim=-1)
 
     def forward(self, x, cos_sin, mask, cache: KVCache | None, layer: int):
         B, Q, _ = x.shape
@@ -201,7 +191,7 @@ class LLaDA2MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class LLaDA2Gate(nn.Module):
@@ -350,7 +340,7 @@ class LLaDA2MoeModelLM(PreTrainedModel):
         positions = self._positions(position_ids, kv_cache, B, Q, input_ids.device)
         x = self.model.word_embeddings(input_ids)
         mask = self._mask(attention_mask, kv_cache, x.dtype)
-        cos_sin = qwen_rope(positions, self.config.rotary_dims, self.config.rope_theta, x.dtype)
+        cos_sin = rope_tables(positions, self.config.rotary_dims, self.config.rope_theta, x.dtype)
         present = []
         for i, layer in enumerate(self.model.layers):
             x, fresh = layer(x, cos_sin, mask, kv_cache, i)

@@ -22,30 +22,29 @@ from transformers import (
     PreTrainedModel,
 )
 
-from spiffy.models.dream import DreamConfig, DreamModel
-from spiffy.models.llada import LLaDAConfig, LLaDAModelLM
-from spiffy.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from spiffy.models.sdar import SDARConfig, SDARForCausalLM
+from spiffy.models.dream import DreamModel
+from spiffy.models.llada import LLaDAModelLM
+from spiffy.models.llada2 import LLaDA2MoeModelLM
+from spiffy.models.sdar import SDARForCausalLM
 
-# model_type -> native class. A new family is one adapter file plus one entry here.
-MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
-    "llada": LLaDAModelLM,
-    "Dream": DreamModel,
-    "sdar": SDARForCausalLM,
-    "llada2_moe": LLaDA2MoeModelLM,
-}
+# The native families. A new family is its adapter file plus its entry here (docs/extending.md).
+FAMILIES: tuple[type[PreTrainedModel], ...] = (
+    LLaDAModelLM,
+    DreamModel,
+    SDARForCausalLM,
+    LLaDA2MoeModelLM,
+)
+# the families whose checkpoints' `architectures` name a causal-LM class
+CAUSAL_LM_FAMILIES = (SDARForCausalLM, LLaDA2MoeModelLM)
+# model_type -> native class
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {f.config_class.model_type: f for f in FAMILIES}
 
-for _cfg, _cls in (
-    (LLaDAConfig, LLaDAModelLM),
-    (DreamConfig, DreamModel),
-    (SDARConfig, SDARForCausalLM),
-    (LLaDA2MoeConfig, LLaDA2MoeModelLM),
-):
-    AutoConfig.register(_cfg.model_type, _cfg, exist_ok=True)
-    AutoModel.register(_cfg, _cls, exist_ok=True)
-    AutoModelForMaskedLM.register(_cfg, _cls, exist_ok=True)
-for _cfg, _cls in ((SDARConfig, SDARForCausalLM), (LLaDA2MoeConfig, LLaDA2MoeModelLM)):
-    AutoModelForCausalLM.register(_cfg, _cls, exist_ok=True)  # their `architectures` are causal-LM classes
+for _cls in FAMILIES:
+    AutoConfig.register(_cls.config_class.model_type, _cls.config_class, exist_ok=True)
+    AutoModel.register(_cls.config_class, _cls, exist_ok=True)
+    AutoModelForMaskedLM.register(_cls.config_class, _cls, exist_ok=True)
+for _cls in CAUSAL_LM_FAMILIES:
+    AutoModelForCausalLM.register(_cls.config_class, _cls, exist_ok=True)
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 EMBEDDED_MODEL_DIR = CHECKPOINTS_DIR / "tiny-llada-arith"

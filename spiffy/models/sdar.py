@@ -18,17 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
-from spiffy.models.base import select_rows
-from spiffy.models.dream import qwen_rope, rotate_half
-from spiffy.models.kv import KVCache, append_kv, bidirectional_attention
-from spiffy.models.llada import DiffusionLMOutput, RMSNorm
+from spiffy.models.base import DiffusionLMOutput, select_rows
+from spiffy.models.kv import KVCache, append_kv, plan_attention
+from spiffy.models.transformer import DecoderLM, QwenConfig, rope_tables
 
 
-class SDARConfig(PretrainedConfig):
+class SDARConfig(QwenConfig):
     """SDAR's config format (Qwen3 fields plus `block_size` and `mask_token_id`)."""
 
     model_type = "sdar"
@@ -53,19 +49,6 @@ class SDARConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         **kwargs,
     ):
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
-        self.max_position_embeddings = max_position_embeddings
-        self.rms_norm_eps = rms_norm_eps
-        self.rope_theta = rope_theta
-        self.attention_bias = attention_bias
-        self.block_size = block_size
-        self.mask_token_id = mask_token_id
         # the reference's training kernel choice ("flex_attention"); transformers would treat it as a request
         # for its own attention backend, and our model has one attention path, so it is dropped
         kwargs.pop("attn_implementation", None)
@@ -76,34 +59,12 @@ class SDARConfig(PretrainedConfig):
             )
         if kwargs.get("use_sliding_window"):
             raise ValueError("SDARConfig.use_sliding_window=True is not supported")
-        tied = kwargs.pop("tie_word_embeddings", False)
-        if tied:
-            raise ValueError("SDARConfig.tie_word_embeddings=True: SDAR's lm_head is untied")
-        super().__init__(
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            tie_word_embeddings=False,
-            **kwargs,
+        self.init_fields(
+            locals(),
+            head_dim=head_dim if head_dim is not None else hidden_size // num_attention_heads,
         )
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "block_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SDARConfig.{key}={value!r} must be a positive integer")
-        if num_attention_heads % num_key_value_heads:
-            raise ValueError(
-                f"SDARConfig.num_attention_heads={num_attention_heads} is not divisible by "
-                f"num_key_value_heads={num_key_value_heads}"
-            )
-
-    # the names spiffy's ModelSpec reads
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def embedding_size(self) -> int:
-        return self.vocab_size
+        self.check_positive("hidden_size", "num_hidden_layers", "num_attention_heads", "block_size")
+        self.check_divisible(("num_attention_heads", "num_key_value_heads"))
 
     @property
     def attention_block_size(self) -> int:
@@ -125,93 +86,15 @@ class SDAROutput(DiffusionLMOutput):
     kv_cache: KVCache | None = None
 
 
-class SDARAttention(nn.Module):
-    """Qwen3 attention: q/k RMSNorm over head_dim before RoPE, GQA, explicit boolean mask."""
-
-    def __init__(self, config: SDARConfig):
-        super().__init__()
-        d, hd = config.hidden_size, config.head_dim
-        self.n_heads, self.n_kv, self.head_dim = (
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            hd,
-        )
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
-        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
-        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
-
-    def forward(self, x, cos_sin, attention_mask, cache: KVCache | None, layer: int):
-        B, Q, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, Q, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, Q, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, Q, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos_sin
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        out = bidirectional_attention(q, k, v, attention_mask, cache, layer)
-        return self.o_proj(out), (k, v)
-
-
-class SDARMLP(nn.Module):
-    def __init__(self, config: SDARConfig):
-        super().__init__()
-        d, h = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, h, bias=False)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class SDARLayer(nn.Module):
-    def __init__(self, config: SDARConfig):
-        super().__init__()
-        self.self_attn = SDARAttention(config)
-        self.mlp = SDARMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x, cos_sin, attention_mask, cache, layer):
-        att, fresh = self.self_attn(self.input_layernorm(x), cos_sin, attention_mask, cache, layer)
-        x = x + att
-        return x + self.mlp(self.post_attention_layernorm(x)), fresh
-
-
-class SDARBackbone(nn.Module):
-    def __init__(self, config: SDARConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(SDARLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class SDARForCausalLM(PreTrainedModel):
+class SDARForCausalLM(DecoderLM):
     """SDAR block-diffusion LM: block-causal attention, absolute positions, logits at every query row."""
 
     config_class = SDARConfig
-    base_model_prefix = "model"
-    _no_split_modules = ["SDARLayer"]
 
     def __init__(self, config: SDARConfig):
-        super().__init__(config)
-        self.model = SDARBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=getattr(self.config, "initializer_range", 0.02))
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
+        # Qwen3: per-head q/k RMSNorm, one bias flag for every projection
+        bias = config.attention_bias
+        super().__init__(config, config.block_config(qkv_bias=bias, out_bias=bias, qk_norm=True))
 
     def forward(
         self,
@@ -257,19 +140,14 @@ class SDARForCausalLM(PreTrainedModel):
         if attention_mask is None:
             attention_mask = self._block_causal(position_ids, kv_cache)
         x = self.model.embed_tokens(input_ids)
-        cos_sin = qwen_rope(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        present = []
-        for i, layer in enumerate(self.model.layers):
-            x, fresh = layer(x, cos_sin, attention_mask, kv_cache, i)
-            if return_kv or store_kv:
-                present.append(fresh)
+        cos_sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        plan = plan_attention(kv_cache, B, Q, attention_mask, input_ids.device)
+        x, present = self.model.run(x, cos_sin, plan, kv_cache, return_kv or store_kv)
         if logits_at is not None:
             x = select_rows(x, logits_at)
         logits = self.lm_head(self.model.norm(x))
         stored = append_kv(kv_cache, present) if store_kv else None
-        return SDAROutput(
-            logits=logits, present=tuple(present) if return_kv else None, kv_cache=stored
-        )
+        return SDAROutput(logits=logits, present=present if return_kv else None, kv_cache=stored)
 
     def _block_causal(
         self, position_ids: torch.Tensor, cache: KVCache | None
