@@ -16,8 +16,11 @@ records rank 0 gathers (`spiffy.eval.distributed`).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -33,10 +36,16 @@ from spiffy.graph.draft_graph import DraftGraph
 from spiffy.lab import results as store
 from spiffy.lab import tracking
 from spiffy.lab.claims import Claim, try_claim
-from spiffy.lab.schema import AUTO, RunConfig, decoder_settings, speculation_settings
+from spiffy.lab.preflight import preflight
+from spiffy.lab.schema import (
+    AUTO,
+    TASKS_DIR,
+    RunConfig,
+    decoder_settings,
+    speculation_settings,
+)
 from spiffy.models.loading import load_model, load_tokenizer
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
 _MODELS: dict[tuple, tuple] = {}
 
 
@@ -156,6 +165,16 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
     )
 
 
+def sampling_kwargs(decoder) -> dict:
+    """The decoder group's sampling as lm-eval `gen_kwargs`: they replace the task file's (`do_sample: false`,
+    `temperature: 0.0`), which `SpiffyLM` honours per request, so the configured decoder is what runs."""
+    out = {"do_sample": decoder.temperature > 0, "temperature": float(decoder.temperature)}
+    out.update(
+        {k: getattr(decoder, k) for k in ("top_k", "top_p") if getattr(decoder, k) is not None}
+    )
+    return out
+
+
 def evaluate_task(cfg: RunConfig, lm) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -172,15 +191,38 @@ def evaluate_task(cfg: RunConfig, lm) -> dict:
         torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed,
         confirm_run_unsafe_code=cfg.task.allow_code_execution,
-        log_samples=False,
+        gen_kwargs=sampling_kwargs(cfg.decoder),
+        log_samples=True,
         apply_chat_template=cfg.model.chat_template,
         bootstrap_iters=0,
     )
 
 
+def unknown_keys(node: DictConfig, schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its schema lacks. Hydra adds `+key=value` overrides even to a typed
+    config, and converting to the dataclass then drops them silently: a typo would run (and be keyed) as if
+    it were not there."""
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            found.append(f"{prefix}{key}{hint}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
+            found += unknown_keys(node.get(key), hints[key], f"{prefix}{key}.")
+    return found
+
+
 def typed_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict]:
     """The validated typed config (every `__post_init__` runs: before any model loads) and, as a plain dict with
     the task presets filled in, what the job key and the result row record."""
+    unknown = unknown_keys(dict_cfg)
+    if unknown:
+        raise ValueError(
+            f"unknown config key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: not in the schema "
+            "(spiffy/lab/schema.py); a '+' cannot add settings spiffy does not read"
+        )
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     return cfg, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
@@ -197,21 +239,48 @@ def check_code_execution(cfg: RunConfig) -> None:
     )
 
 
+class ConfigError(ValueError):
+    """A job refused before any model loads: a bad key or value, a model or graph file, the device, the store.
+    Its message names the key and the value (or the path); `run.py` prints it as one line."""
+
+
+def checked_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict, str, Path]:
+    """Every check that needs no model (schema, code-execution consent, `spiffy.lab.preflight`, a writable
+    store): the typed config, its resolved dict, its job key and its experiment folder; else ConfigError."""
+    try:
+        cfg, resolved = typed_job(dict_cfg)
+        check_code_execution(cfg)
+        preflight(cfg)
+        key = store.job_key(resolved)
+        folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
+        store.check_writable(folder)  # a full disk or a read-only store fails now, not after the evaluation
+    except (ValueError, OSError) as err:
+        raise ConfigError(user_message(err)) from err
+    return cfg, resolved, key, folder
+
+
+def user_message(err: BaseException) -> str:
+    """The innermost message of a validation error (OmegaConf wraps `__post_init__`'s ValueError)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    while isinstance(err, OmegaConfBaseException) and err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def run(dict_cfg: DictConfig) -> float:
     """Run one job and return its headline accuracy (the sweep objective; NaN while another process runs it).
 
     A job whose row is already stored is not rerun (unless `force`): its stored summary is printed. Otherwise it
     claims its key (`spiffy.lab.claims`), so an identical job started elsewhere skips instead of duplicating it.
     """
-    cfg, resolved = typed_job(dict_cfg)
-    check_code_execution(cfg)
+    cfg, resolved, key, folder = checked_job(dict_cfg)  # every rank: nothing is loaded before these pass
     ranks = distributed.join(cfg.model.device, timeout_s=cfg.eval.dist_timeout_s)
-    key = store.job_key(resolved)
     if not ranks.is_main:  # rank 0 decides whether the job runs (store, claim) and tells the others
         go = distributed.share_from_rank0(ranks, "the job's start", lambda: None)
         return run_claimed(cfg, resolved, key, ranks) if go else float("nan")
     decide = lambda go: distributed.share_from_rank0(ranks, "the job's start", lambda: go)  # noqa: E731
-    folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
     if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
         decide(False)
         return report_stored(cfg, key, *found)
@@ -256,7 +325,8 @@ def report_stored(cfg: RunConfig, key: str, row: dict, path: Path) -> float:
 def tracking_args(cfg: RunConfig, resolved: dict, key: str, env: dict) -> dict:
     return dict(
         config=tracking.run_config(resolved, job_key=key, env=env),
-        name=job_name(resolved),
+        name=f"{resolved['model']['name']}-{job_name(resolved)}",  # the row's name, model first
+        run_id=key,
         group=cfg.experiment_name,
         job_type=cfg.decoder.name,
         tags=tracking.run_tags(resolved, speculates=store.speculates(resolved)),
@@ -286,9 +356,11 @@ def run_claimed(
     tracker = distributed.checked(  # rank 0 alone logs; a W&B that cannot start stops every rank
         ranks,
         "starting W&B",
-        lambda: tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
-        if ranks.is_main
-        else None,
+        lambda: (
+            tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
+            if ranks.is_main
+            else None
+        ),
     )
     if not ranks.is_main:
         evaluate_job(cfg, ranks)
@@ -299,6 +371,7 @@ def run_claimed(
         tracker.abort()
         raise
     auto = extra[0] if extra else None  # graph.budget=auto: the AutoChoice
+    lm_results = extra[1] if len(extra) > 1 else None
     name = job_name(resolved) + (str(auto.budget) if auto is not None else "")
     row = {
         "job_key": key,
@@ -314,6 +387,10 @@ def run_claimed(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "requests": request_rows(records),
     }
+    if (
+        lm_results is not None
+    ):  # lm-eval's own files beside the row (tracking=disabled keeps them too)
+        row["lm_eval"] = write_lm_eval_files(cfg, key, lm_results)
     samples = [
         {
             "request_id": r.request_id,
@@ -385,7 +462,7 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     With several processes (`ranks`), rank 0 alone calibrates (or loads) the graph and sends it to the others,
     every rank evaluates its share of the requests, and rank 0 gathers the records and returns the job's
     results; the other ranks return None."""
-    from spiffy.eval.harness import SpiffyLM
+    from spiffy.eval.harness import SpiffyLM, spiffy_metrics
     from spiffy.lab.metrics import summarize, task_scores
 
     ranks = ranks or distributed.Ranks(device=cfg.model.device)
@@ -398,6 +475,11 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
         ranks, "calibration", lambda: choose_graph(cfg, model, tokenizer, gen)
     )
     graph_s = time.perf_counter() - t0
+    if graph is not None and auto is None and len(graph.nodes) < graph.budget:  # said, not silently clamped
+        print(
+            f"note: graph.budget={graph.budget}, but calibration found {len(graph.nodes)} nodes worth drafting: "
+            f"the graph has {len(graph.nodes)} (the row records it as graph_nodes)"
+        )
     options = DecoderOptions(compile=cfg.decoder.compile)
     base = build_decoder(model, **gen, options=options)
     decoder = base
@@ -435,13 +517,19 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     metrics = summarize(records, task_scores(results, cfg.task.lm_eval_task))
     metrics["world_size"] = ranks.world_size
     metrics["load_s"] = load_s
-    metrics["eval_s"] = eval_s  # wall-clock of the evaluation phase (all ranks; startup and calibration apart)
+    metrics["eval_s"] = (
+        eval_s  # wall-clock of the evaluation phase (all ranks; startup and calibration apart)
+    )
     metrics["eval_s_max_rank"] = max(s for _, _, s in shares)
+    lm.records = records  # every rank's, in request order
+    spiffy_metrics(results, lm)  # Spiffy's numbers in lm-eval's own results and samples
     metrics["batch_size"] = eval_batch(cfg)
     if batches:  # batched decoding (docs/algorithm.md §13): forwards and what each carried
         forwards = sum(b.forwards for b in batches)
         metrics["batch_forwards"] = forwards
-        metrics["batch_calls_per_forward"] = sum(sum(b.calls_per_forward) for b in batches) / forwards
+        metrics["batch_calls_per_forward"] = (
+            sum(sum(b.calls_per_forward) for b in batches) / forwards
+        )
         metrics["batch_rows_per_forward"] = sum(sum(b.rows_per_forward) for b in batches) / forwards
     # a cached graph loads in milliseconds: report the calibration it came from (docs/algorithm.md §5.5 step 3 provenance)
     provenance = graph.provenance if graph is not None else {}
@@ -450,12 +538,32 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     if "predicted_speedup_nfe" in provenance:
         metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
     metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
-    if auto is None:
-        return metrics, graph, records
-    metrics["auto_budget"] = auto.budget
-    metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
-    metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
-    return metrics, graph, records, auto
+    if auto is not None:
+        metrics["auto_budget"] = auto.budget
+        metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
+        metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
+    return metrics, graph, records, auto, results
+
+
+def write_lm_eval_files(cfg: RunConfig, key: str, results: dict) -> dict:
+    """lm-eval's `results_<time>.json` and `samples_<task>_<time>.jsonl` (as its CLI names them, with Spiffy's
+    numbers added by `spiffy_metrics`) in `<results_dir>/<experiment>/<job_key>.lm_eval/`; returns their paths."""
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    folder = store.row_path(cfg.results_dir, cfg.experiment_name, key).with_suffix(".lm_eval")
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    samples = results.get("samples", {})
+    summary = {k: v for k, v in results.items() if k != "samples"}
+    paths = {"results": folder / f"results_{stamp}.json", "samples": []}
+    dump = lambda obj: json.dumps(obj, default=handle_non_serializable, ensure_ascii=False)  # noqa: E731
+    store.atomic_write_text(paths["results"], json.dumps(json.loads(dump(summary)), indent=2))
+    for task, rows in samples.items():
+        path = folder / f"samples_{task}_{stamp}.jsonl"
+        store.atomic_write_text(path, "".join(dump(r) + "\n" for r in rows))
+        paths["samples"].append(path)
+    return {"results": str(paths["results"]), "samples": [str(p) for p in paths["samples"]]}
 
 
 def print_summary(name: str, metrics: dict, env: dict | None = None) -> None:
