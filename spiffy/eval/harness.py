@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from spiffy.decoding.batching import parse_batch_size
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.types import DecodeStats
-from spiffy.eval.offline import completion_text, encode
+from spiffy.eval.offline import MAX_BATCH_SIZE, completion_text, encode, resolve_batch_size
 
 
 @dataclass
@@ -61,7 +61,7 @@ class SpiffyLM(LM):
         chat_template: bool = False,
         progress: bool = True,
         batch_size: int | str = 1,
-        max_batch_size: int = 64,
+        max_batch_size: int = MAX_BATCH_SIZE,
     ):
         super().__init__()
         self.decoder, self.base, self.tokenizer = decoder, base, tokenizer
@@ -143,9 +143,7 @@ class SpiffyLM(LM):
             max_tokens = int(gen_kwargs.get("max_gen_toks", self.decoder.cfg.gen_length))
             request_id = f"{instance.task_name}:{instance.doc_id}:{instance.idx}"
             items.append((request_id, encode(self.tokenizer, context), until, max_tokens))
-        size = self.batch_size
-        if size == "auto":
-            size = max(1, min(len(items), self.max_batch_size))
+        size = resolve_batch_size(self.batch_size, len(items), self.max_batch_size)
         chunk = 1 if size == 1 else 4 * size
         outputs = []
         bar = tqdm(
