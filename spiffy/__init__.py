@@ -5,7 +5,7 @@ chooses the draft budget and lossless layout this device runs fastest (`graph.bu
 """
 
 from spiffy.calibration.autotune import AutoChoice, autotune
-from spiffy.decoding.block_decoder import BlockDecoder
+from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
@@ -18,6 +18,7 @@ __all__ = [
     "BlockDecoder",
     "DecodeResult",
     "DecodeStats",
+    "DecoderOptions",
     "DraftGraph",
     "GenerationConfig",
     "ModelSpec",
