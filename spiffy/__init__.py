@@ -8,6 +8,7 @@ from spiffy.calibration.autotune import AutoChoice, autotune
 from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.config import GenerationConfig
+import spiffy.decoding.llada2_generate  # noqa: F401  (installs LLaDA2MoeModelLM.generate)
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.decoding.types import DecodeResult, DecodeStats
 from spiffy.graph import DraftGraph, chain, fig2, parse_graph_spec, two_level_topk

@@ -18,6 +18,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LLADA_FIXTURE = FIXTURES / "llada_reference"
 DREAM_FIXTURE = FIXTURES / "dream_reference"
 SDAR_FIXTURE = FIXTURES / "sdar_reference"
+LLADA2_FIXTURE = FIXTURES / "llada2_reference"
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,11 @@ def dream_fixture_dir() -> Path:
 @pytest.fixture(scope="session")
 def sdar_fixture_dir() -> Path:
     return SDAR_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def llada2_fixture_dir() -> Path:
+    return LLADA2_FIXTURE
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +131,46 @@ def _restore_default_dtype():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+def load_llada2_fixture():
+    """The LLaDA2 reference checkpoint in float64 with the fixture's mask and EOS ids on its config (the
+    published config names neither: they are `generate` arguments)."""
+    import spiffy
+
+    expected = json.loads((LLADA2_FIXTURE / "expected.json").read_text())
+    model = spiffy.load_model(LLADA2_FIXTURE, dtype=torch.float64)
+    model.config.mask_token_id, model.config.eos_token_id = expected["mask_id"], expected["eos_id"]
+    return model
+
+
+def tiny_random_llada2(seed: int = 0, vocab: int = 24, layers: int = 2):
+    """A random LLaDA2 MoE model in float64 (layer 0 dense, MoE after; mask id vocab-1, EOS vocab-2)."""
+    from spiffy.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
+
+    torch.manual_seed(seed)
+    cfg = LLaDA2MoeConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        n_group=2,
+        topk_group=1,
+        mask_token_id=vocab - 1,
+        eos_token_id=vocab - 2,
+        pad_token_id=vocab - 2,
+    )
+    model = LLaDA2MoeModelLM(cfg).to(torch.float64).eval()
+    with torch.no_grad():
+        for layer in model.model.layers[cfg.first_k_dense_replace :]:
+            layer.mlp.gate.expert_bias.normal_(0, 0.3)
+        model.lm_head.weight.mul_(8.0)  # sharpen the distributions so that drafts are sometimes right
+    model.register_forward_hook(_never_predict_mask)
+    return model

@@ -124,9 +124,13 @@ def predict(
     """Predicted NFE and wall-clock speedups of every (layout, D*) on the recorded trajectories."""
     nb, blocks = cfg.num_blocks, trajectories.blocks
     transitions = sum(b.transitions for b in blocks)
+    extra_calls = sum(b.extra_calls for b in blocks)
+    # block-causal caches: the prefills and one store per block, the same calls with or without drafts
+    stores = len(blocks) if extra_calls else 0
+    common_ms = stores * costs.block_start_ms + (extra_calls - stores) * costs.meta.get("prefill_ms", 0.0)
     out = []
     for layout in costs.forward_ms:
-        base_ms = len(blocks) * costs.block_start_ms + transitions * costs.step_ms
+        base_ms = len(blocks) * costs.block_start_ms + transitions * costs.step_ms + common_ms
         base_fwd = sum(
             costs.base_forward(k % nb) * (b.transitions - 1) for k, b in enumerate(blocks)
         )
@@ -143,18 +147,19 @@ def predict(
                     n = 1 + count(block.masked[t - 1])
                     fwd_ms += costs.forward(layout, k % nb, n)
                     states, n_in = states + n, n_in + 1
-            nfe = len(blocks) + n_in
+            nfe = len(blocks) + n_in + extra_calls
             expected = evaluate(graph, trajectories).nfe
             if nfe != expected:  # the replay must be the evaluator's walk
                 raise RuntimeError(f"replay NFE {nfe} != evaluate NFE {expected} at D={budget}")
             extra = n_in * costs.overhead(layout, len(graph.nodes))
             ms = len(blocks) * costs.block_start_ms + fwd_ms + transitions * costs.step_ms + extra
+            ms += common_ms
             out.append(
                 Candidate(
                     layout,
                     budget,
                     len(graph.nodes),
-                    transitions / nfe,
+                    (transitions + extra_calls) / nfe,  # the base's calls / these
                     base_ms / ms,
                     states / max(1, n_in),
                     (fwd_ms / max(1, n_in)) / base_per_fwd if n_in else 1.0,
@@ -220,9 +225,9 @@ def autotune(
         raise ValueError(f"max_budget={max_budget!r} must be a positive integer")
     if not 0 <= margin < 1:
         raise ValueError(f"margin={margin!r} must be in [0, 1)")
-    if get_cache_mode(cfg.cache).stores_blocks:
+    if get_cache_mode(cfg.cache).stores_blocks and cfg.fuse_next:
         raise ValueError(
-            f"cache={cfg.cache!r}: autotune does not model SDAR's prefill and store forwards yet"
+            "fuse_next=True: autotune does not model a store forward that starts the next block yet"
         )
     listed = list(prompts() if callable(prompts) else prompts)
     graphs: dict[int, DraftGraph | None] = {0: None}

@@ -13,7 +13,10 @@
   previous forward's logits stay alive during the next one (the same memory pattern);
 * the time outside the model, from the real decoders on a calibration prompt or two: the base decoder's per
   transition, and `SpiffyDecoder`'s extra per verification forward (drafting, acceptance bookkeeping, building the
-  rows) for graphs of a few sizes.
+  rows) for graphs of a few sizes;
+* with the exact block-causal cache (SDAR, LLaDA2, docs/algorithm.md §12), block queries run against the stored
+  blocks before them, and the prefill of the prompt's whole blocks is timed too (`meta["prefill_ms"]`); a store
+  forward is one block query, charged as a block start.
 
 `load_or_measure` caches the result as JSON beside the graph store, one file per model x device x dtype x torch
 threads x shape x decoder settings x graphs (the key hashes them), written atomically; a malformed file raises a
@@ -38,7 +41,7 @@ from spiffy.decoding.batching import CallRecorder, CallStacker
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.forward import STRATEGIES
-from spiffy.decoding.modes import VERIFY_LAYOUTS, effective_layout, is_lossless
+from spiffy.decoding.modes import VERIFY_LAYOUTS, effective_layout, get_cache_mode, is_lossless
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.graph.files import atomic_write_text, slug
@@ -169,6 +172,11 @@ def time_forwards(
     canvas = torch.randint(0, mask_id, (length,), generator=gen).to(device)
     blocks = sorted({0, nb // 2, nb - 1})
     strategy = STRATEGIES[cfg.cache](model)
+    stored = None
+    if hasattr(strategy, "prefill"):  # block-causal: every block queries the stored blocks before it
+        strategy.block_length = lb
+        strategy.prefill(canvas, prompt_len + blocks[-1] * lb)
+        stored = strategy.cache
     timer = strategy.timer
     starts: list[float] = []
     times = {(lay, b, n): [] for lay in layouts for b in blocks for n in states}
@@ -179,6 +187,8 @@ def time_forwards(
     for r in range(rounds + 1):  # round 0 warms up
         for b in [blocks[i] for i in torch.randperm(len(blocks), generator=gen).tolist()]:
             block = slice(prompt_len + b * lb, prompt_len + (b + 1) * lb)
+            if stored is not None:
+                strategy.cache = stored.slice_positions(block.start)
             before = timer.model_s
             held = strategy.begin_block(canvas, block)
             if r:
@@ -200,6 +210,25 @@ def time_forwards(
         lay: [[_median_ms(times[(lay, b, n)]) for n in states] for b in blocks] for lay in layouts
     }
     return blocks, table, [_median_ms(plain[b]) for b in blocks], _median_ms(starts)
+
+
+def time_prefill(model: torch.nn.Module, cfg: GenerationConfig, prompt_len: int, rounds: int = 3) -> float:
+    """Median ms of the block-causal prefill of a prompt of `prompt_len` tokens (its whole blocks)."""
+    end = prompt_len // cfg.block_length * cfg.block_length
+    if end == 0:
+        return 0.0
+    mask_id = int(model.config.mask_token_id)
+    device = next(model.parameters()).device
+    canvas = torch.randint(0, mask_id, (end,), generator=torch.Generator().manual_seed(0)).to(device)
+    strategy = STRATEGIES[cfg.cache](model)
+    strategy.block_length = cfg.block_length
+    times = []
+    for r in range(rounds + 1):  # round 0 warms up
+        before = strategy.timer.model_s
+        strategy.prefill(canvas, end)
+        if r:
+            times.append(strategy.timer.model_s - before)
+    return _median_ms(times)
 
 
 def _time_batched_forwards(model, cfg, prompt_len, layouts, states, rounds, seed, batch):
@@ -362,6 +391,11 @@ def load_or_measure(
         raise ValueError("graphs: at least one draft graph is needed to measure Spiffy's overhead")
     if not prompts:
         raise ValueError("prompts: at least one calibration prompt is needed")
+    stores = get_cache_mode(cfg.cache).stores_blocks
+    if stores and batch > 1:
+        raise ValueError(
+            f"batch={batch}: the cost model of cache={cfg.cache!r} is measured one request at a time"
+        )
     layouts = lossless_layouts(cfg.cache)
     prompt_len = int(statistics.median(int(p.numel()) for p in prompts))
     max_states = max_states or max(len(g.nodes) for g in graphs) + 1
@@ -395,7 +429,12 @@ def load_or_measure(
     # The two phases may run under different load (a shared machine): bring the outside-model times to the
     # forward timings' scale by the base's model time, measured in the second phase and predicted by the first.
     plain = statistics.mean(base_forward)
-    scale = (len(used) * cfg.num_blocks * start + base_in_block * plain) / base_ms
+    predicted = len(used) * cfg.num_blocks * start + base_in_block * plain
+    prefill = time_prefill(model, cfg, prompt_len) if stores else 0.0
+    if stores:  # the base's prefill and one store per block (a block query, as a block start)
+        predicted += sum(p.numel() >= cfg.block_length for p in used) * prefill
+        predicted += len(used) * cfg.num_blocks * start
+    scale = predicted / base_ms
     if (
         batch > 1
     ):  # the forwards were timed per request of a batch: no one-request reference to scale by
@@ -403,6 +442,8 @@ def load_or_measure(
     overhead = {lay: {n: ms * scale for n, ms in v.items()} for lay, v in overhead.items()}
     meta = {k: v for k, v in key.items() if k != "overhead_prompts"}
     meta["load_scale"] = scale
+    if stores:
+        meta["prefill_ms"] = prefill
     meta["measure_s"] = round(time.perf_counter() - t0, 2)
     costs = CostModel(states, blocks, table, base_forward, start, step * scale, overhead, meta)
     atomic_write_text(path, costs.to_json())

@@ -153,6 +153,8 @@ class _Origin:
     keyed: bool
     last: torch.Tensor | None = None
     keys: list[Formula] = field(default_factory=list)
+    # a later state rewrote a position that was not masked here (LLaDA2.1's editing): no draft reaches it
+    unreachable: bool = False
     _tables: dict = field(default_factory=dict)
 
     @property
@@ -186,12 +188,22 @@ class _Origin:
         """The key of the block's final state, or None if no draft can equal it (it changed a position
         that was not masked at this origin)."""
         previous = self.state if self.last is None else self.last
-        changed = (state != previous).nonzero().squeeze(-1).tolist()
-        if not set(changed) <= set(self.tables(1)[0]):
+        if not self.fills_masks(previous, state):
             return None
         return self.key_of(state)
 
+    def fills_masks(self, previous: torch.Tensor, state: torch.Tensor) -> bool:
+        """Whether `state` only fills positions still masked in `previous` (drafts can do nothing else)."""
+        changed = state != previous
+        return not bool((changed & (previous != self.ctx.spec.mask_id)).any())
+
     def observe(self, state: torch.Tensor) -> None:
+        if self.unreachable:
+            return
+        previous = self.state if self.last is None else self.last
+        if not self.fills_masks(previous, state):
+            self.unreachable = True
+            return
         self.keys.append(self.key_of(state))
         self.last = state
 
@@ -233,9 +245,8 @@ class TrajectoryRecorder(BlockDecoder):
         carry = super().decode_block(canvas, block, b, strategy, stats, noise, carry, **kwargs)
         final = canvas[block]
         for o in self._pending:  # the complete state is level len(keys) + 1 of every pending origin
-            self._done.append(
-                (o.keys, o.complete_key(final) if len(o.keys) < self.horizon else None, o.masked)
-            )
+            reachable = len(o.keys) < self.horizon and not o.unreachable
+            self._done.append((o.keys, o.complete_key(final) if reachable else None, o.masked))
         keys, complete, masked = (list(x) for x in zip(*self._done)) if self._done else ([], [], [])
         transitions = stats.transitions - before
         self.blocks.append(
@@ -262,7 +273,9 @@ class TrajectoryRecorder(BlockDecoder):
     def propose(self, anchor, state, ctx, step):
         for origin in self._pending:  # X_step is a later state of every pending origin
             origin.observe(state)
-        while self._pending and len(self._pending[0].keys) >= self.horizon:
+        while self._pending and (
+            len(self._pending[0].keys) >= self.horizon or self._pending[0].unreachable
+        ):
             o = self._pending.popleft()
             self._done.append((o.keys, None, o.masked))
         self._pending.append(_Origin(state.clone(), anchor, ctx, step, self.keyed))

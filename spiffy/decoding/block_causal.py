@@ -14,6 +14,9 @@ finished and caching them is exact (not an approximation as in Fast-dLLM's cache
   loop; with `with_next` it also computes the next block's first distribution), or, when the last forward
   already computed them as one of its rows, from that forward at no cost (the first fusion, `keep_kv`; the
   decoder then takes the next block's logits from that row's look-ahead).
+
+A model whose forward attends to every key by default (LLaDA2, whose block length is a decoding setting, not a
+config key) gets the block-causal mask of `block_length` explicitly whenever a query spans more than one block.
 """
 
 from __future__ import annotations
@@ -35,13 +38,31 @@ class BlockCausalCache(ForwardStrategy):
             keep_kv  # keep each forward's per-row block K/V, to store a finished draft row
         )
         self.last_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+        # LLaDA2 (config attention_block_size 0): block-causal at the decoder's block length, passed as a mask
+        self.block_length: int | None = None
+        self.explicit_mask = getattr(model.config, "attention_block_size", None) == 0
+
+    def _mask(self, n: int, start: int, stop: int) -> torch.Tensor | None:
+        """Bool mask (n, Q, start + Q) of queries `[start, stop)` over the cache `[0, start)` and themselves:
+        block-causal at `block_length` (None when the model's default already is, or one block queries)."""
+        if not self.explicit_mask:
+            return None
+        if self.block_length is None:
+            raise ValueError("BlockCausalCache.block_length is unset: LLaDA2's block mask needs it")
+        if stop - start <= self.block_length:
+            return None
+        device = self.model.device
+        query = torch.arange(start, stop, device=device) // self.block_length
+        keys = torch.arange(stop, device=device) // self.block_length
+        return (keys[None, :] <= query[:, None]).expand(n, -1, -1)
 
     def prefill(self, canvas: torch.Tensor, end: int) -> int:
         """Store the K/V of canvas positions `[0, end)` in one forward; returns the calls made (0 or 1)."""
         self.cache = None
         if end == 0:
             return 0
-        self.cache = self._call(canvas[None, :end], store_kv=True).kv_cache
+        mask = self._mask(1, 0, end)
+        self.cache = self._call(canvas[None, :end], store_kv=True, attention_mask=mask).kv_cache
         return 1
 
     def begin_block(self, canvas: torch.Tensor, block: slice) -> torch.Tensor:
@@ -61,6 +82,7 @@ class BlockCausalCache(ForwardStrategy):
             position_ids=torch.arange(block.start, stop, device=canvas.device),
             kv_cache=self.cache,
             return_kv=self.keep_kv,
+            attention_mask=self._mask(n, block.start, stop),
         )
         self.last_kv = _block_part(out.present, lb) if self.keep_kv else None
         return Verification(out.logits[:, :lb], out.logits[:, lb:] if stop > block.stop else None)
@@ -84,6 +106,7 @@ class BlockCausalCache(ForwardStrategy):
             position_ids=torch.arange(block.start, stop, device=canvas.device),
             kv_cache=self.cache,
             return_kv=True,
+            attention_mask=self._mask(1, block.start, stop),
         )
         self.cache = append_kv(self.cache, _block_part(out.present, lb))
         self.last_kv = None

@@ -33,6 +33,7 @@ from spiffy.decoding.block_causal import BlockCausalCache
 from spiffy.decoding.config import SDAR_RULES, GenerationConfig
 from spiffy.decoding.drafting import Drafts
 from spiffy.decoding.forward import STRATEGIES, ForwardStrategy
+from spiffy.decoding.llada2_rules import PostCounter, eos_stopped
 from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
 from spiffy.decoding.sampling import Distributions, TransitionContext, pick, transition
@@ -114,7 +115,8 @@ class BlockDecoder:
             kind = "block-causal (SDAR)" if spec.block_causal else "bidirectional"
             need = list(SDAR_RULES) if spec.block_causal else "a rule other than the SDAR rules"
             raise ValueError(f"rule={cfg.rule!r}: the model is {kind}; use {need}")
-        if spec.block_causal and cfg.block_length != spec.attention_block_size:
+        # (attention_block_size 0: block-causal at any block length, LLaDA2)
+        if spec.block_causal and spec.attention_block_size and cfg.block_length != spec.attention_block_size:
             raise ValueError(
                 f"block_length={cfg.block_length}: this SDAR model's block_size is "
                 f"{spec.attention_block_size}"
@@ -177,9 +179,12 @@ class BlockDecoder:
     def make_strategy(self) -> ForwardStrategy:
         """The forward strategy of the cache mode (one per request)."""
         opts = self.options
-        return STRATEGIES[self.cfg.cache](
+        strategy = STRATEGIES[self.cfg.cache](
             self.model, profile=opts.profile, compile=opts.compile, min_rows=opts.min_rows
         )
+        if isinstance(strategy, BlockCausalCache):
+            strategy.block_length = self.cfg.block_length
+        return strategy
 
     def generate(
         self, prompt_ids: torch.Tensor | list[int], *, request_id: int | str = 0, seed: int = 0
@@ -287,8 +292,9 @@ class BlockDecoder:
         state = canvas[block].clone()
         if masked_at_start is None:
             masked_at_start = int((state == self.spec.mask_id).sum())
+        post = PostCounter() if self.rule.spec.edit is not None else None
         ctx = TransitionContext(
-            self.cfg, self.rule, self.spec, noise, b, masked_at_start=masked_at_start
+            self.cfg, self.rule, self.spec, noise, b, masked_at_start=masked_at_start, post=post
         )
         # The block-start forward carries no drafts (anchor = none in every cache mode), unless the previous
         # block ended on a verified draft whose forward also computed this block's distribution.
@@ -300,11 +306,17 @@ class BlockDecoder:
         rows = Rows.single(state, Distributions(logits[None], ctx))
         step = 0
         while True:
+            if post is not None:  # LLaDA2.1 counts the calls on a block without masks (docs/llada2.md)
+                post.note_forward(rows.states[0], self.spec.mask_id)
             end = self._walk(rows, step, ctx, stats)
             step, advanced = step + end.transitions, advanced + end.transitions
             stats.transitions += end.transitions
             canvas[block] = end.state
             if end.complete:
+                if self.cfg.eos_early_stop:  # did the rule end the block at EOS (LLaDA2.0)?
+                    stats.eos_early_stop = bool(
+                        eos_stopped(rows.states[end.anchor], end.state, ctx)
+                    )
                 carry = self.finish_block(canvas, block, end, rows, strategy, stats, advanced)
                 if carry is not None:
                     return carry
@@ -477,7 +489,11 @@ class BlockDecoder:
             ).tolist()
             if self.options.record_confidence:
                 stats.committed_confidence.extend(conf[new != state].tolist())
-            if self.rule.is_complete(has_mask, step):
+            if self.rule.spec.complete is not None:  # LLaDA2: its own end of block (docs/llada2.md)
+                done = bool(self.rule.complete_rows(state[None], new[None], ctx)[0])
+            else:
+                done = self.rule.is_complete(has_mask, step)
+            if done:
                 return WalkEnd(taken, new, True, r, match)
             stalled = stalled + 1 if same else 0
             if same:

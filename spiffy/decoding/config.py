@@ -34,6 +34,14 @@ PARAM_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "tau": (lambda v: isinstance(v, (int, float)) and 0.0 < v <= 1.0, "must be in (0, 1]"),
     "factor": (lambda v: isinstance(v, (int, float)) and v > 0, "must be positive"),
     "steps_per_block": (_positive_int, "must be a positive integer"),
+    "editing_threshold": (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "max_post_steps": (lambda v: _positive_int(v) or v == 0, "must be an integer >= 0"),
+    "num_to_transfer": (_positive_int, "must be a positive integer"),
+}
+# per rule: a parameter's own range (LLaDA2 compares `p > threshold`, so 0 and 1 are meaningful)
+RULE_PARAM_CHECKS: dict[tuple[str, str], tuple[Callable[[object], bool], str]] = {
+    (rule, "tau"): (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "must be in [0, 1]")
+    for rule in ("llada2_threshold", "llada2_edit")
 }
 SHARED_PARAMS = ("steps",)
 
@@ -73,6 +81,11 @@ class GenerationConfig:
     top_k: int | None = None
     top_p: float | None = None
     fuse_next: bool = False
+    # LLaDA2 (docs/llada2.md): 2.0's stop inside a block at EOS; 2.1's editing settings
+    eos_early_stop: bool = False
+    editing_threshold: float | None = None
+    max_post_steps: int | None = None
+    num_to_transfer: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("gen_length", "block_length"):
@@ -149,6 +162,14 @@ class GenerationConfig:
                 raise self._bad(name, "filters sampling, which needs temperature > 0")
         if not isinstance(self.fuse_next, bool):
             raise self._bad("fuse_next", "must be True or False")
+        if not isinstance(self.eos_early_stop, bool):
+            raise self._bad("eos_early_stop", "must be True or False")
+        if self.eos_early_stop and self.rule != "llada2_threshold":
+            raise self._bad(
+                "eos_early_stop",
+                f"only rule='llada2_threshold' stops inside a block, but rule={self.rule!r} "
+                "(stop_ids=[eos] stops after the block)",
+            )
 
     def _check_rule_params(self) -> None:
         """Derived from the registry: a rule's declared parameters are required, the others refused."""
@@ -166,6 +187,7 @@ class GenerationConfig:
                     f"only used by rule={owners[0]!r}{' (and others)' * (len(owners) > 1)}, "
                     f"but rule={self.rule!r}",
                 )
+            ok, why = RULE_PARAM_CHECKS.get((self.rule, name), (ok, why))
             if not ok(value):
                 raise self._bad(name, why)
 

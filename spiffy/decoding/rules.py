@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spiffy.decoding import llada2_rules
 from spiffy.decoding.sdar_rules import select_positions
 
 
@@ -32,6 +33,9 @@ class RuleSpec:
     `block_causal` rules decode block-causal models (SDAR, docs/algorithm.md §12): they imply the `block_causal` cache and use
     SDAR's sampler (top-k before top-p; confidence under the tempered, filtered distribution).
     `ranks_by_position`: positions are taken left to right, so drafts rank them that way too.
+    `complete(rule, states, new, ctx) -> (N,) bool`: when a block ends, for rules that end it otherwise than
+    "no mask left" (LLaDA2, docs/llada2.md); `edit(rule, p, x0, state, masked, ctx) -> (Lb,) bool`: unmasked
+    positions the transition also rewrites with `x0` (LLaDA2.1's token editing).
     """
 
     name: str
@@ -43,6 +47,8 @@ class RuleSpec:
     block_causal: bool = False
     ranks_by_position: bool = False
     reads_step: bool = True
+    complete: Callable | None = None
+    edit: Callable | None = None
 
 
 RULES: dict[str, RuleSpec] = {}
@@ -59,6 +65,8 @@ def register_rule(
     block_causal: bool = False,
     ranks_by_position: bool = False,
     reads_step: bool = True,
+    complete: Callable | None = None,
+    edit: Callable | None = None,
 ) -> Callable:
     """Decorator: register `count(rule, sorted_conf, step, masked_at_start) -> int` under `name`, or with
     `selects=True` a position chooser `select(rule, conf, masked, step) -> positions`."""
@@ -77,6 +85,8 @@ def register_rule(
             block_causal,
             ranks_by_position,
             reads_step,
+            complete,
+            edit,
         )
         return fn
 
@@ -283,6 +293,52 @@ def _sdar_sequential(rule, conf, masked, step):
     return select_positions("sdar_sequential", conf, masked, step, rule.steps_per_block, None)
 
 
+def _llada2_threshold_complete(rule, states, new, ctx):
+    done = (new != ctx.spec.mask_id).all(1)
+    if not ctx.cfg.eos_early_stop or ctx.spec.eos_id is None:
+        return done
+    prompt = new.shape[1] - ctx.masked_at_start
+    return done | llada2_rules.eos_stop_rows(states, new, ctx.spec.eos_id, ctx.spec.mask_id, prompt)
+
+
+@register_rule(
+    "llada2_threshold",
+    params=("steps_per_block", "tau"),
+    selects=True,
+    block_causal=True,
+    summary="LLaDA2.0: every masked p > tau if at least n[s], else the top n[s]",
+    complete=_llada2_threshold_complete,
+)
+def _llada2_threshold(rule, conf, masked, step):
+    quota = llada2_rules.threshold_quota(conf.numel(), rule.steps_per_block, step, int(masked.sum()))
+    return llada2_rules.unmask_positions(conf, masked, quota, rule.tau)
+
+
+def _llada2_edits(rule, p, x0, state, masked, ctx):
+    prompt = state.numel() - ctx.masked_at_start
+    return llada2_rules.edited_positions(p, x0, state, masked, prompt, rule.editing_threshold)
+
+
+def _llada2_edit_complete(rule, states, new, ctx):
+    return llada2_rules.edit_complete_rows(
+        states, new, ctx.spec.mask_id, ctx.post.calls, rule.max_post_steps
+    )
+
+
+@register_rule(
+    "llada2_edit",
+    params=("tau", "editing_threshold", "max_post_steps", "num_to_transfer"),
+    selects=True,
+    block_causal=True,
+    reads_step=False,
+    summary="LLaDA2.1: threshold unmasking of num_to_transfer, plus token editing and post calls",
+    complete=_llada2_edit_complete,
+    edit=_llada2_edits,
+)
+def _llada2_edit(rule, conf, masked, step):
+    return llada2_rules.unmask_positions(conf, masked, rule.num_to_transfer, rule.tau)
+
+
 class TransitionRule:
     """A rule with its parameter values (`rule.k`, `rule.tau`, ...: whatever the registry entry declares);
     `count` and `is_complete` dispatch to the registry entry. Unknown names raise, never fall through."""
@@ -339,6 +395,13 @@ class TransitionRule:
             for row, n, s in zip(sorted_conf, n_masked.tolist(), steps)
         ]
         return torch.tensor(counts, device=n_masked.device, dtype=torch.int64)
+
+    def complete_rows(self, states: torch.Tensor, new: torch.Tensor, ctx) -> torch.Tensor:
+        """(N,) bool: whether the block ends after the transition `states` (N, Lb) -> `new`, for the rules that
+        are not bounded (the registry's `complete`, else no mask left in `new`)."""
+        if self.spec.complete is not None:
+            return self.spec.complete(self, states, new, ctx)
+        return (new != ctx.spec.mask_id).all(1)
 
     def is_complete(self, has_mask: bool, step: int) -> bool:
         """A bounded block ends after its steps; the other rules when no mask is left."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.llada2_rules import PostCounter
 from spiffy.decoding.randomness import NoiseKey
 from spiffy.decoding.rules import TransitionRule
 from spiffy.models.loading import ModelSpec
@@ -31,6 +32,7 @@ class TransitionContext:
     noise: NoiseKey
     block: int
     masked_at_start: int
+    post: PostCounter | None = None  # LLaDA2.1's post calls of this block (rules that count them)
 
 
 def sampling_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
@@ -291,7 +293,7 @@ def transition_rows(
         x0 = predict_tokens(d, ctx, steps)
     if conf is None:
         conf = confidence(d, x0, steps, ctx)
-    conf = torch.where(masked, conf, NEG_INF)
+    raw, conf = conf, torch.where(masked, conf, NEG_INF)
     if (
         ctx.rule.spec.select is not None
     ):  # the rule chooses positions itself (SDAR, docs/algorithm.md §12): host, per row
@@ -301,6 +303,9 @@ def transition_rows(
                 continue  # a complete draft, or one past the rule's last step: no walk transitions from it
             chosen = ctx.rule.spec.select(ctx.rule, conf[r], masked[r], step)
             new[r, chosen] = x0[r, chosen]
+            if ctx.rule.spec.edit is not None:  # LLaDA2.1: rewrite unmasked positions too
+                edited = ctx.rule.spec.edit(ctx.rule, raw[r], x0[r], states[r], masked[r], ctx)
+                new[r, edited] = x0[r, edited]
         return new, conf
     # masked confidences are finite and the others -inf, so the masked ones sort first
     values, order = rank_positions(conf)

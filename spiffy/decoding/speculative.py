@@ -93,6 +93,11 @@ class SpiffyDecoder(BlockDecoder):
             raise ValueError(
                 f"fuse_store=True needs a block-causal (SDAR) model and rule, got rule={cfg.rule!r}"
             )
+        if speculation.fuse_store and self.rule.spec.edit is not None:
+            raise ValueError(
+                f"fuse_store=True with rule={cfg.rule!r}: a complete draft does not end a LLaDA2.1 block "
+                "(post calls may still edit it), so drafts keep a mask (docs/llada2.md)"
+            )
         self.keyed = speculation.draft_noise == "keyed"
         # one (graph, tensors) per phase of a phased graph (drafts chosen by the masked count), else one
         self._phases = [

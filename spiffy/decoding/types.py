@@ -39,6 +39,7 @@ class DecodeStats:
     latency_s: float = 0.0  # from the request's start to its end (alone: wall_s)
     generated_tokens: int = 0
     committed_confidence: list[float] | None = None
+    eos_early_stop: bool = False  # a block ended inside at EOS (LLaDA2.0's `eos_early_stop`, docs/llada2.md)
 
     @property
     def nfe_base(self) -> int:

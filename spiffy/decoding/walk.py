@@ -95,7 +95,7 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
         ends = tuple(ctx.rule.is_complete(True, s + 1) for s in steps)
         complete = _constant(("complete", ends, device), lambda: torch.tensor(ends, device=device))
     else:
-        complete = (new != ctx.spec.mask_id).all(1)
+        complete = ctx.rule.complete_rows(rows.states, new, ctx)
     if n == 1:  # links of a single row are known on the host (`read`)
         return WalkLinks(new, conf, None, complete, (new == rows.states).all(1), None, 0)
     # equal[r, r']: the result of row r is the state of row r' (N, N)

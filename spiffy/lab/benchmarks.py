@@ -279,6 +279,7 @@ def cost_curve(
         cache, verify = LAYOUTS[layout]
         strategy = STRATEGIES[cache](model)
         if hasattr(strategy, "prefill"):  # SDAR: the positions before the block are stored first
+            strategy.block_length = block_len  # (LLaDA2's block-causal mask comes from it)
             strategy.prefill(canvas, block.start)
         starts: list[float] = []
         times: dict[int, list[float]] = {d: [] for d in drafts}

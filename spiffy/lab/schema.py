@@ -325,10 +325,10 @@ def check_auto(decoder) -> None:
         raise ValueError(
             "graph.budget='auto' predicts the plain walk; decoder.cross_block=true needs graph.budget=D"
         )
-    if get_cache_mode(decoder.cache).stores_blocks:
+    if get_cache_mode(decoder.cache).stores_blocks and (decoder.fuse_next or decoder.fuse_store):
         raise ValueError(
-            f"graph.budget='auto' does not model decoder.cache={decoder.cache!r} (SDAR's prefill and store "
-            "forwards) yet: give graph.budget=D"
+            f"graph.budget='auto' does not model the block-causal fusions (decoder.fuse_next="
+            f"{decoder.fuse_next}, decoder.fuse_store={decoder.fuse_store}) yet: give graph.budget=D"
         )
 
 

@@ -24,10 +24,18 @@ from transformers import (
 
 from spiffy.models.dream import DreamModel
 from spiffy.models.llada import LLaDAModelLM
+from spiffy.models.llada2 import LLaDA2MoeModelLM
 from spiffy.models.sdar import SDARForCausalLM
 
-# The native families. A new family is its adapter file plus one entry here (docs/extending.md).
-FAMILIES: tuple[type[PreTrainedModel], ...] = (LLaDAModelLM, DreamModel, SDARForCausalLM)
+# The native families. A new family is its adapter file plus its entry here (docs/extending.md).
+FAMILIES: tuple[type[PreTrainedModel], ...] = (
+    LLaDAModelLM,
+    DreamModel,
+    SDARForCausalLM,
+    LLaDA2MoeModelLM,
+)
+# the families whose checkpoints' `architectures` name a causal-LM class
+CAUSAL_LM_FAMILIES = (SDARForCausalLM, LLaDA2MoeModelLM)
 # model_type -> native class
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {f.config_class.model_type: f for f in FAMILIES}
 
@@ -35,8 +43,8 @@ for _cls in FAMILIES:
     AutoConfig.register(_cls.config_class.model_type, _cls.config_class, exist_ok=True)
     AutoModel.register(_cls.config_class, _cls, exist_ok=True)
     AutoModelForMaskedLM.register(_cls.config_class, _cls, exist_ok=True)
-    if _cls.__name__.endswith("ForCausalLM"):  # the class its checkpoints' `architectures` names
-        AutoModelForCausalLM.register(_cls.config_class, _cls, exist_ok=True)
+for _cls in CAUSAL_LM_FAMILIES:
+    AutoModelForCausalLM.register(_cls.config_class, _cls, exist_ok=True)
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 EMBEDDED_MODEL_DIR = CHECKPOINTS_DIR / "tiny-llada-arith"
@@ -65,6 +73,11 @@ class ModelSpec:
 def model_spec(model: PreTrainedModel) -> ModelSpec:
     """Read the `ModelSpec` from a loaded model's config."""
     cfg = model.config
+    if getattr(cfg, "mask_token_id", None) is None:
+        raise ValueError(
+            f"config.mask_token_id is None for model_type={cfg.model_type!r}: this checkpoint names no mask "
+            "id; set model.config.mask_token_id (LLaDA2: or pass mask_id= to model.generate)"
+        )
     return ModelSpec(
         mask_id=int(cfg.mask_token_id),
         eos_id=cfg.eos_token_id,

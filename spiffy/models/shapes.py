@@ -18,6 +18,8 @@ SHAPES: dict[str, tuple[str, dict]] = {
     "llada-8b": ("llada", dict(eot_token_id=126348)),  # GSAI-ML/LLaDA-8B-Instruct
     "dream-7b": ("Dream", {}),  # Dream-org/Dream-v0-Instruct-7B
     "sdar-8b": ("sdar", dict(block_size=32)),  # JetLM/SDAR-8B-Chat-b32 (Qwen3-8B, block-causal)
+    # inclusionAI/LLaDA2.1-mini (LLaDA2.0-mini: the same architecture), 16B-A1.4B MoE
+    "llada2-mini": ("llada2_moe", dict(pad_token_id=156892)),
 }
 
 

@@ -141,10 +141,15 @@ def rope_tables(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rotate_half(t: torch.Tensor) -> torch.Tensor:
+    """`(-t2, t1)` for the halves `t1, t2` of the last dimension (RoPE's rotate-half layout)."""
+    t1, t2 = t.chunk(2, dim=-1)
+    return torch.cat([-t2, t1], dim=-1)
+
+
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `t` (B, H, Q, hd) by the tables in `t`'s dtype (rotate-half)."""
-    t1, t2 = t.chunk(2, dim=-1)
-    return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+    return t * cos + rotate_half(t) * sin
 
 
 def project_heads(

@@ -223,3 +223,29 @@ def test_the_store_keeps_a_phased_graphs_phases(tmp_path, monkeypatch):
         root=tmp_path, progress=False,
     )
     assert graph.phases == phased.phases and len(graph.nodes) == 2 and graph.budget == 1
+
+
+def test_autotune_models_the_block_causal_cache(tmp_path):
+    """LLaDA2 (block-causal): the replay's NFE includes the prefill and stores (`predict` checks it against
+    `evaluate`), the prefill is timed, and the chosen graph decodes exactly the base's tokens."""
+    from tests.conftest import tiny_random_llada2
+
+    model = tiny_random_llada2()
+    cfg = GenerationConfig(gen_length=8, block_length=4, rule="llada2_threshold", steps_per_block=4, tau=0.9)
+    prompts = [torch.tensor([1, 2, 3, 4, 5]), torch.tensor([6, 7, 8, 9, 10, 11])]
+    kw = dict(model_name="tiny-llada2", task="t", n_samples=2, max_budget=2, root=tmp_path, progress=False)
+    choice = spiffy.autotune(model, cfg, prompts, **kw)
+    assert sorted(c.budget for c in choice.candidates) == [0, 1, 2]
+    costs = CostModel.from_json(open(choice.costs_path).read(), choice.costs_path)
+    assert costs.meta["prefill_ms"] > 0
+    base = spiffy.build_decoder(model, cfg)
+    for budget in (1, 2):
+        graph = next(c for c in choice.candidates if c.budget == budget)
+        assert graph.speedup_nfe >= 1.0
+    decoder = spiffy.build_decoder(model, cfg, speculate=choice.speculation())
+    for i, prompt in enumerate(prompts):
+        a, b = base.generate(prompt, request_id=i), decoder.generate(prompt, request_id=i)
+        assert torch.equal(a.canvas, b.canvas) and b.stats.nfe <= a.stats.nfe
+    fused = GenerationConfig(**{**cfg.to_dict(), "fuse_next": True})
+    with pytest.raises(ValueError, match="fuse_next=True"):
+        spiffy.autotune(model, fused, prompts, **kw)

@@ -28,14 +28,13 @@ def is_sdar(group: str, option: str) -> bool:
     """SDAR's models (block-causal, `model.block_size`) and decoders (its rules) only compose together."""
     if group == "model":
         return OmegaConf.load(CONF / "model" / f"{option}.yaml").get("block_size") is not None
-    return group == "decoder" and "sdar" in option
+    return group == "decoder" and ("sdar" in option or "llada2" in option)
 
 
 def companion(group: str, option: str) -> list[str]:
     """The other half of an SDAR combination (the defaults are LLaDA's)."""
     if not is_sdar(group, option):
         return []
-    # graph.budget=auto does not model SDAR's prefill and store forwards: Spiffy over SDAR takes an explicit D
     return ["decoder=sdar"] if group == "model" else ["model=sdar_tiny", "graph.budget=10"]
 
 
@@ -96,8 +95,8 @@ def test_bad_overrides_fail_at_composition(override, error, match):
             "decoder.cross_block=true needs graph.budget=D",
         ),
         (
-            "model=sdar_tiny decoder=spiffy_sdar_dynamic",
-            "graph.budget='auto' does not model decoder.cache='block_causal'",
+            "model=sdar_tiny decoder=spiffy_sdar_dynamic decoder.fuse_next=true",
+            "graph.budget='auto' does not model the block-causal fusions",
         ),
         ("decoder.steps_per_token=7", "decoder.steps_per_token=7 must divide task.gen_length=32"),
         ("task.block_length=5", "task.gen_length=32 must be a multiple of block_length=5"),
