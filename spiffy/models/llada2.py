@@ -20,31 +20,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from spiffy.models.base import select_rows
 from spiffy.models.kv import KVCache, append_kv, bidirectional_attention, bidirectional_mask
 from spiffy.models.sdar import SDAROutput
-from spiffy.models.transformer import RMSNorm, rope_tables, rotate_half
+from spiffy.models.transformer import QwenConfig, RMSNorm, rope_tables, rotate_half
 
 # the published generate defaults (LLaDA2.0-mini / 2.1-mini): the config itself has neither id
 PUBLISHED_MASK_ID, PUBLISHED_EOS_ID = 156895, 156892
 
 
-class LLaDA2MoeConfig(PretrainedConfig):
+class LLaDA2MoeConfig(QwenConfig):
     """LLaDA2's config format (Bailing-MoE keys). `mask_token_id` / `eos_token_id` are not in the published
     file (they are `generate` arguments); they default to the published values when the vocabulary holds
     them (else None: set them on the config before building a decoder)."""
 
     model_type = "llada2_moe"
-    # what `spiffy.models.shapes` scales: (layers, width, query heads, kv heads, MLP width)
-    shape_keys = (
-        "num_hidden_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "intermediate_size",
-    )
 
     def __init__(
         self,
@@ -143,15 +135,6 @@ class LLaDA2MoeConfig(PretrainedConfig):
     def rotary_dims(self) -> int:
         """RoPE dims per head: the first `int(head_dim * partial_rotary_factor)` (the reference's rule)."""
         return int(self.head_dim * self.partial_rotary_factor)
-
-    # the names spiffy's ModelSpec reads
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def embedding_size(self) -> int:
-        return self.vocab_size
 
     @property
     def attention_block_size(self) -> int:
