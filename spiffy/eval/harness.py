@@ -9,6 +9,11 @@ speedup measured in the same process. One `RequestRecord` per request is kept in
 (`BlockDecoder.generate_batch`, docs/algorithm.md §13; outputs are the batch-of-one outputs). The base and the
 decoder then alternate per chunk of `4 * batch_size` requests; `"auto"` keeps every request of the call in flight,
 up to `max_batch_size` (64).
+Launched as several processes (`torchrun`, `accelerate launch`: docs/distributed.md), it follows lm-eval's
+multi-process contract: `rank`, `world_size`, `device` (`cuda:<LOCAL_RANK>`), `all_gather`, `gather_object`,
+`barrier`, so lm-eval shards the documents and reports once; lm-eval's padding requests (the last request repeated
+so every rank decodes as many) are answered without decoding or recording them, and a failure on one rank fails
+every rank with its error (`spiffy.eval.distributed`).
 `loglikelihood*` are out of scope for generation-only evaluation and raise `NotImplementedError`.
 """
 
@@ -24,6 +29,7 @@ from tqdm.auto import tqdm
 from spiffy.decoding.batching import parse_batch_size
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.types import DecodeStats
+from spiffy.eval import distributed
 from spiffy.eval.offline import MAX_BATCH_SIZE, completion_text, encode, resolve_batch_size
 
 
@@ -36,6 +42,14 @@ class RequestRecord:
     stats: DecodeStats
     base_stats: DecodeStats | None = None
     agrees: bool | None = None
+    tokens_sha256: str | None = None  # of the generated token ids: compares runs (e.g. 1 vs N processes) exactly
+
+
+def token_digest(tokens: torch.Tensor) -> str:
+    """SHA-256 of a token-id sequence (int64, as decoded), so two runs' tokens compare without storing them."""
+    import hashlib
+
+    return hashlib.sha256(tokens.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:
@@ -62,8 +76,12 @@ class SpiffyLM(LM):
         progress: bool = True,
         batch_size: int | str = 1,
         max_batch_size: int = MAX_BATCH_SIZE,
+        ranks: distributed.Ranks | None = None,
     ):
         super().__init__()
+        self.ranks = ranks or distributed.Ranks(device=str(getattr(decoder, "device", "cpu")))
+        self._rank, self._world_size = self.ranks.rank, self.ranks.world_size
+        self._device = torch.device(self.ranks.device)
         self.decoder, self.base, self.tokenizer = decoder, base, tokenizer
         self.seed, self.use_chat_template, self.progress = seed, chat_template, progress
         self.batch_size = parse_batch_size(batch_size)
@@ -93,9 +111,9 @@ class SpiffyLM(LM):
 
         args = dict(arg_dict)
         path = str(args.pop("pretrained", "embedded"))
-        model = load_model(
-            path, dtype=args.pop("dtype", "float32"), device=args.pop("device", "cpu")
-        )
+        timeout_s = float(args.pop("dist_timeout_s", distributed.DEFAULT_TIMEOUT_S))
+        ranks = distributed.join(str(args.pop("device", "cpu")), timeout_s=timeout_s)
+        model = load_model(path, dtype=args.pop("dtype", "float32"), device=ranks.device)
         tokenizer = load_tokenizer(path)
         seed = int(args.pop("seed", 0))
         compare = bool(args.pop("compare_base", False))
@@ -119,6 +137,7 @@ class SpiffyLM(LM):
             base=base if compare and graph else None,
             seed=seed,
             chat_template=chat,
+            ranks=ranks,
             **batch,
         )
 
@@ -134,7 +153,43 @@ class SpiffyLM(LM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return getattr(self.tokenizer, "chat_template", None) if self.use_chat_template else None
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` concatenated along dim 0 (0-d tensors as one element each), in rank order."""
+        parts = distributed.all_gather(self.ranks, tensor.detach().cpu())
+        return torch.cat([p.reshape(-1, *p.shape[1:]) for p in parts]).to(tensor.device)
+
+    def gather_object(self, obj, dst: int = 0):
+        if dst != 0:
+            raise ValueError(f"gather_object(dst={dst}): SpiffyLM gathers on rank 0")
+        return distributed.gather(self.ranks, obj)
+
+    def barrier(self) -> None:
+        distributed.all_gather(self.ranks, None)
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Decode every request; with several processes, a failure on any rank fails all of them."""
+        return distributed.checked(
+            self.ranks, "generate_until", lambda: self._generate_until(requests, disable_tqdm)
+        )
+
+    def _generate_until(self, requests, disable_tqdm: bool) -> list[str]:
+        # lm-eval repeats a request `repeats` times; more copies are its padding of this rank's share (identical
+        # answers, not new requests): decoded and recorded once
+        seen: dict[int, int] = {}
+        first: dict[int, int] = {}  # request -> index in `kept` of its first copy
+        kept, source = [], []  # source[i]: index in `kept` whose answer is output i
+        for instance in requests:
+            seen[id(instance)] = seen.get(id(instance), 0) + 1
+            if seen[id(instance)] > max(1, getattr(instance, "repeats", 1)):
+                source.append(first[id(instance)])
+                continue
+            first.setdefault(id(instance), len(kept))
+            source.append(len(kept))
+            kept.append(instance)
+        outputs = self._decode_requests(kept, disable_tqdm or not self.ranks.is_main)
+        return [outputs[i] for i in source]
+
+    def _decode_requests(self, requests, disable_tqdm: bool) -> list[str]:
         items = []
         for instance in requests:
             context, gen_kwargs = instance.args
@@ -163,7 +218,9 @@ class SpiffyLM(LM):
                 base_stats = base[i].stats if base is not None else None
                 agrees = torch.equal(result.tokens, base[i].tokens) if base is not None else None
                 self.records.append(
-                    RequestRecord(request_id, text, result.stats, base_stats, agrees)
+                    RequestRecord(
+                        request_id, text, result.stats, base_stats, agrees, token_digest(result.tokens)
+                    )
                 )
                 outputs.append(text)
         bar.close()

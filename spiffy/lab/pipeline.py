@@ -8,6 +8,10 @@
 5. evaluate the task through lm-eval with `SpiffyLM` (and the base decoder beside it, for agreement);
 6. summarise, mirror to W&B (started before step 3, so a W&B that cannot start fails at once), write the
    result row (its own file, atomically: `spiffy.lab.results`), print a summary table and where the row went.
+
+Under `torchrun --nproc-per-node N run.py` (docs/distributed.md) rank 0 decides skip/claim, calibrates, logs and
+writes the one row; every rank loads the model on its own device and evaluates its share of the requests, whose
+records rank 0 gathers (`spiffy.eval.distributed`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from spiffy.calibration.store import load_or_calibrate
 from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.speculative import Speculation
+from spiffy.eval import distributed
 from spiffy.eval.offline import MAX_BATCH_SIZE, resolve_batch_size
 from spiffy.graph.builtin import chain, fig2, two_level_topk
 from spiffy.graph.draft_graph import DraftGraph
@@ -41,12 +46,13 @@ def generation_kwargs(cfg: RunConfig) -> dict:
     return decoder_settings(cfg.decoder, cfg.task)
 
 
-def load(cfg: RunConfig):
-    """Model and tokenizer, cached per (path, dtype, device) across multirun jobs."""
+def load(cfg: RunConfig, device: str | None = None):
+    """Model and tokenizer, cached per (path, dtype, device) across multirun jobs (`device`: this rank's)."""
 
-    key = (cfg.model.path, cfg.model.dtype, cfg.model.device)
+    device = device or cfg.model.device
+    key = (cfg.model.path, cfg.model.dtype, device)
     if key not in _MODELS:
-        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device)
         tokenizer = load_tokenizer(cfg.model.path)
         _MODELS[key] = (model, tokenizer)
     return _MODELS[key]
@@ -189,12 +195,19 @@ def run(dict_cfg: DictConfig) -> float:
     """
     cfg, resolved = typed_job(dict_cfg)
     check_code_execution(cfg)
+    ranks = distributed.join(cfg.model.device, timeout_s=cfg.eval.dist_timeout_s)
     key = store.job_key(resolved)
+    if not ranks.is_main:  # rank 0 decides whether the job runs (store, claim) and tells the others
+        go = distributed.share_from_rank0(ranks, "the job's start", lambda: None)
+        return run_claimed(cfg, resolved, key, ranks) if go else float("nan")
+    decide = lambda go: distributed.share_from_rank0(ranks, "the job's start", lambda: go)  # noqa: E731
     folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
     if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
+        decide(False)
         return report_stored(cfg, key, *found)
     held = try_claim(folder, key)
     if not isinstance(held, Claim):
+        decide(False)
         print(
             f"skip: job {key} is being run by pid {held.get('pid')} on {held.get('host')} "
             f"(claim {held['path']}); its row will be {store.row_path(folder.parent, folder.name, key)}"
@@ -202,8 +215,10 @@ def run(dict_cfg: DictConfig) -> float:
         return float("nan")
     with held:
         if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
+            decide(False)
             return report_stored(cfg, key, *found)  # finished between the first look and the claim
-        return run_claimed(cfg, resolved, key)
+        decide(True)
+        return run_claimed(cfg, resolved, key, ranks)
 
 
 def report_stored(cfg: RunConfig, key: str, row: dict, path: Path) -> float:
@@ -244,16 +259,32 @@ def job_name(resolved: dict) -> str:
     return f"{resolved['task']['name']}-{resolved['decoder']['name']}-D{budget}"
 
 
-def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
-    """Evaluate a claimed job: W&B first (fail fast), then model, graph, lm-eval, the row, the summary."""
+def run_claimed(
+    cfg: RunConfig, resolved: dict, key: str, ranks: distributed.Ranks | None = None
+) -> float:
+    """Evaluate a claimed job: W&B first (fail fast), then model, graph, lm-eval, the row, the summary.
+
+    With several processes every rank evaluates its share; only rank 0 opens W&B, writes the row and prints."""
+    ranks = ranks or distributed.Ranks(device=cfg.model.device)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if cfg.eval.threads:
         torch.set_num_threads(cfg.eval.threads)
     torch.manual_seed(cfg.seed)
-    env = store.environment(cfg.model.device, cfg.model.dtype)
-    tracker = tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
+    env = store.environment(ranks.device, cfg.model.dtype)
+    if ranks.distributed:  # one row for the whole job: where each rank ran
+        env = {**env, **distributed_env(ranks, env)}
+    tracker = distributed.checked(  # rank 0 alone logs; a W&B that cannot start stops every rank
+        ranks,
+        "starting W&B",
+        lambda: tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
+        if ranks.is_main
+        else None,
+    )
+    if not ranks.is_main:
+        evaluate_job(cfg, ranks)
+        return float("nan")
     try:
-        metrics, graph, records, *extra = evaluate_job(cfg)
+        metrics, graph, records, *extra = evaluate_job(cfg, ranks)
     except BaseException:
         tracker.abort()
         raise
@@ -271,6 +302,7 @@ def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
         "graph": graph.to_json() if graph is not None else None,
         "auto": auto.to_dict() if auto is not None else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "requests": request_rows(records),
     }
     samples = [
         {
@@ -300,21 +332,61 @@ def run_claimed(cfg: RunConfig, resolved: dict, key: str) -> float:
     return float(metrics["accuracy"])
 
 
-def evaluate_job(cfg: RunConfig):
+def distributed_env(ranks: distributed.Ranks, env: dict) -> dict:
+    """The row's `env` additions of a multi-process job: world size, and every rank's device, its name and host."""
+    where = distributed.all_gather(ranks, (ranks.device, env["device_name"], env["host"]))
+    return {
+        "world_size": ranks.world_size,
+        "devices": [device for device, _, _ in where],
+        "device_names": [name for _, name, _ in where],
+        "hosts": [host for _, _, host in where],
+    }
+
+
+def choose_graph(cfg: RunConfig, model, tokenizer, gen: dict):
+    """The job's graph and, with `graph.budget=auto`, the `AutoChoice` (graph None: the base decoder)."""
+    if cfg.decoder.speculate and cfg.graph.budget == AUTO:
+        auto = build_auto(cfg, model, tokenizer, gen)
+        return auto.graph, auto
+    return (build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None), None
+
+
+def request_rows(records) -> list[dict]:
+    """Per-request records for the row (request order, whatever the number of processes): what two runs compare."""
+    return [
+        {
+            "request_id": r.request_id,
+            "tokens_sha256": r.tokens_sha256,
+            "nfe": r.stats.nfe,
+            "nfe_base": r.stats.nfe_base,
+            "base_nfe": r.base_stats.nfe if r.base_stats is not None else None,
+            "agrees": r.agrees,
+            "wall_s": r.stats.wall_s,
+            "completion": r.completion,
+        }
+        for r in records
+    ]
+
+
+def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     """Model -> graph -> lm-eval: the job's metrics, its graph (None without drafts), per-request records, and
-    with `graph.budget=auto` the `AutoChoice` (D* = 0 runs the base, still measured beside a second instance)."""
+    with `graph.budget=auto` the `AutoChoice` (D* = 0 runs the base, still measured beside a second instance).
+
+    With several processes (`ranks`), rank 0 alone calibrates (or loads) the graph and sends it to the others,
+    every rank evaluates its share of the requests, and rank 0 gathers the records and returns the job's
+    results; the other ranks return None."""
     from spiffy.eval.harness import SpiffyLM
     from spiffy.lab.metrics import summarize, task_scores
 
-    model, tokenizer = load(cfg)
+    ranks = ranks or distributed.Ranks(device=cfg.model.device)
+    t_load = time.perf_counter()
+    model, tokenizer = distributed.checked(ranks, "model loading", lambda: load(cfg, ranks.device))
+    load_s = time.perf_counter() - t_load
     gen = generation_kwargs(cfg)
     t0 = time.perf_counter()
-    auto = None
-    if cfg.decoder.speculate and cfg.graph.budget == AUTO:
-        auto = build_auto(cfg, model, tokenizer, gen)
-        graph = auto.graph
-    else:
-        graph = build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None
+    graph, auto = distributed.share_from_rank0(
+        ranks, "calibration", lambda: choose_graph(cfg, model, tokenizer, gen)
+    )
     graph_s = time.perf_counter() - t0
     options = DecoderOptions(compile=cfg.decoder.compile)
     base = build_decoder(model, **gen, options=options)
@@ -339,19 +411,28 @@ def evaluate_job(cfg: RunConfig):
         chat_template=cfg.model.chat_template,
         progress=cfg.eval.progress,
         batch_size=eval_batch(cfg),
+        ranks=ranks,
     )
+    t_eval = time.perf_counter()
     results = evaluate_task(cfg, lm)
-    metrics = summarize(lm.records, task_scores(results, cfg.task.lm_eval_task))
+    rank_eval_s = time.perf_counter() - t_eval
+    shares = distributed.gather(ranks, (lm.records, lm.batches, rank_eval_s))
+    eval_s = time.perf_counter() - t_eval  # the phase ends when the slowest rank's records arrive
+    if not ranks.is_main:
+        return None
+    records = distributed.merge_in_request_order([r for r, _, _ in shares])
+    batches = [b for _, rank_batches, _ in shares for b in rank_batches]
+    metrics = summarize(records, task_scores(results, cfg.task.lm_eval_task))
+    metrics["world_size"] = ranks.world_size
+    metrics["load_s"] = load_s
+    metrics["eval_s"] = eval_s  # wall-clock of the evaluation phase (all ranks; startup and calibration apart)
+    metrics["eval_s_max_rank"] = max(s for _, _, s in shares)
     metrics["batch_size"] = eval_batch(cfg)
-    if lm.batches:  # batched decoding (docs/algorithm.md §13): forwards and what each carried
-        forwards = sum(b.forwards for b in lm.batches)
+    if batches:  # batched decoding (docs/algorithm.md §13): forwards and what each carried
+        forwards = sum(b.forwards for b in batches)
         metrics["batch_forwards"] = forwards
-        metrics["batch_calls_per_forward"] = (
-            sum(sum(b.calls_per_forward) for b in lm.batches) / forwards
-        )
-        metrics["batch_rows_per_forward"] = (
-            sum(sum(b.rows_per_forward) for b in lm.batches) / forwards
-        )
+        metrics["batch_calls_per_forward"] = sum(sum(b.calls_per_forward) for b in batches) / forwards
+        metrics["batch_rows_per_forward"] = sum(sum(b.rows_per_forward) for b in batches) / forwards
     # a cached graph loads in milliseconds: report the calibration it came from (docs/algorithm.md §5.5 step 3 provenance)
     provenance = graph.provenance if graph is not None else {}
     metrics["graph_load_s"] = graph_s
@@ -360,11 +441,11 @@ def evaluate_job(cfg: RunConfig):
         metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
     metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
     if auto is None:
-        return metrics, graph, lm.records
+        return metrics, graph, records
     metrics["auto_budget"] = auto.budget
     metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
     metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
-    return metrics, graph, lm.records, auto
+    return metrics, graph, records, auto
 
 
 def print_summary(name: str, metrics: dict, env: dict | None = None) -> None:

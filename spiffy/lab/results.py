@@ -230,7 +230,7 @@ def environment(device: str, dtype: str | None = None) -> dict:
     """Where a row was measured: device and its name, dtype, torch threads, CPU count, versions, git state."""
     import transformers
 
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_name()
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
     return {
         "device": device,
         "device_name": name,

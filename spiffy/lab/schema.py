@@ -258,8 +258,13 @@ class EvalConfig:
     # requests decoded per forward (docs/algorithm.md §13; outputs unchanged): a positive integer, or "auto" (all
     # of lm-eval's requests in flight, up to 64). README "Batched decoding" measures which is fastest here.
     batch_size: Any = 1
+    # seconds any rank of a multi-process job (torchrun run.py, docs/distributed.md) waits for the others before
+    # the job fails: it must cover rank 0's calibration and the slowest rank's share of the requests
+    dist_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"eval.dist_timeout_s={self.dist_timeout_s} must be > 0 (seconds)")
         if self.threads < 0:
             raise ValueError(f"eval.threads={self.threads} must be >= 0 (0 = torch's default)")
         try:

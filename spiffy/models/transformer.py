@@ -39,8 +39,9 @@ class FamilyConfig(PretrainedConfig):
     """A family's `PretrainedConfig`: its fields, an untied LM head, and shape checks naming key and value.
     Its defaults are the family's flagship published shapes (`spiffy.models.shapes`)."""
 
-    # the keys of (layers, width, query heads, kv heads, MLP width): what `spiffy.models.shapes` scales
-    shape_keys: tuple[str, str, str, str, str]
+    # each family sets `shape_keys`, the keys of (layers, width, query heads, kv heads, MLP width): what
+    # `spiffy.models.shapes` scales (a class attribute, not an annotation: transformers makes annotated class
+    # attributes of a config into required fields)
 
     def init_fields(self, values: dict[str, Any], **derived: Any) -> None:
         """Set every named argument of the family's `__init__` (`values = locals()`; `derived` overrides

@@ -202,7 +202,7 @@ class _Loaded(Exception):
 def test_humaneval_job_needs_the_opt_in_before_any_model_loads(tmp_path, monkeypatch):
     from spiffy.lab import pipeline
 
-    monkeypatch.setattr(pipeline, "load", lambda cfg: (_ for _ in ()).throw(_Loaded()))
+    monkeypatch.setattr(pipeline, "load", lambda cfg, *_: (_ for _ in ()).throw(_Loaded()))
     with pytest.raises(ValueError, match=r"task\.allow_code_execution=true to run each completion"):
         pipeline.run(_humaneval_cfg(tmp_path))
     with pytest.raises(_Loaded):

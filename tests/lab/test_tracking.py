@@ -107,7 +107,7 @@ def test_a_failing_wandb_start_stops_the_job_before_any_model_loads(wandb_env, m
 
 
 def test_a_job_whose_wandb_logging_fails_is_not_silently_done(wandb_env, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "evaluate_job", lambda cfg: (dict(METRICS), None, []))
+    monkeypatch.setattr(pipeline, "evaluate_job", lambda cfg, *_: (dict(METRICS), None, []))
     real_log = tracking.Tracker.log_job
 
     def broken(self, metrics, samples=None):
@@ -121,7 +121,7 @@ def test_a_job_whose_wandb_logging_fails_is_not_silently_done(wandb_env, monkeyp
     assert store.load_row(path)["wandb"]["status"] == "failed"
     # the rerun does not re-evaluate: it uploads the stored row and marks it logged
     monkeypatch.setattr(tracking.Tracker, "log_job", real_log)
-    monkeypatch.setattr(pipeline, "evaluate_job", lambda cfg: pytest.fail("re-evaluated"))
+    monkeypatch.setattr(pipeline, "evaluate_job", lambda cfg, *_: pytest.fail("re-evaluated"))
     assert pipeline.run(cfg) == 0.5
     out = capsys.readouterr().out
     assert "skip: job" in out and "2.67x" in out and "wandb sync" in out
@@ -129,13 +129,13 @@ def test_a_job_whose_wandb_logging_fails_is_not_silently_done(wandb_env, monkeyp
 
 
 def test_a_rerun_prints_the_stored_summary_and_where_the_row_is(wandb_env, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "evaluate_job", lambda cfg: (dict(METRICS), None, []))
+    monkeypatch.setattr(pipeline, "evaluate_job", lambda cfg, *_: (dict(METRICS), None, []))
     cfg = compose_job(wandb_env, "tracking=disabled", "decoder=vanilla")
     assert pipeline.run(cfg) == 0.5
     first = capsys.readouterr().out
     (path,) = (wandb_env / "runs" / "results" / "trk").glob("*.json")
     assert f"row: {path}" in first and "W&B: not logged" in first and "1 torch thread" in first
-    monkeypatch.setattr(pipeline, "evaluate_job", lambda cfg: pytest.fail("re-evaluated"))
+    monkeypatch.setattr(pipeline, "evaluate_job", lambda cfg, *_: pytest.fail("re-evaluated"))
     assert pipeline.run(cfg) == 0.5
     again = capsys.readouterr().out
     assert f"already done; its row is in {path}" in again
