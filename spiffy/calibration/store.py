@@ -8,7 +8,7 @@ them in `trajectories/<key>.json`, so that other budgets, selection rules and wa
   task, number of prompts, seed, horizon and draft noise. The graph key adds the budget, the selection rule and
   the walk (`cross_block`).
 * A cached file is checked against its key before use: a graph must carry the expected provenance, budget and
-  rule, ranks within the block, and nodes unless calibration recorded no key. A trajectories file must parse
+  rule, ranks within the block and the vocabulary, and nodes unless calibration recorded no key. A trajectories file must parse
   and carry the expected settings. Anything else is recalibrated with a warning that names the path and why.
 * Files are written atomically (temporary file + `os.replace`): a concurrent reader never sees a torn file.
 """
@@ -28,6 +28,7 @@ from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.provenance import calibration_key, decoder_settings
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.graph.files import atomic_write_text, slug
+from spiffy.models.loading import model_spec
 
 DRAFT_NOISE = ("none", "keyed")
 
@@ -59,7 +60,9 @@ def trajectory_settings(
     }
 
 
-def check_graph(graph: DraftGraph, expected: dict, block_length: int) -> str | None:
+def check_graph(
+    graph: DraftGraph, expected: dict, block_length: int, vocab_size: int | None = None
+) -> str | None:
     """Why a cached graph does not match its key, or None if it does."""
     if graph.budget != expected["budget"]:
         return f"budget={graph.budget}, expected {expected['budget']}"
@@ -71,6 +74,8 @@ def check_graph(graph: DraftGraph, expected: dict, block_length: int) -> str | N
     for n, node in enumerate(graph.nodes):
         if len(node) > block_length or any(i > block_length for i, _ in node):
             return f"node {n} {list(node)} has a position rank beyond block_length={block_length}"
+        if vocab_size is not None and any(j > vocab_size for _, j in node):
+            return f"node {n} {list(node)} has a token rank beyond the vocabulary's {vocab_size} tokens"
     if not graph.nodes and graph.provenance.get("keys_seen", 0) != 0:
         return f"no nodes although calibration saw {graph.provenance.get('keys_seen')!r} keys"
     return None
@@ -126,7 +131,7 @@ def load_or_calibrate(
     folder = Path(root) / slug(model_name) / slug(task)
     graph_path = folder / f"D{budget}-{rule}{'-xb' if cross_block else ''}-{expected['key']}.json"
     if graph_path.exists() and not force:
-        graph = _cached_graph(graph_path, expected, cfg.block_length)
+        graph = _cached_graph(graph_path, expected, cfg.block_length, _vocab_size(model))
         if graph is not None:
             return graph
     traj_path = folder / "trajectories" / f"{traj_key}.json"
@@ -165,13 +170,23 @@ def load_or_calibrate(
     return graph
 
 
-def _cached_graph(path: Path, expected: dict, block_length: int) -> DraftGraph | None:
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    """The model's vocabulary size, where its config says (scripted test models may have none)."""
+    try:
+        return model_spec(model).vocab_size
+    except (AttributeError, TypeError):
+        return None
+
+
+def _cached_graph(
+    path: Path, expected: dict, block_length: int, vocab_size: int
+) -> DraftGraph | None:
     try:
         graph = DraftGraph.load(path)
     except ValueError as err:
         warnings.warn(f"{err}; recalibrating", stacklevel=3)
         return None
-    why = check_graph(graph, expected, block_length)
+    why = check_graph(graph, expected, block_length, vocab_size)
     if why is not None:
         warnings.warn(
             f"cached draft graph {str(path)!r} does not match its key ({why}); recalibrating",

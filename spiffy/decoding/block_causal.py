@@ -62,7 +62,10 @@ class BlockCausalCache(ForwardStrategy):
         if end == 0:
             return 0
         mask = self._mask(1, 0, end)
-        self.cache = self._call(canvas[None, :end], store_kv=True, attention_mask=mask).kv_cache
+        # nobody reads the prefill's logits: the LM head runs on one row (at a real vocabulary, most of its cost)
+        self.cache = self._call(
+            canvas[None, :end], store_kv=True, attention_mask=mask, logits_at=slice(end - 1, end)
+        ).kv_cache
         return 1
 
     def begin_block(self, canvas: torch.Tensor, block: slice) -> torch.Tensor:
@@ -107,10 +110,11 @@ class BlockCausalCache(ForwardStrategy):
             kv_cache=self.cache,
             return_kv=True,
             attention_mask=self._mask(1, block.start, stop),
+            logits_at=slice(lb, stop - block.start) if with_next else slice(0, 1),  # only what is read
         )
         self.cache = append_kv(self.cache, _block_part(out.present, lb))
         self.last_kv = None
-        return 1, (out.logits[0, lb:] if with_next else None)
+        return 1, (out.logits[0] if with_next else None)
 
 
 def _block_part(present, lb: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:

@@ -247,6 +247,8 @@ class BlockDecoder:
         ids = list(range(len(prompts))) if request_ids is None else list(request_ids)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(ids)} request_ids")
+        for rid in ids:  # before any forward: a bad key fails the call, not the batch halfway
+            NoiseKey(seed, rid)
         checked = []
         for i, prompt in enumerate(prompts):
             try:

@@ -9,6 +9,7 @@ Invalid combinations raise `ValueError` naming the argument and its value; nothi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -26,21 +27,30 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def _token_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v) -> bool:
+    """A finite int or float; bools are not numbers here (`temperature=True` is a mistake, not 1.0)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 # Rule parameters: how each is checked. `steps` may be given to any rule (it is validated, and only the rules that
 # declare it read it); every other parameter is exclusive to the rules that declare it.
 PARAM_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "steps": (_positive_int, "must be a positive integer"),
     "k": (_positive_int, "must be a positive integer"),
-    "tau": (lambda v: isinstance(v, (int, float)) and 0.0 < v <= 1.0, "must be in (0, 1]"),
-    "factor": (lambda v: isinstance(v, (int, float)) and v > 0, "must be positive"),
+    "tau": (lambda v: _number(v) and 0.0 < v <= 1.0, "must be a number in (0, 1]"),
+    "factor": (lambda v: _number(v) and v > 0, "must be a finite positive number"),
     "steps_per_block": (_positive_int, "must be a positive integer"),
-    "editing_threshold": (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "editing_threshold": (lambda v: _number(v) and 0.0 <= v <= 1.0, "must be a number in [0, 1]"),
     "max_post_steps": (lambda v: _positive_int(v) or v == 0, "must be an integer >= 0"),
     "num_to_transfer": (_positive_int, "must be a positive integer"),
 }
 # per rule: a parameter's own range (LLaDA2 compares `p > threshold`, so 0 and 1 are meaningful)
 RULE_PARAM_CHECKS: dict[tuple[str, str], tuple[Callable[[object], bool], str]] = {
-    (rule, "tau"): (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "must be in [0, 1]")
+    (rule, "tau"): (lambda v: _number(v) and 0.0 <= v <= 1.0, "must be a number in [0, 1]")
     for rule in ("llada2_threshold", "llada2_edit")
 }
 SHARED_PARAMS = ("steps",)
@@ -118,9 +128,9 @@ class GenerationConfig:
                 )
             if self.steps % nb:
                 raise self._bad("steps", f"must be a multiple of num_blocks={nb}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise self._bad("temperature", "must be a number >= 0")
-        if self.cfg_scale != 0:
+        if not _number(self.temperature) or not self.temperature >= 0:
+            raise self._bad("temperature", "must be a finite number >= 0")
+        if not _number(self.cfg_scale) or self.cfg_scale != 0:
             raise self._bad("cfg_scale", "classifier-free guidance is out of scope (use 0)")
         self._check_sampling()
 
@@ -148,22 +158,19 @@ class GenerationConfig:
         """`stop_ids`, `top_k`, `top_p` (a list of stop ids becomes a tuple: the config is frozen)."""
         if self.stop_ids is not None:
             ids = None if isinstance(self.stop_ids, (int, str)) else tuple(self.stop_ids)
-            if ids is None or not all(_positive_int(i) or i == 0 for i in ids):
-                raise self._bad("stop_ids", "must be None or a list of token ids")
+            if ids is None or not all(_token_id(i) for i in ids):
+                raise self._bad("stop_ids", "must be None or a list of token ids (integers >= 0)")
             object.__setattr__(self, "stop_ids", ids)
         if self.top_k is not None and not _positive_int(self.top_k):
             raise self._bad("top_k", "must be None or a positive integer")
-        if self.top_p is not None and not (
-            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0
-        ):
+        if self.top_p is not None and not (_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise self._bad("top_p", "must be None or in (0, 1]")
         for name in ("top_k", "top_p"):
             if getattr(self, name) is not None and self.temperature == 0:
                 raise self._bad(name, "filters sampling, which needs temperature > 0")
-        if not isinstance(self.fuse_next, bool):
-            raise self._bad("fuse_next", "must be True or False")
-        if not isinstance(self.eos_early_stop, bool):
-            raise self._bad("eos_early_stop", "must be True or False")
+        for name in ("fuse_next", "logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop"):
+            if not isinstance(getattr(self, name), bool):
+                raise self._bad(name, "must be True or False")
         if self.eos_early_stop and self.rule != "llada2_threshold":
             raise self._bad(
                 "eos_early_stop",

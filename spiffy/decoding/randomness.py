@@ -30,6 +30,17 @@ class NoiseKey:
     seed: int = 0
     request_id: int | str = 0
 
+    def __post_init__(self) -> None:
+        """Both are part of every draw's key: a float, None or negative value is a mistake, not a key."""
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+        rid = self.request_id
+        if isinstance(rid, str):
+            if not rid:
+                raise ValueError("request_id='' must be an integer >= 0 or a non-empty string")
+        elif not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
+            raise ValueError(f"request_id={rid!r} must be an integer >= 0 or a non-empty string")
+
     def uniforms(
         self, block: int, step: int, purpose: str, shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:

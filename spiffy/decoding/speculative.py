@@ -35,7 +35,7 @@ from spiffy.decoding.modes import check_cross_block, effective_layout, get_cache
 from spiffy.decoding.provenance import warn_if_mismatched
 from spiffy.decoding.sampling import Distributions
 from spiffy.graph.builtin import resolve_graph
-from spiffy.graph.draft_graph import DraftGraph
+from spiffy.graph.draft_graph import DraftGraph, check_graph_fits
 from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec
 
@@ -59,15 +59,30 @@ class Speculation:
     fuse_store: bool = False
 
     def __post_init__(self) -> None:
-        get_layout(self.verify)
-        if self.draft_noise not in DRAFT_NOISE:
-            raise ValueError(f"draft_noise={self.draft_noise!r} must be one of {list(DRAFT_NOISE)}")
-        if self.prune is not None and (not isinstance(self.prune, int) or self.prune < 1):
-            raise ValueError(f"prune={self.prune!r} must be None or a positive integer")
-        for name in ("cross_block", "fuse_store"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        check_speculation_options(
+            verify=self.verify,
+            prune=self.prune,
+            draft_noise=self.draft_noise,
+            cross_block=self.cross_block,
+            fuse_store=self.fuse_store,
+        )
         object.__setattr__(self, "graph", resolve_graph(self.graph))
+
+
+def check_speculation_options(**options) -> None:
+    """Check `Speculation`'s options other than the graph (ValueError naming the option and its value); the
+    Hydra schema calls it too, so a bad `decoder.draft_noise` fails before any model loads."""
+    if "verify" in options:
+        get_layout(options["verify"])
+    noise = options.get("draft_noise", "none")
+    if noise not in DRAFT_NOISE:
+        raise ValueError(f"draft_noise={noise!r} must be one of {list(DRAFT_NOISE)}")
+    prune = options.get("prune")
+    if prune is not None and (not isinstance(prune, int) or isinstance(prune, bool) or prune < 1):
+        raise ValueError(f"prune={prune!r} must be None or a positive integer")
+    for name in ("cross_block", "fuse_store"):
+        if not isinstance(options.get(name, False), bool):
+            raise ValueError(f"{name}={options[name]!r} must be True or False")
 
 
 class SpiffyDecoder(BlockDecoder):
@@ -84,6 +99,14 @@ class SpiffyDecoder(BlockDecoder):
         super().__init__(model, cfg, spec, options)
         self.speculation = speculation
         self.graph = speculation.graph
+        # a token rank beyond the vocabulary fails here, naming the node and the maximum, not as an IndexError
+        # in the first forward (a position rank beyond the block is never drafted: harmless, not checked here)
+        check_graph_fits(
+            self.graph,
+            block_length=None,
+            vocab_size=self.spec.vocab_size,
+            source=f"(selection={self.graph.selection!r}, budget={self.graph.budget})",
+        )
         warn_if_mismatched(self.graph, cfg, speculation.draft_noise)
         # the layout the cache mode runs (the dual cache verifies each draft as its own query block)
         self.verify = effective_layout(cfg.cache, speculation.verify)

@@ -11,7 +11,9 @@ Isolated mode (the default; util-linux `unshare` and `setpriv`, present on every
   so the program cannot undo the read-only mounts;
 - resource limits (`resource.setrlimit`): CPU seconds, address space, file size, open files, no core files, and a
   process count (applied inside the namespace, where it counts only the sandbox's processes);
-- a scrubbed environment, and the whole process group is killed after the wall-clock timeout.
+- one memory cap for the program and everything it starts (a cgroup, else a watchdog), stdout and stderr
+  captured up to a byte cap, a scrubbed environment, and the whole sandbox killed after the wall-clock timeout
+  by the pid of the namespace's init (`spiffy.eval.supervise`).
 
 Unisolated mode (only when explicitly allowed) keeps the limits, the scrubbed environment, the temporary directory
 and the process-group kill, but the program can read and write every file the user can, use the network and leave
@@ -25,12 +27,13 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from spiffy.eval.supervise import MemoryCap, join_cgroup, kill_tree, supervise
 
 # "1" lets the HumanEval metric run code without isolation (task.allow_unisolated_execution)
 UNISOLATED_ENV = "SPIFFY_ALLOW_UNISOLATED_EXECUTION"
@@ -44,11 +47,12 @@ class Limits:
 
     timeout_s: float = 10.0  # wall clock; then the whole sandbox is killed
     cpu_s: int = 10  # RLIMIT_CPU per process
-    memory_bytes: int = 2 << 30  # RLIMIT_AS per process
+    memory_bytes: int = 2 << 30  # total resident memory of all its processes; also RLIMIT_AS of each
     file_bytes: int = 16 << 20  # RLIMIT_FSIZE
     processes: int = 32  # RLIMIT_NPROC (sandbox processes)
     open_files: int = 64  # RLIMIT_NOFILE
     tmp_bytes: int = 64 << 20  # size of the private /tmp (isolated mode)
+    output_bytes: int = 1 << 20  # stdout and stderr are each kept up to this many bytes
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -145,8 +149,9 @@ def _environment(home: str) -> dict[str, str]:
     }
 
 
-def _limit(limits: Limits, processes: int | None) -> None:
-    """preexec: the rlimits of the child (inherited by everything it starts)."""
+def _limit(limits: Limits, processes: int | None, cgroup_procs: str | None) -> None:
+    """preexec: the memory cgroup and the rlimits of the child (inherited by everything it starts)."""
+    join_cgroup(cgroup_procs)
     cpu = limits.cpu_s
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
@@ -213,6 +218,7 @@ def _isolated_command(limits: Limits) -> list[str]:
 def run_program(source: str, limits: Limits = Limits(), *, isolated: bool = True) -> Outcome:
     """Run the Python program `source`; it passes when it exits with status 0 within the limits."""
     work = tempfile.mkdtemp(prefix="spiffy-sandbox-")
+    memory = MemoryCap(limits.memory_bytes)
     try:
         if isolated:
             cmd, stdin, cwd, processes = _isolated_command(limits), source, "/", None
@@ -232,28 +238,31 @@ def run_program(source: str, limits: Limits = Limits(), *, isolated: bool = True
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
             start_new_session=True,
-            preexec_fn=functools.partial(_limit, limits, processes),
+            preexec_fn=functools.partial(_limit, limits, processes, memory.procs_file),
         )
         try:
-            out, err = proc.communicate(stdin, timeout=limits.timeout_s)
-            status = "passed" if proc.returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
-            status = "timed out"
-        _kill_group(proc.pid)  # whatever the program left in its group
-        return Outcome(status, proc.returncode, out, err)
+            run = supervise(
+                proc,
+                stdin.encode(),
+                timeout_s=limits.timeout_s,
+                output_bytes=limits.output_bytes,
+                memory=memory,
+            )
+        except BaseException:
+            kill_tree(proc.pid)
+            proc.wait()
+            raise
+        stderr = run.stderr
+        if run.out_of_memory:
+            stderr += f"\n[sandbox: killed: the processes used more than {limits.memory_bytes} bytes]"
+        status = "timed out" if run.timed_out else "passed" if run.returncode == 0 else "failed"
+        if run.out_of_memory:
+            status = "failed"
+        return Outcome(status, run.returncode, run.stdout, stderr)
     finally:
+        memory.remove()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # Checks, without side effects, that the namespaces took hold; exits non-zero naming the first that did not.
@@ -301,19 +310,25 @@ def isolated_or_refuse() -> bool:
     )
 
 
-def task_executes_code(task: str, tasks_dir: Path) -> bool:
-    """Whether the lm-eval task named `task` in `tasks_dir` runs generated code (`unsafe_code: true`)."""
+def task_specs(tasks_dir: Path) -> dict[str, dict]:
+    """The lm-eval task YAMLs in `tasks_dir` by task name (`!function` tags left unresolved)."""
     import yaml
 
     class Loader(yaml.SafeLoader):  # lm-eval's `!function` tags are irrelevant here
         pass
 
     Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    specs = {}
     for path in sorted(Path(tasks_dir).glob("*.yaml")):
         spec = yaml.load(path.read_text(), Loader=Loader) or {}
-        if spec.get("task") == task:
-            return bool(spec.get("unsafe_code", False))
-    return False
+        if isinstance(spec, dict) and isinstance(spec.get("task"), str):
+            specs[spec["task"]] = spec
+    return specs
+
+
+def task_executes_code(task: str, tasks_dir: Path) -> bool:
+    """Whether the lm-eval task named `task` in `tasks_dir` runs generated code (`unsafe_code: true`)."""
+    return bool(task_specs(tasks_dir).get(task, {}).get("unsafe_code", False))
 
 
 def check_consent(task: str, tasks_dir: Path, *, allow: bool, allow_unisolated: bool) -> None:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spiffy.graph.draft_graph import DraftGraph
+from spiffy.graph.draft_graph import ROOT, DraftGraph
 
 
 def chain(depth: int) -> DraftGraph:
-    if depth < 1:
-        raise ValueError(f"chain depth={depth} must be >= 1")
-    return DraftGraph.from_formulas(
-        [[(i, 1) for i in range(1, d + 1)] for d in range(1, depth + 1)], selection="chain"
-    )
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"chain depth={depth!r} must be an integer >= 1")
+    # parents given, not inferred: node d's only parent is node d-1 (from_formulas' subset search is cubic)
+    nodes = tuple(tuple((i, 1) for i in range(1, d + 1)) for d in range(1, depth + 1))
+    parents = ((ROOT,),) + tuple((d - 1,) for d in range(1, depth))
+    return DraftGraph(nodes, parents, depth, selection="chain")
 
 
 def two_level_topk(k: int) -> DraftGraph:

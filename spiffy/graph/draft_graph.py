@@ -10,6 +10,7 @@ add several pairs per edge. Construction validates everything and errors name th
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +18,49 @@ from pathlib import Path
 FORMAT = "spiffy.draft_graph"
 VERSION = 1
 ROOT = -1
+# graph files are parsed only below this size: a 1000-node graph of 16-pair formulas is under 1 MiB
+MAX_FILE_BYTES = 16 << 20
 
 Formula = tuple[tuple[int, int], ...]
 
 
+def _rank(value) -> int:
+    """An integer rank (Python, NumPy or 0-d integer tensor); 1.7 or True is an error, never rounded."""
+    if isinstance(value, bool):
+        raise TypeError(f"rank {value!r} is not an integer")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"rank {value!r} is not an integer") from None
+
+
 def canonical(formula: Iterable[Sequence[int]]) -> Formula:
     """Sorted tuple of `(i, j)` int pairs."""
-    return tuple(sorted((int(i), int(j)) for i, j in formula))
+    return tuple(sorted((_rank(i), _rank(j)) for i, j in formula))
+
+
+def check_graph_fits(
+    graph: DraftGraph,
+    *,
+    block_length: int | None,
+    vocab_size: int | None,
+    source: str = "the graph",
+) -> None:
+    """A graph's ranks must exist in the decoder it drafts for: position ranks index the masked positions of a
+    block (at most `block_length`), token ranks the vocabulary (at most `vocab_size`). ValueError naming
+    `source`, the node and the maximum; a None bound is not checked."""
+    for n, node in enumerate(graph.nodes):
+        for i, j in node:
+            if block_length is not None and i > block_length:
+                raise ValueError(
+                    f"draft graph {source}: node {n} {list(node)} has position rank {i}, but a block has "
+                    f"{block_length} positions (block_length={block_length}: the maximum rank)"
+                )
+            if vocab_size is not None and j > vocab_size:
+                raise ValueError(
+                    f"draft graph {source}: node {n} {list(node)} has token rank {j}, but the vocabulary "
+                    f"has {vocab_size} tokens (the maximum rank)"
+                )
 
 
 @dataclass(frozen=True)
@@ -118,19 +155,20 @@ class DraftGraph:
 
     @property
     def levels(self) -> list[int | None]:
-        """Shortest number of edges from the root per node (None if unreachable)."""
+        """Shortest number of edges from the root per node (None if unreachable); breadth-first, O(edges)."""
         levels: list[int | None] = [None] * len(self.nodes)
-        changed = True
-        while changed:
-            changed = False
-            for n, ps in enumerate(self.parents):
-                cands = [
-                    1 if p == ROOT else (levels[p] + 1 if levels[p] is not None else None)
-                    for p in ps
-                ]
-                cands = [c for c in cands if c is not None]
-                if cands and (levels[n] is None or min(cands) < levels[n]):
-                    levels[n], changed = min(cands), True
+        children = self.children()
+        frontier = [n for n, ps in enumerate(self.parents) if ROOT in ps]
+        for n in frontier:
+            levels[n] = 1
+        while frontier:
+            nxt = []
+            for p in frontier:
+                for c in children[p]:
+                    if levels[c] is None:
+                        levels[c] = levels[p] + 1
+                        nxt.append(c)
+            frontier = nxt
         return levels
 
     @property
@@ -233,12 +271,18 @@ class DraftGraph:
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> DraftGraph:
+    def load(cls, path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> DraftGraph:
         """Read and validate; a missing file raises `FileNotFoundError`, anything malformed (random bytes,
-        a truncated file, an invalid graph) a `ValueError` naming the path."""
+        a truncated file, an invalid graph, a file over `max_bytes`) a `ValueError` naming the path."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"draft graph file {str(path)!r} does not exist")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(
+                f"draft graph {str(path)!r}: {size} bytes, over the {max_bytes}-byte cap on graph files "
+                "(a graph of any budget a block can verify is far smaller)"
+            )
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:

@@ -16,8 +16,11 @@ records rank 0 gathers (`spiffy.eval.distributed`).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -34,10 +37,16 @@ from spiffy.graph.draft_graph import DraftGraph
 from spiffy.lab import results as store
 from spiffy.lab import tracking
 from spiffy.lab.claims import Claim, try_claim
-from spiffy.lab.schema import AUTO, RunConfig, decoder_settings, speculation_settings
+from spiffy.lab.preflight import preflight
+from spiffy.lab.schema import (
+    AUTO,
+    TASKS_DIR,
+    RunConfig,
+    decoder_settings,
+    speculation_settings,
+)
 from spiffy.models.loading import load_model, load_tokenizer
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
 _MODELS: dict[tuple, tuple] = {}
 
 
@@ -168,9 +177,31 @@ def evaluate_task(cfg: RunConfig, lm) -> dict:
     )
 
 
+def unknown_keys(node: DictConfig, schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its schema lacks. Hydra adds `+key=value` overrides even to a typed
+    config, and converting to the dataclass then drops them silently: a typo would run (and be keyed) as if
+    it were not there."""
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            found.append(f"{prefix}{key}{hint}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
+            found += unknown_keys(node.get(key), hints[key], f"{prefix}{key}.")
+    return found
+
+
 def typed_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict]:
     """The validated typed config (every `__post_init__` runs: before any model loads) and, as a plain dict with
     the task presets filled in, what the job key and the result row record."""
+    unknown = unknown_keys(dict_cfg)
+    if unknown:
+        raise ValueError(
+            f"unknown config key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: not in the schema "
+            "(spiffy/lab/schema.py); a '+' cannot add settings spiffy does not read"
+        )
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     return cfg, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
@@ -187,21 +218,48 @@ def check_code_execution(cfg: RunConfig) -> None:
     )
 
 
+class ConfigError(ValueError):
+    """A job refused before any model loads: a bad key or value, a model or graph file, the device, the store.
+    Its message names the key and the value (or the path); `run.py` prints it as one line."""
+
+
+def checked_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict, str, Path]:
+    """Every check that needs no model (schema, code-execution consent, `spiffy.lab.preflight`, a writable
+    store): the typed config, its resolved dict, its job key and its experiment folder; else ConfigError."""
+    try:
+        cfg, resolved = typed_job(dict_cfg)
+        check_code_execution(cfg)
+        preflight(cfg)
+        key = store.job_key(resolved)
+        folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
+        store.check_writable(folder)  # a full disk or a read-only store fails now, not after the evaluation
+    except (ValueError, OSError) as err:
+        raise ConfigError(user_message(err)) from err
+    return cfg, resolved, key, folder
+
+
+def user_message(err: BaseException) -> str:
+    """The innermost message of a validation error (OmegaConf wraps `__post_init__`'s ValueError)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    while isinstance(err, OmegaConfBaseException) and err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def run(dict_cfg: DictConfig) -> float:
     """Run one job and return its headline accuracy (the sweep objective; NaN while another process runs it).
 
     A job whose row is already stored is not rerun (unless `force`): its stored summary is printed. Otherwise it
     claims its key (`spiffy.lab.claims`), so an identical job started elsewhere skips instead of duplicating it.
     """
-    cfg, resolved = typed_job(dict_cfg)
-    check_code_execution(cfg)
+    cfg, resolved, key, folder = checked_job(dict_cfg)  # every rank: nothing is loaded before these pass
     ranks = distributed.join(cfg.model.device, timeout_s=cfg.eval.dist_timeout_s)
-    key = store.job_key(resolved)
     if not ranks.is_main:  # rank 0 decides whether the job runs (store, claim) and tells the others
         go = distributed.share_from_rank0(ranks, "the job's start", lambda: None)
         return run_claimed(cfg, resolved, key, ranks) if go else float("nan")
     decide = lambda go: distributed.share_from_rank0(ranks, "the job's start", lambda: go)  # noqa: E731
-    folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
     if not cfg.force and (found := store.finished(cfg.results_dir, cfg.experiment_name, key)):
         decide(False)
         return report_stored(cfg, key, *found)
@@ -388,6 +446,11 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
         ranks, "calibration", lambda: choose_graph(cfg, model, tokenizer, gen)
     )
     graph_s = time.perf_counter() - t0
+    if graph is not None and auto is None and len(graph.nodes) < graph.budget:  # said, not silently clamped
+        print(
+            f"note: graph.budget={graph.budget}, but calibration found {len(graph.nodes)} nodes worth drafting: "
+            f"the graph has {len(graph.nodes)} (the row records it as graph_nodes)"
+        )
     options = DecoderOptions(compile=cfg.decoder.compile)
     base = build_decoder(model, **gen, options=options)
     decoder = base

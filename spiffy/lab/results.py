@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -107,11 +108,21 @@ def load_row(path: str | Path) -> dict:
     return row
 
 
+def _report_corrupt(err: ValueError, what: str) -> None:
+    print(f"spiffy: warning: {err}; {what}", file=sys.stderr)
+
+
 def finished(results_dir: str | Path, experiment: str, key: str) -> tuple[dict, Path] | None:
-    """The stored row of job `key` and where it is: its row file, else the experiment's JSONL store."""
+    """The stored row of job `key` and where it is: its row file, else the experiment's JSONL store.
+
+    A row file that is not a row (truncated, corrupted) is reported with its path and counts as not finished:
+    the job runs again and its new row replaces the file."""
     path = row_path(results_dir, experiment, key)
     if path.exists():
-        return load_row(path), path
+        try:
+            return load_row(path), path
+        except ValueError as err:
+            _report_corrupt(err, "the job runs again and its row will replace this file")
     legacy = Path(results_dir) / f"{experiment}.jsonl"
     if legacy.exists():
         found = None
@@ -137,12 +148,21 @@ def append_row(path: str | Path, row: dict) -> None:
     """Append one row to a JSONL store (the older format), repairing a torn last line first.
 
     A writer killed mid-line leaves a last line without its newline; appending after it would glue the next row
-    onto it and lose both. The torn fragment is moved to `<path>.torn` and the file cut back to its last
-    complete line, under an exclusive lock (one machine; the per-job row files need none).
+    onto it and lose both. A last line that is a whole row only lacks its newline, which is added; a torn
+    fragment is moved to `<path>.torn` (with a message) and the file cut back to its last complete line, under
+    an exclusive lock (one machine; the per-job row files need none). The file is opened with `open`, so
+    it honours the umask.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(row, default=str) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _append_locked(path, line)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot append to {str(path)!r}: {err.strerror or err}") from err
+
+
+def _append_locked(path: Path, line: str) -> None:
     with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -152,15 +172,30 @@ def append_row(path: str | Path, row: dict) -> None:
                 data = f.read()
                 if not data.endswith(b"\n"):
                     cut = data.rfind(b"\n") + 1
-                    with open(path.with_name(path.name + ".torn"), "ab") as torn:
-                        torn.write(data[cut:] + b"\n")
-                    f.truncate(cut)
+                    if _is_row(data[cut:]):  # complete, only its newline missing: keep it
+                        f.write(b"\n")
+                    else:
+                        torn_path = path.with_name(path.name + ".torn")
+                        with open(torn_path, "ab") as torn:
+                            torn.write(data[cut:] + b"\n")
+                        f.truncate(cut)
+                        print(
+                            f"spiffy: warning: {path}: a torn last line ({size - cut} bytes) moved to {torn_path}",
+                            file=sys.stderr,
+                        )
             f.seek(0, os.SEEK_END)
             f.write(line.encode())
             f.flush()
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_row(fragment: bytes) -> bool:
+    try:
+        return isinstance(json.loads(fragment), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def row_files(folder: Path) -> list[Path]:
@@ -191,8 +226,32 @@ def read_rows(path: str | Path) -> list[dict]:
             add(row, (file, n))
     for folder in folders:
         for file in row_files(folder):
-            add(load_row(file), file)
+            try:
+                add(load_row(file), file)
+            except ValueError as err:  # one bad file must not hide the rest of the store
+                _report_corrupt(err, "skipped")
     return list(rows.values())
+
+
+def check_writable(folder: Path, probe_bytes: int = 64 << 10) -> None:
+    """Create `folder` and write, fsync and remove a probe file of `probe_bytes` in it, so that a read-only
+    store or a full disk fails before the evaluation, naming the folder (OSError)."""
+    probe = folder / f".write-probe-{platform.node()}-{os.getpid()}"  # unique on a shared filesystem
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * probe_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise OSError(
+            err.errno, f"the result store {str(folder)!r} is not writable: {err.strerror or err}"
+        ) from err
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder itself could not be made: reported above
 
 
 def git_state() -> dict:

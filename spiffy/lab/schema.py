@@ -12,20 +12,23 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from spiffy.calibration.calibrate import SELECTION_RULES
 from spiffy.decoding.batching import parse_batch_size
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.modes import check_cross_block, get_cache_mode, get_layout, is_lossless
-from spiffy.decoding.speculative import Speculation
+from spiffy.decoding.modes import check_cross_block, get_cache_mode, is_lossless
+from spiffy.decoding.speculative import Speculation, check_speculation_options
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 GRAPH_SOURCES = ("calibrate", "chain", "fig2", "topk", "file")
 TRACKING_MODES = ("offline", "online", "disabled")
+TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"  # the lm-eval task YAMLs
 
 
 def _choice(owner: str, name: str, value: Any, choices) -> None:
@@ -46,6 +49,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model", "dtype", self.dtype, DTYPES)
+        check_device_name(self.device)
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"model.block_size={self.block_size} must be >= 1 or null")
 
@@ -87,6 +91,15 @@ class TaskConfig:
                 f"task.num_fewshot={self.num_fewshot}: task {self.name!r} has no split to draw exemplars from "
                 "(use 0)"
             )
+        known = lm_eval_tasks()
+        if self.lm_eval_task not in known:
+            raise ValueError(f"task.lm_eval_task={self.lm_eval_task!r} is not a task; known: {known}")
+        calibrating = sorted(name for name, t in TASKS.items() if t.calibration is not None)
+        if self.calibration_task is not None and self.calibration_task not in calibrating:
+            raise ValueError(
+                f"task.calibration_task={self.calibration_task!r} has no calibration prompts; "
+                f"known: {calibrating} (or null: this task's)"
+            )
         preset = TASKS[self.name].generation
         for key in ("gen_length", "block_length"):
             if getattr(self, key) is None:
@@ -116,7 +129,12 @@ def _decoder_post_init(self) -> None:
     if not isinstance(self.steps_per_token, int) or self.steps_per_token < 1:
         raise ValueError(f"decoder.steps_per_token={self.steps_per_token} must be >= 1")
     try:
-        get_layout(self.verify)
+        check_speculation_options(
+            verify=self.verify,
+            draft_noise=self.draft_noise,
+            cross_block=self.cross_block,
+            fuse_store=self.fuse_store,
+        )
         if self.cross_block:
             check_cross_block(self.cache, self.verify)
     except ValueError as e:
@@ -227,6 +245,14 @@ class GraphConfig:
             raise ValueError(f"graph.auto_margin={self.auto_margin!r} must be in [0, 1)")
         if self.n_samples < 1:
             raise ValueError(f"graph.n_samples={self.n_samples} must be >= 1")
+        if self.prune is not None:
+            if self.prune < 1:
+                raise ValueError(f"graph.prune={self.prune} must be >= 1 or null")
+            if self.budget != AUTO and self.prune > self.budget:
+                raise ValueError(
+                    f"graph.prune={self.prune} keeps more nodes than graph.budget={self.budget} has "
+                    f"(the maximum is {self.budget}, or null)"
+                )
         if self.source == "file" and not self.path:
             raise ValueError("graph.source='file' needs graph.path")
         from spiffy.graph.builtin import check_budget
@@ -261,10 +287,15 @@ class EvalConfig:
     # seconds any rank of a multi-process job (torchrun run.py, docs/distributed.md) waits for the others before
     # the job fails: it must cover rank 0's calibration and the slowest rank's share of the requests
     dist_timeout_s: int = 1800
+    # the largest estimated memory of one verification forward (GiB; spiffy.lab.preflight): a graph budget whose
+    # drafts need more is refused before the model loads, naming the largest budget that fits
+    max_verify_gib: float = 8.0
 
     def __post_init__(self) -> None:
         if self.dist_timeout_s <= 0:
             raise ValueError(f"eval.dist_timeout_s={self.dist_timeout_s} must be > 0 (seconds)")
+        if not self.max_verify_gib > 0 or self.max_verify_gib == float("inf"):
+            raise ValueError(f"eval.max_verify_gib={self.max_verify_gib} must be a finite number > 0")
         if self.threads < 0:
             raise ValueError(f"eval.threads={self.threads} must be >= 0 (0 = torch's default)")
         try:
@@ -292,6 +323,8 @@ class RunConfig:
         steps, rule parameters) before any model loads."""
         from spiffy.decoding.rules import RULES
 
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32) (numpy's seed range)")
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]*", self.experiment_name):
             raise ValueError(
                 f"experiment_name={self.experiment_name!r} must be a folder name: letters, digits and "
@@ -317,6 +350,69 @@ class RunConfig:
             ) from None
         if self.graph.budget == AUTO and self.decoder.speculate:
             check_auto(self.decoder)
+        if isinstance(self.graph.budget, int) and self.decoder.speculate:
+            check_budget_bound(self)
+
+
+def check_device_name(device: str) -> None:
+    """`model.device` must be a device torch can name (whether it is present is checked before loading)."""
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"model.device={device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)"
+        ) from None
+
+
+def lm_eval_tasks() -> list[str]:
+    """The lm-eval task names a job can evaluate (the YAMLs in spiffy/eval/tasks/)."""
+    from spiffy.eval.sandbox import task_specs
+
+    return sorted(task_specs(TASKS_DIR))
+
+
+def steps_per_block(cfg: RunConfig) -> int:
+    """The most steps (transitions) a block of this job's decoder takes: the rule's per-block steps, else one
+    token per step (`block_length`)."""
+    gen = GenerationConfig(**decoder_settings(cfg.decoder, cfg.task))
+    if gen.steps_per_block is not None:
+        return min(gen.steps_per_block, gen.block_length)
+    if gen.schedule_steps_per_block is not None:
+        return min(gen.schedule_steps_per_block, gen.block_length)
+    return gen.block_length
+
+
+def check_budget_bound(cfg: RunConfig) -> None:
+    """A graph budget no block can use is an error naming the maximum (never a silent clamp).
+
+    `chain:D` drafts D steps ahead: deeper than a block's steps it can never be accepted (with
+    `decoder.cross_block` a verified complete state carries into the next block, so the bound is the job's
+    steps). A calibrated graph's nodes are (anchor, later state) pairs recorded on the calibration prompts: at
+    most `n_samples x blocks x steps-per-block x min(horizon, steps-per-block)` distinct ones exist.
+    """
+    g, budget = cfg.graph, cfg.graph.budget
+    if budget == 0:
+        return
+    steps = steps_per_block(cfg)
+    blocks = -(-cfg.task.gen_length // cfg.task.block_length)
+    if g.source == "chain":
+        most = steps * blocks if cfg.decoder.cross_block else steps
+        if budget > most:
+            where = "the job's steps (cross-block)" if cfg.decoder.cross_block else "a block's steps"
+            raise ValueError(
+                f"graph.budget={budget} with graph.source='chain': chain:D drafts D steps ahead, and {where} "
+                f"number {most}: the maximum is graph.budget={most}"
+            )
+    if g.source == "calibrate":
+        most = g.n_samples * blocks * steps * min(g.horizon, steps)
+        if g.rule == "best":
+            most = max(most, g.horizon)  # 'best' also scores chain:D, recorded up to the horizon
+        if budget > most:
+            raise ValueError(
+                f"graph.budget={budget}: calibration records at most {most} distinct draft states here "
+                f"(graph.n_samples={g.n_samples} prompts x {blocks} blocks x {steps} steps x "
+                f"{min(g.horizon, steps)} later states): the maximum is graph.budget={most}"
+            )
 
 
 def check_auto(decoder) -> None:

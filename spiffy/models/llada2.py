@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from spiffy.models.base import select_rows
 from spiffy.models.kv import KVCache, append_kv, bidirectional_attention, bidirectional_mask
 from spiffy.models.sdar import SDAROutput
-from spiffy.models.transformer import QwenConfig, RMSNorm, rope_tables, rotate_half
+from spiffy.models.transformer import QwenConfig, RMSNorm, apply_rope, rope_tables, swiglu
 
 # the published generate defaults (LLaDA2.0-mini / 2.1-mini): the config itself has neither id
 PUBLISHED_MASK_ID, PUBLISHED_EOS_ID = 156895, 156892
@@ -166,7 +166,7 @@ class LLaDA2Attention(nn.Module):
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot], x[..., self.rot :]
-        return torch.cat([rot * cos + rotate_half(rot) * sin, rest], dim=-1)
+        return torch.cat([apply_rope(rot, cos, sin), rest], dim=-1)
 
     def forward(self, x, cos_sin, mask, cache: KVCache | None, layer: int):
         B, Q, _ = x.shape
@@ -191,7 +191,7 @@ class LLaDA2MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class LLaDA2Gate(nn.Module):

@@ -58,3 +58,58 @@ def test_bad_prompts():
         decoder.generate([1, 999])
     with pytest.raises(ValueError, match="contain -1"):
         decoder.generate([-1, 2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(temperature=True), "temperature=True: must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature=inf: must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(temperature=0.5, top_p=True), "top_p=True: must be None or in"),
+        (dict(rule="threshold", tau=True), "tau=True: must be a number in"),
+        (dict(rule="factor", factor=float("inf")), "factor=inf"),
+        (dict(stop_ids=[False]), r"stop_ids=\[False\]: must be None or a list of token ids"),
+        (dict(stop_ids=[0.0]), r"stop_ids=\[0.0\]"),
+        (dict(stop_ids=[-1]), r"stop_ids=\[-1\]"),
+        (dict(logits_eos_inf=1), "logits_eos_inf=1: must be True or False"),
+    ],
+)
+def test_bools_and_non_finite_numbers_are_not_settings(kwargs, match):
+    """A bool is an int in Python: `temperature=True` would otherwise run at temperature 1."""
+    with pytest.raises(ValueError, match=match):
+        spiffy.GenerationConfig(**{"gen_length": 32, "block_length": 8, "steps": 32, **kwargs})
+
+
+@pytest.mark.parametrize("prune", [True, 0, -1, 1.5, "2"])
+def test_speculation_prune_must_be_a_positive_integer(prune):
+    with pytest.raises(ValueError, match=f"prune={prune!r} must be None or a positive integer"):
+        spiffy.Speculation("chain:3", prune=prune)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(seed=None), "seed=None must be an integer >= 0"),
+        (dict(seed="abc"), "seed='abc' must be an integer >= 0"),
+        (dict(seed=1.5), "seed=1.5"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(seed=True), "seed=True"),
+        (dict(request_id=None), "request_id=None must be an integer >= 0 or a non-empty string"),
+        (dict(request_id=1.5), "request_id=1.5"),
+        (dict(request_id=-1), "request_id=-1"),
+        (dict(request_id=""), "request_id=''"),
+    ],
+)
+def test_seed_and_request_id_are_checked(kwargs, match):
+    decoder = spiffy.build_decoder(tiny_random_model(), gen_length=8, block_length=8, steps=8)
+    with pytest.raises(ValueError, match=match):
+        decoder.generate([1, 2, 3], **kwargs)
+    batch_kwargs = {"seed": kwargs.get("seed", 0), "request_ids": [0, kwargs.get("request_id", 1)]}
+    with pytest.raises(ValueError, match=match):  # before any forward of the batch
+        decoder.generate_batch([[1, 2, 3], [1, 2]], **batch_kwargs)
+
+
+def test_string_request_ids_stay_keys():
+    decoder = spiffy.build_decoder(tiny_random_model(), gen_length=8, block_length=8, steps=8)
+    assert decoder.generate([1, 2, 3], request_id="warmup", seed=3).tokens.numel() == 8

@@ -228,3 +228,127 @@ def test_only_humaneval_is_marked_as_executing_code():
     assert sandbox.task_executes_code("spiffy_humaneval", TASKS_DIR)
     assert not sandbox.task_executes_code("spiffy_gsm8k", TASKS_DIR)
     assert not sandbox.task_executes_code("spiffy_arith", TASKS_DIR)
+
+
+def _escape_in_new_session(marker: str, *, close_stdio: bool) -> str:
+    """A program that leaves the sandbox's session and process group, then sleeps with `marker` in its argv."""
+    close = "for fd in (0, 1, 2):\n    os.close(fd)\n" if close_stdio else ""
+    sleep = f"[sys.executable, '-c', 'import time; time.sleep(40)', '{marker}']"
+    return f"import os, sys\nos.setsid()\n{close}os.execv(sys.executable, {sleep})\n"
+
+
+@pytest.mark.parametrize("close_stdio", [False, True])
+def test_a_program_that_leaves_the_process_group_is_killed_at_the_timeout(close_stdio):
+    """setsid() escapes a process-group kill, and as root setpriv's uid change clears the parent-death signal:
+    the sandbox must still end at its timeout, and nothing it started may survive it."""
+    marker = f"spiffy-setsid-{uuid.uuid4().hex}"
+    start = time.perf_counter()
+    try:
+        outcome = run_program(_escape_in_new_session(marker, close_stdio=close_stdio), Limits(timeout_s=2.0))
+        elapsed = time.perf_counter() - start
+        assert outcome.status == "timed out" and elapsed < 8, (outcome, elapsed)
+        time.sleep(0.2)
+        assert _processes_with(marker) == []
+    finally:
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+NON_ROOT_CHECK = """
+import os, sys, time, uuid
+from spiffy.eval.sandbox import Limits, run_program
+assert os.geteuid() != 0
+marker = "spiffy-nonroot-" + uuid.uuid4().hex
+start = time.perf_counter()
+program = ("import os, sys\\nos.setsid()\\nos.close(1)\\nos.close(2)\\n"
+           f"os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(40)', '{marker}'])\\n")
+outcome = run_program(program, Limits(timeout_s=2.0))
+elapsed = time.perf_counter() - start
+time.sleep(0.2)
+left = []
+for p in os.listdir("/proc"):
+    try:
+        if p.isdigit() and marker.encode() in open(f"/proc/{p}/cmdline", "rb").read():
+            left.append(p)
+    except OSError:
+        pass
+print(outcome.status, round(elapsed, 1), len(left), outcome.stderr[-300:])
+assert outcome.status == "timed out" and elapsed < 8 and not left
+hog = run_program(sys.argv[1].format(n=3), Limits(timeout_s=10.0, memory_bytes=160 << 20))  # the watchdog
+print(hog)
+assert not hog.passed and "used more than 167772160 bytes" in hog.stderr
+"""
+
+
+def test_the_timeout_kill_holds_for_a_non_root_user():
+    """The same escape and the total-memory cap (no cgroup for nobody: the watchdog), with the evaluation
+    itself running as `nobody` (a user namespace instead of setpriv).
+
+    This test's interpreter lives where `nobody` may not read it (a pyenv under /root), so the check runs on the
+    system Python with a copy of the two sandbox modules, which need only the standard library."""
+    import subprocess
+
+    setpriv = shutil.which("setpriv")
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    assert os.geteuid() == 0 and setpriv, "the test switches to nobody, so it runs as root (as CI does)"
+    assert python, "a system python3 in /usr/bin or /bin runs the non-root check"
+    package = Path(tempfile.mkdtemp(prefix="spiffy-nonroot-", dir="/tmp"))
+    try:
+        (package / "spiffy" / "eval").mkdir(parents=True)
+        (package / "spiffy" / "__init__.py").write_text("")
+        (package / "spiffy" / "eval" / "__init__.py").write_text("")
+        for module in ("sandbox.py", "supervise.py"):
+            shutil.copy(Path(sandbox.__file__).with_name(module), package / "spiffy" / "eval" / module)
+        for path in [package, *package.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        done = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--", python, "-c",
+             NON_ROOT_CHECK, TOUCH_IN_CHILDREN],
+            capture_output=True, text=True, cwd="/", timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package), "HOME": "/tmp"},
+        )
+    finally:
+        shutil.rmtree(package, ignore_errors=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_captured_output_is_capped():
+    program = "import sys\nfor _ in range(64):\n    sys.stdout.write('x' * (1 << 20))\nsys.stderr.write('e' * (1 << 20))\n"
+    outcome = run_program(program, Limits(timeout_s=10.0, output_bytes=1 << 16))
+    assert outcome.passed, outcome.stderr[-300:]
+    assert outcome.stdout.startswith("x" * (1 << 16)) and len(outcome.stdout) < (1 << 16) + 200
+    assert "more bytes dropped: output is capped at 65536" in outcome.stdout
+    assert outcome.stderr.startswith("e" * (1 << 16) + "\n[sandbox: 983040 more bytes dropped")
+
+
+TOUCH_IN_CHILDREN = """
+import os, time
+pids = []
+for _ in range({n}):
+    pid = os.fork()
+    if pid == 0:
+        block = b"x" * (96 << 20)  # written, so resident
+        time.sleep(1.5)
+        os._exit(0)
+    pids.append(pid)
+for pid in pids:
+    assert os.waitpid(pid, 0)[1] == 0, "a child died"
+"""
+
+
+def test_memory_is_limited_in_total_not_per_process():
+    """Three children of 96 MiB each fit a 160 MiB limit per process but not 160 MiB in total."""
+    limits = Limits(timeout_s=10.0, memory_bytes=160 << 20)
+    assert run_program(TOUCH_IN_CHILDREN.format(n=1), limits).passed
+    outcome = run_program(TOUCH_IN_CHILDREN.format(n=3), limits)
+    assert not outcome.passed and "used more than 167772160 bytes" in outcome.stderr, outcome
+
+
+@pytest.mark.parametrize("exit_early", ["import sys\n    sys.exit(0)\n", "import os\n    os._exit(0)\n"])
+def test_a_completion_that_exits_before_the_tests_does_not_pass(exit_early):
+    problems = load_humaneval()["test"].select(range(2))
+    refs = [
+        json.dumps({k: p[k] for k in ("task_id", "prompt", "test", "entry_point")})
+        for p in problems
+    ]
+    assert humaneval_pass_at_1(refs, [[p["prompt"] + "    " + exit_early] for p in problems]) == 0.0

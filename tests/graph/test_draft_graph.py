@@ -78,3 +78,63 @@ def test_unknown_spec_and_missing_file():
         spiffy.parse_graph_spec("tree:3")
     with pytest.raises(FileNotFoundError):
         resolve_graph("missing-graph.json")
+
+
+@pytest.mark.parametrize("rank", [1.7, True, "2", None])
+def test_a_rank_must_be_an_integer_never_rounded(rank):
+    with pytest.raises(TypeError, match="is not an integer"):
+        DraftGraph.from_formulas([[(rank, 1)]])
+    payload = json.loads(DraftGraph.from_formulas([[(1, 1)]]).to_json())
+    payload["nodes"] = [[[1, rank]]]
+    with pytest.raises(ValueError, match="is not an integer"):
+        DraftGraph.from_json(json.dumps(payload))
+
+
+def test_graph_files_are_size_capped(tmp_path):
+    path = tmp_path / "huge.json"
+    DraftGraph.from_formulas([[(1, 1)]]).save(path)
+    with pytest.raises(ValueError, match=r"huge.json'?: \d+ bytes, over the 10-byte cap"):
+        DraftGraph.load(path, max_bytes=10)
+    assert DraftGraph.load(path).budget == 1
+
+
+def test_a_graph_must_fit_the_block_and_the_vocabulary():
+    from spiffy.graph.draft_graph import check_graph_fits
+
+    graph = DraftGraph.from_formulas([[(1, 1)], [(1, 1), (9, 5)]])
+    check_graph_fits(graph, block_length=9, vocab_size=5)
+    with pytest.raises(ValueError, match=r"node 1 \[\(1, 1\), \(9, 5\)\] has position rank 9.*maximum"):
+        check_graph_fits(graph, block_length=8, vocab_size=5, source="g.json")
+    with pytest.raises(ValueError, match=r"draft graph g.json: node 1 .* token rank 5, but the vocabulary has 4"):
+        check_graph_fits(graph, block_length=9, vocab_size=4, source="g.json")
+
+
+def test_a_decoder_refuses_a_graph_whose_ranks_it_cannot_index():
+    """A token rank beyond the vocabulary used to surface as a raw IndexError in the first forward."""
+    from tests.conftest import tiny_random_model
+
+    graph = DraftGraph.from_formulas([[(1, 10**6)]])
+    with pytest.raises(ValueError, match="token rank 1000000, but the vocabulary has 24 tokens"):
+        spiffy.build_decoder(
+            tiny_random_model(), gen_length=8, block_length=8, steps=8,
+            speculate=spiffy.Speculation(graph),
+        )
+
+
+def test_chain_is_built_in_linear_time():
+    """chain(n) used to infer parents by an all-pairs subset search (cubic: chain(400) took 5 s). Its parents are
+    explicit now; 2000 levels build well inside the alarm, which the old construction would overrun by far."""
+    import signal
+
+    def too_slow(signum, frame):
+        raise TimeoutError("chain(2000) took over 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
+    try:
+        graph = spiffy.chain(2000)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert graph.parents[:3] == ((-1,), (0,), (1,)) and graph.levels[-1] == 2000
+    assert graph.nodes[-1] == tuple((i, 1) for i in range(1, 2001))

@@ -221,4 +221,4 @@ def test_graph_budget_is_auto_or_an_explicit_integer():
     assert OmegaConf.to_object(compose_with("decoder=spiffy_kv_cache", "decoder.verify=shared"))
     # a base decoder ignores the graph group
     assert OmegaConf.to_object(compose_with("decoder=vanilla", "decoder.verify=shared"))
-    assert OmegaConf.to_object(compose_with("graph=chain")).graph.budget == 10
+    assert OmegaConf.to_object(compose_with("graph=chain")).graph.budget == 8

