@@ -184,9 +184,9 @@ def main() -> None:
     p.add_argument("--budgets", type=int, nargs="*", default=None, help="fixed D to sweep (default: all)")
     p.add_argument("--margin", type=float, default=MARGIN)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--root", default="results/graphs")
+    p.add_argument("--root", default="runs/graphs")  # committed: results/graphs (reproduce_results.sh)
     p.add_argument("--name", default="auto_cpu")
-    p.add_argument("--out", default="results/auto")
+    p.add_argument("--out", default="runs/auto")  # committed: results/auto
     args = p.parse_args()
     for base in args.bases:
         if base not in BASES:

@@ -62,7 +62,7 @@ def main() -> None:
     )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="results/tables")
+    p.add_argument("--out", default="runs/tables")  # committed: results/tables
     args = p.parse_args()
     model, tok = load_for_study(args.model, args.threads)
     test = arith_test_prompts(tok, args.n_test)

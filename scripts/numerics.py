@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--graph", default="chain:8")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fixture", default=str(FIXTURE))
-    p.add_argument("--out", default="results/bench")
+    p.add_argument("--out", default="runs/bench")  # committed: results/bench
     p.add_argument("--name", default="numerics_cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

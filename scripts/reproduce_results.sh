@@ -20,19 +20,19 @@ step() { printf '\n=== %s\n' "$*"; "$@"; }
 # model card: accuracy and confidence of the embedded model (vanilla, T=0, 200 held-out problems)
 step python scripts/eval_embedded.py --n 200 --json results/embedded_eval.json
 # calibrated graphs committed for the embedded model (1 token/step, task settings), D in {3,5,8,10}
-step python scripts/calibrate_graph.py --budgets 3 5 8 10 --rules degree1 greedy --n 20
+step python scripts/calibrate_graph.py --budgets 3 5 8 10 --rules degree1 greedy --n 20 --root results/graphs
 # Tables 1/4, sample efficiency, transfer, Spiffy over each base: exact NFE replayed on 200 held-out problems
-step python scripts/calibration_study.py --n-test 200
+step python scripts/calibration_study.py --n-test 200 --out results/tables
 # issue 21: chain (FreeDave) vs degree1 vs greedy vs best, per base and walk, replayed on 100 held-out problems
-step python scripts/selection_study.py --n-test 100 --spot 10
+step python scripts/selection_study.py --n-test 100 --spot 10 --out results/tables
 # noise-aware drafting: acceptance vs temperature (docs/algorithm.md §5.7)
-step python scripts/temperature_study.py --n-test 100 --measure 20
+step python scripts/temperature_study.py --n-test 100 --measure 20 --out results/tables
 # wall-clock, side by side in one process: chain/fig2 graphs in exact and shared layouts
-step python scripts/bench.py --name graphs_cpu --n 30 --decoders vanilla vanilla+spiffy@chain:3 \
+step python scripts/bench.py --out results/bench --name graphs_cpu --n 30 --decoders vanilla vanilla+spiffy@chain:3 \
   vanilla+spiffy@chain:5 vanilla+spiffy@chain:5/shared vanilla+spiffy@fig2 \
   vanilla+spiffy@fig2/shared vanilla+spiffy@chain:10 vanilla+spiffy@chain:10/shared
 # Table 2 in full: every base decoder with and without Spiffy (graphs calibrated per base, D=8 as in the paper)
-step python scripts/bench.py --name bases_cpu --n 30 --graph calibrated:8 --decoders vanilla vanilla+spiffy \
+step python scripts/bench.py --out results/bench --name bases_cpu --n 30 --graph calibrated:8 --decoders vanilla vanilla+spiffy \
   fixed_k2 fixed_k2+spiffy fixed_k4 fixed_k4+spiffy threshold0.9 threshold0.9+spiffy \
   threshold0.8 threshold0.8+spiffy threshold0.7 threshold0.7+spiffy prefix prefix+spiffy \
   dual dual+spiffy dual_threshold0.9 dual_threshold0.9+spiffy
@@ -42,19 +42,19 @@ step python scripts/sdar_fusions.py --out results/tables
 step python scripts/eval_embedded.py --model tiny-sdar-arith --n 200 --gen '{"stop_ids": [96]}' \
   --json results/tiny_sdar_eval.json
 # ... its wall-clock table: SDAR bases vs + Spiffy (calibrated D, fusions, chain graphs), 1 thread, float32
-step python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 200 \
+step python scripts/bench.py --out results/bench --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 200 \
   --gen '{"stop_ids": [96]}' --cost-curve --name sdar_cpu --decoders sdar sdar_dynamic0.9 \
   sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar+spiffy@calibrated:10 sdar_fused \
   sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused \
   sdar_fused+spiffy@calibrated:10/fused sdar+spiffy@chain:3 sdar+spiffy@chain:5 sdar+spiffy@chain:10 \
   sdar_dynamic0.9+spiffy@calibrated:10
 # ... and the block-length x D sweep (one model copy per block length, all interleaved in one process)
-step python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 100 \
+step python scripts/bench.py --out results/bench --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 100 \
   --gen '{"stop_ids": [96]}' --cost-curve --block-sizes 8 4 16 --name sdar_sweep_cpu --decoders sdar \
   sdar_fused sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar_fused+spiffy@calibrated:2/fused \
   sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused sdar_fused+spiffy@calibrated:8/fused
 # graph.budget=auto against its base and every fixed D, side by side (vanilla, prefix, dual, threshold 0.9)
-step python scripts/auto_study.py --n 30 --rounds 3 --root /tmp/spiffy_auto_graphs
+step python scripts/auto_study.py --out results/auto --n 30 --rounds 3 --root /tmp/spiffy_auto_graphs
 # the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
 step python run.py "${STORE[@]}" eval.progress=false
 step python run.py -m "${STORE[@]}" eval.progress=false decoder=vanilla,spiffy graph.budget=3,5,8,10
@@ -64,4 +64,4 @@ for experiment in table1 table2 table3 table4 calib_efficiency transfer fig5 cro
   sdar_v4_embedded; do
   step "experiments/$experiment/launch.sh" eval.progress=false
 done
-step python scripts/make_tables.py --experiment default
+step python scripts/make_tables.py --experiment default --results results/runs --out results/tables

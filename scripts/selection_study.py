@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=None, help="folder to reuse recorded trajectories from")
-    p.add_argument("--out", default="results/tables")
+    p.add_argument("--out", default="runs/tables")  # committed: results/tables
     args = p.parse_args()
     model, tok = load_for_study(args.model, args.threads)
     test_prompts = arith_test_prompts(tok, args.n_test)

@@ -3,5 +3,6 @@
 # On a GPU: ./launch.sh model=sdar_8b_chat_b32 task=gsm8k 'decoder.stop_ids=[151643]' model.device=cuda
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python run.py -m experiment=sdar_v4_embedded decoder=sdar,sdar_dynamic,spiffy_sdar_dynamic 'decoder.stop_ids=[96]' eval.threads=1 "$@"
-python scripts/make_tables.py --experiment sdar_v4_embedded
+RESULTS_DIR="${RESULTS_DIR:-runs/results}" TABLES_DIR="${TABLES_DIR:-runs/tables}"
+python run.py -m experiment=sdar_v4_embedded decoder=sdar,sdar_dynamic,spiffy_sdar_dynamic 'decoder.stop_ids=[96]' eval.threads=1 results_dir="$RESULTS_DIR" "$@"
+python scripts/make_tables.py --experiment sdar_v4_embedded --results "$RESULTS_DIR" --out "$TABLES_DIR"

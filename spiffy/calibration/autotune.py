@@ -207,7 +207,7 @@ def autotune(
     seed: int = 0,
     horizon: int = 16,
     draft_noise: str = "none",
-    root: str = "results/graphs",
+    root: str = "runs/graphs",
     margin: float = MARGIN,
     force: bool = False,
     remeasure: bool = False,
@@ -260,6 +260,7 @@ def autotune(
         draft_noise=draft_noise,
         force=force or remeasure,
         batch=batch_size,
+        progress=progress,
     )
     candidates = predict(trajectories, graphs, costs, cfg, keyed=draft_noise == "keyed")
     candidates = [c for c in candidates if c.layout in lossless_layouts(cfg.cache)]

@@ -146,6 +146,9 @@ def _median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
+TIMING_ROUNDS = 7  # timed rounds of `time_forwards` (after a warm-up round)
+
+
 def time_forwards(
     model: torch.nn.Module,
     cfg: GenerationConfig,
@@ -153,18 +156,22 @@ def time_forwards(
     layouts: list[str],
     states: list[int],
     *,
-    rounds: int = 7,
+    rounds: int = TIMING_ROUNDS,
     burst: int = 3,
     seed: int = 0,
     batch: int = 1,
+    on_round=None,
 ) -> tuple[list[int], dict[str, list[list[float]]], list[float], float]:
     """Blocks timed, median in-block forward ms per layout x block x states, the base's in-block forward ms per
     block (`burst` single-state forwards after each block start), and the block-start ms.
 
     With `batch` > 1 every time is per request of a stacked forward of `batch` requests, each with the same
-    number of states (docs/algorithm.md §13): the cost a request pays in batched decoding."""
+    number of states (docs/algorithm.md §13): the cost a request pays in batched decoding. `on_round()` is called
+    after each round (a progress bar)."""
     if batch > 1:
-        return _time_batched_forwards(model, cfg, prompt_len, layouts, states, rounds, seed, batch)
+        return _time_batched_forwards(
+            model, cfg, prompt_len, layouts, states, rounds, seed, batch, on_round
+        )
     mask_id = int(model.config.mask_token_id)
     device = next(model.parameters()).device
     length, lb, nb = prompt_len + cfg.gen_length, cfg.block_length, cfg.num_blocks
@@ -205,6 +212,8 @@ def time_forwards(
                 held = strategy.block_logits(canvas, block, canvas[block].repeat(n, 1), lay)
                 if r:
                     times[(lay, b, n)].append(timer.model_s - before)
+        if on_round is not None:
+            on_round()
     del held
     table = {
         lay: [[_median_ms(times[(lay, b, n)]) for n in states] for b in blocks] for lay in layouts
@@ -231,7 +240,9 @@ def time_prefill(model: torch.nn.Module, cfg: GenerationConfig, prompt_len: int,
     return _median_ms(times)
 
 
-def _time_batched_forwards(model, cfg, prompt_len, layouts, states, rounds, seed, batch):
+def _time_batched_forwards(
+    model, cfg, prompt_len, layouts, states, rounds, seed, batch, on_round=None
+):
     """`time_forwards` per request of stacked forwards of `batch` requests (their own random canvases).
 
     Cheaper than the one-request measurement, which a batch multiplies: at most 3 rounds, and one block
@@ -271,6 +282,8 @@ def _time_batched_forwards(model, cfg, prompt_len, layouts, states, rounds, seed
                     torch.cuda.synchronize(device)
             if r:
                 times[keys[k]].append((clock() - t) / batch)
+        if on_round is not None:
+            on_round()
     table = {
         lay: [[_median_ms(times[(lay, b, n)]) for n in states] for b in blocks] for lay in layouts
     }
@@ -374,12 +387,13 @@ def load_or_measure(
     graphs: list[DraftGraph],
     *,
     model_name: str,
-    root: str | Path = "results/graphs",
+    root: str | Path = "runs/graphs",
     max_states: int | None = None,
     draft_noise: str = "none",
     overhead_prompts: int = 2,
     force: bool = False,
     batch: int = 1,
+    progress: bool = True,
 ) -> tuple[CostModel, Path]:
     """The cached cost model of this configuration on this device, or a fresh measurement (seconds).
 
@@ -420,12 +434,25 @@ def load_or_measure(
     if path.exists() and not force:
         return CostModel.from_json(path.read_text(), str(path)), path
     t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    # one step per timing round (round 0 warms up), one for the time outside the model
+    bar = tqdm(total=TIMING_ROUNDS + 2, desc="cost measurement", disable=not progress)
     blocks, table, base_forward, start = time_forwards(
-        model, cfg, prompt_len, layouts, states, batch=batch
+        model,
+        cfg,
+        prompt_len,
+        layouts,
+        states,
+        rounds=TIMING_ROUNDS,
+        batch=batch,
+        on_round=bar.update,
     )
     step, overhead, base_ms, base_in_block = time_outside_model(
         model, cfg, used, graphs, layouts, draft_noise=draft_noise
     )
+    bar.update(bar.total - bar.n)
+    bar.close()
     # The two phases may run under different load (a shared machine): bring the outside-model times to the
     # forward timings' scale by the base's model time, measured in the second phase and predicted by the first.
     plain = statistics.mean(base_forward)

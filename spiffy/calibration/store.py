@@ -95,7 +95,7 @@ def load_or_calibrate(
     horizon: int = 16,
     draft_noise: str = "none",
     cross_block: bool = False,
-    root: str | Path = "results/graphs",
+    root: str | Path = "runs/graphs",
     force: bool = False,
     progress: bool = True,
 ) -> DraftGraph:
@@ -231,7 +231,7 @@ TRAJECTORY_SETTINGS = (
 )
 
 
-def trajectories_path(graph: DraftGraph, root: str | Path = "results/graphs") -> Path:
+def trajectories_path(graph: DraftGraph, root: str | Path = "runs/graphs") -> Path:
     """Where the trajectories a graph calibrated by `load_or_calibrate` was selected from are cached."""
     p = graph.provenance
     missing = [k for k in TRAJECTORY_SETTINGS if k not in p]

@@ -343,7 +343,7 @@ def parse_batch_size(value) -> int | str:
 
 def default_max_tokens(device: torch.device) -> int | None:
     """Query tokens per forward that batched decoding stops at by default: 1024 on a CPU, where a longer stacked
-    forward outgrows the caches (README "Batched decoding", `results/bench/token_cap_*.md`), and no limit on
+    forward outgrows the caches (docs/results.md "Batched decoding", `results/bench/token_cap_*.md`), and no limit on
     an accelerator, which wants the largest forwards."""
     return 1024 if torch.device(device).type == "cpu" else None
 

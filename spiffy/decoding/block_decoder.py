@@ -150,7 +150,10 @@ class BlockDecoder:
         if prompt.dim() == 2 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 1:
-            raise ValueError(f"prompt_ids of shape {tuple(prompt.shape)}: expected (P,) or (1, P)")
+            raise ValueError(
+                f"prompt_ids of shape {tuple(prompt.shape)}: expected (P,) or (1, P); for a batch use "
+                "decoder.generate_batch([prompt, ...]) or model.generate(input_ids, attention_mask=...)"
+            )
         if (prompt == self.spec.mask_id).any():
             raise ValueError(f"prompt_ids contain the mask id {self.spec.mask_id}")
         total = self.layout(prompt.numel())[0]

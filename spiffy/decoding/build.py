@@ -49,3 +49,15 @@ def build_decoder(
     if not isinstance(speculate, Speculation):
         raise ValueError(f"speculate={speculate!r} must be None or a spiffy.Speculation")
     return SpiffyDecoder(model, cfg, speculate, options=options)
+
+
+def _register_model_generate() -> None:
+    """`model.generate` (spiffy.models.generate) reaches the decoders through this registration: the models layer
+    may not import them."""
+    from spiffy.decoding.model_generate import generate_for_model
+    from spiffy.models.generate import register_backend
+
+    register_backend(generate_for_model)
+
+
+_register_model_generate()

@@ -62,8 +62,9 @@ def step_rules() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """Base-decoder settings. Rule parameters (`steps`, `k`, `tau`, `factor`, `steps_per_block`) are read only
+class DecodingConfig:
+    """Base-decoder settings (`spiffy.GenerationConfig` is the same class under its earlier name, which collided
+    with `transformers.GenerationConfig`; `model.generate` accepts either kind, docs/conventions.md). Rule parameters (`steps`, `k`, `tau`, `factor`, `steps_per_block`) are read only
     by the rules that declare them (see `spiffy.decoding.rules.RULES`).
 
     SDAR (docs/algorithm.md §12): the block-causal rules take `steps_per_block` (SDAR's `denoising_steps`; `steps` stays the
@@ -215,3 +216,7 @@ class GenerationConfig:
     def field_names(cls) -> tuple[str, ...]:
         """Every setting, in declaration order (what provenance, Hydra and `build_decoder` derive from)."""
         return tuple(f.name for f in fields(cls))
+
+
+# the earlier name, kept (the public API only grows): the same class
+GenerationConfig = DecodingConfig

@@ -2,7 +2,8 @@
 
 Decoder specs are `<base>` or `<base>+spiffy[@<graph>][/shared|/cross|/fused]`, where `<base>` names a preset of
 `BASES` and `<graph>` is a spec string (`chain:10`, `fig2`), a JSON path, or `calibrated:<D>[:<rule>]`
-(calibrated for that base on the task's calibration split, cached in results/graphs/); `/shared` is the paper's
+(calibrated for that base on the task's calibration split, cached in `$GRAPH_ROOT`, default runs/graphs;
+scripts/reproduce_results.sh sets results/graphs); `/shared` is the paper's
 near-lossless layout, `/cross` continues the walk across blocks (docs/algorithm.md §5.4), `/fused` (SDAR) stores a finished
 block from the forward that verified it (docs/algorithm.md §12). Ratios are against the first spec's decoder.
 `cost_curve` times one forward against the number of query rows (1 + D drafts) for the exact layout (full
@@ -11,6 +12,7 @@ canvases) and the dual cache (block rows): the curve that decides when fewer NFE
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -136,6 +138,7 @@ def make_decoder(
             budget=budget,
             rule=rule,
             cross_block=spec.cross_block,
+            root=os.environ.get("GRAPH_ROOT", "runs/graphs"),
             progress=False,
         )
     speculation = Speculation(

@@ -155,6 +155,16 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
     return load_or_calibrate(*args, **shared, budget=g.budget, cross_block=cfg.decoder.cross_block)
 
 
+def sampling_kwargs(decoder) -> dict:
+    """The decoder group's sampling as lm-eval `gen_kwargs`: they replace the task file's (`do_sample: false`,
+    `temperature: 0.0`), which `SpiffyLM` honours per request, so the configured decoder is what runs."""
+    out = {"do_sample": decoder.temperature > 0, "temperature": float(decoder.temperature)}
+    out.update(
+        {k: getattr(decoder, k) for k in ("top_k", "top_p") if getattr(decoder, k) is not None}
+    )
+    return out
+
+
 def evaluate_task(cfg: RunConfig, lm) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -171,7 +181,8 @@ def evaluate_task(cfg: RunConfig, lm) -> dict:
         torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed,
         confirm_run_unsafe_code=cfg.task.allow_code_execution,
-        log_samples=False,
+        gen_kwargs=sampling_kwargs(cfg.decoder),
+        log_samples=True,
         apply_chat_template=cfg.model.chat_template,
         bootstrap_iters=0,
     )
@@ -304,7 +315,8 @@ def report_stored(cfg: RunConfig, key: str, row: dict, path: Path) -> float:
 def tracking_args(cfg: RunConfig, resolved: dict, key: str, env: dict) -> dict:
     return dict(
         config=tracking.run_config(resolved, job_key=key, env=env),
-        name=job_name(resolved),
+        name=f"{resolved['model']['name']}-{job_name(resolved)}",  # the row's name, model first
+        run_id=key,
         group=cfg.experiment_name,
         job_type=cfg.decoder.name,
         tags=tracking.run_tags(resolved, speculates=store.speculates(resolved)),
@@ -334,9 +346,11 @@ def run_claimed(
     tracker = distributed.checked(  # rank 0 alone logs; a W&B that cannot start stops every rank
         ranks,
         "starting W&B",
-        lambda: tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
-        if ranks.is_main
-        else None,
+        lambda: (
+            tracking.start(cfg.tracking, **tracking_args(cfg, resolved, key, env))
+            if ranks.is_main
+            else None
+        ),
     )
     if not ranks.is_main:
         evaluate_job(cfg, ranks)
@@ -347,6 +361,7 @@ def run_claimed(
         tracker.abort()
         raise
     auto = extra[0] if extra else None  # graph.budget=auto: the AutoChoice
+    lm_results = extra[1] if len(extra) > 1 else None
     name = job_name(resolved) + (str(auto.budget) if auto is not None else "")
     row = {
         "job_key": key,
@@ -362,6 +377,10 @@ def run_claimed(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "requests": request_rows(records),
     }
+    if (
+        lm_results is not None
+    ):  # lm-eval's own files beside the row (tracking=disabled keeps them too)
+        row["lm_eval"] = write_lm_eval_files(cfg, key, lm_results)
     samples = [
         {
             "request_id": r.request_id,
@@ -433,7 +452,7 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     With several processes (`ranks`), rank 0 alone calibrates (or loads) the graph and sends it to the others,
     every rank evaluates its share of the requests, and rank 0 gathers the records and returns the job's
     results; the other ranks return None."""
-    from spiffy.eval.harness import SpiffyLM
+    from spiffy.eval.harness import SpiffyLM, spiffy_metrics
     from spiffy.lab.metrics import summarize, task_scores
 
     ranks = ranks or distributed.Ranks(device=cfg.model.device)
@@ -488,13 +507,19 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     metrics = summarize(records, task_scores(results, cfg.task.lm_eval_task))
     metrics["world_size"] = ranks.world_size
     metrics["load_s"] = load_s
-    metrics["eval_s"] = eval_s  # wall-clock of the evaluation phase (all ranks; startup and calibration apart)
+    metrics["eval_s"] = (
+        eval_s  # wall-clock of the evaluation phase (all ranks; startup and calibration apart)
+    )
     metrics["eval_s_max_rank"] = max(s for _, _, s in shares)
+    lm.records = records  # every rank's, in request order
+    spiffy_metrics(results, lm)  # Spiffy's numbers in lm-eval's own results and samples
     metrics["batch_size"] = eval_batch(cfg)
     if batches:  # batched decoding (docs/algorithm.md §13): forwards and what each carried
         forwards = sum(b.forwards for b in batches)
         metrics["batch_forwards"] = forwards
-        metrics["batch_calls_per_forward"] = sum(sum(b.calls_per_forward) for b in batches) / forwards
+        metrics["batch_calls_per_forward"] = (
+            sum(sum(b.calls_per_forward) for b in batches) / forwards
+        )
         metrics["batch_rows_per_forward"] = sum(sum(b.rows_per_forward) for b in batches) / forwards
     # a cached graph loads in milliseconds: report the calibration it came from (docs/algorithm.md §5.5 step 3 provenance)
     provenance = graph.provenance if graph is not None else {}
@@ -503,12 +528,32 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     if "predicted_speedup_nfe" in provenance:
         metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
     metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
-    if auto is None:
-        return metrics, graph, records
-    metrics["auto_budget"] = auto.budget
-    metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
-    metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
-    return metrics, graph, records, auto
+    if auto is not None:
+        metrics["auto_budget"] = auto.budget
+        metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall
+        metrics["predicted_speedup_nfe"] = auto.predicted_speedup_nfe
+    return metrics, graph, records, auto, results
+
+
+def write_lm_eval_files(cfg: RunConfig, key: str, results: dict) -> dict:
+    """lm-eval's `results_<time>.json` and `samples_<task>_<time>.jsonl` (as its CLI names them, with Spiffy's
+    numbers added by `spiffy_metrics`) in `<results_dir>/<experiment>/<job_key>.lm_eval/`; returns their paths."""
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    folder = store.row_path(cfg.results_dir, cfg.experiment_name, key).with_suffix(".lm_eval")
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    samples = results.get("samples", {})
+    summary = {k: v for k, v in results.items() if k != "samples"}
+    paths = {"results": folder / f"results_{stamp}.json", "samples": []}
+    dump = lambda obj: json.dumps(obj, default=handle_non_serializable, ensure_ascii=False)  # noqa: E731
+    store.atomic_write_text(paths["results"], json.dumps(json.loads(dump(summary)), indent=2))
+    for task, rows in samples.items():
+        path = folder / f"samples_{task}_{stamp}.jsonl"
+        store.atomic_write_text(path, "".join(dump(r) + "\n" for r in rows))
+        paths["samples"].append(path)
+    return {"results": str(paths["results"]), "samples": [str(p) for p in paths["samples"]]}
 
 
 def print_summary(name: str, metrics: dict, env: dict | None = None) -> None:

@@ -1,6 +1,6 @@
 """Typed schemas of every config group, registered with Hydra's ConfigStore (docs/architecture.md, the lab).
 
-`conf/config.yaml` starts its defaults list with `run_schema`, so Hydra merges every YAML option and command-line
+`spiffy/conf/config.yaml` starts its defaults list with `run_schema`, so Hydra merges every YAML option and command-line
 override into these dataclasses at composition time: an unknown key or a wrongly typed value (`graph.budget=ten`)
 fails before any model loads, naming the key. Semantic checks (allowed choices, ranges) run in `__post_init__`
 when `pipeline.run` converts the config with `OmegaConf.to_object`, also before any model loads.
@@ -282,7 +282,7 @@ class EvalConfig:
     )
     progress: bool = True
     # requests decoded per forward (docs/algorithm.md §13; outputs unchanged): a positive integer, or "auto" (all
-    # of lm-eval's requests in flight, up to 64). README "Batched decoding" measures which is fastest here.
+    # of lm-eval's requests in flight, up to 64). docs/results.md "Batched decoding" measures which is fastest here.
     batch_size: Any = 1
     # seconds any rank of a multi-process job (torchrun run.py, docs/distributed.md) waits for the others before
     # the job fails: it must cover rank 0's calibration and the slowest rank's share of the requests

@@ -5,28 +5,42 @@ overrides), every job's config is composed and validated (a bad value fails here
 reported with its job key and what a real launch would do with it: `run`, `done` (its row is stored: it would
 skip), `running` (another process holds its claim) or `same as #i` (an identical job earlier in the list, e.g. the
 vanilla jobs of a `graph.budget` sweep). `hydra/launcher=...` and `hydra.*` overrides are accepted and ignored, so the
-command you are about to submit can be dry-run as it is.
+command you are about to submit can be dry-run as it is. Only Hydra's public API is used (the override parser,
+`compose`).
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from spiffy.lab import results as store
 from spiffy.lab.claims import claim_path, is_stale
 from spiffy.lab.pipeline import typed_job
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# the runner's configuration, inside the package (Hydra: pkg://spiffy.conf)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """The override list of every job of a sweep (Hydra's basic-sweeper order)."""
+    """The override list of every job of a sweep, in Hydra's basic-sweeper order (the cartesian product of the
+    comma-separated values, the first override varying slowest), through Hydra's public override API."""
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return BasicSweeper.split_arguments(parsed, None)[0]
+    choices = []
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_delete() and override.value() is None:  # `~key`: delete whatever it holds
+            choices.append([key])
+            continue
+        if override.is_sweep_override():
+            values = override.sweep_string_iterator()
+        else:
+            values = [override.get_value_element_as_str()]
+        choices.append([f"{key}={value}" for value in values])
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def plan(overrides: list[str]) -> list[dict]:

@@ -53,7 +53,11 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def run_config(resolved: dict, *, job_key: str, env: dict) -> dict:
     """The W&B config of a job: its resolved config (tracking excluded), key and environment, nested, so that
     W&B shows (and `wandb-workspaces` addresses) the result tables' axes as `graph.budget`, `decoder.cache`..."""
-    return {**{k: v for k, v in resolved.items() if k != "tracking"}, "job_key": job_key, "env": env}
+    return {
+        **{k: v for k, v in resolved.items() if k != "tracking"},
+        "job_key": job_key,
+        "env": env,
+    }
 
 
 def run_tags(resolved: dict, *, speculates: bool) -> list[str]:
@@ -76,7 +80,9 @@ class Tracker:
         if self.run is None:
             return {"mode": "disabled", "status": status}
         run = self.run
-        where = {"url": run.url} if self.cfg.mode == "online" else {"dir": str(Path(run.dir).parent)}
+        where = (
+            {"url": run.url} if self.cfg.mode == "online" else {"dir": str(Path(run.dir).parent)}
+        )
         return {
             "mode": self.cfg.mode,
             "project": self.cfg.project,
@@ -100,7 +106,11 @@ class Tracker:
         run.summary.update(scalars)
         history = []
         levels = sorted(
-            ((int(k.removeprefix(LEVEL_PREFIX)), v) for k, v in scalars.items() if k.startswith(LEVEL_PREFIX)),
+            (
+                (int(k.removeprefix(LEVEL_PREFIX)), v)
+                for k, v in scalars.items()
+                if k.startswith(LEVEL_PREFIX)
+            ),
         )
         if levels:
             run.define_metric(HISTORY_X)
@@ -153,7 +163,6 @@ class Tracker:
         return {**self.info("failed"), "error": f"{type(err).__name__}: {err}"}
 
 
-
 def describe(info: dict | None) -> str:
     """One line saying where a row's W&B run went (printed after the summary table)."""
     info = info or {}
@@ -164,6 +173,8 @@ def describe(info: dict | None) -> str:
     if info.get("mode") == "online":
         return f"W&B: {info.get('url')}"
     return f"W&B: offline run in {info.get('dir')}; upload with: wandb sync {info.get('dir')}"
+
+
 def start(
     cfg: TrackingConfig,
     *,
@@ -173,8 +184,11 @@ def start(
     job_type: str,
     tags: list[str],
     job_dir: str | Path,
+    run_id: str | None = None,
 ) -> Tracker:
-    """Open the job's W&B run (no-op tracker when disabled); raise `TrackingError` if W&B cannot start."""
+    """Open the job's W&B run (no-op tracker when disabled); raise `TrackingError` if W&B cannot start.
+
+    `run_id` (the job key): W&B's run id, so a rerun of the same job resumes its run instead of adding one."""
     if cfg.mode == "disabled":
         return Tracker(cfg)
     import wandb
@@ -191,6 +205,8 @@ def start(
             job_type=job_type,
             tags=tags,
             dir=str(job_dir),
+            id=run_id,
+            resume="allow" if run_id else None,
             reinit="finish_previous",
             settings=wandb.Settings(quiet=True),
         )

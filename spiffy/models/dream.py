@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from spiffy.models.base import RopeTables, row_slice
+from spiffy.models.generate import DreamGenerate
 from spiffy.models.kv import KVCache, plan_attention
 from spiffy.models.transformer import BidirectionalLM, DecoderLM, QwenConfig, rope_tables
 
@@ -49,7 +50,7 @@ class DreamConfig(QwenConfig):
         )
 
 
-class DreamModel(BidirectionalLM, DecoderLM):
+class DreamModel(DreamGenerate, BidirectionalLM, DecoderLM):
     """Dream masked-diffusion LM returning position-aligned logits (the shift is applied here)."""
 
     config_class = DreamConfig

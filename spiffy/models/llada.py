@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from spiffy.models.base import DiffusionLMOutput, RopeTables, select_rows
+from spiffy.models.generate import LLaDAGenerate
 from spiffy.models.kv import AttentionPlan, KVCache, bidirectional_attention
 from spiffy.models.transformer import (
     BidirectionalLM,
@@ -127,7 +128,7 @@ class LLaDATransformer(nn.Module):
         )
 
 
-class LLaDAModelLM(BidirectionalLM, PreTrainedModel):
+class LLaDAModelLM(LLaDAGenerate, BidirectionalLM, PreTrainedModel):
     """LLaDA masked-diffusion LM: bidirectional, no timestep input, logits at every query position."""
 
     config_class = LLaDAConfig

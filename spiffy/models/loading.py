@@ -115,6 +115,32 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> str:
     return name  # a hub id such as GSAI-ML/LLaDA-8B-Instruct: needs network or the HF cache
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device` that exists on this machine; otherwise a `ValueError` naming it (a model is
+    never loaded onto the CPU in place of a missing accelerator)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device!r}: torch sees no CUDA device on this machine (use device=cpu)"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device={device!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"device={device!r}: MPS is not available on this machine (use device=cpu)"
+        )
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ValueError(f"device={device!r}: spiffy runs on cpu, cuda or mps")
+    return dev
+
+
 def load_model(
     path_or_id: str | os.PathLike,
     *,
@@ -130,8 +156,9 @@ def load_model(
 
     Raises:
         FileNotFoundError: the directory does not exist or has no `config.json`.
-        ValueError: the config's `model_type` has no native implementation here.
+        ValueError: the config's `model_type` has no native implementation here, or `device` does not exist here.
     """
+    device = check_device(device)
     name = resolve_model_path(path_or_id)
     if isinstance(dtype, str):
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from spiffy.models.base import DiffusionLMOutput, select_rows
+from spiffy.models.generate import SDARGenerate
 from spiffy.models.kv import KVCache, append_kv, plan_attention
 from spiffy.models.transformer import DecoderLM, QwenConfig, rope_tables
 
@@ -86,7 +87,7 @@ class SDAROutput(DiffusionLMOutput):
     kv_cache: KVCache | None = None
 
 
-class SDARForCausalLM(DecoderLM):
+class SDARForCausalLM(SDARGenerate, DecoderLM):
     """SDAR block-diffusion LM: block-causal attention, absolute positions, logits at every query row."""
 
     config_class = SDARConfig

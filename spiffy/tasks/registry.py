@@ -1,6 +1,6 @@
 """Task presets: generation settings and prompt sources per task (documented per task in the README).
 
-This is the one place task lengths live: `conf/task/*.yaml` leave them unset and `spiffy.lab.schema.TaskConfig` fills
+This is the one place task lengths live: `spiffy/conf/task/*.yaml` leave them unset and `spiffy.lab.schema.TaskConfig` fills
 them from here. `arith` is the embedded model's task (gen 32, block 8). `gsm8k` and `humaneval` follow the paper's
 LLaDA settings (gen 256, block 32); the decoder's `steps_per_token` sets steps. Calibration prompts come from a split disjoint from test,
 in the evaluation's few-shot layout (docs/conventions.md "Few-shot"): `fewshot_prompt` writes what lm-eval's `gsm8k`

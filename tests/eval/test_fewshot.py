@@ -4,7 +4,6 @@ the calibration prompts use the same layout (docs/conventions.md "Few-shot")."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +12,7 @@ from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
 from spiffy.lab.pipeline import TASKS_DIR, evaluate_task
+from spiffy.lab.sweep import CONF_DIR
 from spiffy.tasks.arith import generate_split
 from spiffy.tasks.registry import (
     FEWSHOT_DELIMITER,
@@ -23,9 +23,7 @@ from spiffy.tasks.registry import (
     gsm8k_dir,
 )
 
-CONF = Path(__file__).resolve().parents[2] / "spiffy" / "conf"
-if not CONF.is_dir():  # before conf/ moved into the package
-    CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
 
 
 class RecordingLM(LM):
@@ -53,6 +51,7 @@ def contexts(task: str, num_fewshot: int | None, limit: int = 3) -> list[str]:
             lm_eval_task=task, num_fewshot=num_fewshot, limit=limit, allow_code_execution=False
         ),
         model=SimpleNamespace(chat_template=False),
+        decoder=SimpleNamespace(temperature=0.0, top_k=None, top_p=None),
         seed=0,
     )
     lm = RecordingLM()

@@ -25,8 +25,9 @@ from spiffy.eval.sandbox import Limits, run_program
 from spiffy.eval.tasks.spiffy_tasks import humaneval_pass_at_1, load_humaneval
 from spiffy.lab.pipeline import TASKS_DIR
 from spiffy.lab.schema import register_configs
+from spiffy.lab.sweep import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
 FAST = Limits(timeout_s=5.0)
 
 

@@ -13,8 +13,10 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from spiffy import GenerationConfig, Speculation
 from spiffy.lab.pipeline import generation_kwargs
 from spiffy.lab.schema import RunConfig, register_configs, speculation_settings
+from spiffy.lab.sweep import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
+REPO = Path(__file__).resolve().parents[2]
 GROUPS = ["model", "task", "decoder", "graph", "tracking", "experiment"]
 register_configs()
 
@@ -119,7 +121,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def test_each_experiment_has_a_launcher_and_runs_on_the_published_checkpoint(experiment):
     """Every paper experiment: one launch script (run.py sweep + make_tables), and the same config composes
     for LLaDA-8B on GSM8K (the GPU command is the same with `model=... task=...`)."""
-    launch = (CONF.parent / "experiments" / experiment / "launch.sh").read_text()
+    launch = (REPO / "experiments" / experiment / "launch.sh").read_text()
     assert f"run.py -m experiment={experiment}" in launch
     assert f"make_tables.py --experiment {experiment}" in launch
     model = PUBLISHED.get(experiment, "llada_8b_instruct")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from spiffy.lab.sweep import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -44,7 +46,12 @@ def rows_of(folder: Path) -> list[dict]:
 
 
 def test_smoke_multirun_writes_one_row_per_job_and_reruns_skip(tmp_path):
-    sweep = ["decoder=vanilla,spiffy", "graph.budget=2,4", "experiment_name=smoke", "eval.batch_size=16"]
+    sweep = [
+        "decoder=vanilla,spiffy",
+        "graph.budget=2,4",
+        "experiment_name=smoke",
+        "eval.batch_size=16",
+    ]
     proc = run_py(tmp_path, *sweep)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = rows_of(tmp_path / "runs" / "smoke")
@@ -59,7 +66,19 @@ def test_smoke_multirun_writes_one_row_per_job_and_reruns_skip(tmp_path):
         assert m["batch_size"] == 16 and m["batch_forwards"] < m["nfe_mean"] * m["n_requests"]
         assert row["env"]["git_sha"] is not None and row["graph"] is not None
         assert row["env"]["torch_threads"] == 1 and row["env"]["dtype"] == "float32"
-    assert list((tmp_path / "graphs").rglob("D4-best-*.json"))  # calibrated (default rule) and cached
+        # lm-eval's own files beside the row, with Spiffy's numbers (tracking=disabled here)
+        files = row["lm_eval"]
+        assert Path(files["results"]).parent.name == f"{row['job_key']}.lm_eval"
+        lm_results = json.loads(Path(files["results"]).read_text())["results"]["spiffy_arith"]
+        assert lm_results["nfe,none"] == m["nfe_mean"] and lm_results["agreement,none"] == 1.0
+        [samples] = files["samples"]
+        records = [json.loads(line) for line in Path(samples).read_text().splitlines()]
+        # one record per document and answer filter (strict-match, flexible-extract), as lm-eval logs them
+        assert len({r["doc_id"] for r in records}) == 2 and len(records) == 4
+        assert all(r["spiffy"][0]["nfe"] >= 1 for r in records)
+    assert list(
+        (tmp_path / "graphs").rglob("D4-best-*.json")
+    )  # calibrated (default rule) and cached
     again = run_py(tmp_path, *sweep)
     assert again.returncode == 0 and again.stdout.count("skip: job") == 4
     assert again.stdout.count("NFE speedup") == 4  # each skip prints the stored summary
@@ -77,9 +96,20 @@ def summary_line(stdout: str) -> str:
 def test_first_run_with_the_defaults_shows_its_summary_and_a_rerun_shows_the_stored_one(tmp_path):
     """`python run.py` as a new user runs it (defaults: rows, graphs, W&B offline under ./runs), from tmp_path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_SILENT": "true",
+    }
     env["HOME"] = str(tmp_path)  # no W&B login: offline needs none
-    cmd = [sys.executable, str(REPO / "run.py"), "task.limit=2", "graph.n_samples=3", "eval.progress=false"]
+    cmd = [
+        sys.executable,
+        str(REPO / "run.py"),
+        "task.limit=2",
+        "graph.n_samples=3",
+        "eval.progress=false",
+    ]
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     (row_file,) = (tmp_path / "runs" / "results" / "default").glob("*.json")
@@ -90,7 +120,10 @@ def test_first_run_with_the_defaults_shows_its_summary_and_a_rerun_shows_the_sto
     assert row["wandb"]["status"] == "logged" and row["env"]["torch_threads"] == 1
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "already done" in again.stdout and "Running generate_until" not in again.stdout + again.stderr
+    assert (
+        "already done" in again.stdout
+        and "Running generate_until" not in again.stdout + again.stderr
+    )
     assert summary_line(again.stdout) == summary_line(first.stdout)  # the stored metrics
     assert f"{row['metrics']['speedup_nfe']:.2f}x" in summary_line(again.stdout)
 
@@ -104,7 +137,7 @@ def test_every_default_output_location_is_untracked():
     from spiffy.lab.schema import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     paths = [
         f"{cfg.results_dir}/default/0123.json",
@@ -173,5 +206,7 @@ def test_submitit_local_sweep_lands_every_row_once_and_a_rerun_skips(tmp_path):
     again = run_py(tmp_path, *sweep)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     logs = submitit_logs(tmp_path)
-    assert logs.count("row: ") == 3 and logs.count("already done") >= 4  # the rerun evaluated nothing
+    assert (
+        logs.count("row: ") == 3 and logs.count("already done") >= 4
+    )  # the rerun evaluated nothing
     assert len(rows_of(tmp_path / "runs" / "sub")) == 3

@@ -7,7 +7,7 @@ import pytest
 from spiffy.lab import results as store
 from spiffy.lab.claims import try_claim
 from spiffy.lab.schema import register_configs
-from spiffy.lab.sweep import dry_run, plan
+from spiffy.lab.sweep import CONF_DIR, dry_run, plan
 
 register_configs()
 
@@ -44,11 +44,10 @@ def test_dry_run_names_the_job_with_a_bad_value(capsys):
 @pytest.mark.parametrize("launcher", ["slurm", "local_parallel", "submitit_local"])
 def test_launcher_configs_compose_with_their_plugins(launcher):
     """The documented launcher settings are keys of the plugins' typed configs (a typo fails here)."""
-    from pathlib import Path
 
     from hydra import compose, initialize_config_dir
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
+    conf = CONF_DIR
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     params = cfg.hydra.launcher

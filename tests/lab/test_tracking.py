@@ -11,8 +11,9 @@ from hydra import compose, initialize_config_dir
 from spiffy.lab import pipeline, tracking
 from spiffy.lab import results as store
 from spiffy.lab.schema import TrackingConfig, register_configs
+from spiffy.lab.sweep import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
 register_configs()
 
 METRICS = {
@@ -54,7 +55,10 @@ def compose_job(tmp_path: Path, *overrides: str):
 
 
 def test_offline_run_follows_the_report_conventions(wandb_env):
-    resolved = {"graph": {"budget": 3, "source": "calibrate", "rule": "degree1"}, "decoder": {"name": "spiffy"}}
+    resolved = {
+        "graph": {"budget": 3, "source": "calibrate", "rule": "degree1"},
+        "decoder": {"name": "spiffy"},
+    }
     resolved |= {"model": {"name": "m"}, "task": {"name": "arith"}}
     tracker = tracking.start(
         TrackingConfig(mode="offline", dir=str(wandb_env)),
@@ -65,12 +69,16 @@ def test_offline_run_follows_the_report_conventions(wandb_env):
         tags=tracking.run_tags(resolved, speculates=True),
         job_dir=wandb_env / "k",
     )
-    info = tracker.log_job(METRICS, [{"request_id": 0, "completion": "4", "nfe": 12, "agrees": True}])
+    info = tracker.log_job(
+        METRICS, [{"request_id": 0, "completion": "4", "nfe": 12, "agrees": True}]
+    )
     assert info["status"] == "logged" and info["group"] == "exp" and info["job_type"] == "spiffy"
     assert Path(info["dir"]).is_dir() and info["dir"].startswith(str(wandb_env / "k"))
     keys = info["keys"]
     assert {"graph.budget", "decoder.name", "env.torch_threads", "job_key"} <= set(keys["config"])
-    assert {"speedup_nfe", "accepted_level/2", "acceptance", "cost", "samples"} <= set(keys["summary"])
+    assert {"speedup_nfe", "accepted_level/2", "acceptance", "cost", "samples"} <= set(
+        keys["summary"]
+    )
     assert keys["history"] == ["level", "acceptance/accepted"]
     assert tracking.run_tags(resolved, speculates=True) == [
         "model:m",
@@ -82,7 +90,9 @@ def test_offline_run_follows_the_report_conventions(wandb_env):
 
 def test_online_without_login_fails_at_start_naming_the_setting(wandb_env):
     t0 = time.perf_counter()
-    with pytest.raises(tracking.TrackingError, match="tracking.mode='online'.*Nothing was evaluated"):
+    with pytest.raises(
+        tracking.TrackingError, match="tracking.mode='online'.*Nothing was evaluated"
+    ):
         tracking.start(
             TrackingConfig(mode="online", dir=str(wandb_env)),
             config={},
@@ -103,7 +113,9 @@ def test_a_failing_wandb_start_stops_the_job_before_any_model_loads(wandb_env, m
     cfg = compose_job(wandb_env, "tracking=online")
     with pytest.raises(tracking.TrackingError, match="could not start"):
         pipeline.run(cfg)
-    assert not list((wandb_env / "runs" / "results").rglob("*.json"))  # no row, no claim left behind
+    assert not list(
+        (wandb_env / "runs" / "results").rglob("*.json")
+    )  # no row, no claim left behind
 
 
 def test_a_job_whose_wandb_logging_fails_is_not_silently_done(wandb_env, monkeypatch, capsys):
@@ -139,4 +151,20 @@ def test_a_rerun_prints_the_stored_summary_and_where_the_row_is(wandb_env, monke
     assert pipeline.run(cfg) == 0.5
     again = capsys.readouterr().out
     assert f"already done; its row is in {path}" in again
-    assert "2.67x" in again and "12.0" in again and "32.0" in again  # the stored metrics, not just "skip"
+    assert (
+        "2.67x" in again and "12.0" in again and "32.0" in again
+    )  # the stored metrics, not just "skip"
+
+
+def test_run_name_has_the_model_and_the_run_id_is_the_job_key(wandb_env):
+    """A rerun of a job resumes its W&B run (same id) instead of adding a duplicate; the name shows the model."""
+    cfg, resolved = pipeline.typed_job(compose_job(wandb_env, "tracking=offline"))
+    key = store.job_key(resolved)
+    args = pipeline.tracking_args(cfg, resolved, key, {"torch_threads": 1})
+    assert args["run_id"] == key
+    assert args["name"] == f"{cfg.model.name}-{pipeline.job_name(resolved)}"
+    ids = []
+    for _ in range(2):
+        tracker = tracking.start(TrackingConfig(mode="offline", dir=str(wandb_env)), **args)
+        ids.append(tracker.log_job(METRICS)["run_id"])
+    assert ids == [key, key]

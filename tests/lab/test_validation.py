@@ -21,11 +21,11 @@ from spiffy.graph.draft_graph import DraftGraph
 from spiffy.lab import pipeline
 from spiffy.lab.pipeline import ConfigError
 from spiffy.lab.schema import register_configs
-from spiffy.lab.sweep import plan
+from spiffy.lab.sweep import CONF_DIR, plan
 from spiffy.models.loading import EMBEDDED_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "conf"
+CONF = CONF_DIR
 register_configs()
 
 
