@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from spiffy.calibration.trajectories import BlockTrajectory, Trajectories
+from spiffy.decoding.walk import follow
 from spiffy.graph.draft_graph import DraftGraph, Formula
 
 EMPTY: Formula = ()
@@ -66,10 +67,9 @@ def walk_block(
     while t < block.transitions:
         nfe += 1  # a forward at X_t verifying the drafts
         nodes = nodes_of(block.masked[t - 1])
-        seq, accepted, previous = block.keys[t - 1], 0, EMPTY
-        while accepted < len(seq) and (seq[accepted] in nodes or seq[accepted] == previous):
-            previous = seq[accepted]
-            accepted += 1
+        accepted = follow(
+            block.keys[t - 1], nodes, EMPTY
+        )  # the decoder's walk (spiffy.decoding.walk)
         if cross_block and t + accepted + 1 == block.transitions:
             completed = block.complete[t - 1] in nodes
         t += accepted + 1

@@ -25,6 +25,7 @@ import torch
 from spiffy.calibration.calibrate import SELECTION_RULES, evaluate, key_statistics, select_graph
 from spiffy.calibration.trajectories import VERSION, Trajectories, record_trajectories
 from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.modes import check_cross_block
 from spiffy.decoding.provenance import calibration_key, decoder_settings
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.graph.files import atomic_write_text, slug
@@ -108,8 +109,8 @@ def load_or_calibrate(
         raise ValueError(f"horizon={horizon!r} must be a positive integer")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ValueError(f"budget={budget!r} must be a positive integer")
-    if cross_block and cfg.cache != "none":
-        raise ValueError(f"cross_block=True needs cache='none', got cache={cfg.cache!r}")
+    if cross_block:
+        check_cross_block(cfg.cache, "exact")
     base = trajectory_settings(
         model,
         cfg,

@@ -235,15 +235,21 @@ class TrajectoryRecorder(BlockDecoder):
         self._pending: deque[_Origin] = deque()
         self._done: list[tuple[list[Formula], Formula | None, int]] = []
 
-    def decode_block(self, canvas, block, b, strategy, stats, noise, carry=None, **kwargs):
+    def enter_block(self, state, carry):
         self._pending.clear()
         self._done = []
-        before = stats.transitions
+        stats = state.stats
         # calls made before the first block (SDAR's prefill) count with it
-        calls = stats.nfe if b else 0
-        base_calls = stats.base_extra_calls if b else 0
-        carry = super().decode_block(canvas, block, b, strategy, stats, noise, carry, **kwargs)
-        final = canvas[block]
+        self._marks = (
+            stats.transitions,
+            stats.nfe if state.index else 0,
+            stats.base_extra_calls if state.index else 0,
+        )
+        return super().enter_block(state, carry)
+
+    def leave_block(self, state, carry):
+        stats, final = state.stats, state.canvas[state.block]
+        before, calls, base_calls = self._marks
         for o in self._pending:  # the complete state is level len(keys) + 1 of every pending origin
             reachable = len(o.keys) < self.horizon and not o.unreachable
             self._done.append((o.keys, o.complete_key(final) if reachable else None, o.masked))
@@ -261,7 +267,8 @@ class TrajectoryRecorder(BlockDecoder):
                 base_extra_calls=stats.base_extra_calls - base_calls,
             )
         )
-        return carry  # None, or SDAR's `fuse_next` start of the next block: the recorder drafts nothing
+        # carry: None, or SDAR's `fuse_next` start of the next block (the recorder drafts nothing)
+        return super().leave_block(state, carry)
 
     def generate(self, prompt_ids, *, request_id=0, seed=0):
         first = len(self.blocks)

@@ -88,6 +88,8 @@ def check_speculation_options(**options) -> None:
 class SpiffyDecoder(BlockDecoder):
     """Speculative wrapper over the base configuration `cfg`; same output, fewer forwards."""
 
+    drafting = True
+
     def __init__(
         self,
         model: DiffusionLM,
@@ -121,6 +123,7 @@ class SpiffyDecoder(BlockDecoder):
                 f"fuse_store=True with rule={cfg.rule!r}: a complete draft does not end a LLaDA2.1 block "
                 "(post calls may still edit it), so drafts keep a mask (docs/llada2.md)"
             )
+        self.keep_kv = speculation.fuse_store  # keep the verified rows' K/V to store a finished draft
         self.keyed = speculation.draft_noise == "keyed"
         # one (graph, tensors) per phase of a phased graph (drafts chosen by the masked count), else one
         self._phases = [
@@ -174,16 +177,9 @@ class SpiffyDecoder(BlockDecoder):
         )
         return drafts
 
-    def make_strategy(self):
-        strategy = super().make_strategy()
-        if self.speculation.fuse_store:  # keep the verified rows' K/V to store a finished draft
-            strategy.keep_kv = True
-        return strategy
-
-    def stored_row(self, end, rows, stats):
+    def stored_row(self, end):
         if not self.speculation.fuse_store or end.match < 1:
             return None
-        stats.accepted_per_level[rows.levels[end.match]] += 1
         return end.match  # row 0 is the real state
 
     def lookahead(self, canvas_len, block, n_drafts):

@@ -32,7 +32,7 @@ import torch
 
 import spiffy
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.forward import STRATEGIES
+from spiffy.decoding.strategies import STRATEGIES
 from spiffy.eval.offline import encode
 from spiffy.lab.benchmarks import (
     LAYOUTS,
