@@ -1,4 +1,4 @@
-"""Typed schemas of every config group, registered with Hydra's ConfigStore (STYLE §4).
+"""Typed schemas of every config group, registered with Hydra's ConfigStore (docs/architecture.md, the lab).
 
 `spiffy/conf/config.yaml` starts its defaults list with `run_schema`, so Hydra merges every YAML option and command-line
 override into these dataclasses at composition time: an unknown key or a wrongly typed value (`graph.budget=ten`)
