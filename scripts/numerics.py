@@ -23,7 +23,7 @@ import torch
 
 import spiffy
 from spiffy.decoding.block_decoder import DecoderOptions
-from spiffy.decoding.forward import STRATEGIES
+from spiffy.decoding.strategies import STRATEGIES
 from spiffy.eval.offline import encode
 from spiffy.tasks.arith import format_prompt, generate_split
 from spiffy.tasks.registry import TASKS

@@ -1,4 +1,4 @@
-"""The device cost model of speculation (issue #20): what a forward and Spiffy's own work cost on this device.
+"""The device cost model of speculation (docs/algorithm.md §5.8): what a forward and Spiffy's own work cost on this device.
 
 `measure_costs` times, in one process and on the job's shape (the calibration prompts' median length plus
 `gen_length`), everything the wall-clock of a request is made of:
@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spiffy.decoding.batching import CallRecorder, CallStacker
+from spiffy.decoding.batching import CallStacker
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.forward import STRATEGIES
 from spiffy.decoding.modes import VERIFY_LAYOUTS, effective_layout, get_cache_mode, is_lossless
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
+from spiffy.decoding.strategies import STRATEGIES
 from spiffy.graph.draft_graph import DraftGraph
-from spiffy.graph.files import atomic_write_text
+from spiffy.graph.files import atomic_write_text, slug
 
 FORMAT, VERSION = "spiffy.calibration.costs", 2
 
@@ -178,10 +178,9 @@ def time_forwards(
     gen = torch.Generator().manual_seed(seed)
     canvas = torch.randint(0, mask_id, (length,), generator=gen).to(device)
     blocks = sorted({0, nb // 2, nb - 1})
-    strategy = STRATEGIES[cfg.cache](model)
+    strategy = STRATEGIES[cfg.cache](model, block_length=lb)
     stored = None
-    if hasattr(strategy, "prefill"):  # block-causal: every block queries the stored blocks before it
-        strategy.block_length = lb
+    if strategy.stores_blocks:  # block-causal: every block queries the stored blocks before it
         strategy.prefill(canvas, prompt_len + blocks[-1] * lb)
         stored = strategy.cache
     timer = strategy.timer
@@ -221,16 +220,19 @@ def time_forwards(
     return blocks, table, [_median_ms(plain[b]) for b in blocks], _median_ms(starts)
 
 
-def time_prefill(model: torch.nn.Module, cfg: GenerationConfig, prompt_len: int, rounds: int = 3) -> float:
+def time_prefill(
+    model: torch.nn.Module, cfg: GenerationConfig, prompt_len: int, rounds: int = 3
+) -> float:
     """Median ms of the block-causal prefill of a prompt of `prompt_len` tokens (its whole blocks)."""
     end = prompt_len // cfg.block_length * cfg.block_length
     if end == 0:
         return 0.0
     mask_id = int(model.config.mask_token_id)
     device = next(model.parameters()).device
-    canvas = torch.randint(0, mask_id, (end,), generator=torch.Generator().manual_seed(0)).to(device)
-    strategy = STRATEGIES[cfg.cache](model)
-    strategy.block_length = cfg.block_length
+    canvas = torch.randint(0, mask_id, (end,), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
+    strategy = STRATEGIES[cfg.cache](model, block_length=cfg.block_length)
     times = []
     for r in range(rounds + 1):  # round 0 warms up
         before = strategy.timer.model_s
@@ -251,7 +253,7 @@ def _time_batched_forwards(
     device = next(model.parameters()).device
     length, lb, nb = prompt_len + cfg.gen_length, cfg.block_length, cfg.num_blocks
     gen = torch.Generator().manual_seed(seed)
-    blocks = sorted({0, nb // 2, nb - 1}) if cfg.cache == "prefix" else [nb // 2]
+    blocks = sorted({0, nb // 2, nb - 1}) if get_cache_mode(cfg.cache).suffix_queries else [nb // 2]
     rounds = min(rounds, 3)
     stacker = CallStacker(model, block_causal=False)
     clock = time.thread_time if device.type == "cpu" else time.perf_counter
@@ -263,14 +265,13 @@ def _time_batched_forwards(
         strategy = STRATEGIES[cfg.cache](model)
         for b in blocks:
             block = slice(prompt_len + b * lb, prompt_len + (b + 1) * lb)
-            with CallRecorder(model) as rec:
-                strategy.begin_block(canvas, block)
-                for lay in layouts:
-                    for n in states:
-                        strategy.block_logits(canvas, block, canvas[block].repeat(n, 1), lay)
-            calls.setdefault(("start", b, 0), []).append(rec.calls[0])
-            for i, (lay, n) in enumerate((lay, n) for lay in layouts for n in states):
-                calls.setdefault((lay, b, n), []).append(rec.calls[1 + i])
+            start = strategy.begin_block_call(canvas, block)
+            strategy.run(start)
+            calls.setdefault(("start", b, 0), []).append(start.call)
+            for lay, n in ((lay, n) for lay in layouts for n in states):
+                pending = strategy.verify_call(canvas, block, canvas[block].repeat(n, 1), lay)
+                strategy.run(pending)
+                calls.setdefault((lay, b, n), []).append(pending.call)
     keys = list(calls)
     times: dict[tuple, list[float]] = {k: [] for k in keys}
     for r in range(rounds + 1):  # round 0 warms up
@@ -430,7 +431,7 @@ def load_or_measure(
         },
     )
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = Path(root) / _slug(model_name) / "costs" / f"{_slug(key['device_name'])}-{digest}.json"
+    path = Path(root) / slug(model_name) / "costs" / f"{slug(key['device_name'])}-{digest}.json"
     if path.exists() and not force:
         return CostModel.from_json(path.read_text(), str(path)), path
     t0 = time.perf_counter()
@@ -475,7 +476,3 @@ def load_or_measure(
     costs = CostModel(states, blocks, table, base_forward, start, step * scale, overhead, meta)
     atomic_write_text(path, costs.to_json())
     return costs, path
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text)) or "_"

@@ -25,9 +25,10 @@ import torch
 from spiffy.calibration.calibrate import SELECTION_RULES, evaluate, key_statistics, select_graph
 from spiffy.calibration.trajectories import VERSION, Trajectories, record_trajectories
 from spiffy.decoding.config import GenerationConfig
+from spiffy.decoding.modes import check_cross_block
 from spiffy.decoding.provenance import calibration_key, decoder_settings
 from spiffy.graph.draft_graph import DraftGraph
-from spiffy.graph.files import atomic_write_text
+from spiffy.graph.files import atomic_write_text, slug
 from spiffy.models.loading import model_spec
 
 DRAFT_NOISE = ("none", "keyed")
@@ -108,8 +109,8 @@ def load_or_calibrate(
         raise ValueError(f"horizon={horizon!r} must be a positive integer")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ValueError(f"budget={budget!r} must be a positive integer")
-    if cross_block and cfg.cache != "none":
-        raise ValueError(f"cross_block=True needs cache='none', got cache={cfg.cache!r}")
+    if cross_block:
+        check_cross_block(cfg.cache, "exact")
     base = trajectory_settings(
         model,
         cfg,
@@ -128,7 +129,7 @@ def load_or_calibrate(
         "selection": rule,
         "cross_block": cross_block,
     }
-    folder = Path(root) / _slug(model_name) / _slug(task)
+    folder = Path(root) / slug(model_name) / slug(task)
     graph_path = folder / f"D{budget}-{rule}{'-xb' if cross_block else ''}-{expected['key']}.json"
     if graph_path.exists() and not force:
         graph = _cached_graph(graph_path, expected, cfg.block_length, _vocab_size(model))
@@ -238,8 +239,4 @@ def trajectories_path(graph: DraftGraph, root: str | Path = "runs/graphs") -> Pa
     if missing:
         raise ValueError(f"graph provenance lacks {missing}: not a graph from load_or_calibrate")
     key = calibration_key({k: p[k] for k in TRAJECTORY_SETTINGS})
-    return Path(root) / _slug(p["model"]) / _slug(p["task"]) / "trajectories" / f"{key}.json"
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(text)).name or text)
+    return Path(root) / slug(p["model"]) / slug(p["task"]) / "trajectories" / f"{key}.json"

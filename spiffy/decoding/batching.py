@@ -1,11 +1,10 @@
 """Batched decoding (docs/algorithm.md §13): many requests per forward, every request's output unchanged.
 
-Each request runs the batch-of-one decoder (`BlockDecoder.generate`) unchanged, in a worker thread of a
-`BatchRunner`. Its model calls are not executed by the worker: `ForwardStrategy._call` hands them to the runner
-(`submit`) and the worker waits. When every live request is waiting on a call (a *round*), the runner stacks the
-calls into as few forwards as it can (`CallStacker`) and gives every request its own rows back. A request's code
-never knows it is batched; a finished request leaves at once and the next prompt joins (continuous batching), so
-requests finish independently with their own NFE. Only the runner's thread calls the model.
+Every request is a state machine (`BlockDecoder.step`) that returns its next `ModelCall` instead of running it;
+`spiffy.decoding.engine.Engine` collects the live requests' calls (a *round*), stacks them into as few forwards as
+it can (`CallStacker`, here) and hands every request its own rows back. A request's steps never know it is
+batched; a finished request leaves at once and the next one joins (continuous batching), so requests finish
+independently with their own NFE.
 
 Stacking keeps every call's own shapes: its rows, its query length, its positions, its mask and its cache.
 
@@ -29,10 +28,7 @@ rounding difference does not move an argmax or a sampled token; a call alone in 
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,28 +37,17 @@ import torch
 from spiffy.models.base import DiffusionLM, DiffusionLMOutput
 from spiffy.models.kv import KVCache, stack_caches
 
-_local = threading.local()
-
-
-def active_runner() -> BatchRunner | None:
-    """The `BatchRunner` whose worker thread this is (None outside batched decoding)."""
-    return getattr(_local, "runner", None)
-
-
-class BatchAborted(RuntimeError):
-    """Raised in a waiting request when another request of the batch failed."""
-
 
 @dataclass
 class ModelCall:
     """One request's model call as the decoder made it (`input_ids` (N, Q) and the model's keyword arguments),
-    with what stacking reads from it; `out`, `error` and `seconds` are filled by the runner."""
+    with what stacking reads from it; `order` (the request's place in the engine) orders calls in a forward;
+    `out` and `seconds` are filled by whoever runs it."""
 
     order: int
     input_ids: torch.Tensor
     kwargs: dict[str, Any]
     out: DiffusionLMOutput | None = None
-    error: BaseException | None = None
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
@@ -346,194 +331,3 @@ def default_max_tokens(device: torch.device) -> int | None:
     forward outgrows the caches (docs/results.md "Batched decoding", `results/bench/token_cap_*.md`), and no limit on
     an accelerator, which wants the largest forwards."""
     return 1024 if torch.device(device).type == "cpu" else None
-
-
-_RUNNING, _WAITING, _DONE = "running", "waiting", "done"
-
-
-@dataclass
-class _Worker:
-    index: int
-    thread: threading.Thread | None = None
-    state: str = _RUNNING
-    call: ModelCall | None = None
-    result: Any = None
-    error: BaseException | None = None
-    abort: bool = False
-    go: threading.Event = field(default_factory=threading.Event)
-
-
-class BatchRunner:
-    """Runs jobs (each one request's batch-of-one decode) with at most `max_batch` of them live, stacking
-    their model calls round by round (module docstring). `run(jobs)` returns the results in job order.
-
-    Only one thread runs at a time: the runner hands a baton to each live job in turn, which walks until its
-    next model call (or its end) and hands it back; then the runner runs the round's forwards. So the jobs'
-    host work is never slowed by contention for the interpreter, scheduling is deterministic, and each job's
-    wall-clock share is exact: its own walking time plus its share of the forwards (by query rows)."""
-
-    def __init__(
-        self,
-        model: DiffusionLM,
-        max_batch: int,
-        *,
-        block_causal: bool = False,
-        tolerance: float = 0.25,
-        max_tokens: int | None = None,
-        on_done: Callable[[int, Any], None] | None = None,
-    ):
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-            raise ValueError(f"batch_size={max_batch!r} must be a positive integer")
-        self.max_batch = max_batch
-        self.stacker = CallStacker(
-            model, block_causal=block_causal, tolerance=tolerance, max_tokens=max_tokens
-        )
-        self.on_done = on_done
-        self.stats = BatchStats()
-        self.shares: list[float] = []  # each job's share of the wall-clock
-        self._back = threading.Event()
-
-    # ---- inside a worker ------------------------------------------------------------------------------
-
-    def submit(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Any, float]:
-        """Hand one model call to the runner and wait for its output; returns (output, its model seconds)."""
-        worker: _Worker = _local.worker
-        call = ModelCall(worker.index, input_ids, kwargs)
-        worker.call, worker.state = call, _WAITING
-        self._pass_baton(worker)
-        if worker.abort:
-            raise BatchAborted("another request of the batch failed")
-        if call.error is not None:
-            raise call.error
-        return call.out, call.seconds
-
-    def _pass_baton(self, worker: _Worker) -> None:
-        self._back.set()
-        worker.go.wait()
-        worker.go.clear()
-
-    def _work(self, worker: _Worker, job: Callable[[], Any]) -> None:
-        _local.runner, _local.worker = self, worker
-        worker.go.wait()
-        worker.go.clear()
-        try:
-            worker.result = job()
-        except BaseException as error:  # handed to the runner's thread, which re-raises it
-            worker.error = error
-        finally:
-            worker.state = _DONE
-            self._back.set()
-
-    # ---- the runner's thread ----------------------------------------------------------------------------
-
-    def _resume(self, worker: _Worker) -> None:
-        """Let `worker` walk until its next call or its end."""
-        t = time.perf_counter()
-        worker.state = _RUNNING
-        worker.go.set()
-        self._back.wait()
-        self._back.clear()
-        self.shares[worker.index] += time.perf_counter() - t
-
-    def run(self, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
-        """Run every job; re-raises the first failing job's error (in job order) after stopping the rest."""
-        t0 = time.perf_counter()
-        self.shares = [0.0] * len(jobs)
-        results: list[Any] = [None] * len(jobs)
-        todo, live = deque(range(len(jobs))), []
-        try:
-            results = self._run(jobs, todo, live, results)
-        except BaseException:  # the runner itself failed (or was interrupted): stop every live job
-            for w in live:
-                if w.state == _WAITING:
-                    w.abort = True
-                    self._resume(w)
-            raise
-        finally:
-            self.stats.wall_s += time.perf_counter() - t0
-        return results
-
-    def _run(self, jobs, todo: deque, live: list[_Worker], results: list[Any]) -> list[Any]:
-        error: BaseException | None = None
-        while todo or live:
-            while todo and len(live) < self.max_batch:
-                live.append(self._start(todo.popleft(), jobs))
-            for w in [w for w in live if w.state == _DONE]:
-                live.remove(w)
-                w.thread.join()
-                if w.error is not None:
-                    error = w.error
-                    break
-                results[w.index] = w.result
-                if self.on_done is not None:
-                    self.on_done(w.index, w.result)
-            if error is not None:
-                for w in live:  # each raises BatchAborted at the call it waits on
-                    w.abort = True
-                    self._resume(w)
-                    w.thread.join()
-                break
-            if (len(live) < self.max_batch and todo) or not live:
-                continue  # new requests join before the next round
-            self._round([w.call for w in live])
-            for w in live:
-                w.call = None
-                self._resume(w)
-        if error is not None:
-            raise error
-        return results
-
-    def _start(self, index: int, jobs) -> _Worker:
-        worker = _Worker(index)
-        worker.thread = threading.Thread(
-            target=self._work,
-            args=(worker, jobs[index]),
-            name=f"spiffy-request-{index}",
-            daemon=True,
-        )
-        worker.thread.start()
-        self._resume(worker)  # walks to its first call
-        return worker
-
-    def _round(self, calls: list[ModelCall]) -> None:
-        for bucket in self.stacker.buckets(sorted(calls, key=lambda c: c.order)):
-            t = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    self.stacker.run(bucket)
-                if bucket[0].input_ids.is_cuda:  # the forward's time, not its launch
-                    torch.cuda.synchronize(bucket[0].input_ids.device)
-            except Exception as error:  # each request of the forward raises it
-                for call in bucket:
-                    call.error = error
-            seconds = time.perf_counter() - t
-            rows = sum(c.n * c.q for c in bucket)
-            for call in bucket:
-                call.seconds = seconds * call.n * call.q / rows
-                self.shares[call.order] += call.seconds
-            self.stats.forwards += 1
-            self.stats.calls_per_forward.append(len(bucket))
-            self.stats.rows_per_forward.append(sum(c.n for c in bucket))
-            self.stats.model_s += seconds
-
-
-class CallRecorder:
-    """Stands in for a runner on this thread: records the model calls a strategy makes (and runs each alone),
-    so that benchmarks can stack recorded calls of many requests (`spiffy.lab.benchmarks.batched_cost_curve`)."""
-
-    def __init__(self, model: DiffusionLM):
-        self.model, self.calls = model, []
-
-    def __enter__(self) -> CallRecorder:
-        _local.runner = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _local.runner = None
-
-    def submit(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Any, float]:
-        call = ModelCall(len(self.calls), input_ids, kwargs)
-        with torch.no_grad():
-            call.out = self.model(input_ids, **kwargs)
-        self.calls.append(call)
-        return call.out, 0.0

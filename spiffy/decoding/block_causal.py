@@ -23,23 +23,26 @@ from __future__ import annotations
 
 import torch
 
-from spiffy.decoding.forward import STRATEGIES, ForwardStrategy, Verification
+from spiffy.decoding.forward import ForwardStrategy, Pending, Verification
+from spiffy.models.base import DiffusionLMOutput
 from spiffy.models.kv import append_kv
 
 
 class BlockCausalCache(ForwardStrategy):
-    """SDAR's cache: prefill, block queries that store nothing, one store per finished block."""
+    """SDAR's cache: prefill, block queries that store nothing, one store per finished block.
+
+    `keep_kv`: keep each forward's per-row block K/V, to store a finished draft row (Spiffy's `fuse_store`).
+    `block_length`: the decoder's block length (LLaDA2's explicit block-causal mask needs it)."""
 
     name = "block_causal"
+    stores_blocks = True
 
-    def __init__(self, model: torch.nn.Module, keep_kv: bool = False, **options):
+    def __init__(self, model: torch.nn.Module, *, block_length: int | None = None, **options):
         super().__init__(model, **options)
-        self.keep_kv = (
-            keep_kv  # keep each forward's per-row block K/V, to store a finished draft row
-        )
+        self.keep_kv = options.get("keep_kv", False)
         self.last_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
         # LLaDA2 (config attention_block_size 0): block-causal at the decoder's block length, passed as a mask
-        self.block_length: int | None = None
+        self.block_length = block_length
         self.explicit_mask = getattr(model.config, "attention_block_size", None) == 0
 
     def _mask(self, n: int, start: int, stop: int) -> torch.Tensor | None:
@@ -58,28 +61,39 @@ class BlockCausalCache(ForwardStrategy):
 
     def prefill(self, canvas: torch.Tensor, end: int) -> int:
         """Store the K/V of canvas positions `[0, end)` in one forward; returns the calls made (0 or 1)."""
+        pending = self.prefill_call(canvas, end)
+        self.run(pending)
+        return int(pending is not None)
+
+    def prefill_call(self, canvas: torch.Tensor, end: int) -> Pending | None:
+        """`prefill` as a pending call (None: the prompt has no whole block, nothing to store)."""
         self.cache = None
         if end == 0:
-            return 0
+            return None
+
+        def finish(out: DiffusionLMOutput) -> None:
+            self.cache = out.kv_cache
+
         mask = self._mask(1, 0, end)
         # nobody reads the prefill's logits: the LM head runs on one row (at a real vocabulary, most of its cost)
-        self.cache = self._call(
+        call = self._call(
             canvas[None, :end], store_kv=True, attention_mask=mask, logits_at=slice(end - 1, end)
-        ).kv_cache
-        return 1
+        )
+        return Pending(call, finish)
 
-    def begin_block(self, canvas: torch.Tensor, block: slice) -> torch.Tensor:
+    def begin_block_call(self, canvas: torch.Tensor, block: slice) -> Pending:
         """The block's first denoising forward: its current state against the cache (no drafts)."""
-        return self.verify(canvas, block, canvas[block][None]).logits[0]
+        pending = self.verify_call(canvas, block, canvas[block][None])
+        return Pending(pending.call, lambda out: pending.finish(out).logits[0])
 
-    def verify(self, canvas, block, states, layout="exact", lookahead=0):
+    def verify_call(self, canvas, block, states, layout="exact", lookahead=0):
         """Logits (N, Lb, V) of the block states (N, Lb) against the cache; every layout is exact."""
         n, lb = states.shape
         stop = min(block.stop + lookahead, canvas.numel())
         rows = states
         if stop > block.stop:  # the next block, still all masks on the canvas, after every row
             rows = torch.cat([states, canvas[block.stop : stop].expand(n, -1)], dim=1)
-        out = self._call(
+        call = self._call(
             rows,
             (n - 1) * rows.shape[1],
             position_ids=torch.arange(block.start, stop, device=canvas.device),
@@ -87,8 +101,14 @@ class BlockCausalCache(ForwardStrategy):
             return_kv=self.keep_kv,
             attention_mask=self._mask(n, block.start, stop),
         )
-        self.last_kv = _block_part(out.present, lb) if self.keep_kv else None
-        return Verification(out.logits[:, :lb], out.logits[:, lb:] if stop > block.stop else None)
+
+        def finish(out: DiffusionLMOutput) -> Verification:
+            self.last_kv = _block_part(out.present, lb) if self.keep_kv else None
+            return Verification(
+                out.logits[:, :lb], out.logits[:, lb:] if stop > block.stop else None
+            )
+
+        return Pending(call, finish)
 
     def store_block(
         self, canvas: torch.Tensor, block: slice, row: int | None, with_next: bool
@@ -99,27 +119,37 @@ class BlockCausalCache(ForwardStrategy):
         Returns the number of model calls made and the next block's first-forward logits computed by the store
         forward (or None; with a stored row the decoder reads them from that row's look-ahead).
         """
+        pending = self.store_call(canvas, block, row, with_next)
+        return int(pending is not None), self.run(pending)
+
+    def store_call(
+        self, canvas: torch.Tensor, block: slice, row: int | None, with_next: bool
+    ) -> Pending | None:
+        """`store_block` as a pending call, or None when the last forward's row `row` was stored at no cost."""
         lb = block.stop - block.start
         if row is not None and self.last_kv is not None:
             self.cache = append_kv(self.cache, self.last_kv, row)
-            return 0, None
+            return None
         stop = block.stop + lb if with_next else block.stop
-        out = self._call(
+        call = self._call(
             canvas[None, block.start : stop],
             position_ids=torch.arange(block.start, stop, device=canvas.device),
             kv_cache=self.cache,
             return_kv=True,
             attention_mask=self._mask(1, block.start, stop),
-            logits_at=slice(lb, stop - block.start) if with_next else slice(0, 1),  # only what is read
+            logits_at=slice(lb, stop - block.start)
+            if with_next
+            else slice(0, 1),  # only what is read
         )
-        self.cache = append_kv(self.cache, _block_part(out.present, lb))
-        self.last_kv = None
-        return 1, (out.logits[0] if with_next else None)
+
+        def finish(out: DiffusionLMOutput) -> torch.Tensor | None:
+            self.cache = append_kv(self.cache, _block_part(out.present, lb))
+            self.last_kv = None
+            return out.logits[0] if with_next else None
+
+        return Pending(call, finish)
 
 
 def _block_part(present, lb: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """Per-layer K/V of the first `lb` query positions (the block, without a lookahead block)."""
     return tuple((k[:, :, :lb], v[:, :, :lb]) for k, v in present)
-
-
-STRATEGIES["block_causal"] = BlockCausalCache

@@ -7,6 +7,11 @@ Every strategy has two calls, each one model forward (one NFE):
 * `verify(canvas, block, states, layout, lookahead)`: the distributions of `N` block states in one forward.
   Row 0 is the real state, rows 1.. are Spiffy's drafts. With `N = 1` this is the base decoder's step.
 
+Each call exists in two forms: `begin_block_call` / `verify_call` return a `Pending` (the `ModelCall`, not yet run,
+and what turns its output into the result), which the decoder's step function hands to whoever runs model
+calls (the engine stacks many requests' calls into one forward, docs/algorithm.md §13); `begin_block` / `verify`
+run the call at once (`run`, alone, timed). `execute` is the one place a strategy runs the model itself.
+
 Layouts (docs/algorithm.md §5.3): `exact` gives every state its own row (batch), so each state's logits equal a separate
 forward; `shared` appends drafts after one canvas and reuses the block's position ids (the paper's layout,
 near-lossless). With a cache, every row attends to one shared frozen cache (drafts folded into the query axis,
@@ -20,13 +25,15 @@ CPU, with CUDA events only when `profile=True` on a GPU (else it is not measured
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from spiffy.decoding.batching import active_runner
+from spiffy.decoding.batching import ModelCall
 from spiffy.models import numerics
-from spiffy.models.base import DiffusionLM
+from spiffy.models.base import DiffusionLM, DiffusionLMOutput
 from spiffy.models.kv import KVCache
 
 
@@ -57,10 +64,25 @@ class Verification:
     lookahead: torch.Tensor | None = None
 
 
+@dataclass
+class Pending:
+    """A model call a strategy made (not yet run) and `finish`, which turns its output into the call's result
+    (and updates the strategy's cache, if the call fills one)."""
+
+    call: ModelCall
+    finish: Callable[[DiffusionLMOutput], Any]
+
+
 class ForwardStrategy:
-    """Base class: owns the model, the timer and the cache of the current block."""
+    """Base class: owns the model, the timer and the cache of the current block.
+
+    Capabilities: `returns_kv` (the block-start forward fills a cache), `stores_blocks` (SDAR's exact cache:
+    a prefill and one store per finished block, `prefill_call` / `store_call`). `block_length` is the
+    decoder's (used by the block-causal cache only)."""
 
     name = "none"
+    returns_kv = False
+    stores_blocks = False
 
     def __init__(
         self,
@@ -69,44 +91,51 @@ class ForwardStrategy:
         profile: bool = False,
         compile: bool = False,
         min_rows: int = 0,
+        keep_kv: bool = False,
+        block_length: int | None = None,
         invariant: bool = False,
     ):
+        if keep_kv and not self.stores_blocks:
+            raise ValueError(f"keep_kv=True needs a block-causal cache, got cache={self.name!r}")
         self.model = model
         self.min_rows = min_rows
         call = torch.compile(model, dynamic=None) if compile else model
         self._call_model = numerics.wrap(call, invariant)  # invariant numerics: docs/numerics.md
         self.timer = ForwardTimer()
         self.cache: KVCache | None = None
-        self._cuda_timing = None  # decided on the first call (device known)
         self.profile = profile
 
-    def _call(self, input_ids: torch.Tensor, draft_rows: int = 0, **kwargs):
-        """One model forward (one NFE); `draft_rows` of its query rows belong to drafts."""
+    def _call(self, input_ids: torch.Tensor, draft_rows: int = 0, **kwargs) -> ModelCall:
+        """One model call (one NFE), not run yet; `draft_rows` of its query rows belong to drafts."""
         self.timer.draft_query_tokens += draft_rows
         self.timer.query_tokens += input_ids.numel()
-        runner = active_runner()
-        if runner is not None:  # batched decoding: the runner stacks this call with other requests'
-            out, seconds = runner.submit(input_ids, kwargs)
-            self.timer.model_s += seconds
-            return out
-        on_gpu = input_ids.device.type == "cuda"
+        return ModelCall(0, input_ids, kwargs)
+
+    def execute(self, call: ModelCall) -> DiffusionLMOutput:
+        """Run one call alone (timed) and keep its output on the call (`call.out`)."""
+        on_gpu = call.input_ids.device.type == "cuda"
         if on_gpu and not self.profile:
             self.timer.model_s = float("nan")
             with torch.no_grad():
-                return self._call_model(input_ids, **kwargs)
+                call.out = self._call_model(call.input_ids, **call.kwargs)
+            return call.out
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             with torch.no_grad():
-                out = self._call_model(input_ids, **kwargs)
+                call.out = self._call_model(call.input_ids, **call.kwargs)
             end.record()
             self.timer._events.append((start, end))
-            return out
+            return call.out
         t = time.perf_counter()
         with torch.no_grad():
-            out = self._call_model(input_ids, **kwargs)
+            call.out = self._call_model(call.input_ids, **call.kwargs)
         self.timer.model_s += time.perf_counter() - t
-        return out
+        return call.out
+
+    def run(self, pending: Pending | None):
+        """The result of a pending call, run alone now (None: no call was needed)."""
+        return None if pending is None else pending.finish(self.execute(pending.call))
 
     def _timed_mask(self, build, *args):
         t = time.perf_counter()
@@ -116,10 +145,17 @@ class ForwardStrategy:
 
     def begin_block(self, canvas: torch.Tensor, block: slice) -> torch.Tensor:
         """Full-canvas forward at block start; returns block logits (Lb, V)."""
-        out = self._call(canvas[None], return_kv=self.name != "none", logits_at=block)
-        logits = out.logits[0]
-        self._keep_cache(out, block, logits[0])
-        return logits
+        return self.run(self.begin_block_call(canvas, block))
+
+    def begin_block_call(self, canvas: torch.Tensor, block: slice) -> Pending:
+        """`begin_block` as a pending call."""
+
+        def finish(out: DiffusionLMOutput) -> torch.Tensor:
+            logits = out.logits[0]
+            self._keep_cache(out, block, logits[0])
+            return logits
+
+        return Pending(self._call(canvas[None], return_kv=self.returns_kv, logits_at=block), finish)
 
     def _keep_cache(self, out, block: slice, boundary: torch.Tensor) -> None:
         self.cache = None
@@ -138,6 +174,17 @@ class ForwardStrategy:
         (the next block) of every row. A complete draft's next-block logits are that block's first-forward
         distribution (docs/algorithm.md §5.4, optional cross-block continuation).
         """
+        return self.run(self.verify_call(canvas, block, states, layout, lookahead))
+
+    def verify_call(
+        self,
+        canvas: torch.Tensor,
+        block: slice,
+        states: torch.Tensor,
+        layout: str = "exact",
+        lookahead: int = 0,
+    ) -> Pending:
+        """`verify` as a pending call."""
         raise NotImplementedError
 
     def block_logits(self, canvas, block, states, verify: str = "exact") -> torch.Tensor:
@@ -208,7 +255,7 @@ class NoCache(ForwardStrategy):
 
     name = "none"
 
-    def verify(self, canvas, block, states, layout="exact", lookahead=0):
+    def verify_call(self, canvas, block, states, layout="exact", lookahead=0):
         n, lb = states.shape
         if lookahead and layout != "exact":
             raise ValueError(f"verify={layout!r}: cross-block lookahead needs the exact layout")
@@ -217,29 +264,33 @@ class NoCache(ForwardStrategy):
             ids, pos, mask, rows = self._timed_mask(
                 _shared_inputs, canvas, positions, block, states[1:], positions[block], 0
             )
-            out = self._call(
+            call = self._call(
                 ids, (n - 1) * lb, position_ids=pos, attention_mask=mask, logits_at=rows
             )
-            return Verification(out.logits[0].view(n, lb, -1))
+            return Pending(call, lambda out: Verification(out.logits[0].view(n, lb, -1)))
         rows = canvas.repeat(n, 1)  # (N, L)
         rows[:, block] = states
         stop = min(block.stop + lookahead, canvas.numel())
-        logits = self._call(
-            rows, (n - 1) * canvas.numel(), logits_at=slice(block.start, stop)
-        ).logits
-        return Verification(logits[:, :lb], logits[:, lb:] if lookahead else None)
+        call = self._call(rows, (n - 1) * canvas.numel(), logits_at=slice(block.start, stop))
+
+        def finish(out: DiffusionLMOutput) -> Verification:
+            logits = out.logits
+            return Verification(logits[:, :lb], logits[:, lb:] if lookahead else None)
+
+        return Pending(call, finish)
 
 
 class PrefixCache(ForwardStrategy):
     """Fast-dLLM prefix cache: keep the block-start forward's K/V of positions before the block."""
 
     name = "prefix"
+    returns_kv = True
 
     def _keep_cache(self, out, block, boundary):
         cache = KVCache(tuple(out.present), insert_at=0, boundary_logits=boundary)
         self.cache = cache.slice_positions(block.start)
 
-    def verify(self, canvas, block, states, layout="exact", lookahead=0):
+    def verify_call(self, canvas, block, states, layout="exact", lookahead=0):
         self._no_lookahead(lookahead)
         n, lb = states.shape
         s, length = block.start, canvas.numel()
@@ -248,7 +299,7 @@ class PrefixCache(ForwardStrategy):
             ids, pos, mask, rows = self._timed_mask(
                 _shared_inputs, canvas[s:], positions, slice(0, lb), states[1:], positions[:lb], s
             )
-            out = self._call(
+            call = self._call(
                 ids,
                 (n - 1) * lb,
                 position_ids=pos,
@@ -256,24 +307,25 @@ class PrefixCache(ForwardStrategy):
                 kv_cache=self.cache,
                 logits_at=rows,
             )
-            return Verification(out.logits[0].view(n, lb, -1))
+            return Pending(call, lambda out: Verification(out.logits[0].view(n, lb, -1)))
         padded = self._padded(states, length - s)
         rows = canvas[s:].repeat(padded.shape[0], 1)  # (N, L - s)
         rows[:, :lb] = padded
-        out = self._call(
+        call = self._call(
             rows,
             (n - 1) * rows.shape[1],
             position_ids=range(s, length),
             kv_cache=self.cache,
             logits_at=slice(0, lb),
         )
-        return Verification(out.logits[:n])
+        return Pending(call, lambda out: Verification(out.logits[:n]))
 
 
 class DualCache(ForwardStrategy):
     """Fast-dLLM dual cache: queries are block states against frozen prefix and suffix K/V."""
 
     name = "dual"
+    returns_kv = True
 
     def _keep_cache(self, out, block, boundary):
         self.cache = KVCache(
@@ -283,20 +335,13 @@ class DualCache(ForwardStrategy):
             boundary_logits=boundary,
         )
 
-    def verify(self, canvas, block, states, layout="exact", lookahead=0):
+    def verify_call(self, canvas, block, states, layout="exact", lookahead=0):
         self._no_lookahead(lookahead)
         n, lb = states.shape
-        out = self._call(
+        call = self._call(
             self._padded(states, lb),
             (n - 1) * lb,
             position_ids=range(block.start, block.stop),
             kv_cache=self.cache,
         )
-        return Verification(out.logits[:n])
-
-
-STRATEGIES: dict[str, type[ForwardStrategy]] = {
-    "none": NoCache,
-    "prefix": PrefixCache,
-    "dual": DualCache,
-}
+        return Pending(call, lambda out: Verification(out.logits[:n]))

@@ -28,7 +28,8 @@ class CacheMode:
     layout it actually uses. `cross_block`: the acceptance walk may continue across a block boundary (the
     verifying forward computed the next block's first-forward distribution). `stores_blocks`: the cache of a
     block-causal model (SDAR, docs/algorithm.md §12): a prefill, then each finished block's exact K/V stored once; only the
-    rules that declare `block_causal` use it, and they imply it.
+    rules that declare `block_causal` use it, and they imply it. `suffix_queries`: a verification queries the
+    block and every position after it (the prefix cache), so its cost depends on where the block is.
     """
 
     name: str
@@ -37,6 +38,7 @@ class CacheMode:
     cross_block: bool
     summary: str
     stores_blocks: bool = False
+    suffix_queries: bool = False
 
 
 VERIFY_LAYOUTS: dict[str, VerifyLayout] = {
@@ -54,6 +56,7 @@ CACHE_MODES: dict[str, CacheMode] = {
         {"exact": "exact", "shared": "shared"},
         False,
         "prefix K/V from the block start",
+        suffix_queries=True,
     ),
     "dual": CacheMode(
         "dual", False, {"exact": "exact", "shared": "exact"}, False, "prefix and suffix K/V"

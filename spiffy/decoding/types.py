@@ -39,7 +39,9 @@ class DecodeStats:
     latency_s: float = 0.0  # from the request's start to its end (alone: wall_s)
     generated_tokens: int = 0
     committed_confidence: list[float] | None = None
-    eos_early_stop: bool = False  # a block ended inside at EOS (LLaDA2.0's `eos_early_stop`, docs/llada2.md)
+    eos_early_stop: bool = (
+        False  # a block ended inside at EOS (LLaDA2.0's `eos_early_stop`, docs/llada2.md)
+    )
 
     @property
     def nfe_base(self) -> int:
@@ -88,6 +90,65 @@ class DecodeStats:
         }
 
 
+class StatsRecorder:
+    """Records what one request's decode did into its `DecodeStats` (the one writer of the counters): the
+    decoder reports events (a model call, a forward's advance, a walk's outcome, drafts verified)."""
+
+    def __init__(self, record_confidence: bool = False):
+        self.stats = DecodeStats(committed_confidence=[] if record_confidence else None)
+
+    def model_call(self, *, base_extra: bool = False) -> None:
+        """One model call; `base_extra`: one the base decoder also makes without a transition (SDAR)."""
+        self.stats.nfe += 1
+        self.stats.base_extra_calls += base_extra
+
+    def forward_advanced(self, transitions: int) -> None:
+        """A forward's distributions advanced the block by `transitions` transitions."""
+        self.stats.accepted_per_forward[transitions - 1] += 1
+
+    def accepted(self, levels) -> None:
+        """Transitions taken on verified drafts of these graph levels."""
+        for level in levels:
+            self.stats.accepted_per_level[level] += 1
+
+    def drafts(self, valid: list[bool], levels) -> None:
+        """Drafts sent to verification (`valid`: which of the graph rows were)."""
+        for ok, level in zip(valid, levels):
+            if ok:
+                self.stats.drafted_per_level[level] += 1
+        self.stats.drafts_verified += sum(valid)
+
+    def walked(
+        self, transitions: int, confidence: list[float] | None, bookkeeping_s: float
+    ) -> None:
+        """A walk over one forward's rows: its transitions, committed confidences, host bookkeeping time."""
+        self.stats.transitions += transitions
+        self.stats.bookkeeping_s += bookkeeping_s
+        if self.stats.committed_confidence is not None and confidence:
+            self.stats.committed_confidence.extend(confidence)
+
+    def drafted(self, seconds: float) -> None:
+        self.stats.draft_s += seconds
+
+    def eos_early_stop(self, stopped: bool) -> None:
+        """Whether the rule ended the last completed block inside, at EOS (LLaDA2.0)."""
+        self.stats.eos_early_stop = stopped
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    """One committed block of a request (streaming, docs/algorithm.md §13): its index in the request's blocks,
+    its tokens in the generated region (concatenated in order they are `generate`'s tokens up to where
+    decoding ended; the rest, after a stop id, keep the mask id), the model calls this block took (SDAR's
+    prefill counts with the first) and the transitions it took on verified drafts (without a forward of
+    their own)."""
+
+    block_index: int
+    tokens: torch.Tensor
+    nfe: int
+    accepted: int
+
+
 @dataclass
 class DecodeResult:
     """`tokens` is the generated region only (gen_length,); `stats` its counters; `canvas` (T,) the whole
@@ -96,6 +157,13 @@ class DecodeResult:
     tokens: torch.Tensor
     stats: DecodeStats
     canvas: torch.Tensor | None = None
+
+
+@dataclass
+class Done:
+    """The step function's answer when a request has finished: its result."""
+
+    result: DecodeResult
 
 
 @dataclass

@@ -7,17 +7,22 @@ every transition the walk can take. `link_rows` then links each row to the row i
 level deeper, unless the transition does not depend on the step), marks complete and unchanged results, and
 follows the links from row 0 on the device (pointer doubling), so that drafts for the next forward can be built
 before the host looks. `WalkLinks.read` is the one device read; `replay` walks the links on the host.
+
+`follow` is the same walk on states known in advance (recorded trajectories, `spiffy.calibration.replay`): the
+rule both apply is one: the walk moves to the next state while it was verified by the last forward, or equals the
+current state (a transition that committed nothing), and stops where a forward is needed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from spiffy.decoding.sampling import Distributions, TransitionContext, transition_rows
-from spiffy.decoding.types import DecodeStats
 
 
 @dataclass
@@ -117,6 +122,20 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
     return WalkLinks(new, conf, nxt, complete, same, match, end[:1])
 
 
+State = TypeVar("State")
+
+
+def follow(states: Sequence[State], verified: Container[State], current: State) -> int:
+    """How many of the successive next `states` the acceptance walk takes from `current` without a forward:
+    it moves on while the next state is `verified` (a state the last forward computed the distribution of) or
+    equals the state it is at (a transition that committed nothing), docs/algorithm.md §5.4."""
+    taken = 0
+    while taken < len(states) and (states[taken] in verified or states[taken] == current):
+        current = states[taken]
+        taken += 1
+    return taken
+
+
 _MEMO: dict = {}
 
 
@@ -154,7 +173,7 @@ def _later(rows: Rows, device, kind: str | None) -> torch.Tensor:
     return out if rows.valid is None or kind is not None else out & rows.valid[None, :]
 
 
-def replay(host: HostLinks, levels: list[int], stats: DecodeStats) -> tuple[list[int], str]:
+def replay(host: HostLinks) -> tuple[list[int], str]:
     """The walk on the host: the rows visited from row 0 and why it stopped (`complete`: the block is done;
     `anchor`: a forward is needed; `same` / `offlevel`: a row is reached at another step than assumed)."""
     r, path = 0, [0]
@@ -166,6 +185,5 @@ def replay(host: HostLinks, levels: list[int], stats: DecodeStats) -> tuple[list
         if host.nxt[r] != r:
             r = host.nxt[r]
             path.append(r)
-            stats.accepted_per_level[levels[r]] += 1
             continue
         return path, ("offlevel" if host.match[r] >= 1 else "anchor")

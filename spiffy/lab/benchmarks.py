@@ -12,29 +12,25 @@ canvases) and the dual cache (block rows): the curve that decides when fewer NFE
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from spiffy.calibration.store import load_or_calibrate
-from spiffy.decoding.batching import CallRecorder, CallStacker
+from spiffy.decoding.batching import CallStacker
 from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.forward import STRATEGIES
 from spiffy.decoding.rules import get_rule
 from spiffy.decoding.speculative import Speculation
+from spiffy.decoding.strategies import STRATEGIES
 from spiffy.eval.offline import completion_text, encode
 from spiffy.lab.profiling import peak_memory, reads_between_forwards
 from spiffy.models.loading import model_spec
@@ -118,26 +114,12 @@ def make_decoder(
     model_name: str,
     n_calib: int = 20,
     overrides: dict | None = None,
-    package: ModuleType | None = None,
-    calibration_model=None,
 ) -> BlockDecoder:
-    """The decoder of `spec`; with `package` (another checkout's `spiffy`, see `import_checkout`) built by that
-    checkout's code around `model` (its own model class), with the graph this checkout calibrates (or loads)
-    with `calibration_model`."""
+    """The decoder of `spec` around `model`, timing the model through CUDA events on a GPU."""
     gen = generation_for(task, spec.base, temperature, **(overrides or {}))
-    build, speculation = build_decoder, Speculation
-    if package is None:  # model time through CUDA events on a GPU (no effect on a CPU)
-        gen["options"] = DecoderOptions(profile=True)
-    else:  # the other checkout's settings: fields it does not know must be at their defaults here
-        build, speculation = package.build_decoder, package.Speculation
-        known = {f.name for f in dataclasses.fields(package.GenerationConfig)}
-        extra = {k: v for k, v in gen.items() if k not in known}
-        defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
-        if any(v != defaults[k] for k, v in extra.items()):
-            raise ValueError(f"the checkout {package.__file__} has no settings {sorted(extra)}")
-        gen = {k: v for k, v in gen.items() if k in known}
+    gen["options"] = DecoderOptions(profile=True)
     if spec.graph is None:
-        return build(model, **gen)
+        return build_decoder(model, **gen)
     graph = spec.graph
     if graph.startswith("calibrated:"):
         parts = graph.split(":")
@@ -147,7 +129,7 @@ def make_decoder(
             return [encode(tok, t) for t in TASKS[task].calibration(n_calib, 0)]
 
         graph = load_or_calibrate(
-            calibration_model if calibration_model is not None else model,
+            model,
             GenerationConfig(**{k: v for k, v in gen.items() if k != "options"}),
             prompts,
             model_name=model_name,
@@ -159,16 +141,10 @@ def make_decoder(
             root=os.environ.get("GRAPH_ROOT", "runs/graphs"),
             progress=False,
         )
-        if package is not None:
-            graph = package.DraftGraph.from_json(graph.to_json())
-    options = dict(verify=spec.verify, cross_block=spec.cross_block)
-    if spec.fuse_store:  # (older checkouts have no such option)
-        options["fuse_store"] = True
-    return build(
-        model,
-        **gen,
-        speculate=speculation(graph, **options),
+    speculation = Speculation(
+        graph, verify=spec.verify, cross_block=spec.cross_block, fuse_store=spec.fuse_store
     )
+    return build_decoder(model, **gen, speculate=speculation)
 
 
 @dataclass
@@ -304,9 +280,9 @@ def cost_curve(
     rows = []
     for layout in layouts:
         cache, verify = LAYOUTS[layout]
-        strategy = STRATEGIES[cache](model)
-        if hasattr(strategy, "prefill"):  # SDAR: the positions before the block are stored first
-            strategy.block_length = block_len  # (LLaDA2's block-causal mask comes from it)
+        # (LLaDA2's block-causal mask comes from the block length)
+        strategy = STRATEGIES[cache](model, block_length=block_len)
+        if strategy.stores_blocks:  # SDAR: the positions before the block are stored first
             strategy.prefill(canvas, block.start)
         starts: list[float] = []
         times: dict[int, list[float]] = {d: [] for d in drafts}
@@ -338,24 +314,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device (timing edges only; decoders never call this)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def import_checkout(path: str) -> dict[str, ModuleType]:
-    """Import another checkout's `spiffy` (e.g. `git worktree add /tmp/before <commit>`) beside this one, for
-    before/after timings in one process. Returns its `spiffy`, `spiffy.decoding.build` and `spiffy.models.loading`
-    and `spiffy.decoding.forward` modules; this process's own `spiffy` modules are restored afterwards (the decode path imports nothing
-    lazily, so the two packages never mix)."""
-    own = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "spiffy"}
-    sys.path.insert(0, str(path))
-    try:
-        names = ("spiffy", "spiffy.decoding.build", "spiffy.models.loading", "spiffy.decoding.forward")
-        mods = {n: importlib.import_module(n) for n in names}
-        for k in [k for k in sys.modules if k.split(".")[0] == "spiffy"]:
-            sys.modules.pop(k)
-    finally:
-        sys.path.remove(str(path))
-        sys.modules.update(own)
-    return mods
 
 
 def environment(model, device: torch.device) -> dict:
@@ -454,13 +412,17 @@ def batch_throughput(
 
     Runs interleave (repeat → batch size → decoder, a fresh decoder order each time) so machine noise hits
     every cell alike. Each cell also checks that every request's tokens and NFE equal the batch-of-one run's
-    (`identical`) and reports forwards, requests (calls) and query rows per forward.
+    (`identical`) and reports forwards, requests (calls) and query rows per forward, the model's share of the
+    wall-clock and Spiffy's host overhead (drafting, masks, walks over drafts) against model time.
     """
     order = torch.Generator().manual_seed(seed)
     labels = list(decoders)
     for d in decoders.values():  # warm up allocators and kernels
         d.generate_batch(
-            prompts[: max(batch_sizes)], seed=seed, batch_size=max(batch_sizes), max_tokens=max_tokens
+            prompts[: max(batch_sizes)],
+            seed=seed,
+            batch_size=max(batch_sizes),
+            max_tokens=max_tokens,
         )
     cells: dict[tuple[str, int], dict] = {}
     reference: dict[str, list] = {}
@@ -470,19 +432,21 @@ def batch_throughput(
             for k in torch.randperm(len(labels), generator=order).tolist():
                 label = labels[k]
                 bar.update()
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 out = decoders[label].generate_batch(
                     prompts, seed=seed, batch_size=size, max_tokens=max_tokens
                 )
-                wall = time.perf_counter() - t
+                wall, cpu = time.perf_counter() - t, time.process_time() - cpu
                 got = [(r.tokens, r.stats.nfe) for r in out]
                 ref = reference.setdefault(label, got) if size == 1 else reference.get(label)
                 cell = cells.setdefault(
                     (label, size), {"wall_s": [], "identical": True, "batch": out.batch}
                 )
                 cell["wall_s"].append(wall)
+                cell.setdefault("cpu_s", []).append(cpu)
                 cell["tokens"] = sum(r.stats.generated_tokens for r in out)
                 cell["nfe"] = statistics.mean(r.stats.nfe for r in out)
+                cell["overhead_s"] = sum(r.stats.overhead_s for r in out)
                 if ref is not None:
                     cell["identical"] &= all(
                         torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(ref, got)
@@ -490,7 +454,7 @@ def batch_throughput(
     bar.close()
     rows = []
     for (label, size), cell in cells.items():
-        wall = statistics.median(cell["wall_s"])
+        wall, cpu = statistics.median(cell["wall_s"]), statistics.median(cell["cpu_s"])
         batch = cell["batch"].summary()
         rows.append(
             {
@@ -498,11 +462,15 @@ def batch_throughput(
                 "batch_size": size,
                 "tokens_per_s": cell["tokens"] / wall,
                 "wall_s": wall,
+                # the process's own CPU time: on a shared, loaded machine the steadier measure of its work
+                "tokens_per_cpu_s": cell["tokens"] / cpu,
                 "nfe_mean": cell["nfe"],
                 "forwards": batch["forwards"],
                 "calls_per_forward": batch["calls_per_forward"],
                 "rows_per_forward": batch["rows_per_forward"],
                 "model_share": batch["model_s"] / batch["wall_s"] if batch["wall_s"] else 0.0,
+                # Spiffy's drafting, masks and walk over drafts, against the batch's model time
+                "overhead_vs_model": cell["overhead_s"] / batch["model_s"] if batch["model_s"] else 0.0,
                 "identical_to_batch_1": cell["identical"] if 1 in batch_sizes else None,
             }
         )
@@ -511,6 +479,10 @@ def batch_throughput(
         lambda s: s.iloc[0] if len(s) else float("nan")
     )
     frame["throughput_vs_smallest_batch"] = frame["tokens_per_s"] / first
+    first_cpu = frame.groupby("decoder")["tokens_per_cpu_s"].transform(
+        lambda s: s.iloc[0] if len(s) else float("nan")
+    )
+    frame["cpu_throughput_vs_smallest_batch"] = frame["tokens_per_cpu_s"] / first_cpu
     frame["decoder"] = pd.Categorical(frame["decoder"], labels, ordered=True)
     return frame.sort_values(["decoder", "batch_size"]).to_dict("records")
 
@@ -541,16 +513,16 @@ def batched_cost_curve(
         starts, verifies = [], {d: [] for d in drafts}
         for r in range(max(batch_sizes)):
             canvas = torch.randint(0, spec.mask_id, (canvas_len,), device=device)
-            strategy = STRATEGIES[cache](model)
-            with CallRecorder(model) as rec:
-                if hasattr(strategy, "prefill"):
-                    strategy.prefill(canvas, block.start)
-                strategy.begin_block(canvas, block)
-                for d in drafts:
-                    strategy.verify(canvas, block, canvas[block].repeat(d + 1, 1), verify)
-            starts.append(rec.calls[-1 - len(drafts)])
-            for d, call in zip(drafts, rec.calls[-len(drafts) :], strict=True):
-                verifies[d].append(call)
+            strategy = STRATEGIES[cache](model, block_length=block_len)
+            if strategy.stores_blocks:
+                strategy.prefill(canvas, block.start)
+            start = strategy.begin_block_call(canvas, block)
+            strategy.run(start)
+            starts.append(start.call)
+            for d in drafts:
+                pending = strategy.verify_call(canvas, block, canvas[block].repeat(d + 1, 1), verify)
+                strategy.run(pending)
+                verifies[d].append(pending.call)
         stacker = CallStacker(model, block_causal=spec.block_causal)
         cells = [(b, d) for b in batch_sizes for d in [None, *drafts]]
         times: dict[tuple, list[float]] = {c: [] for c in cells}

@@ -11,6 +11,8 @@ A decoder calls a model in exactly one way:
 - `attention_mask`: bool (B, Q, K), True = attend; the key axis is `[cached keys (L_c), this row's fresh keys (Q)]`.
 - `kv_cache`: a frozen `KVCache` (batch 1) that all B rows share; no forward writes into it.
 - `return_kv`: also return this call's fresh post-RoPE K/V per layer (the block-start forward that fills a cache).
+- `store_kv` (block-causal families, docs/algorithm.md §12; others reject it): return in `kv_cache` a new cache
+  that also holds this call's K/V (batch 1: SDAR's prefill of the prompt blocks); `kv_cache` itself is unchanged.
 - `logits_at`: the query rows (a slice, a LongTensor (P,), or (B, P) for rows of their own) whose
   *position-aligned* logits the caller reads; None = every row. The LM head runs on those rows only: a shifted family (Dream) maps each row to the hidden
   state it needs, or to the cache's `boundary_logits` for the first cached-out position.
@@ -39,10 +41,12 @@ LogitsRows = slice | torch.Tensor
 
 @dataclass
 class DiffusionLMOutput:
-    """Logits `(B, P, V)` at the requested query rows and, if requested, their fresh per-layer K/V."""
+    """Logits `(B, P, V)` at the requested query rows and, if requested, their fresh per-layer K/V
+    (`return_kv`) and the grown cache (`store_kv`)."""
 
     logits: torch.Tensor
     present: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    kv_cache: KVCache | None = None
 
 
 @runtime_checkable
@@ -60,6 +64,7 @@ class DiffusionLM(Protocol):
         kv_cache: KVCache | None = None,
         return_kv: bool = False,
         logits_at: LogitsRows | None = None,
+        store_kv: bool = False,
     ) -> DiffusionLMOutput: ...
 
     def default_attention_mask(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spiffy.decoding.forward import STRATEGIES
+from spiffy.decoding.strategies import STRATEGIES
 from tests.conftest import tiny_random_model
 
 
