@@ -26,7 +26,8 @@ import torch
 import spiffy
 from spiffy.decoding.block_causal import BlockCausalCache
 from spiffy.decoding.block_decoder import DecoderOptions
-from spiffy.decoding.forward import STRATEGIES
+from spiffy.decoding.forward import Pending
+from spiffy.decoding.strategies import STRATEGIES
 from spiffy.models.numerics import machine
 from spiffy.tasks.arith import format_prompt, generate_split
 from spiffy.tasks.registry import TASKS
@@ -41,26 +42,32 @@ class VerifiedRows:
 
     def __enter__(self):
         for cls in {*STRATEGIES.values(), BlockCausalCache}:
-            self._saved[cls] = original = cls.verify
+            self._saved[cls] = original = cls.verify_call
             rows = self.rows
 
-            def verify(strategy, canvas, block, states, *args, _original=original, **kwargs):
-                out = _original(strategy, canvas, block, states, *args, **kwargs)
-                for r in range(states.shape[0]):
-                    row = canvas.clone()
-                    row[block] = states[r]
-                    logits = out.logits[r].detach().cpu().contiguous()
-                    raw = logits.view(torch.int16) if logits.dtype == torch.bfloat16 else logits
-                    key = (strategy.name, block.start, tuple(row.tolist()))
-                    rows[key] = hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).digest()
-                return out
+            def verify_call(strategy, canvas, block, states, *args, _original=original, **kwargs):
+                pending = _original(strategy, canvas, block, states, *args, **kwargs)
+                canvas, states, name = canvas.clone(), states.clone(), strategy.name
 
-            cls.verify = verify
+                def finish(out, _finish=pending.finish):
+                    result = _finish(out)
+                    for r in range(states.shape[0]):
+                        row = canvas.clone()
+                        row[block] = states[r]
+                        logits = result.logits[r].detach().cpu().contiguous()
+                        raw = logits.view(torch.int16) if logits.dtype == torch.bfloat16 else logits
+                        key = (name, block.start, tuple(row.tolist()))
+                        rows[key] = hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).digest()
+                    return result
+
+                return Pending(pending.call, finish)
+
+            cls.verify_call = verify_call
         return self
 
     def __exit__(self, *exc):
         for cls, original in self._saved.items():
-            cls.verify = original
+            cls.verify_call = original
 
     def compare(self, other: VerifiedRows) -> tuple[int, int]:
         """(states of self compared, how many differ or are missing in other)."""

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 import spiffy
 from spiffy.decoding.block_causal import BlockCausalCache
 from spiffy.decoding.block_decoder import DecoderOptions
-from spiffy.decoding.forward import STRATEGIES
+from spiffy.decoding.forward import Pending
+from spiffy.decoding.strategies import STRATEGIES
 from tests.conftest import load_llada2_fixture, tiny_random_model, tiny_random_sdar
 from tests.decoding.test_losslessness import RULES, SDAR_RULES, draft_graphs
 
@@ -38,18 +39,24 @@ def recording_verified_rows(monkeypatch):
     with monkeypatch.context() as patch:
         for cls in {*STRATEGIES.values(), BlockCausalCache}:
 
-            def verify(self, canvas, block, states, *args, _original=cls.verify, **kwargs):
-                out = _original(self, canvas, block, states, *args, **kwargs)
-                for r in range(states.shape[0]):
-                    row = canvas.clone()
-                    row[block] = states[r]
-                    key = (self.name, block.start, tuple(row.tolist()))
-                    if key in seen:
-                        assert torch.equal(seen[key], out.logits[r]), "a state's logits moved"
-                    seen[key] = out.logits[r].clone()
-                return out
+            def verify_call(self, canvas, block, states, *args, _original=cls.verify_call, **kw):
+                pending = _original(self, canvas, block, states, *args, **kw)
+                canvas, states, name = canvas.clone(), states.clone(), self.name
 
-            patch.setattr(cls, "verify", verify)
+                def finish(out, _finish=pending.finish):
+                    result = _finish(out)
+                    for r in range(states.shape[0]):
+                        row = canvas.clone()
+                        row[block] = states[r]
+                        key = (name, block.start, tuple(row.tolist()))
+                        if key in seen:
+                            assert torch.equal(seen[key], result.logits[r]), "a state's logits moved"
+                        seen[key] = result.logits[r].clone()
+                    return result
+
+                return Pending(pending.call, finish)
+
+            patch.setattr(cls, "verify_call", verify_call)
         yield seen
 
 
