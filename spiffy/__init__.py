@@ -10,7 +10,7 @@ with stacked forwards and streams their committed blocks (`BlockEvent`).
 
 import spiffy.decoding.llada2_generate  # noqa: F401  (installs LLaDA2MoeModelLM.generate)
 from spiffy.calibration.autotune import AutoChoice, autotune
-from spiffy.decoding.block_decoder import BlockDecoder
+from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.config import DecodingConfig, GenerationConfig
 from spiffy.decoding.engine import Engine, Request
@@ -26,6 +26,7 @@ __all__ = [
     "BlockEvent",
     "DecodeResult",
     "DecodeStats",
+    "DecoderOptions",
     "DecodingConfig",
     "DraftGraph",
     "Engine",

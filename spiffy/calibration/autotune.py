@@ -1,4 +1,4 @@
-"""`graph.budget=auto`: choose the draft budget D* and lossless layout that this device runs fastest (issue #20).
+"""`graph.budget=auto`: choose the draft budget D* and lossless layout that this device runs fastest (docs/algorithm.md §5.8).
 
 For every candidate D* in 0..D (0 is the base decoder itself) the graph selected at that budget is replayed on the
 calibration trajectories (the exact acceptance walk of `spiffy.calibration.calibrate.evaluate`, whose NFE this replay

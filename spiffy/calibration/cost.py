@@ -1,4 +1,4 @@
-"""The device cost model of speculation (issue #20): what a forward and Spiffy's own work cost on this device.
+"""The device cost model of speculation (docs/algorithm.md §5.8): what a forward and Spiffy's own work cost on this device.
 
 `measure_costs` times, in one process and on the job's shape (the calibration prompts' median length plus
 `gen_length`), everything the wall-clock of a request is made of:
@@ -44,7 +44,7 @@ from spiffy.decoding.modes import VERIFY_LAYOUTS, effective_layout, get_cache_mo
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.decoding.strategies import STRATEGIES
 from spiffy.graph.draft_graph import DraftGraph
-from spiffy.graph.files import atomic_write_text
+from spiffy.graph.files import atomic_write_text, slug
 
 FORMAT, VERSION = "spiffy.calibration.costs", 2
 
@@ -431,7 +431,7 @@ def load_or_measure(
         },
     )
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = Path(root) / _slug(model_name) / "costs" / f"{_slug(key['device_name'])}-{digest}.json"
+    path = Path(root) / slug(model_name) / "costs" / f"{slug(key['device_name'])}-{digest}.json"
     if path.exists() and not force:
         return CostModel.from_json(path.read_text(), str(path)), path
     t0 = time.perf_counter()
@@ -476,7 +476,3 @@ def load_or_measure(
     costs = CostModel(states, blocks, table, base_forward, start, step * scale, overhead, meta)
     atomic_write_text(path, costs.to_json())
     return costs, path
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text)) or "_"

@@ -1,4 +1,4 @@
-"""The `phased` selection rule: one graph per phase of the block (ours; issue 21, "beyond one static graph").
+"""The `phased` selection rule: one graph per phase of the block (ours; docs/algorithm.md §5.5).
 
 Which drafts pay off depends on where the walk is: the first drafted forward of a block (almost every position
 still masked) gains from a long chain, the last ones from drafts that complete the block (the cross-block walk
@@ -12,9 +12,8 @@ construction because drafts never change outputs. `best` keeps it only when it w
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import Counter, defaultdict
 
-from spiffy.calibration.calibrate import _eligible, _reachable, key_statistics, select_graph
+from spiffy.calibration.growth import eligible, grow_graph, key_statistics, reachable
 from spiffy.calibration.replay import EMPTY, Replay
 from spiffy.calibration.trajectories import Trajectories
 from spiffy.graph.draft_graph import ROOT, DraftGraph, Formula
@@ -24,24 +23,6 @@ def phase_starts(trajectories: Trajectories, phases: int) -> list[int]:
     """Lowest masked count of each phase: equal ranges of 1..max+1, the first always 1."""
     top = max((m for b in trajectories.blocks for m in b.masked), default=1) + 1
     return sorted({1 + -(-p * top // phases) for p in range(phases)})
-
-
-def _phase_statistics(trajectories: Trajectories, lo: int, hi: int, cross_block: bool):
-    counts: Counter = Counter()
-    parents: dict[Formula, set[Formula]] = defaultdict(set)
-    for block in trajectories.blocks:
-        for seq, complete, masked in zip(block.keys, block.complete, block.masked):
-            if not lo <= masked < hi:
-                continue
-            if cross_block and complete is not None and not block.last:
-                seq = [*seq, complete]
-            previous = EMPTY
-            for key in seq:
-                if key != previous:
-                    counts[key] += 1
-                    parents[key].add(previous)
-                previous = key
-    return counts, parents
 
 
 def select_phased(
@@ -56,7 +37,7 @@ def select_phased(
     """A phased graph of at most `budget` nodes per phase (see the module docstring)."""
     if not isinstance(phases, int) or phases < 1:
         raise ValueError(f"phases={phases!r} must be a positive integer")
-    static = list(select_graph(trajectories, budget, "greedy", cross_block=cross_block).nodes)
+    static = list(grow_graph(trajectories, budget, "greedy", cross_block=cross_block).nodes)
     starts = phase_starts(trajectories, phases)
     bounds = [*starts[1:], 10**9]
     sets = [set(static) for _ in starts]
@@ -64,7 +45,7 @@ def select_phased(
     replay = Replay(trajectories, cross_block)
     for _ in range(rounds):
         for p, (lo, hi) in enumerate(zip(starts, bounds)):
-            counts, parents = _phase_statistics(trajectories, lo, hi, cross_block)
+            counts, parents = key_statistics(trajectories, cross_block=cross_block, masked=(lo, hi))
 
             def with_phase(nodes, p=p):
                 trial = list(sets)
@@ -72,7 +53,7 @@ def select_phased(
                 return lambda m: trial[bisect_right(starts, m) - 1]
 
             def candidates(inside: set, exclude=None, counts=counts, parents=parents) -> list:
-                options = [k for k in _eligible(counts, parents, inside | {EMPTY}) if k != exclude]
+                options = [k for k in eligible(counts, parents, inside | {EMPTY}) if k != exclude]
                 options.sort(key=lambda k: (-counts[k], len(k), k))
                 return options[:max_candidates]
 
@@ -92,14 +73,14 @@ def select_phased(
                 )
                 replay.set(with_phase(grown))
             current = [k for k in chosen[p] if k in counts]
-            starts_p = [grown] + ([current] if _reachable(current, parents) else [])
+            starts_p = [grown] + ([current] if reachable(current, parents) else [])
             best = min(starts_p, key=lambda nodes: replay.set(with_phase(nodes)))
             value, improved = replay.set(with_phase(best)), True
             while improved:
                 improved = False
                 for out in list(best):
                     rest = [k for k in best if k != out]
-                    if not _reachable(rest, parents):
+                    if not reachable(rest, parents):
                         continue
                     for cand in candidates(set(rest), exclude=out):
                         trial = replay.trial(with_phase(rest + [cand]), (out, cand))

@@ -63,13 +63,20 @@ def walk_block(
 ) -> tuple[int, bool]:
     """Forwards one block needs with these nodes, and whether its last forward verified the complete state
     as a draft (the cross-block walk then skips the next block's first forward)."""
+    return walk_block_at(block, lambda t: nodes_of(block.masked[t - 1]), cross_block)
+
+
+def walk_block_at(
+    block: BlockTrajectory, nodes_at: Callable[[int], set[Formula]], cross_block: bool = False
+) -> tuple[int, bool]:
+    """`walk_block` with the drafts of each forward given by the forward's origin: `nodes_at(t)` is the
+    node set verified by the forward at state X_t (t = 1..T-1). Static graphs depend only on the masked
+    count; dynamic drafting and the oracles depend on the origin itself."""
     nfe, t, completed = 1, 1, False  # the block-start forward performs the first transition
     while t < block.transitions:
         nfe += 1  # a forward at X_t verifying the drafts
-        nodes = nodes_of(block.masked[t - 1])
-        accepted = follow(
-            block.keys[t - 1], nodes, EMPTY
-        )  # the decoder's walk (spiffy.decoding.walk)
+        nodes = nodes_at(t)
+        accepted = follow(block.keys[t - 1], nodes, EMPTY)  # the decoder's walk (spiffy.decoding.walk)
         if cross_block and t + accepted + 1 == block.transitions:
             completed = block.complete[t - 1] in nodes
         t += accepted + 1
@@ -88,8 +95,25 @@ def evaluate(
 ) -> Prediction:
     """Exact NFE the acceptance walk would need with `graph` on these trajectories (docs/algorithm.md §5.4); with
     `cross_block`, a block whose complete state was a verified draft saves the next block's first forward."""
-    nodes_of, blocks = node_sets(graph), trajectories.blocks
-    nfe = sum(_cost(b, nodes_of, cross_block) for b in blocks)
+    nodes_of = node_sets(graph)
+    return evaluate_at(
+        lambda block, t: nodes_of(block.masked[t - 1]), trajectories, cross_block=cross_block
+    )
+
+
+def evaluate_at(
+    nodes_at: Callable[[BlockTrajectory, int], set[Formula]],
+    trajectories: Trajectories,
+    *,
+    cross_block: bool = False,
+) -> Prediction:
+    """`evaluate` with the drafts of each forward chosen per origin: `nodes_at(block, t)` is the node set
+    the forward at state X_t of `block` verifies (dynamic drafting, the oracles)."""
+    blocks = trajectories.blocks
+    nfe = 0
+    for b in blocks:
+        forwards, completed = walk_block_at(b, lambda t, b=b: nodes_at(b, t), cross_block)
+        nfe += forwards + b.extra_calls - (completed and not b.last)
     return Prediction(
         nfe,
         sum(b.transitions for b in blocks),

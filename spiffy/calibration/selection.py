@@ -1,4 +1,4 @@
-"""The `best` selection rule: the cross-validated choice among every candidate graph (ours; issue 21).
+"""The `best` selection rule: the cross-validated choice among every candidate graph (ours; docs/algorithm.md §5.5).
 
 A selection rule is a bet that what was frequent on the calibration prompts stays frequent; which bet wins
 depends on the model, the base decoder and the budget, and the paper's `degree1` can lose to a plain chain.
@@ -13,12 +13,21 @@ of every candidate go into the graph's provenance.
 
 from __future__ import annotations
 
-from spiffy.calibration.calibrate import evaluate, select_graph
+from spiffy.calibration.growth import GROWTH_RULES, grow_graph
+from spiffy.calibration.phases import select_phased
+from spiffy.calibration.replay import evaluate
 from spiffy.calibration.trajectories import Trajectories
 from spiffy.graph.builtin import chain, fig2, two_level_topk
 from spiffy.graph.draft_graph import DraftGraph
 
-CANDIDATE_RULES = ("degree0", "degree1", "total", "greedy", "phased")  # simplest first
+CANDIDATE_RULES = (*GROWTH_RULES, "phased")  # simplest first
+
+
+def fit_rule(trajectories: Trajectories, budget: int, rule: str, cross_block: bool) -> DraftGraph:
+    """The graph a candidate selection rule fits on `trajectories`."""
+    if rule == "phased":
+        return select_phased(trajectories, budget, cross_block=cross_block)
+    return grow_graph(trajectories, budget, rule, cross_block=cross_block)
 
 
 def builtin_candidates(budget: int) -> dict[str, DraftGraph]:
@@ -57,7 +66,7 @@ def cross_validated_nfe(
     scores = {rule: 0 for rule in CANDIDATE_RULES}
     for train, held_out in folds_of(trajectories, folds):
         for rule in CANDIDATE_RULES:
-            graph = select_graph(train, budget, rule, cross_block=cross_block)
+            graph = fit_rule(train, budget, rule, cross_block)
             scores[rule] += evaluate(graph, held_out, cross_block=cross_block).nfe
     for name, graph in builtin_candidates(budget).items():
         scores[name] = evaluate(graph, trajectories, cross_block=cross_block).nfe
@@ -85,7 +94,7 @@ def select_best(
     def fit(name: str) -> DraftGraph:
         if name in builtins:
             return builtins[name]
-        return select_graph(trajectories, budget, name, cross_block=cross_block)
+        return fit_rule(trajectories, budget, name, cross_block)
 
     full = {}
 

@@ -28,7 +28,7 @@ from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.modes import check_cross_block
 from spiffy.decoding.provenance import calibration_key, decoder_settings
 from spiffy.graph.draft_graph import DraftGraph
-from spiffy.graph.files import atomic_write_text
+from spiffy.graph.files import atomic_write_text, slug
 from spiffy.models.loading import model_spec
 
 DRAFT_NOISE = ("none", "keyed")
@@ -129,7 +129,7 @@ def load_or_calibrate(
         "selection": rule,
         "cross_block": cross_block,
     }
-    folder = Path(root) / _slug(model_name) / _slug(task)
+    folder = Path(root) / slug(model_name) / slug(task)
     graph_path = folder / f"D{budget}-{rule}{'-xb' if cross_block else ''}-{expected['key']}.json"
     if graph_path.exists() and not force:
         graph = _cached_graph(graph_path, expected, cfg.block_length, _vocab_size(model))
@@ -239,8 +239,4 @@ def trajectories_path(graph: DraftGraph, root: str | Path = "runs/graphs") -> Pa
     if missing:
         raise ValueError(f"graph provenance lacks {missing}: not a graph from load_or_calibrate")
     key = calibration_key({k: p[k] for k in TRAJECTORY_SETTINGS})
-    return Path(root) / _slug(p["model"]) / _slug(p["task"]) / "trajectories" / f"{key}.json"
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(text)).name or text)
+    return Path(root) / slug(p["model"]) / slug(p["task"]) / "trajectories" / f"{key}.json"

@@ -6,7 +6,8 @@ the anchor's ranks. For each such state X_t it records the next `h` states X_{t+
 relative to X_t's anchor: the `(i, j)` pairs of every token added since X_t. The complete state X_T ends the
 plain walk, so it is kept apart (`complete`, when T - t <= h): the cross-block walk (docs/algorithm.md §5.4 option) accepts it
 as a draft. Each origin also keeps its masked count (the walk's phase). Memory is bounded: only the last `h`
-anchors are kept.
+anchors are kept. With `features=J`, each origin also keeps what dynamic drafting reads from its anchor
+(`spiffy.decoding.dynamic.anchor_features` over J token ranks), so that dynamic drafting can be replayed too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.drafting import level_scores
+from spiffy.decoding.dynamic import anchor_features
 from spiffy.decoding.sampling import Distributions
 from spiffy.graph.draft_graph import Formula
 from spiffy.graph.files import atomic_write_text, read_json
@@ -47,9 +49,16 @@ class BlockTrajectory:
     last: bool = True
     extra_calls: int = 0
     base_extra_calls: int = 0
+    # per origin, with `features`: the anchor's ranked confidences (Lb,) and token probabilities (Lb, J)
+    anchors: list[tuple[list[float], list[list[float]]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         origins = max(self.transitions - 1, 0)
+        if self.anchors and len(self.anchors) != origins:
+            raise ValueError(
+                f"block of prompt {self.prompt}: {len(self.anchors)} anchor features for "
+                f"{origins} origins"
+            )
         if not (len(self.keys) == len(self.complete) == len(self.masked) == origins):
             raise ValueError(
                 f"block of prompt {self.prompt} with transitions={self.transitions} has "
@@ -67,6 +76,7 @@ class BlockTrajectory:
             "last": self.last,
             "extra_calls": self.extra_calls,
             "base_extra_calls": self.base_extra_calls,
+            **({"anchors": self.anchors} if self.anchors else {}),
         }
 
     @classmethod
@@ -83,6 +93,7 @@ class BlockTrajectory:
             bool(b["last"]),
             int(b.get("extra_calls", 0)),  # SDAR only
             int(b.get("base_extra_calls", 0)),
+            [(list(c), [list(r) for r in p]) for c, p in b.get("anchors", [])],
         )
 
 
@@ -151,6 +162,7 @@ class _Origin:
     ctx: object
     step: int
     keyed: bool
+    features: tuple | None = None
     last: torch.Tensor | None = None
     keys: list[Formula] = field(default_factory=list)
     # a later state rewrote a position that was not masked here (LLaDA2.1's editing): no draft reaches it
@@ -224,16 +236,20 @@ class TrajectoryRecorder(BlockDecoder):
         cfg: GenerationConfig,
         horizon: int = 16,
         draft_noise: str = "none",
+        features: int | None = None,
     ):
+        if features is not None and (not isinstance(features, int) or features < 1):
+            raise ValueError(f"features={features!r} must be None or a positive integer")
         if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
             raise ValueError(f"horizon={horizon!r} must be a positive integer")
         super().__init__(model, cfg)
         self.horizon = horizon
         self.keyed = draft_noise == "keyed"
+        self.features = features
         self.blocks: list[BlockTrajectory] = []
         self.prompt = 0
         self._pending: deque[_Origin] = deque()
-        self._done: list[tuple[list[Formula], Formula | None, int]] = []
+        self._done: list[tuple] = []
 
     def enter_block(self, state, carry):
         self._pending.clear()
@@ -252,8 +268,11 @@ class TrajectoryRecorder(BlockDecoder):
         before, calls, base_calls = self._marks
         for o in self._pending:  # the complete state is level len(keys) + 1 of every pending origin
             reachable = len(o.keys) < self.horizon and not o.unreachable
-            self._done.append((o.keys, o.complete_key(final) if reachable else None, o.masked))
-        keys, complete, masked = (list(x) for x in zip(*self._done)) if self._done else ([], [], [])
+            complete = o.complete_key(final) if reachable else None
+            self._done.append((o.keys, complete, o.masked, o.features))
+        keys, complete, masked, anchors = (
+            (list(x) for x in zip(*self._done)) if self._done else ([], [], [], [])
+        )
         transitions = stats.transitions - before
         self.blocks.append(
             BlockTrajectory(
@@ -265,6 +284,7 @@ class TrajectoryRecorder(BlockDecoder):
                 last=False,  # `generate` marks the prompt's last decoded block (stop ids may end early)
                 extra_calls=stats.nfe - calls - transitions,
                 base_extra_calls=stats.base_extra_calls - base_calls,
+                anchors=anchors if self.features else [],
             )
         )
         # carry: None, or SDAR's `fuse_next` start of the next block (the recorder drafts nothing)
@@ -284,8 +304,12 @@ class TrajectoryRecorder(BlockDecoder):
             len(self._pending[0].keys) >= self.horizon or self._pending[0].unreachable
         ):
             o = self._pending.popleft()
-            self._done.append((o.keys, None, o.masked))
-        self._pending.append(_Origin(state.clone(), anchor, ctx, step, self.keyed))
+            self._done.append((o.keys, None, o.masked, o.features))
+        features = None
+        if self.features:
+            _, _, _, f = anchor_features(anchor, state, ctx, self.features)
+            features = (f.conf.tolist(), f.probs.tolist())
+        self._pending.append(_Origin(state.clone(), anchor, ctx, step, self.keyed, features))
         return super().propose(anchor, state, ctx, step)
 
 
@@ -299,11 +323,13 @@ def record_trajectories(
     progress: bool = True,
     meta: dict | None = None,
     draft_noise: str = "none",
+    features: int | None = None,
 ) -> Trajectories:
-    """Run the base decoder `cfg` on `prompts` (request ids 0..n-1) and record their trajectories."""
+    """Run the base decoder `cfg` on `prompts` (request ids 0..n-1) and record their trajectories (with
+    `features=J`, also each origin's anchor features over J token ranks)."""
     from tqdm.auto import tqdm
 
-    recorder = TrajectoryRecorder(model, cfg, horizon, draft_noise)
+    recorder = TrajectoryRecorder(model, cfg, horizon, draft_noise, features)
     for request_id, prompt in enumerate(
         tqdm(prompts, desc="calibrate: record", disable=not progress)
     ):

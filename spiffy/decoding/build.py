@@ -1,4 +1,4 @@
-"""The stable public API (docs/api.md): `load_model`, `build_decoder`, `Speculation`, graph helpers."""
+"""The stable public API (docs/algorithm.md §11): `load_model`, `build_decoder`, `Speculation`, graph helpers."""
 
 from __future__ import annotations
 

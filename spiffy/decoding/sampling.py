@@ -58,11 +58,6 @@ def _confidence_probs(sampling: torch.Tensor, dtype: torch.dtype, ctx: Transitio
     return torch.softmax(out, dim=-1)
 
 
-def confidence_probs(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
-    """Probabilities used for confidence, with the optional EoT/EOS removal (docs/algorithm.md §2 steps 4, 6)."""
-    return _confidence_probs(sampling_logits(logits, ctx), logits.dtype, ctx)
-
-
 def top_k_filter(scaled: torch.Tensor, k: int) -> torch.Tensor:
     """-inf below the k-th largest value of each row (ties at the cut are kept), as Dream and SDAR do."""
     kth = scaled.topk(min(k, scaled.shape[-1]), dim=-1).values[..., -1:]
@@ -80,6 +75,9 @@ def top_p_filter(scaled: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _filtered(sampling: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
+    """The float64 sampling logits with the tokens `top_k`/`top_p` remove set to -inf (temperature > 0).
+    Both filters act on `logits / T`, in the reference's order: SDAR filters top-k then top-p, Dream top-p
+    then top-k (the two differ: top-p after top-k renormalises over the k kept tokens)."""
     cfg = ctx.cfg
     if cfg.top_k is None and cfg.top_p is None:
         return sampling
@@ -91,15 +89,6 @@ def _filtered(sampling: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
         if value is not None:
             scaled = top_k_filter(scaled, value) if kind == "k" else top_p_filter(scaled, value)
     return sampling.masked_fill(scaled == NEG_INF, NEG_INF)
-
-
-def filtered_logits(logits: torch.Tensor, ctx: TransitionContext) -> torch.Tensor:
-    """The float64 sampling logits with the tokens `top_k`/`top_p` remove set to -inf (temperature > 0).
-
-    Both filters act on `logits / T`, in the reference's order: SDAR filters top-k then top-p, Dream top-p
-    then top-k (the two differ: top-p after top-k renormalises over the k kept tokens).
-    """
-    return _filtered(sampling_logits(logits, ctx), ctx)
 
 
 class Distributions:

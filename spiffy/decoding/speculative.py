@@ -31,11 +31,13 @@ from spiffy.decoding.drafting import (
     prune_rows,
     rank_tables,
 )
+from spiffy.decoding.dynamic import DynamicDrafter
 from spiffy.decoding.modes import check_cross_block, effective_layout, get_cache_mode, get_layout
 from spiffy.decoding.provenance import warn_if_mismatched
 from spiffy.decoding.sampling import Distributions
 from spiffy.graph.builtin import resolve_graph
 from spiffy.graph.draft_graph import DraftGraph, check_graph_fits
+from spiffy.graph.dynamic import DynamicGraph
 from spiffy.models.base import DiffusionLM
 from spiffy.models.loading import ModelSpec
 
@@ -44,10 +46,10 @@ DRAFT_NOISE = ("none", "keyed")
 
 @dataclass(frozen=True)
 class Speculation:
-    """Spiffy's settings: the draft graph (a `DraftGraph`, a JSON path or a spec such as `"chain:5"`) and the
-    verification layout."""
+    """Spiffy's settings: the draft graph (a `DraftGraph`, a `DynamicGraph`, a JSON path or a spec such as
+    `"chain:5"` or `"dynamic:10"`) and the verification layout."""
 
-    graph: DraftGraph | str
+    graph: DraftGraph | DynamicGraph | str
     verify: str = "exact"
     prune: int | None = None  # keep only the best `prune` nodes per forward (docs/algorithm.md §5.6)
     # "keyed": rank tokens/positions under future steps' keyed noise (§5.7)
@@ -67,6 +69,11 @@ class Speculation:
             fuse_store=self.fuse_store,
         )
         object.__setattr__(self, "graph", resolve_graph(self.graph))
+        if isinstance(self.graph, DynamicGraph) and self.prune is not None:
+            raise ValueError(
+                f"prune={self.prune} with a dynamic graph: it already chooses its "
+                f"{self.graph.budget} drafts per forward (docs/algorithm.md §5.10)"
+            )
 
 
 def check_speculation_options(**options) -> None:
@@ -104,7 +111,7 @@ class SpiffyDecoder(BlockDecoder):
         # a token rank beyond the vocabulary fails here, naming the node and the maximum, not as an IndexError
         # in the first forward (a position rank beyond the block is never drafted: harmless, not checked here)
         check_graph_fits(
-            self.graph,
+            self.graph.pool if isinstance(self.graph, DynamicGraph) else self.graph,
             block_length=None,
             vocab_size=self.spec.vocab_size,
             source=f"(selection={self.graph.selection!r}, budget={self.graph.budget})",
@@ -125,6 +132,10 @@ class SpiffyDecoder(BlockDecoder):
             )
         self.keep_kv = speculation.fuse_store  # keep the verified rows' K/V to store a finished draft
         self.keyed = speculation.draft_noise == "keyed"
+        self._dynamic = None
+        if isinstance(self.graph, DynamicGraph):  # drafts chosen per forward (docs/algorithm.md §5.10)
+            self._dynamic = DynamicDrafter(self.graph, self.device, keyed=self.keyed)
+            return
         # one (graph, tensors) per phase of a phased graph (drafts chosen by the masked count), else one
         self._phases = [
             (lo, g, GraphTensors.from_graph(g, self.device, keyed=self.keyed))
@@ -133,6 +144,10 @@ class SpiffyDecoder(BlockDecoder):
         self._tensors = self._phases[0][2]
 
     def propose(self, anchor, state, ctx, step):
+        if self._dynamic is not None:
+            return self._dynamic.draft(
+                anchor, state, ctx, step, self.spec.mask_id, keep_complete=self._keep_complete(ctx)
+            )
         graph, tensors = self.graph, self._tensors
         if (
             len(self._phases) > 1
@@ -143,7 +158,11 @@ class SpiffyDecoder(BlockDecoder):
 
     def propose_early(self, anchor, state, ctx):
         # un-keyed drafting reads no step-keyed noise: the drafts can be built before the step is known
-        if self.keyed or len(self._phases) > 1:
+        if self.keyed:
+            return None
+        if self._dynamic is not None:
+            return self.propose(anchor, state, ctx, 0)
+        if len(self._phases) > 1:
             return None
         return self._draft(anchor, state, ctx, 0, self.graph, self._tensors)
 
@@ -162,9 +181,6 @@ class SpiffyDecoder(BlockDecoder):
             probs = torch.softmax(anchor.sampling, dim=-1)
             pair_probs = pair_probabilities(tensors, pos_by_rank, top_tokens, n_masked, probs)
             rows = prune_rows(tensors, pair_probs, keep)
-        keep_complete = self.speculation.fuse_store or (
-            self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
-        )
         drafts = instantiate(
             tensors,
             pos_by_rank,
@@ -172,10 +188,16 @@ class SpiffyDecoder(BlockDecoder):
             n_masked,
             state,
             self.spec.mask_id,
-            keep_complete=keep_complete,
+            keep_complete=self._keep_complete(ctx),
             keep_rows=rows,
         )
         return drafts
+
+    def _keep_complete(self, ctx) -> bool:
+        """Keep complete drafts: to store a block from them (SDAR) or continue into the next block."""
+        return self.speculation.fuse_store or (
+            self.speculation.cross_block and ctx.block < self.cfg.num_blocks - 1
+        )
 
     def stored_row(self, end):
         if not self.speculation.fuse_store or end.match < 1:

@@ -36,7 +36,7 @@ from spiffy.decoding.batching import parse_batch_size
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.types import DecodeStats
 from spiffy.eval import distributed
-from spiffy.eval.offline import completion_text, encode
+from spiffy.eval.offline import MAX_BATCH_SIZE, completion_text, encode, resolve_batch_size
 
 # lm-eval `gen_kwargs` keys a request may carry, and how they map onto `GenerationConfig`
 GEN_KWARGS = ("until", "max_gen_toks", "temperature", "do_sample", "top_p", "top_k")
@@ -193,7 +193,7 @@ class SpiffyLM(LM):
         chat_template: bool = False,
         progress: bool = True,
         batch_size: int | str = 1,
-        max_batch_size: int = 64,
+        max_batch_size: int = MAX_BATCH_SIZE,
         ranks: distributed.Ranks | None = None,
     ):
         super().__init__()
@@ -404,9 +404,7 @@ class SpiffyLM(LM):
             key = tuple(sorted(settings.items()))
             ids = (instance.task_name, instance.doc_id, instance.idx)
             items.append((ids, encode(self.tokenizer, context), until, key))
-        size = self.batch_size
-        if size == "auto":
-            size = max(1, min(len(items), self.max_batch_size))
+        size = resolve_batch_size(self.batch_size, len(items), self.max_batch_size)
         chunk = 1 if size == 1 else 4 * size
         outputs: list[str | None] = [None] * len(items)
         bar = tqdm(

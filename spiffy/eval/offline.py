@@ -11,10 +11,21 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from spiffy.decoding.batching import parse_batch_size
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.types import DecodeResult
 from spiffy.tasks.arith import format_prompt
 from spiffy.tasks.scoring import extract_strict, is_correct
+
+MAX_BATCH_SIZE = (
+    64  # batch_size="auto" decodes every request of a call, up to this many per forward
+)
+
+
+def resolve_batch_size(batch_size: int | str, n_requests: int, cap: int = MAX_BATCH_SIZE) -> int:
+    """The requests decoded per forward: `batch_size`, or for "auto" all `n_requests`, at most `cap`."""
+    size = parse_batch_size(batch_size)
+    return max(1, min(n_requests, cap)) if size == "auto" else size
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:

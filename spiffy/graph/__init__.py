@@ -1,4 +1,4 @@
-"""Draft graphs: data, hand-built graphs, calibration and storage (docs/algorithm.md §5.2, §5.5, §5.6)."""
+"""Draft graphs: validated data, hand-built graphs and spec strings, graph files (docs/algorithm.md §5.2, §11)."""
 
 from spiffy.graph.builtin import chain, fig2, parse_graph_spec, resolve_graph, two_level_topk
 from spiffy.graph.draft_graph import DraftGraph

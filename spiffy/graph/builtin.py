@@ -4,6 +4,7 @@
 * `topk:K`     — two levels: the top-K tokens at the most confident position, each followed by the top token
   at the second position (D = 2K).
 * `fig2`       — the paper's Figure-2 graph `{c11}, {c21}, {c11,c21}, {c11,c31}, {c11,c21,c31}`.
+* `dynamic:D`  — D drafts chosen at every forward from the live anchor (`spiffy.graph.dynamic`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 from spiffy.graph.draft_graph import ROOT, DraftGraph
+from spiffy.graph.dynamic import DynamicGraph, dynamic_graph, is_dynamic_file
 
 
 def chain(depth: int) -> DraftGraph:
@@ -38,26 +40,31 @@ def fig2() -> DraftGraph:
     )
 
 
-SPECS = {"chain": chain, "topk": two_level_topk}
+SPECS = {"chain": chain, "topk": two_level_topk, "dynamic": dynamic_graph}
 
 
-def parse_graph_spec(spec: str) -> DraftGraph:
-    """`"chain:5"`, `"topk:3"` or `"fig2"`."""
+def parse_graph_spec(spec: str) -> DraftGraph | DynamicGraph:
+    """`"chain:5"`, `"topk:3"`, `"dynamic:10"` or `"fig2"`."""
     if spec == "fig2":
         return fig2()
     name, _, arg = spec.partition(":")
     if name not in SPECS or not arg.isdigit():
         raise ValueError(
-            f"graph={spec!r} is not a graph spec ('chain:D', 'topk:K', 'fig2') or an existing file"
+            f"graph={spec!r} is not a graph spec ('chain:D', 'topk:K', 'dynamic:D', 'fig2') or an "
+            "existing file"
         )
+    if int(arg) < 1:
+        raise ValueError(f"graph={spec!r}: {name} needs a positive integer")
     return SPECS[name](int(arg))
 
 
-def resolve_graph(graph: DraftGraph | str | os.PathLike) -> DraftGraph:
-    """A `DraftGraph` from a graph, a path to a graph JSON, or a spec string."""
-    if isinstance(graph, DraftGraph):
+def resolve_graph(graph: DraftGraph | DynamicGraph | str | os.PathLike) -> DraftGraph | DynamicGraph:
+    """A graph from a graph, a path to a graph JSON (static or dynamic), or a spec string."""
+    if isinstance(graph, (DraftGraph, DynamicGraph)):
         return graph
     if isinstance(graph, os.PathLike) or str(graph).endswith(".json"):
+        if is_dynamic_file(graph):
+            return DynamicGraph.load(Path(graph))
         return DraftGraph.load(Path(graph))
     if isinstance(graph, str):
         return parse_graph_spec(graph)

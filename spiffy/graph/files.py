@@ -1,4 +1,4 @@
-"""Graph and trajectory files on disk: atomic writes and JSON reads whose every failure names the path."""
+"""Graph and trajectory files on disk: atomic writes, JSON reads whose every failure names the path, path names."""
 
 from __future__ import annotations
 
@@ -66,3 +66,10 @@ def read_json(path: str | Path, what: str) -> object:
         raise ValueError(
             f"{what} file {str(path)!r} is not valid JSON (truncated or corrupted?): {err}"
         ) from err
+
+
+def slug(name: str | Path) -> str:
+    """A folder or file name for `name` (a model name or checkpoint path, a task, a device): its last path
+    part, with every character but letters, digits and `-_.` replaced by `_`."""
+    text = Path(str(name)).name or str(name)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "_"

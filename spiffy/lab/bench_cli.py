@@ -3,13 +3,12 @@
 `spiffy bench ARGS` and `python scripts/bench.py ARGS` are the same command.
 
     python scripts/bench.py --decoders vanilla vanilla+spiffy@calibrated:10 dual dual+spiffy@calibrated:10
-    python scripts/bench.py --before /tmp/before --reads ...   # also the code of another checkout, interleaved
     python scripts/bench.py --device cuda --dtype bfloat16 ...      # unchanged on a GPU
     python scripts/bench.py --decoders --name fig5_cpu              # the cost curve only (Figure 5)
     python scripts/bench.py --decoders --shape llada-8b --layers 2 --prompt-len 900 --gen-length 256 \\
         --block-length 32 --cost-curve 0 1 2 3 5 8 10 --layouts exact prefix dual --name fig5_llada8b_cpu
     python scripts/bench.py --decoders --cost-curve --shape llada-8b --layers 2 --hidden 256 \\
-        --peak-memory 10 --before /tmp/before --name peak_memory_cpu
+        --peak-memory 10 --name peak_memory_cpu
     python scripts/bench.py --decoders vanilla dual dual+spiffy@calibrated:5 --n 64 --batch-sizes 1 4 16 64 \
         --cost-curve 0 2 5 10 --name batching_cpu                    # throughput vs batch size, batched cost
     python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --gen '{"stop_ids": [96]}' \
@@ -44,7 +43,6 @@ from spiffy.lab.benchmarks import (
     count_reads,
     environment,
     generation_for,
-    import_checkout,
     make_decoder,
     paper_runs,
     run_side_by_side,
@@ -79,7 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--before", default=None, help="another checkout: its decoders run interleaved")
     p.add_argument("--reads", action="store_true", help="count host reads per transition/forward")
     p.add_argument("--cost-curve", type=int, nargs="*", default=[0, 1, 2, 3, 5, 8, 10, 16])
     p.add_argument(
@@ -136,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--shape has random weights: pass --decoders with no value (curves only)")
     if args.shape and args.prompt_len is None:
         raise SystemExit("--shape needs --prompt-len (there is no task tokenizer)")
-    old = import_checkout(args.before) if args.before else None
     if args.shape:
         model = random_model(
             args.shape, layers=args.layers, hidden=args.hidden, dtype=args.dtype, device=args.device
@@ -148,9 +144,6 @@ def main(argv: list[str] | None = None) -> None:
     overrides = json.loads(args.gen)
     problems = generate_split("test", args.n) if tok is not None else []
     decoders, bases = {}, {}
-    old_model = None
-    if old is not None and specs:
-        old_model = old["spiffy"].load_model(args.model, dtype=args.dtype, device=args.device)
     for block in args.block_sizes or [None]:
         m, settings, tag = model, overrides, ""
         if block is not None:  # a block-causal model trained at several block sizes
@@ -168,15 +161,9 @@ def main(argv: list[str] | None = None) -> None:
                 make_decoder(m, tok, s, **kw),
                 s.base + tag,
             )
-            if old_model is not None:
-                label = f"before:{s.label}{tag}"
-                decoders[label] = make_decoder(
-                    old_model, tok, s, **kw, package=old["spiffy"], calibration_model=m
-                )
-                bases[label] = f"before:{s.base}{tag}"
     if args.batch_sizes and specs:  # the throughput table replaces the one-at-a-time table
-        if args.before or args.reads:
-            raise SystemExit("--batch-sizes takes --decoders, without --before / --reads")
+        if args.reads:
+            raise SystemExit("--batch-sizes takes --decoders, without --reads")
         prompts = [encode(tok, format_prompt(p["question"])) for p in problems]
         table = pd.DataFrame(
             batch_throughput(
@@ -193,10 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         table = pd.DataFrame(summarize_rows(rows, bases) if rows else [])
     if args.reads and specs:
         prompts = [encode(tok, format_prompt(p["question"])) for p in problems[:3]]
-        reads = {
-            label: count_reads(d, old_model if label.startswith("before:") else d.model, prompts)
-            for label, d in decoders.items()
-        }
+        reads = {label: count_reads(d, d.model, prompts) for label, d in decoders.items()}
         table = table.assign(
             **{k: [reads[d][k] for d in table.decoder] for k in next(iter(reads.values()))}
         )
@@ -250,18 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     memory = []
     if args.peak_memory is not None:
         mb = verification_peak_memory(model, STRATEGIES, canvas_len, block_length, args.peak_memory)
-        memory.append({"code": "after", "peak_mb": mb / 2**20})
-        if old is not None:
-            with torch.no_grad():
-                old_model_m = old["spiffy.models.loading"].MODEL_CLASSES[model.config.model_type](
-                    model.config
-                )
-                old_model_m.load_state_dict(model.state_dict())
-            old_strategies = old["spiffy.decoding.forward"].STRATEGIES
-            mb = verification_peak_memory(
-                old_model_m.eval(), old_strategies, canvas_len, block_length, args.peak_memory
-            )
-            memory.insert(0, {"code": "before", "peak_mb": mb / 2**20})
+        memory.append({"drafts": args.peak_memory, "peak_mb": mb / 2**20})
     pd.set_option("display.width", 250)
     print(json.dumps(env))
     for frame in (table, curve, recommendation, pd.DataFrame(memory)):
@@ -301,10 +274,6 @@ def main(argv: list[str] | None = None) -> None:
             else "Decoders run interleaved per prompt (fresh order per prompt); ratios are of summed wall time."
         ),
     ]
-    if args.before:
-        md.append(
-            f"`before:` rows run the code of the checkout `{args.before}` in the same process."
-        )
     if not table.empty:
         md += ["", table.to_markdown(index=False, floatfmt=".3f")]
     if not curve.empty:

@@ -12,16 +12,12 @@ canvases) and the dual cache (block rows): the curve that decides when fewer NFE
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import pandas as pd
 import torch
@@ -118,26 +114,12 @@ def make_decoder(
     model_name: str,
     n_calib: int = 20,
     overrides: dict | None = None,
-    package: ModuleType | None = None,
-    calibration_model=None,
 ) -> BlockDecoder:
-    """The decoder of `spec`; with `package` (another checkout's `spiffy`, see `import_checkout`) built by that
-    checkout's code around `model` (its own model class), with the graph this checkout calibrates (or loads)
-    with `calibration_model`."""
+    """The decoder of `spec` around `model`, timing the model through CUDA events on a GPU."""
     gen = generation_for(task, spec.base, temperature, **(overrides or {}))
-    build, speculation = build_decoder, Speculation
-    if package is None:  # model time through CUDA events on a GPU (no effect on a CPU)
-        gen["options"] = DecoderOptions(profile=True)
-    else:  # the other checkout's settings: fields it does not know must be at their defaults here
-        build, speculation = package.build_decoder, package.Speculation
-        known = {f.name for f in dataclasses.fields(package.GenerationConfig)}
-        extra = {k: v for k, v in gen.items() if k not in known}
-        defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
-        if any(v != defaults[k] for k, v in extra.items()):
-            raise ValueError(f"the checkout {package.__file__} has no settings {sorted(extra)}")
-        gen = {k: v for k, v in gen.items() if k in known}
+    gen["options"] = DecoderOptions(profile=True)
     if spec.graph is None:
-        return build(model, **gen)
+        return build_decoder(model, **gen)
     graph = spec.graph
     if graph.startswith("calibrated:"):
         parts = graph.split(":")
@@ -147,7 +129,7 @@ def make_decoder(
             return [encode(tok, t) for t in TASKS[task].calibration(n_calib, 0)]
 
         graph = load_or_calibrate(
-            calibration_model if calibration_model is not None else model,
+            model,
             GenerationConfig(**{k: v for k, v in gen.items() if k != "options"}),
             prompts,
             model_name=model_name,
@@ -159,16 +141,10 @@ def make_decoder(
             root=os.environ.get("GRAPH_ROOT", "runs/graphs"),
             progress=False,
         )
-        if package is not None:
-            graph = package.DraftGraph.from_json(graph.to_json())
-    options = dict(verify=spec.verify, cross_block=spec.cross_block)
-    if spec.fuse_store:  # (older checkouts have no such option)
-        options["fuse_store"] = True
-    return build(
-        model,
-        **gen,
-        speculate=speculation(graph, **options),
+    speculation = Speculation(
+        graph, verify=spec.verify, cross_block=spec.cross_block, fuse_store=spec.fuse_store
     )
+    return build_decoder(model, **gen, speculate=speculation)
 
 
 @dataclass
@@ -340,24 +316,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def import_checkout(path: str) -> dict[str, ModuleType]:
-    """Import another checkout's `spiffy` (e.g. `git worktree add /tmp/before <commit>`) beside this one, for
-    before/after timings in one process. Returns its `spiffy`, `spiffy.decoding.build` and `spiffy.models.loading`
-    and `spiffy.decoding.forward` modules; this process's own `spiffy` modules are restored afterwards (the decode path imports nothing
-    lazily, so the two packages never mix)."""
-    own = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "spiffy"}
-    sys.path.insert(0, str(path))
-    try:
-        names = ("spiffy", "spiffy.decoding.build", "spiffy.models.loading", "spiffy.decoding.forward")
-        mods = {n: importlib.import_module(n) for n in names}
-        for k in [k for k in sys.modules if k.split(".")[0] == "spiffy"]:
-            sys.modules.pop(k)
-    finally:
-        sys.path.remove(str(path))
-        sys.modules.update(own)
-    return mods
-
-
 def environment(model, device: torch.device) -> dict:
     import transformers
 
@@ -461,7 +419,10 @@ def batch_throughput(
     labels = list(decoders)
     for d in decoders.values():  # warm up allocators and kernels
         d.generate_batch(
-            prompts[: max(batch_sizes)], seed=seed, batch_size=max(batch_sizes), max_tokens=max_tokens
+            prompts[: max(batch_sizes)],
+            seed=seed,
+            batch_size=max(batch_sizes),
+            max_tokens=max_tokens,
         )
     cells: dict[tuple[str, int], dict] = {}
     reference: dict[str, list] = {}

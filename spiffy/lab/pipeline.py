@@ -1,4 +1,4 @@
-"""`run(cfg)`: the one place that wires a job together (STYLE §4): model → graph → lm-eval → metrics → logs.
+"""`run(cfg)`: the one place that wires a job together (docs/architecture.md, the lab): model → graph → lm-eval → metrics → logs.
 
 1. validate the composed config (`OmegaConf.to_object` runs every `__post_init__`) before loading anything;
 2. skip the job if the result store already has its row (unless `force`), printing the stored summary;
@@ -31,6 +31,7 @@ from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.speculative import Speculation
 from spiffy.eval import distributed
+from spiffy.eval.offline import MAX_BATCH_SIZE, resolve_batch_size
 from spiffy.graph.builtin import chain, fig2, two_level_topk
 from spiffy.graph.draft_graph import DraftGraph
 from spiffy.lab import results as store
@@ -90,39 +91,46 @@ def calibration_prompts(cfg: RunConfig, tokenizer):
     return calib_task + (f"-{shots}shot" if shots else ""), prompts
 
 
-def build_auto(cfg: RunConfig, model, tokenizer, gen: dict):
-    """`graph.budget=auto`: the D* and lossless layout predicted fastest on this device (an `AutoChoice`)."""
-    from spiffy.calibration.autotune import autotune
+def calibration_args(cfg: RunConfig, model, tokenizer, gen: dict) -> tuple[tuple, dict]:
+    """The arguments `load_or_calibrate` and `autotune` share: model, base settings, calibration prompts and
+    the `graph.*` settings that key the calibration."""
     from spiffy.decoding.config import GenerationConfig
 
     g = cfg.graph
     calib_task, prompts = calibration_prompts(cfg, tokenizer)
+    shared = {
+        "model_name": cfg.model.name,
+        "task": calib_task,
+        "n_samples": g.n_samples,
+        "rule": g.rule,
+        "seed": cfg.seed,
+        "horizon": g.horizon,
+        "draft_noise": cfg.decoder.draft_noise,
+        "root": g.root,
+        "force": cfg.force,
+        "progress": cfg.eval.progress,
+    }
+    return (model, GenerationConfig(**gen), prompts), shared
+
+
+def build_auto(cfg: RunConfig, model, tokenizer, gen: dict):
+    """`graph.budget=auto`: the D* and lossless layout predicted fastest on this device (an `AutoChoice`)."""
+    from spiffy.calibration.autotune import autotune
+
+    args, shared = calibration_args(cfg, model, tokenizer, gen)
     return autotune(
-        model,
-        GenerationConfig(**gen),
-        prompts,
-        model_name=cfg.model.name,
-        task=calib_task,
-        n_samples=g.n_samples,
-        max_budget=g.max_budget,
-        margin=g.auto_margin,
-        rule=g.rule,
-        seed=cfg.seed,
-        horizon=g.horizon,
-        draft_noise=cfg.decoder.draft_noise,
-        root=g.root,
-        force=cfg.force,
-        progress=cfg.eval.progress,
+        *args,
+        **shared,
+        max_budget=cfg.graph.max_budget,
+        margin=cfg.graph.auto_margin,
         batch_size=eval_batch(cfg),
     )
 
 
 def eval_batch(cfg: RunConfig) -> int:
-    """The batch size the evaluation decodes with (`eval.batch_size`; "auto": the task's requests, up to 64)."""
-    size = cfg.eval.batch_size
-    if str(size) != "auto":
-        return int(size)
-    return max(1, min(cfg.task.limit or 64, 64))
+    """The batch size the evaluation decodes with (`eval.batch_size`; "auto": the task's requests, up to
+    `spiffy.eval.offline.MAX_BATCH_SIZE`)."""
+    return resolve_batch_size(cfg.eval.batch_size, cfg.task.limit or MAX_BATCH_SIZE)
 
 
 def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | None:
@@ -136,6 +144,8 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
         return two_level_topk(max(1, g.budget // 2))
     if g.source == "fig2":
         return fig2()
+    if g.source == "dynamic":  # drafts chosen per forward (docs/algorithm.md §5.10)
+        return calibrate_dynamic_graph(cfg, model, tokenizer, gen)
     if g.source == "file":
         graph = DraftGraph.load(g.path)
         if graph.budget != g.budget:  # the row is named after graph.budget
@@ -143,26 +153,32 @@ def build_graph(cfg: RunConfig, model, tokenizer, gen: dict) -> DraftGraph | Non
                 f"graph.budget={g.budget} but graph.path={g.path!r} holds a graph of budget {graph.budget}"
             )
         return graph
+    args, shared = calibration_args(cfg, model, tokenizer, gen)
+    return load_or_calibrate(*args, **shared, budget=g.budget, cross_block=cfg.decoder.cross_block)
+
+
+def calibrate_dynamic_graph(cfg: RunConfig, model, tokenizer, gen: dict):
+    """`graph.source=dynamic`: a dynamic graph fitted to trajectories recorded on the calibration prompts."""
+    from spiffy.calibration.dynamic import calibrate_dynamic
+    from spiffy.calibration.trajectories import record_trajectories
     from spiffy.decoding.config import GenerationConfig
 
+    t0 = time.perf_counter()
     calib_task, prompts = calibration_prompts(cfg, tokenizer)
-    return load_or_calibrate(
+    traj = record_trajectories(
         model,
         GenerationConfig(**gen),
-        prompts,
-        model_name=cfg.model.name,
-        task=calib_task,
-        n_samples=g.n_samples,
-        budget=g.budget,
-        rule=g.rule,
-        draft_noise=cfg.decoder.draft_noise,
-        cross_block=cfg.decoder.cross_block,
+        prompts(),
+        horizon=max(cfg.graph.horizon, cfg.graph.budget),
         seed=cfg.seed,
-        horizon=g.horizon,
-        root=g.root,
-        force=cfg.force,
         progress=cfg.eval.progress,
+        draft_noise=cfg.decoder.draft_noise,
+        features=3,
     )
+    graph = calibrate_dynamic(traj, cfg.graph.budget, cross_block=cfg.decoder.cross_block)
+    provenance = {"task": calib_task, "n_samples": cfg.graph.n_samples}
+    provenance["calibration_s"] = time.perf_counter() - t0
+    return dataclasses.replace(graph, provenance=provenance)
 
 
 def sampling_kwargs(decoder) -> dict:
@@ -475,7 +491,7 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
         ranks, "calibration", lambda: choose_graph(cfg, model, tokenizer, gen)
     )
     graph_s = time.perf_counter() - t0
-    if graph is not None and auto is None and len(graph.nodes) < graph.budget:  # said, not silently clamped
+    if isinstance(graph, DraftGraph) and auto is None and len(graph.nodes) < graph.budget:  # said, not clamped
         print(
             f"note: graph.budget={graph.budget}, but calibration found {len(graph.nodes)} nodes worth drafting: "
             f"the graph has {len(graph.nodes)} (the row records it as graph_nodes)"
@@ -537,7 +553,10 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
     metrics["calibration_s"] = provenance.get("calibration_s", graph_s)
     if "predicted_speedup_nfe" in provenance:
         metrics["calibration_speedup_nfe"] = provenance["predicted_speedup_nfe"]
-    metrics["graph_nodes"] = len(graph.nodes) if graph is not None else 0
+    # a dynamic graph drafts `budget` of its pool's nodes per forward
+    metrics["graph_nodes"] = (
+        0 if graph is None else len(graph.nodes) if isinstance(graph, DraftGraph) else graph.budget
+    )
     if auto is not None:
         metrics["auto_budget"] = auto.budget
         metrics["predicted_speedup_wall"] = auto.predicted_speedup_wall

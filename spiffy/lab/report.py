@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from spiffy.lab.results import read_rows
+from spiffy.lab.tracking import flatten
 
 METRICS = [
     "accuracy",
@@ -72,16 +73,6 @@ LEVEL_PREFIX = "accepted_level/"
 PLOT_AXES = ["graph.budget", "graph.n_samples", "graph.prune"]
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def load_frame(results_dir: str | Path = "results/runs") -> pd.DataFrame:
     """One row per job of a result store (`spiffy.lab.results.read_rows`: JSONL stores and/or row-file folders)."""
     return rows_frame(read_rows(results_dir))
@@ -91,7 +82,7 @@ def rows_frame(result_rows: list[dict]) -> pd.DataFrame:
     """One row per result row: flattened config (`cfg.*`) and metrics."""
     rows = []
     for row in result_rows:
-        flat = {f"cfg.{k}": v for k, v in _flatten(row["config"]).items()}
+        flat = {f"cfg.{k}": v for k, v in flatten(row["config"]).items()}
         rows.append(
             {
                 "experiment": row.get("experiment"),

@@ -1,4 +1,4 @@
-"""Typed schemas of every config group, registered with Hydra's ConfigStore (STYLE §4).
+"""Typed schemas of every config group, registered with Hydra's ConfigStore (docs/architecture.md, the lab).
 
 `spiffy/conf/config.yaml` starts its defaults list with `run_schema`, so Hydra merges every YAML option and command-line
 override into these dataclasses at composition time: an unknown key or a wrongly typed value (`graph.budget=ten`)
@@ -26,7 +26,7 @@ from spiffy.decoding.modes import check_cross_block, get_cache_mode, is_lossless
 from spiffy.decoding.speculative import Speculation, check_speculation_options
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-GRAPH_SOURCES = ("calibrate", "chain", "fig2", "topk", "file")
+GRAPH_SOURCES = ("calibrate", "chain", "fig2", "topk", "file", "dynamic")
 TRACKING_MODES = ("offline", "online", "disabled")
 TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"  # the lm-eval task YAMLs
 

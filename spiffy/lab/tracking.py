@@ -1,4 +1,4 @@
-"""Weights & Biases logging: the only module that imports wandb (STYLE pattern 9).
+"""Weights & Biases logging: the only module that imports wandb (docs/architecture.md, the lab).
 
 `start(...)` opens a job's W&B run before any model loads, so a W&B that cannot start fails the job at once
 (`TrackingError`), not after minutes of evaluation. Conventions that make a sweep a report

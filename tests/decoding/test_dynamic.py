@@ -1,0 +1,144 @@
+"""Dynamic drafting (docs/algorithm.md §5.10) is lossless like every graph: Spiffy with drafts chosen per forward
+returns exactly the base decoder's tokens, for every base decoder, cache, temperature (keyed noise too) and the
+cross-block walk, with NFE no larger; and its drafts have static shapes."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+import spiffy
+from spiffy.decoding.dynamic import DynamicDrafter
+from spiffy.graph.dynamic import DynamicGraph, dynamic_graph
+from tests.conftest import tiny_random_model
+from tests.decoding.test_losslessness import RULES, assert_lossless, draft_graphs
+
+
+@pytest.mark.parametrize(
+    ("rule", "cache", "temperature"),
+    list(itertools.product(RULES, ["none", "prefix", "dual"], [0.0, 0.7])),
+)
+def test_dynamic_drafting_is_lossless_for_every_base_decoder(
+    fixture_model, rule, cache, temperature
+):
+    prompt = torch.tensor([71, 124, 84, 108, 88])
+    saved = 0
+    for graph in ("dynamic:3", "dynamic:10"):
+        base, spec = assert_lossless(
+            fixture_model,
+            prompt,
+            graph,
+            request_id=7,
+            seed=3,
+            gen_length=32,
+            block_length=8,
+            rule=rule,
+            cache=cache,
+            temperature=temperature,
+            **RULES[rule],
+        )
+        saved += base.stats.nfe - spec.stats.nfe
+    if rule == "schedule":
+        assert saved > 0  # it must actually save forwards on the one-token-per-step base
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_keyed_dynamic_drafting_and_the_cross_block_walk_are_lossless(
+    fixture_model, temperature, cache
+):
+    prompt = torch.tensor([12, 7, 99])
+    kw = dict(gen_length=32, block_length=8, steps=32, temperature=temperature, cache=cache)
+    base = spiffy.build_decoder(fixture_model, **kw).generate(prompt, request_id=2, seed=5)
+    variants = [dict(draft_noise="keyed")] + ([dict(cross_block=True)] if cache == "none" else [])
+    for extra in variants:
+        spec = spiffy.build_decoder(
+            fixture_model, speculate=spiffy.Speculation("dynamic:6", **extra), **kw
+        ).generate(prompt, request_id=2, seed=5)
+        assert torch.equal(spec.tokens, base.tokens), extra
+        assert spec.stats.nfe < base.stats.nfe, extra
+
+
+def test_drafts_have_d_rows_of_fixed_levels_every_forward(fixture_model):
+    """Static shapes: every forward drafts D rows at the slots' levels, whatever the anchor."""
+    graph = dynamic_graph(7)
+    seen = []
+
+    class Spy(DynamicDrafter):
+        def draft(self, *args, **kwargs):
+            drafts = super().draft(*args, **kwargs)
+            seen.append((tuple(drafts.states.shape), drafts.row_levels))
+            return drafts
+
+    decoder = spiffy.build_decoder(
+        fixture_model, gen_length=32, block_length=8, steps=32, speculate=spiffy.Speculation(graph)
+    )
+    decoder._dynamic.__class__ = Spy
+    decoder.generate(torch.tensor([5, 6, 7]), request_id=0)
+    assert len(seen) > 5
+    assert set(seen) == {((7, 8), graph.slots)}
+
+
+def test_dynamic_graphs_refuse_pruning():
+    with pytest.raises(ValueError, match="prune=3 with a dynamic graph"):
+        spiffy.Speculation("dynamic:5", prune=3)
+
+
+@st.composite
+def dynamic_graphs(draw):
+    """Random dynamic graphs: a random pool, slots within its levels, random model parameters."""
+    pool = draw(draft_graphs())
+    available = Counter(pool.levels)
+    slots = []
+    for level in sorted(available):
+        slots += [level] * draw(st.integers(0, available[level]))
+    if not slots:
+        slots = [1]
+    bias = draw(st.lists(st.sampled_from([0.0, -1.0, -3.0, 2.0]), min_size=1, max_size=4))
+    return DynamicGraph(
+        pool,
+        tuple(slots),
+        draw(st.sampled_from([0.0, 0.5, 4.0])),
+        tuple(bias),
+        draw(st.sampled_from([0.0, 1.0, 2.0])),
+    )
+
+
+@settings(
+    max_examples=40, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate]
+)  # no shrinking: bounded CI time
+@given(
+    model_seed=st.integers(0, 3),
+    prompt=st.lists(st.integers(0, 19), min_size=1, max_size=6),
+    blocks=st.sampled_from([(8, 4), (12, 4), (16, 8), (12, 12)]),
+    rule=st.sampled_from(list(RULES)),
+    cache=st.sampled_from(["none", "prefix", "dual"]),
+    temperature=st.sampled_from([0.0, 0.5, 1.5]),
+    graph=dynamic_graphs(),
+    seed=st.integers(0, 1000),
+    cross_block=st.booleans(),
+)
+def test_property_dynamic_spiffy_equals_base(
+    model_seed, prompt, blocks, rule, cache, temperature, graph, seed, cross_block
+):
+    model = tiny_random_model(seed=model_seed)
+    gen_length, block_length = blocks
+    assert_lossless(
+        model,
+        torch.tensor(prompt),
+        graph,
+        request_id=seed % 7,
+        seed=seed,
+        gen_length=gen_length,
+        block_length=block_length,
+        rule=rule,
+        cache=cache,
+        temperature=temperature,
+        cross_block=cross_block and cache == "none",
+        **RULES[rule],
+    )
