@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int | None]]] = {}
 # modules imported before dispatch, for the subcommands they register (e.g. "spiffy.serve.cli")
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["spiffy.serve.cli"]
 
 
 def command(name: str, summary: str):

@@ -454,6 +454,20 @@ def choose_graph(cfg: RunConfig, model, tokenizer, gen: dict):
     return (build_graph(cfg, model, tokenizer, gen) if cfg.decoder.speculate else None), None
 
 
+def job_decoder(cfg: RunConfig, model, gen: dict, graph, auto, prune: int | None = None):
+    """The job's decoder on `gen` (its base settings, possibly changed): Spiffy over it with `graph` (the
+    layout `auto` chose, and `prune`, default `graph.prune`), or the base decoder for graph None."""
+    options = DecoderOptions(compile=cfg.decoder.compile, invariant=cfg.decoder.invariant)
+    if graph is None:
+        return build_decoder(model, **gen, options=options)
+    spec_options = speculation_settings(cfg.decoder)
+    if auto is not None:
+        spec_options["verify"] = auto.layout
+    prune = cfg.graph.prune if prune is None else prune
+    speculate = Speculation(graph, prune=prune, **spec_options)
+    return build_decoder(model, **gen, options=options, speculate=speculate)
+
+
 def request_rows(records) -> list[dict]:
     """Per-request records for the row (request order, whatever the number of processes): what two runs compare."""
     return [
@@ -496,21 +510,10 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
             f"note: graph.budget={graph.budget}, but calibration found {len(graph.nodes)} nodes worth drafting: "
             f"the graph has {len(graph.nodes)} (the row records it as graph_nodes)"
         )
-    options = DecoderOptions(compile=cfg.decoder.compile, invariant=cfg.decoder.invariant)
-    base = build_decoder(model, **gen, options=options)
+    base = job_decoder(cfg, model, gen, None, None)
     decoder = base
-    if graph is not None:
-        spec_options = speculation_settings(cfg.decoder)
-        if auto is not None:
-            spec_options["verify"] = auto.layout
-        decoder = build_decoder(
-            model,
-            **gen,
-            options=options,
-            speculate=Speculation(graph, prune=cfg.graph.prune, **spec_options),
-        )
-    elif auto is not None:
-        decoder = build_decoder(model, **gen, options=options)
+    if graph is not None or auto is not None:
+        decoder = job_decoder(cfg, model, gen, graph, auto)
     lm = SpiffyLM(
         decoder,
         tokenizer,
