@@ -91,11 +91,16 @@ class EngineLoop:
 
     def cancel(self, job: Job, *, done: bool = False) -> None:
         """Abort a job (between two steps); nothing more is delivered to it. `done`: its text is complete (EOS
-        or a stop string; counted as finished), else the client went away (counted as aborted)."""
-        if not job.finished:
-            job.cancelled = True
-            self.cancels += not done
-            self._commands.put(("abort", (job, done)))
+        or a stop string): it counts as finished and leaves the queue now; else the client went away (aborted)."""
+        if job.finished:
+            return
+        job.cancelled = True
+        if done:
+            handle = job.handle
+            self._finish(job, "ok", handle.state.recorder.stats if handle is not None else None)
+        else:
+            self.cancels += 1
+        self._commands.put(("abort", (job, done)))
 
     def close(self) -> None:
         with self._lock:
@@ -145,7 +150,7 @@ class EngineLoop:
 
     def _add(self, job: Job) -> None:
         if job.cancelled:
-            self._release(job)
+            self._finish(job, "aborted")
             return
         engine = self._engine(job.decoder)
         try:
@@ -158,11 +163,11 @@ class EngineLoop:
         self._jobs[id(job.handle)] = job
 
     def _abort(self, job: Job, done: bool) -> None:
-        if job.handle is not None and not job.finished:
-            job.handle.engine.abort(job.handle)
+        if job.handle is not None:
+            if not job.handle.finished:
+                job.handle.engine.abort(job.handle)
             self._jobs.pop(id(job.handle), None)
-            stats = job.handle.state.recorder.stats if done else None
-            self._release(job, outcome="ok" if done else "aborted", stats=stats)
+        self._finish(job, "aborted")
 
     def _step(self, engine: Engine) -> None:
         forwards = engine.stats.forwards
@@ -206,18 +211,22 @@ class EngineLoop:
                 self._end(job, "done", request.result.stats)
 
     def _end(self, job: Job, kind: str, payload: DecodeStats | BaseException) -> None:
-        job.finished = True
-        if not job.cancelled:
+        """The job is over: its slot is freed, then its submitter told (so it may submit again at once)."""
+        if job.cancelled:  # its client went away first
+            self._finish(job, "aborted")
+        elif self._finish(
+            job, "ok" if kind == "done" else "error", payload if kind == "done" else None
+        ):
             job.deliver(kind, payload)
-        stats = payload if kind == "done" else None
-        self._release(job, outcome="ok" if kind == "done" else "error", stats=stats)
 
-    def _release(
-        self, job: Job, outcome: str = "aborted", stats: DecodeStats | None = None
-    ) -> None:
-        job.finished = True
-        if self.metrics is not None:
-            self.metrics.finished(outcome, stats)
+    def _finish(self, job: Job, outcome: str, stats: DecodeStats | None = None) -> bool:
+        """Mark the job finished once (any thread) and free its slot; False if it already was."""
         with self._lock:
+            if job.finished:
+                return False
+            job.finished = True
             self._pending -= 1
             self._lock.notify_all()
+        if self.metrics is not None:
+            self.metrics.finished(outcome, stats)
+        return True

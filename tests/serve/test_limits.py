@@ -112,8 +112,10 @@ def test_disconnect_aborts_only_that_request(limited, stream):
             with httpx.stream(
                 "POST", f"{url}/v1/completions", headers=headers, json=body, timeout=timeout
             ) as r:
-                first = next(line for line in r.iter_lines() if line.startswith("data:"))
+                lines = r.iter_lines()  # kept: a dropped iterator would close the connection now
+                first = next(line for line in lines if line.startswith("data:"))
                 other["first"] = json.loads(first[5:])["choices"][0]["text"]
+                gate.reached.wait(30)  # leave while the request is mid-decode (the engine held)
 
     try:
         aborted, cancels = metrics.requests["aborted"], loop.cancels
