@@ -8,7 +8,7 @@ class (`GenerationConfig` is its earlier name). docs/conventions.md. `Engine` ru
 with stacked forwards and streams their committed blocks (`BlockEvent`).
 """
 
-import spiffy.decoding.llada2_generate  # noqa: F401  (installs LLaDA2MoeModelLM.generate)
+import spiffy.decoding.llada2_generate  # noqa: F401  (registers the backend of LLaDA2MoeModelLM.generate)
 from spiffy.calibration.autotune import AutoChoice, autotune
 from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.build import build_decoder

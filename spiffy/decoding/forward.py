@@ -160,21 +160,9 @@ class ForwardStrategy:
     def _keep_cache(self, out, block: slice, boundary: torch.Tensor) -> None:
         self.cache = None
 
-    def verify(
-        self,
-        canvas: torch.Tensor,
-        block: slice,
-        states: torch.Tensor,
-        layout: str = "exact",
-        lookahead: int = 0,
-    ) -> Verification:
-        """Distributions of the block states `states` (N, Lb); `canvas` holds row 0's state.
-
-        `lookahead` (no cache, exact layout only): also return the logits of the next `lookahead` positions
-        (the next block) of every row. A complete draft's next-block logits are that block's first-forward
-        distribution (docs/algorithm.md §5.4, optional cross-block continuation).
-        """
-        return self.run(self.verify_call(canvas, block, states, layout, lookahead))
+    def verify(self, *args, **kwargs) -> Verification:
+        """`verify_call` (same arguments) run alone now: the distributions of the block states."""
+        return self.run(self.verify_call(*args, **kwargs))
 
     def verify_call(
         self,
@@ -184,7 +172,13 @@ class ForwardStrategy:
         layout: str = "exact",
         lookahead: int = 0,
     ) -> Pending:
-        """`verify` as a pending call."""
+        """The pending call of the distributions of the block states `states` (N, Lb); `canvas` holds row 0's
+        state (`verify` runs it alone).
+
+        `lookahead` (no cache, exact layout only): also return the logits of the next `lookahead` positions
+        (the next block) of every row. A complete draft's next-block logits are that block's first-forward
+        distribution (docs/algorithm.md §5.4, optional cross-block continuation).
+        """
         raise NotImplementedError
 
     def block_logits(self, canvas, block, states, verify: str = "exact") -> torch.Tensor:

@@ -4,7 +4,8 @@ The reference recomputes the whole prefix at every call; here the block loop run
 (2.0) / `llada2_edit` (2.1) with the exact block-causal cache, so the tokens are the reference's and `stats.nfe`
 counts every model call (prefill and block stores included, as for SDAR; `stats.transitions` is the reference's
 call count). The return value is the reference's: the generated tokens cut after the first EOS, except 2.0's
-`eos_early_stop` return, which includes the prompt. Installed into the model class on import.
+`eos_early_stop` return, which includes the prompt. Registered on import as the backend of
+`LLaDA2MoeModelLM.generate` (`spiffy.models.generate.LLaDA2Generate`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from spiffy.decoding.block_decoder import BlockDecoder
 from spiffy.decoding.build import generation_config
 from spiffy.decoding.types import DecodeResult
+from spiffy.models.generate import register_backend
 from spiffy.models.llada2 import PUBLISHED_EOS_ID, PUBLISHED_MASK_ID, LLaDA2MoeModelLM
 from spiffy.models.loading import ModelSpec
 
@@ -54,15 +56,9 @@ def llada2_settings(
             f"steps={steps!r}: min(steps, gen_length // minimal_topk = {gen_length // minimal_topk}) "
             "must be at least 1"
         )
-    common = dict(
-        gen_length=gen_length,
-        block_length=block_length,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        tau=threshold,
-        softmax_dtype="model",  # the reference's float32 probabilities (its logits are float32)
-    )
+    common = dict(gen_length=gen_length, block_length=block_length, tau=threshold)
+    # sampling as the reference: float32 probabilities (its logits are float32)
+    common.update(temperature=temperature, top_k=top_k, top_p=top_p, softmax_dtype="model")
     if version == "2.0":
         return dict(
             common,
@@ -81,7 +77,9 @@ def llada2_settings(
     )
 
 
-def reference_output(result: DecodeResult, prompt: torch.Tensor, gen_length: int, eos_id: int) -> torch.Tensor:
+def reference_output(
+    result: DecodeResult, prompt: torch.Tensor, gen_length: int, eos_id: int
+) -> torch.Tensor:
     """What the reference `generate` returns (1, n): the generated tokens cut after the first EOS; after
     2.0's early stop, the prompt and the canvas up to that EOS."""
     p = prompt.numel()
@@ -126,4 +124,4 @@ def llada2_generate(
     return (out, result) if return_result else out
 
 
-LLaDA2MoeModelLM.generator = staticmethod(llada2_generate)
+register_backend(llada2_generate, "llada2")

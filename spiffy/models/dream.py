@@ -19,25 +19,24 @@ import torch
 from spiffy.models.base import RopeTables, row_slice
 from spiffy.models.generate import DreamGenerate
 from spiffy.models.kv import KVCache, plan_attention
-from spiffy.models.transformer import BidirectionalLM, DecoderLM, QwenConfig, rope_tables
+from spiffy.models.transformer import (
+    BidirectionalLM,
+    DecoderLM,
+    QwenConfig,
+    qwen_fields,
+    rope_tables,
+)
 
 
 class DreamConfig(QwenConfig):
     """Dream's config format (Qwen2 fields plus `mask_token_id`)."""
 
     model_type = "Dream"
+    # (layers, width, query heads, kv heads, MLP width) of Dream-v0-7B
+    published = qwen_fields(152064, (28, 3584, 28, 4, 18944), positions=131072, theta=1e6)
 
     def __init__(
         self,
-        vocab_size: int = 152064,
-        hidden_size: int = 3584,
-        intermediate_size: int = 18944,
-        num_hidden_layers: int = 28,
-        num_attention_heads: int = 28,
-        num_key_value_heads: int = 4,
-        max_position_embeddings: int = 131072,
-        rms_norm_eps: float = 1e-6,
-        rope_theta: float = 1000000.0,
         mask_token_id: int = 151666,
         eos_token_id: int = 151643,
         pad_token_id: int = 151643,

@@ -29,14 +29,26 @@ import torch
 HF_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "eos_token_id")
 _HF_IGNORED = ("transformers_version", "_from_model_config")
 
-_BACKEND: Callable[..., list] | None = None
+# the keywords every family's method takes beside its published arguments (the module docstring says what each does)
+CALL_KEYWORDS = (
+    "attention_mask",
+    "generation_config",
+    "speculate",
+    "streamer",
+    "seed",
+    "request_id",
+    "return_dict_in_generate",
+    "input_ids",
+)
+
+_BACKENDS: dict[str, Callable] = {}
 
 
-def register_backend(backend: Callable[..., list]) -> None:
-    """Called by `spiffy.decoding` at import: `backend(model, prompts, settings, *, speculate, seed, request_ids,
-    streamer)` decodes each prompt (1-D LongTensor) and returns one `DecodeResult` per prompt."""
-    global _BACKEND
-    _BACKEND = backend
+def register_backend(backend: Callable, name: str = "decode") -> None:
+    """Called by `spiffy.decoding` at import. `"decode"`: `backend(model, prompts, settings, *, speculate,
+    seed, request_ids, streamer)` decodes each prompt (1-D LongTensor) and returns one `DecodeResult` per
+    prompt; `"llada2"`: LLaDA2's `generate(model, inputs, **arguments)` (`spiffy.decoding.llada2_generate`)."""
+    _BACKENDS[name] = backend
 
 
 @dataclass
@@ -126,7 +138,8 @@ def _prompts(inputs, attention_mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 class DiffusionGenerate:
-    """The machinery the family mixins share: settings, the backend call, sequences as the references return."""
+    """The machinery the family mixins share: the call keywords every method takes (`CALL_KEYWORDS`), settings,
+    the backend call, and sequences as the references return them."""
 
     def _generate(
         self,
@@ -140,13 +153,19 @@ class DiffusionGenerate:
         seed: int = 0,
         request_id=None,
         return_dict_in_generate: bool = False,
+        input_ids=None,
         canvas: bool = False,
+        **more,
     ):
-        if _BACKEND is None:
+        """Decode `inputs` (or `input_ids=`) with the family's `settings`, then the `DecodingConfig` fields
+        given by name (`more`, which win), over `generation_config`'s."""
+        backend = _BACKENDS.get("decode")
+        if backend is None:
             raise RuntimeError("no decoder backend registered: `import spiffy` registers it")
-        ids, prompts = _prompts(inputs, attention_mask)
+        ids, prompts = _prompts(inputs if inputs is not None else input_ids, attention_mask)
         base = hf_generation_settings(generation_config) if generation_config is not None else {}
-        given = {**base, **{k: v for k, v in settings.items() if v is not None}}
+        chosen = {**settings, **more}
+        given = {**base, **{k: v for k, v in chosen.items() if v is not None}}
         if streamer is not None and len(prompts) != 1:
             raise ValueError(f"streamer= streams one sequence; got a batch of {len(prompts)}")
         if request_id is None:
@@ -155,7 +174,7 @@ class DiffusionGenerate:
             request_ids = [request_id]
         else:
             request_ids = list(request_id)
-        results = _BACKEND(
+        results = backend(
             self,
             prompts,
             given,
@@ -179,6 +198,12 @@ class DiffusionGenerate:
             return GenerateOutput(sequences, results)
         return sequences
 
+    @staticmethod
+    def _config_settings(options: dict) -> dict:
+        """The decoder settings of `generation_config=` among a method's keywords (none: {})."""
+        config = options.get("generation_config")
+        return hf_generation_settings(config) if config is not None else {}
+
     def _pad_id(self) -> int:
         from spiffy.models.loading import model_spec
 
@@ -197,8 +222,8 @@ class DiffusionGenerate:
 class LLaDAGenerate(DiffusionGenerate):
     """LLaDA's `generate(model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking,
     mask_id)` as a method, with Fast-dLLM's `threshold` / `factor` parallel decoding and its caches (`cache=`
-    `prefix` | `dual`); it returns prompt + generation (B, P + gen_length) as LLaDA's does. Other keywords are
-    `DecodingConfig` fields (unknown ones raise, naming them)."""
+    `prefix` | `dual`); it returns prompt + generation (B, P + gen_length) as LLaDA's does. The other keywords
+    are `CALL_KEYWORDS` or `DecodingConfig` fields (unknown ones raise, naming them)."""
 
     def generate(
         self,
@@ -213,20 +238,10 @@ class LLaDAGenerate(DiffusionGenerate):
         *,
         threshold: float | None = None,
         factor: float | None = None,
-        attention_mask=None,
-        generation_config=None,
-        speculate=None,
-        streamer=None,
-        seed: int = 0,
-        request_id=None,
-        return_dict_in_generate: bool = False,
-        input_ids=None,
-        **settings,
+        **options,
     ):
-        if inputs is None:
-            inputs = input_ids
         self._check_mask_id(mask_id)
-        config = hf_generation_settings(generation_config) if generation_config is not None else {}
+        config = self._config_settings(options)
         # LLaDA's defaults (128 tokens, one block, one token per step) where neither argument nor config says
         length = gen_length or config.get("gen_length") or 128
         block = block_length or config.get("block_length") or length
@@ -237,29 +252,13 @@ class LLaDAGenerate(DiffusionGenerate):
             rule = dict(rule="threshold", tau=threshold)
         elif factor is not None:
             rule = dict(rule="factor", factor=factor)
-        elif settings.get("rule", config.get("rule", "schedule")) == "schedule":
+        elif options.get("rule", config.get("rule", "schedule")) == "schedule":
             rule = dict(steps=steps or config.get("steps") or length)
         elif steps is not None:
             rule = dict(steps=steps)
-        return self._generate(
-            inputs,
-            {
-                "gen_length": length,
-                "block_length": block,
-                "temperature": temperature,
-                "cfg_scale": cfg_scale,
-                "remasking": remasking,
-                **rule,
-                **settings,
-            },
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            speculate=speculate,
-            streamer=streamer,
-            seed=seed,
-            request_id=request_id,
-            return_dict_in_generate=return_dict_in_generate,
-        )
+        chosen = dict(gen_length=length, block_length=block, temperature=temperature)
+        chosen.update(cfg_scale=cfg_scale, remasking=remasking, **rule)
+        return self._generate(inputs, chosen, **options)
 
 
 # Dream's `alg` -> spiffy's remasking (the `dream_steps` rule); `confidence_threshold` is Fast-dLLM's sampler
@@ -270,7 +269,8 @@ class DreamGenerate(DiffusionGenerate):
     """Dream's `diffusion_generate(inputs, generation_config, max_new_tokens, steps, temperature, top_p, top_k,
     alg, alg_temp, output_history, return_dict_in_generate)`: one block of `max_new_tokens`, `alg` one of
     `maskgit_plus`, `topk_margin`, `entropy` or Fast-dLLM's `confidence_threshold` (with `threshold`). Returns
-    the sequences (B, P + max_new_tokens), or with `return_dict_in_generate` an object with `.sequences`."""
+    the sequences (B, P + max_new_tokens), or with `return_dict_in_generate` an object with `.sequences`.
+    The other keywords are `CALL_KEYWORDS` or `DecodingConfig` fields."""
 
     def diffusion_generate(
         self,
@@ -287,17 +287,8 @@ class DreamGenerate(DiffusionGenerate):
         eps: float = 1e-3,
         threshold: float | None = None,
         output_history: bool = False,
-        return_dict_in_generate: bool = False,
-        attention_mask=None,
-        speculate=None,
-        streamer=None,
-        seed: int = 0,
-        request_id=None,
-        input_ids=None,
-        **settings,
+        **options,
     ):
-        if inputs is None:
-            inputs = input_ids
         for name, value, default in (
             ("alg_temp", alg_temp, None),
             ("eps", eps, 1e-3),
@@ -307,8 +298,8 @@ class DreamGenerate(DiffusionGenerate):
                 raise ValueError(
                     f"{name}={value!r} is not supported (Dream's default {default!r} only)"
                 )
-        config = hf_generation_settings(generation_config) if generation_config is not None else {}
-        length = max_new_tokens or config.get("gen_length")
+        options["generation_config"] = generation_config
+        length = max_new_tokens or self._config_settings(options).get("gen_length")
         if length is None:
             raise ValueError(
                 "diffusion_generate needs max_new_tokens (or generation_config.max_new_tokens)"
@@ -326,17 +317,8 @@ class DreamGenerate(DiffusionGenerate):
         else:
             raise ValueError(f"alg={alg!r} must be one of {[*DREAM_ALGS, 'confidence_threshold']}")
         sampling = hf_settings(temperature=temperature, top_p=top_p, top_k=top_k)
-        return self._generate(
-            inputs,
-            {"gen_length": length, "block_length": length, **rule, **sampling, **settings},
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            speculate=speculate,
-            streamer=streamer,
-            seed=seed,
-            request_id=request_id,
-            return_dict_in_generate=return_dict_in_generate,
-        )
+        chosen = {"gen_length": length, "block_length": length, **rule, **sampling}
+        return self._generate(inputs, chosen, **options)
 
 
 # SDAR's remasking strategies -> spiffy's block-causal rules
@@ -351,7 +333,8 @@ class SDARGenerate(DiffusionGenerate):
     """SDAR's `block_diffusion_generate(model, prompt, mask_id, gen_length, block_length, denoising_steps,
     temperature, top_k, top_p, remasking_strategy, confidence_threshold, stopping_criteria_idx)` as a method
     (`prompt`: ids, or a tokenizer output with `input_ids`). It returns the whole canvas as SDAR's does: prompt
-    and generation rounded up to whole blocks (B, L), rows shorter than the longest padded with EOS."""
+    and generation rounded up to whole blocks (B, L), rows shorter than the longest padded with EOS. The other
+    keywords are `CALL_KEYWORDS` or `DecodingConfig` fields."""
 
     def block_diffusion_generate(
         self,
@@ -366,15 +349,7 @@ class SDARGenerate(DiffusionGenerate):
         remasking_strategy: str = "low_confidence_dynamic",
         confidence_threshold: float = 0.85,
         stopping_criteria_idx=None,
-        *,
-        attention_mask=None,
-        generation_config=None,
-        speculate=None,
-        streamer=None,
-        seed: int = 0,
-        request_id=None,
-        return_dict_in_generate: bool = False,
-        **settings,
+        **options,
     ):
         self._check_mask_id(mask_id)
         if remasking_strategy not in SDAR_STRATEGIES:
@@ -394,15 +369,18 @@ class SDARGenerate(DiffusionGenerate):
         if stopping_criteria_idx is not None:
             ids = stopping_criteria_idx
             chosen["stop_ids"] = tuple([ids] if isinstance(ids, int) else ids)
-        return self._generate(
-            prompt,
-            {**chosen, **settings},
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            speculate=speculate,
-            streamer=streamer,
-            seed=seed,
-            request_id=request_id,
-            return_dict_in_generate=return_dict_in_generate,
-            canvas=True,
-        )
+        return self._generate(prompt, chosen, canvas=True, **options)
+
+
+class LLaDA2Generate:
+    """LLaDA2's own `generate(inputs, temperature, block_length, steps, gen_length, top_p, top_k, eos_early_stop,
+    minimal_topk, threshold, eos_id, mask_id)` (2.1 adds `editing_threshold`, `max_post_steps`,
+    `num_to_transfer`) and `version="2.1"` (default) or `"2.0"`; `seed=` keys sampling, `return_result=True` also
+    returns the `DecodeResult`. It returns what the reference returns, a (1, n) tensor (docs/llada2.md): the
+    backend `spiffy.decoding.llada2_generate` registers as `"llada2"`."""
+
+    def generate(self, inputs=None, **arguments):
+        backend = _BACKENDS.get("llada2")
+        if backend is None:
+            raise RuntimeError("LLaDA2MoeModelLM.generate needs spiffy.decoding (import spiffy)")
+        return backend(self, inputs, **arguments)

@@ -15,33 +15,25 @@ to the model dtype, rotate-half; SDPA scaled by 1/sqrt(head_dim); GQA with conse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from spiffy.models.base import DiffusionLMOutput, select_rows
+from spiffy.models.base import DiffusionLMOutput
 from spiffy.models.generate import SDARGenerate
-from spiffy.models.kv import KVCache, append_kv, plan_attention
-from spiffy.models.transformer import DecoderLM, QwenConfig, rope_tables
+from spiffy.models.kv import KVCache
+from spiffy.models.transformer import BlockCausalLM, DecoderLM, QwenConfig, qwen_fields
 
 
 class SDARConfig(QwenConfig):
     """SDAR's config format (Qwen3 fields plus `block_size` and `mask_token_id`)."""
 
     model_type = "sdar"
+    # (layers, width, query heads, kv heads, MLP width) of SDAR-8B
+    published = qwen_fields(
+        151936, (36, 4096, 32, 8, 12288), head_dim=128, positions=32768, theta=1e6
+    )
 
     def __init__(
         self,
-        vocab_size: int = 151936,
-        hidden_size: int = 4096,
-        intermediate_size: int = 12288,
-        num_hidden_layers: int = 36,
-        num_attention_heads: int = 32,
-        num_key_value_heads: int = 8,
-        head_dim: int | None = 128,
-        max_position_embeddings: int = 32768,
-        rms_norm_eps: float = 1e-6,
-        rope_theta: float = 1000000.0,
         attention_bias: bool = False,
         block_size: int = 4,
         mask_token_id: int = 151669,
@@ -53,17 +45,10 @@ class SDARConfig(QwenConfig):
         # the reference's training kernel choice ("flex_attention"); transformers would treat it as a request
         # for its own attention backend, and our model has one attention path, so it is dropped
         kwargs.pop("attn_implementation", None)
-        rope_scaling = kwargs.pop("rope_scaling", None)
-        if rope_scaling is not None:
-            raise ValueError(
-                f"SDARConfig.rope_scaling={rope_scaling!r} is not supported (use null)"
-            )
+        self.refuse_unsupported(kwargs, rope_scaling=None)
         if kwargs.get("use_sliding_window"):
             raise ValueError("SDARConfig.use_sliding_window=True is not supported")
-        self.init_fields(
-            locals(),
-            head_dim=head_dim if head_dim is not None else hidden_size // num_attention_heads,
-        )
+        self.init_fields(locals())
         self.check_positive("hidden_size", "num_hidden_layers", "num_attention_heads", "block_size")
         self.check_divisible(("num_attention_heads", "num_key_value_heads"))
 
@@ -80,14 +65,11 @@ def block_causal_mask(
     return (key_pos[:, None, :] // block_size) <= (query_pos[:, :, None] // block_size)
 
 
-@dataclass
-class SDAROutput(DiffusionLMOutput):
-    """`DiffusionLMOutput` plus the grown cache when the call stored its K/V (`store_kv=True`)."""
-
-    kv_cache: KVCache | None = None
+# the call's output (logits, `present`, the grown `kv_cache`): the one every family returns
+SDAROutput = DiffusionLMOutput
 
 
-class SDARForCausalLM(SDARGenerate, DecoderLM):
+class SDARForCausalLM(SDARGenerate, BlockCausalLM, DecoderLM):
     """SDAR block-diffusion LM: block-causal attention, absolute positions, logits at every query row."""
 
     config_class = SDARConfig
@@ -97,63 +79,16 @@ class SDARForCausalLM(SDARGenerate, DecoderLM):
         bias = config.attention_bias
         super().__init__(config, config.block_config(qkv_bias=bias, out_bias=bias, qk_norm=True))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        return_kv: bool = False,
-        store_kv: bool = False,
-        logits_at: slice | torch.Tensor | None = None,
-        **_: object,
-    ) -> SDAROutput:
-        """Compute logits for the query chunk `input_ids` (B, Q) against the (optional) cache.
+    @property
+    def rope_dims(self) -> int:
+        """RoPE rotates every dim of a head (`BlockCausalLM`)."""
+        return self.config.head_dim
 
-        Args:
-            input_ids: query tokens (B, Q).
-            position_ids: absolute positions (B, Q) or (Q,); default `cache.length + arange(Q)`.
-            attention_mask: bool (B, Q, K), True = attend, K = cached keys + Q; None = the block-causal
-                mask of the cached positions `0..cache.length-1` and the query positions.
-            kv_cache: stored K/V of earlier positions; never modified.
-            return_kv: also return this call's fresh post-RoPE K/V per layer (`present`).
-            store_kv: return, in `kv_cache`, a new cache that also holds this chunk's K/V (batch 1 only).
-            logits_at: query rows whose logits to compute (slice or LongTensor); None = all
-                (`spiffy.models.base.DiffusionLM`).
-        """
-        B, Q = input_ids.shape
-        if store_kv and B != 1:
-            raise ValueError(f"store_kv=True stores one chunk, got a batch of {B} rows")
-        start = kv_cache.length if kv_cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(start, start + Q, device=input_ids.device)
-        if isinstance(position_ids, range):
-            position_ids = torch.arange(
-                position_ids.start, position_ids.stop, device=input_ids.device
-            )
-        if position_ids.dim() == 1:
-            position_ids = position_ids.expand(B, Q)
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"position {int(position_ids.max())} exceeds "
-                f"max_position_embeddings={self.config.max_position_embeddings}"
-            )
-        if attention_mask is None:
-            attention_mask = self._block_causal(position_ids, kv_cache)
-        x = self.model.embed_tokens(input_ids)
-        cos_sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        plan = plan_attention(kv_cache, B, Q, attention_mask, input_ids.device)
-        x, present = self.model.run(x, cos_sin, plan, kv_cache, return_kv or store_kv)
-        if logits_at is not None:
-            x = select_rows(x, logits_at)
-        logits = self.lm_head(self.model.norm(x))
-        stored = append_kv(kv_cache, present) if store_kv else None
-        return SDAROutput(logits=logits, present=present if return_kv else None, kv_cache=stored)
-
-    def _block_causal(
-        self, position_ids: torch.Tensor, cache: KVCache | None
-    ) -> torch.Tensor | None:
-        """The block-causal mask for these query positions over the spliced keys; None when all true."""
+    def forward_mask(self, attention_mask, position_ids, cache: KVCache | None):
+        """The mask as given, else the block-causal mask of these query positions over the spliced keys
+        (None when it hides nothing: `BlockCausalLM`)."""
+        if attention_mask is not None:
+            return attention_mask
         mask = self.default_attention_mask(position_ids, cache)
         return None if bool(mask.all()) else mask
 

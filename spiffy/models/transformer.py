@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -22,10 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from spiffy.models.base import DiffusionLMOutput, LogitsRows, Positions, position_tensor
+from spiffy.models.base import (
+    DiffusionLMOutput,
+    LogitsRows,
+    Positions,
+    position_tensor,
+    select_rows,
+)
 from spiffy.models.kv import (
     AttentionPlan,
     KVCache,
+    append_kv,
     bidirectional_attention,
     bidirectional_mask,
     plan_attention,
@@ -40,16 +48,20 @@ class FamilyConfig(PretrainedConfig):
     Its defaults are the family's flagship published shapes (`spiffy.models.shapes`)."""
 
     # each family sets `shape_keys`, the keys of (layers, width, query heads, kv heads, MLP width): what
-    # `spiffy.models.shapes` scales (a class attribute, not an annotation: transformers makes annotated class
-    # attributes of a config into required fields)
+    # `spiffy.models.shapes` scales, and may set `published`, the keys it shares with other families (the
+    # Qwen fields) with its flagship values, which its `__init__` then need not name (class attributes, not
+    # annotations: transformers makes annotated class attributes of a config into required fields)
+    published = MappingProxyType({})
 
     def init_fields(self, values: dict[str, Any], **derived: Any) -> None:
         """Set every named argument of the family's `__init__` (`values = locals()`; `derived` overrides
-        defaults that depend on other fields) and pass token ids and the other keys (`**kwargs`: unknown
-        reference keys are kept verbatim) to `PretrainedConfig`. A tied LM head is refused: no family ties it."""
+        defaults that depend on other fields) and each key of `published` (given in `**kwargs`, else its
+        published value), and pass token ids and the other keys (`**kwargs`: unknown reference keys are kept
+        verbatim) to `PretrainedConfig`. A tied LM head is refused: no family ties it."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        fields = {k: values[k] for k in names} | derived
+        fields = {k: values[k] for k in names}
         kwargs = fields.pop("kwargs")
+        fields = {k: kwargs.pop(k, v) for k, v in self.published.items()} | fields | derived
         token_ids = {k: fields.pop(k) for k in _TOKEN_IDS if k in fields}
         for key, value in fields.items():
             setattr(self, key, value)
@@ -58,6 +70,16 @@ class FamilyConfig(PretrainedConfig):
                 f"{type(self).__name__}.tie_word_embeddings=True: this family's LM head is untied"
             )
         PretrainedConfig.__init__(self, tie_word_embeddings=False, **token_ids, **kwargs)
+
+    def refuse_unsupported(self, kwargs: dict[str, Any], **supported: Any) -> None:
+        """Pop each reference key of `supported` from `kwargs`; raise `ValueError` naming it when its value is
+        not the one supported value (`rope_scaling=None`: the families implement plain RoPE only)."""
+        for key, value in supported.items():
+            given = kwargs.pop(key, value)
+            if given != value:
+                raise ValueError(
+                    f"{type(self).__name__}.{key}={given!r} is not supported (use {value!r})"
+                )
 
     def check_positive(self, *keys: str) -> None:
         """Raise `ValueError` naming the first of `keys` that is not a positive integer."""
@@ -78,6 +100,24 @@ class FamilyConfig(PretrainedConfig):
                 )
 
 
+def qwen_fields(
+    vocab_size: int,
+    shape: tuple[int, int, int, int, int],
+    *,
+    positions: int,
+    theta: float,
+    head_dim: int | None = None,
+    rms_norm_eps: float = 1e-6,
+) -> MappingProxyType:
+    """A Qwen-style family's `published` table from its flagship values: `vocab_size`, `shape` (the values of
+    `QwenConfig.shape_keys`: layers, width, query heads, kv heads, MLP width), `max_position_embeddings`,
+    `rope_theta`, `head_dim` (only families whose config has the key) and `rms_norm_eps`."""
+    table = dict(zip(QwenConfig.shape_keys, shape, strict=True))
+    table.update(vocab_size=vocab_size, max_position_embeddings=positions, rope_theta=theta)
+    table.update({"head_dim": head_dim} if head_dim is not None else {}, rms_norm_eps=rms_norm_eps)
+    return MappingProxyType(table)
+
+
 class QwenConfig(FamilyConfig):
     """A Qwen-style config (`hidden_size`, `num_attention_heads`, ...): the `ModelSpec` names and the `Block`."""
 
@@ -88,6 +128,13 @@ class QwenConfig(FamilyConfig):
         "num_key_value_heads",
         "intermediate_size",
     )
+
+    def init_fields(self, values: dict[str, Any], **derived: Any) -> None:
+        """`FamilyConfig.init_fields`, then a `head_dim` left None (or out of a published file that has the
+        key) is `hidden_size // num_attention_heads`, as in the references."""
+        super().init_fields(values, **derived)
+        if "head_dim" in self.published and self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
 
     @property
     def max_sequence_length(self) -> int:
@@ -153,6 +200,14 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return t * cos + rotate_half(t) * sin
 
 
+def apply_partial_rope(t: torch.Tensor, cos_sin: CosSin, dims: int | None) -> torch.Tensor:
+    """`apply_rope` on the first `dims` of each head (tables of `dims`), the rest unrotated; all of them when
+    `dims` is None (partial RoPE: LLaDA2's `partial_rotary_factor`)."""
+    if dims is None:
+        return apply_rope(t, *cos_sin)
+    return torch.cat([apply_rope(t[..., :dims], *cos_sin), t[..., dims:]], dim=-1)
+
+
 def project_heads(
     x: torch.Tensor, proj: nn.Linear, n_heads: int, head_dim: int, norm: nn.Module | None = None
 ) -> torch.Tensor:
@@ -170,33 +225,20 @@ def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> 
 class GatedMLP(nn.Module):
     """The dense SwiGLU MLP with Qwen's parameter names (`mlp.{gate,up,down}_proj`)."""
 
-    def __init__(self, config: BlockConfig):
+    def __init__(self, hidden: int, inner: int):
         super().__init__()
-        d, h = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, h, bias=False)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d, bias=False)
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    @classmethod
+    def of(cls, config: BlockConfig) -> GatedMLP:
+        """The block's MLP: `hidden_size` -> `intermediate_size` -> `hidden_size`."""
+        return cls(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Q, d) -> (B, Q, d)."""
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
-@dataclass(frozen=True)
-class BlockConfig:
-    """The shapes and flags of one `Block`; each family builds it from its own `PretrainedConfig`."""
-
-    hidden_size: int
-    intermediate_size: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    norm_eps: float
-    qkv_bias: bool = False  # Qwen2 (Dream): biases on the q/k/v projections
-    out_bias: bool = False  # a bias on the output projection
-    qk_norm: bool = False  # Qwen3 (SDAR): per-head RMSNorm on q and k before RoPE
-    # the MLP component, built from this config (a mixture-of-experts family passes its own)
-    mlp: Callable[[BlockConfig], nn.Module] = GatedMLP
 
 
 class Attention(nn.Module):
@@ -206,6 +248,7 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv, self.head_dim = config.n_heads, config.n_kv_heads, hd
+        self.rotary_dims = config.rotary_dims
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=config.qkv_bias)
@@ -225,35 +268,63 @@ class Attention(nn.Module):
         q = project_heads(x, self.q_proj, self.n_heads, self.head_dim, self.q_norm)
         k = project_heads(x, self.k_proj, self.n_kv, self.head_dim, self.k_norm)
         v = project_heads(x, self.v_proj, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        q = apply_partial_rope(q, cos_sin, self.rotary_dims)
+        k = apply_partial_rope(k, cos_sin, self.rotary_dims)
         return self.o_proj(bidirectional_attention(q, k, v, plan, cache, layer)), (k, v)
 
 
+@dataclass(frozen=True)
+class BlockConfig:
+    """The shapes and flags of one `Block`; each family builds it from its own `PretrainedConfig`."""
+
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    qkv_bias: bool = False  # Qwen2 (Dream): biases on the q/k/v projections
+    out_bias: bool = False  # a bias on the output projection
+    qk_norm: bool = False  # Qwen3 (SDAR), LLaDA2: per-head RMSNorm on q and k before RoPE
+    rotary_dims: int | None = None  # partial RoPE (LLaDA2): rotate only the first dims of each head
+    # the components, built from this config: the MLP (a mixture-of-experts family passes its own) and the
+    # attention (a family with fused projections passes its own), under the checkpoint's module name
+    mlp: Callable[[BlockConfig], nn.Module] = GatedMLP.of
+    attention: Callable[[BlockConfig], nn.Module] = Attention
+    attention_name: str = "self_attn"
+
+
 class Block(nn.Module):
-    """One pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """One pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`; the attention module is
+    named `config.attention_name` (`self_attn`, LLaDA2's `attention`) as the checkpoints name it."""
 
     def __init__(self, config: BlockConfig):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.attention_name = config.attention_name
+        self.add_module(config.attention_name, config.attention(config))
         self.mlp = config.mlp(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, x, cos_sin: CosSin, plan, cache: KVCache | None, layer: int):
         """The block output and this layer's fresh K/V."""
-        att, fresh = self.self_attn(self.input_layernorm(x), cos_sin, plan, cache, layer)
+        attention = self._modules[self.attention_name]
+        att, fresh = attention(self.input_layernorm(x), cos_sin, plan, cache, layer)
         x = x + att
         return x + self.mlp(self.post_attention_layernorm(x)), fresh
 
 
 class Backbone(nn.Module):
-    """`embed_tokens`, the blocks (`layers`) and the final `norm`, under Qwen's weight names."""
+    """The embeddings (`embed_tokens`, or the checkpoint's `embedding` name), one `Block` per `BlockConfig`
+    (`layers`) and the final `norm`, under Qwen's weight names."""
 
-    def __init__(self, vocab_size: int, n_layers: int, config: BlockConfig):
+    def __init__(self, vocab_size: int, blocks: list[BlockConfig], embedding: str = "embed_tokens"):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(n_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        first = blocks[0]
+        self.embedding_name = embedding
+        self.add_module(embedding, nn.Embedding(vocab_size, first.hidden_size))
+        self.layers = nn.ModuleList(Block(config) for config in blocks)
+        self.norm = RMSNorm(first.hidden_size, first.norm_eps)
 
     def run(self, x, cos_sin: CosSin, plan, cache: KVCache | None, return_kv: bool):
         """Every block over the embedded queries `x` (`run_blocks`)."""
@@ -271,11 +342,12 @@ def run_blocks(blocks, x, cos_sin: CosSin, plan, cache: KVCache | None, return_k
     return x, tuple(present) if return_kv else None
 
 
-class BidirectionalLM:
-    """The `DiffusionLM` call of the bidirectional families (LLaDA, Dream), a mixin before `PreTrainedModel`:
-    positions and the attention plan once per forward, then the family's `hidden` and `head` hooks."""
+class FamilyLM:
+    """The `DiffusionLM` call every family shares, a mixin before `PreTrainedModel`: the family's `positions`,
+    its `forward_mask` and one attention plan per forward, then its `hidden` and `head` hooks; with
+    `store_kv=True` (families that store K/V, `stores_kv`) also the cache grown by this call's K/V."""
 
-    position_limit = "max_sequence_length"  # the config key that bounds positions
+    stores_kv = False  # the block-causal families (SDAR, LLaDA2): finished blocks' K/V are exact
 
     def forward(
         self,
@@ -285,33 +357,98 @@ class BidirectionalLM:
         kv_cache: KVCache | None = None,
         return_kv: bool = False,
         logits_at: LogitsRows | None = None,
+        store_kv: bool = False,
         **_: object,
     ) -> DiffusionLMOutput:
         """Logits (B, P, V) at the query rows `logits_at` of `input_ids` (B, Q); see `DiffusionLM`.
 
         Args:
             input_ids: query tokens (B, Q).
-            position_ids: absolute positions, a `range` or a tensor (Q,) / (B, Q); default: continuing at the
-                cache's `insert_at` (0 without a cache). Drafts pass the block's positions explicitly.
-            attention_mask: bool (B, Q, K) with True = attend, keys `[cache, own fresh]`; None = all.
+            position_ids: absolute positions, a `range` or a tensor (Q,) / (B, Q); default: continuing after
+                the cache (the family's `positions`). Drafts pass the block's positions explicitly.
+            attention_mask: bool (B, Q, K) with True = attend, keys `[cache, own fresh]`; None = the family's
+                default attention (`forward_mask`).
             kv_cache: frozen K/V that every row attends to (or a stacked one); never modified.
             return_kv: also return this call's fresh post-RoPE K/V per layer.
             logits_at: query rows to project (slice, LongTensor (P,) or per row (B, P)); None = all rows.
+            store_kv: also return, in `kv_cache`, a new cache holding this chunk's K/V (batch 1, `stores_kv`).
         """
         B, Q = input_ids.shape
+        if store_kv and not self.stores_kv:
+            raise ValueError(
+                f"store_kv=True: {type(self).__name__} attends bidirectionally, its K/V are not stored"
+            )
+        if store_kv and B != 1:
+            raise ValueError(f"store_kv=True stores one chunk, got a batch of {B} rows")
+        positions, span = self.positions(position_ids, kv_cache, B, Q, input_ids.device)
+        mask = self.forward_mask(attention_mask, positions, kv_cache)
+        plan = plan_attention(kv_cache, B, Q, mask, input_ids.device)
+        h, present = self.hidden(input_ids, positions, span, plan, kv_cache, return_kv or store_kv)
+        logits = self.head(h, logits_at, positions, span, attention_mask, kv_cache)
+        stored = append_kv(kv_cache, present) if store_kv else None
+        return DiffusionLMOutput(
+            logits=logits, present=present if return_kv else None, kv_cache=stored
+        )
+
+    def forward_mask(self, attention_mask, positions, kv_cache: KVCache | None):
+        """The mask the attention plan is made of: the one given (None = attend to every key)."""
+        return attention_mask
+
+
+class BidirectionalLM(FamilyLM):
+    """The bidirectional families (LLaDA, Dream): positions continue at the cache's `insert_at` (host-known
+    ranges stay ranges: `position_tensor`), every key visible by default."""
+
+    position_limit = "max_sequence_length"  # the config key that bounds positions
+
+    def positions(self, position_ids, kv_cache: KVCache | None, batch: int, q_len: int, device):
+        """Positions (1 or B, Q) and their range when the host knows it (`position_tensor`)."""
         start = kv_cache.insert_at if kv_cache is not None else 0
         limit = (self.position_limit, getattr(self.config, self.position_limit))
-        positions, span = position_tensor(position_ids, Q, start, limit, input_ids.device)
-        plan = plan_attention(kv_cache, B, Q, attention_mask, input_ids.device)
-        h, present = self.hidden(input_ids, positions, span, plan, kv_cache, return_kv)
-        logits = self.head(h, logits_at, positions, span, attention_mask, kv_cache)
-        return DiffusionLMOutput(logits=logits, present=present)
+        return position_tensor(position_ids, q_len, start, limit, device)
 
     def default_attention_mask(
         self, positions: torch.Tensor, kv_cache: KVCache | None
     ) -> torch.Tensor:
         """Bidirectional attention as an explicit mask (B, Q, L_c + Q) (`spiffy.models.base`)."""
         return bidirectional_mask(positions, kv_cache)
+
+
+class BlockCausalLM(FamilyLM):
+    """The families with a stored cache (SDAR, LLaDA2; docs/algorithm.md §12): positions (B, Q) continue at
+    `cache.length`; the embeddings, RoPE over the family's `rope_dims`, the blocks (`model.layers`), then the
+    final norm and the LM head on the rows `logits_at`. A family gives `forward_mask` (its default attention
+    when none is given), `default_attention_mask` and `rope_dims` (the rotated dims of a head)."""
+
+    stores_kv = True
+    float32_logits = False  # LLaDA2's reference returns float32 logits whatever the model's dtype
+
+    def positions(self, position_ids, cache: KVCache | None, batch: int, q_len: int, device):
+        """Positions (B, Q): as given, or continuing at `cache.length`; raises beyond the model's limit."""
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = range(start, start + q_len)
+        if isinstance(position_ids, range):
+            position_ids = torch.arange(position_ids.start, position_ids.stop, device=device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.expand(batch, q_len)
+        top, limit = int(position_ids.max()), self.config.max_position_embeddings
+        if top >= limit:
+            raise ValueError(f"position {top} exceeds max_position_embeddings={limit}")
+        return position_ids, None
+
+    def hidden(self, input_ids, positions, span, plan, kv_cache, return_kv):
+        """The blocks' output (B, Q, d) before the final norm, and the fresh K/V if asked."""
+        x = self.get_input_embeddings()(input_ids)
+        cos_sin = rope_tables(positions, self.rope_dims, self.config.rope_theta, x.dtype)
+        return run_blocks(self.model.layers, x, cos_sin, plan, kv_cache, return_kv)
+
+    def head(self, h, logits_at, *_) -> torch.Tensor:
+        """Logits at the rows `logits_at`: the final norm and the LM head on those rows only."""
+        if logits_at is not None:
+            h = select_rows(h, logits_at)
+        logits = self.lm_head(self.model.norm(h))
+        return logits.float() if self.float32_logits else logits
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -325,14 +462,22 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 class DecoderLM(PreTrainedModel):
-    """The Qwen-style model shell: `model` (a `Backbone`) and an untied `lm_head`; families add `forward`."""
+    """The Qwen-style model shell: `model` (a `Backbone`) and an untied `lm_head`; families add the call
+    (`BidirectionalLM`, `BlockCausalLM`). `block` is every layer's `BlockConfig`, or a list of one per layer
+    (LLaDA2: dense first layers, MoE after); `embedding` the checkpoint's name of the embeddings."""
 
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
 
-    def __init__(self, config: PretrainedConfig, block: BlockConfig):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        block: BlockConfig | list[BlockConfig],
+        embedding: str = "embed_tokens",
+    ):
         super().__init__(config)
-        self.model = Backbone(config.vocab_size, config.num_hidden_layers, block)
+        blocks = [block] * config.num_hidden_layers if isinstance(block, BlockConfig) else block
+        self.model = Backbone(config.vocab_size, blocks, embedding)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -340,4 +485,4 @@ class DecoderLM(PreTrainedModel):
         init_weights(module, getattr(self.config, "initializer_range", 0.02))
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
+        return getattr(self.model, self.model.embedding_name)
