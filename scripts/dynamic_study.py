@@ -8,13 +8,15 @@ test trajectories the chain, the calibrated static graph (`best`), `dynamic:D` a
 (both fitted on the calibration prompts only), next to the anchor and trajectory oracles. A spot check decodes
 the first `--spot` test problems with the calibrated dynamic graph at D = 10 (tokens equal to the base? measured
 vs replayed NFE). Wall-clock: the base, the best static graph and the calibrated dynamic graph over the dual
-cache, decoded interleaved in one process on the first `--wall` test problems. Writes
-results/tables/dynamic.{md,csv}.
+cache, decoded interleaved in one process on the first `--wall` test problems. The machine's
+load average is recorded around each timing (other jobs may share the cores). Writes
+results/tables/dynamic.{md,csv} and dynamic.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -60,6 +62,29 @@ def spot_check(model, gen, graph, prompts, replay: DynamicReplay, test) -> dict:
     return {"tokens_equal": same, "measured_nfe": nfe, "replayed_nfe": sub.evaluate(graph).nfe, "base_nfe": base_nfe}
 
 
+def order(trajectories) -> dict:
+    """How often the base's next transition fills the best free position rank of the origin's anchor with its
+    top token: at the first transition after the origin, and at later ones (given the earlier ones)."""
+    hits = {"first": [0, 0], "later": [0, 0]}
+    for block in trajectories.blocks:
+        for seq in block.keys:
+            previous: set = set()
+            for level, key in enumerate(seq, start=1):
+                added = set(key) - previous
+                if len(added) != 1:  # several tokens in one transition: not a one-token step
+                    break
+                ((i, j),) = added
+                taken = {p for p, _ in previous}
+                best = next(r for r in range(1, i + 1) if r not in taken)
+                counts = hits["first" if level == 1 else "later"]
+                counts[0] += i == best and j == 1
+                counts[1] += 1
+                previous = set(key)
+    return {
+        f"{k}: best free rank, top token": (a / n if n else float("nan")) for k, (a, n) in hits.items()
+    } | {"transitions counted": hits["first"][1] + hits["later"][1]}
+
+
 def wall_clock(model, gen, graphs: dict, prompts, rounds: int = 2) -> dict:
     """Seconds per problem of each decoder, interleaved problem by problem in one process."""
     decoders = {
@@ -97,13 +122,14 @@ def main() -> None:
     test_prompts = arith_test_prompts(tok, args.n_test)
     calib_prompts = [encode(tok, t) for t in TASKS["arith"].calibration(args.n_calib, 0)]
     cache = Path(args.cache) if args.cache else None
-    rows, spots, walls = [], [], []
+    rows, spots, walls, orders = [], [], [], []
     for base, overrides in BASES.items():
         gen = task_generation("arith", **overrides)
         slug = base.replace(" ", "").replace(",", "_")
         calib = recorded(model, gen, calib_prompts, cache, f"{slug}-calib{args.n_calib}", args.horizon)
         test = recorded(model, gen, test_prompts, cache, f"{slug}-test{args.n_test}", args.horizon)
         replay = DynamicReplay(test)
+        orders.append({"base": base, **order(test)})
         for budget in args.budgets:
             static = select_graph(calib, budget, "best")
             dynamic = calibrate_dynamic(calib, budget)
@@ -127,25 +153,60 @@ def main() -> None:
                 spots.append({"base": base, "D": budget, **spot_check(model, gen, dynamic, test_prompts[: args.spot], replay, test)})
                 print(spots[-1], flush=True)
             if budget == max(args.budgets) and args.wall and gen["cache"] == "dual":
+                load = os.getloadavg()[0]
                 seconds = wall_clock(
                     model, gen, {"base": None, "static": static, "dynamic": dynamic}, test_prompts[: args.wall]
                 )
                 walls.append({"base": base, "D": budget, **{f"{k} s/problem": v for k, v in seconds.items()},
-                              "dynamic / static (time)": seconds["dynamic"] / seconds["static"]})
+                              "static speedup": seconds["base"] / seconds["static"],
+                              "dynamic speedup": seconds["base"] / seconds["dynamic"],
+                              "dynamic / static (time)": seconds["dynamic"] / seconds["static"],
+                              "load average (before, after)": f"{load:.1f}, {os.getloadavg()[0]:.1f}"})
                 print(walls[-1], flush=True)
-    write(rows, spots, walls, args)
+    write(rows, spots, walls, orders, args)
 
 
-def write(rows, spots, walls, args) -> None:
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = list(dict.fromkeys(df["base"]))
+    fig, axes = plt.subplots(1, len(bases), figsize=(4 * len(bases), 3.4), sharey=True)
+    for ax, base in zip(axes, bases, strict=True):
+        sub = df[df["base"] == base]
+        for col, style in (
+            ("trajectory oracle", "k-o"),
+            ("anchor oracle", "b-s"),
+            ("calibrated dynamic", "m-D"),
+            ("dynamic:D", "m:x"),
+            ("calibrated static", "g-^"),
+            ("chain:D", "r--v"),
+        ):
+            ax.plot(sub["D"], sub[col], style, label=col)
+        ax.set_title(base)
+        ax.set_xlabel("D (drafts per forward)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("NFE speedup over the base")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write(rows, spots, walls, orders, args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
     df.to_csv(out / "dynamic.csv", index=False, float_format="%.4f")
+    plot(df, out / "dynamic.png")
     device = f"cpu ({platform.processor() or platform.machine()})"
     lines = [
         f"# Dynamic drafting: NFE speedup over the same base on {args.n_test} held-out `arith` problems",
         "",
-        f"Written by `python scripts/dynamic_study.py --n-test {args.n_test}` (embedded model, {device}, "
+        f"Written by `python scripts/dynamic_study.py --n-test {args.n_test} --spot {args.spot} --wall "
+        f"{args.wall}` (embedded model, {device}, "
         f"{args.threads} torch thread). Plain walk. NFE replayed on the recorded test trajectories "
         "(static graphs and oracles exactly; dynamic drafting up to last-bit score ties, see the spot checks). "
         f"Static and dynamic graphs are fitted on {args.n_calib} calibration prompts only. docs/algorithm.md "
@@ -153,13 +214,25 @@ def write(rows, spots, walls, args) -> None:
         "",
         df.to_markdown(index=False, floatfmt=".2f"),
         "",
+        "## Order: how often the anchor's order is the base's (test trajectories)",
+        "",
+        "Share of the base's one-token transitions that fill the best position rank still free, in the "
+        "origin's anchor, with its top token: the first transition after the origin (the anchor is the "
+        "distribution the origin was sampled from, one forward older than the origin's own) and later ones.",
+        "",
+        pd.DataFrame(orders).to_markdown(index=False, floatfmt=".3f"),
+        "",
         "## Spot checks: decoded with the calibrated dynamic graph",
         "",
         pd.DataFrame(spots).to_markdown(index=False) if spots else "(none)",
         "",
-        "## Wall-clock over the dual cache (interleaved in one process; the machine was shared and loaded)",
+        f"## Wall-clock over the dual cache: D = {max(args.budgets)}, {args.wall} test problems, 2 rounds, "
+        "interleaved problem by problem in one process (1 torch thread; the 2-core machine is shared with "
+        "other jobs, whose load the load average shows)",
         "",
         pd.DataFrame(walls).to_markdown(index=False, floatfmt=".3f") if walls else "(none)",
+        "",
+        "![dynamic](dynamic.png)",
     ]
     (out / "dynamic.md").write_text("\n".join(lines) + "\n")
 

@@ -12,6 +12,11 @@ trajectories) admits a node iff its largest position rank is <= m and it leaves 
 nodes of m's phase for a phased graph. The predicted wall-clock speedup is wall(0) / wall(D*); the choice maximises it over
 D* and the lossless layouts of the base's cache mode, and keeps the base unless the best beats it by `margin`.
 Only the graph (and a lossless layout) is chosen, so the output is the base decoder's whatever is chosen.
+
+With `dynamic=True` (`graph.source=dynamic graph.budget=auto`), dynamic graphs of every D (docs/algorithm.md
+§5.10) compete too: trajectories recorded on the same prompts with anchor features give each forward's drafts
+by the dynamic replay (`spiffy.calibration.dynamic`), a forward drafts the chosen nodes that instantiate, and
+Spiffy's time outside the model is measured for the dynamic graph (it scores its pool at every forward).
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from spiffy.calibration.cost import CostModel, load_or_measure, lossless_layouts
+from spiffy.calibration.cost import CostModel, load_or_measure, lossless_layouts, overhead_key
+from spiffy.calibration.dynamic import DynamicReplay, calibrate_dynamic
 from spiffy.calibration.replay import EMPTY, NodeSets, evaluate, node_sets
 from spiffy.calibration.store import load_or_calibrate, trajectories_path
-from spiffy.calibration.trajectories import Trajectories
+from spiffy.calibration.trajectories import Trajectories, record_trajectories
 from spiffy.decoding.config import GenerationConfig
 from spiffy.decoding.drafting import insertion_levels
 from spiffy.decoding.modes import get_cache_mode
 from spiffy.decoding.speculative import Speculation
-from spiffy.graph.draft_graph import DraftGraph
+from spiffy.graph.draft_graph import DraftGraph, Formula
+from spiffy.graph.dynamic import DynamicGraph
 
 MARGIN = 0.03  # keep the base unless a graph is predicted at least 3 % faster (timing noise on a shared device)
 
@@ -47,6 +54,7 @@ class Candidate:
     states_per_forward: float  # mean states (1 + drafts) per in-block forward
     forward_cost: float  # mean in-block forward time / the base's in-block forward time
     overhead_share: float  # Spiffy's extra time outside the model / predicted wall
+    kind: str = "static"  # or "dynamic" (drafts chosen per forward, docs/algorithm.md §5.10)
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class AutoChoice:
 
     budget: int
     layout: str
-    graph: DraftGraph | None
+    graph: DraftGraph | DynamicGraph | None
     predicted_speedup_wall: float
     predicted_speedup_nfe: float
     reason: str
@@ -73,6 +81,7 @@ class AutoChoice:
         return {
             "budget": self.budget,
             "layout": self.layout,
+            "kind": "dynamic" if isinstance(self.graph, DynamicGraph) else "static",
             "predicted_speedup_wall": self.predicted_speedup_wall,
             "predicted_speedup_nfe": self.predicted_speedup_nfe,
             "reason": self.reason,
@@ -84,10 +93,15 @@ class AutoChoice:
 def forward_states(block, nodes_of: NodeSets) -> list[int]:
     """The states X_t (1-based t) at which the acceptance walk runs an in-block forward (docs/algorithm.md §5.4; the walk of
     `spiffy.calibration.replay.walk_block`, whose forward count `predict` checks it against)."""
+    return forward_states_at(block, lambda t: nodes_of(block.masked[t - 1]))
+
+
+def forward_states_at(block, nodes_at: Callable[[int], set[Formula]]) -> list[int]:
+    """`forward_states` with the drafts of the forward at X_t given per state (`nodes_at(t)`: dynamic drafting)."""
     at, t = [], 1  # the block-start forward performs the first transition
     while t < block.transitions:
         at.append(t)
-        nodes = nodes_of(block.masked[t - 1])
+        nodes = nodes_at(t)
         seq, accepted, previous = block.keys[t - 1], 0, EMPTY
         while accepted < len(seq) and (seq[accepted] in nodes or seq[accepted] == previous):
             previous = seq[accepted]
@@ -169,6 +183,65 @@ def predict(
     return out
 
 
+def instantiated(nodes: set[Formula], m: int) -> int:
+    """Draft rows a forward at a state with m masked positions instantiates from these (one row each): a node
+    is instantiated iff its largest position rank is <= m and it leaves a mask (docs/algorithm.md §5.1)."""
+    return sum(1 for node in nodes if max(i for i, _ in node) <= m and len(node) < m)
+
+
+def predict_dynamic(
+    trajectories: Trajectories,
+    graphs: dict[int, DynamicGraph],
+    costs: CostModel,
+    cfg: GenerationConfig,
+    replay: DynamicReplay | None = None,
+) -> list[Candidate]:
+    """`predict` for dynamic graphs, on trajectories recorded with anchor features: each forward's drafts are
+    the replayed selection at its state (the NFE is `DynamicReplay.evaluate`'s, checked), its cost that of
+    the rows they instantiate, Spiffy's overhead the one measured for dynamic graphs."""
+    if any(b.extra_calls for b in trajectories.blocks):
+        raise ValueError("dynamic graphs: autotune does not model block-causal caches' extra calls")
+    replay = replay or DynamicReplay(trajectories)
+    nb, blocks = cfg.num_blocks, trajectories.blocks
+    transitions = sum(b.transitions for b in blocks)
+    out = []
+    for layout in costs.forward_ms:
+        base_fwd = sum(
+            costs.base_forward(k % nb) * (b.transitions - 1) for k, b in enumerate(blocks)
+        )
+        base_ms = len(blocks) * costs.block_start_ms + transitions * costs.step_ms + base_fwd
+        base_per_fwd = base_fwd / max(1, transitions - len(blocks))
+        for budget, graph in sorted(graphs.items()):
+            drafts = replay.drafts(graph)
+            fwd_ms, states, n_in = 0.0, 0, 0
+            for k, block in enumerate(blocks):
+                for t in forward_states_at(block, lambda t, k=k: drafts[(k, t)]):
+                    n = 1 + instantiated(drafts[(k, t)], block.masked[t - 1])
+                    fwd_ms += costs.forward(layout, k % nb, n)
+                    states, n_in = states + n, n_in + 1
+            nfe = len(blocks) + n_in
+            expected = replay.evaluate(graph).nfe
+            if nfe != expected:  # the replay must be the evaluator's walk
+                raise RuntimeError(f"dynamic replay NFE {nfe} != evaluate NFE {expected} at D={budget}")
+            key = overhead_key(layout, graph)
+            extra = n_in * costs.overhead(*key) if key[0] in costs.overhead_ms else 0.0
+            ms = len(blocks) * costs.block_start_ms + fwd_ms + transitions * costs.step_ms + extra
+            out.append(
+                Candidate(
+                    layout,
+                    budget,
+                    graph.budget,
+                    transitions / nfe,
+                    base_ms / ms,
+                    states / max(1, n_in),
+                    (fwd_ms / max(1, n_in)) / base_per_fwd if n_in else 1.0,
+                    extra / ms,
+                    "dynamic",
+                )
+            )
+    return out
+
+
 def choose(candidates: list[Candidate], margin: float = MARGIN) -> tuple[Candidate, str]:
     """The fastest predicted candidate (ties: fewer nodes), unless none beats the base by `margin`; and why."""
     if not candidates:
@@ -186,8 +259,9 @@ def choose(candidates: list[Candidate], margin: float = MARGIN) -> tuple[Candida
             f"(best D={best.budget}: {best.speedup_wall:.2f}x); {tail}"
         )
         return base, why
+    kind = " dynamic" if best.kind == "dynamic" else ""
     why = (
-        f"auto: D*={best.budget}, layout {best.layout}: predicted {best.speedup_wall:.2f}x wall-clock "
+        f"auto: D*={best.budget}{kind}, layout {best.layout}: predicted {best.speedup_wall:.2f}x wall-clock "
         f"(NFE {best.speedup_nfe:.2f}x, {best.states_per_forward:.1f} states per forward costing "
         f"{best.forward_cost:.2f}x a plain one, Spiffy overhead {best.overhead_share:.1%}); {tail}"
     )
@@ -213,12 +287,14 @@ def autotune(
     remeasure: bool = False,
     progress: bool = True,
     batch_size: int = 1,
+    dynamic: bool = False,
 ) -> AutoChoice:
     """Calibrate graphs of 1..`max_budget` nodes (cached), measure this device's costs (cached), and choose.
 
     `prompts`: the calibration prompts (token ids), or a callable returning them. `force` recalibrates and
     remeasures, `remeasure` only remeasures the costs. `batch_size`: the costs are those of a request decoded in
-    batches of that many (docs/algorithm.md §13), where draft rows compete with batch-mates. Use the result with
+    batches of that many (docs/algorithm.md §13), where draft rows compete with batch-mates. `dynamic`: dynamic
+    graphs of 1..`max_budget` slots compete too (calibrated on the same prompts, not cached). Use the result with
     `build_decoder(model, cfg, speculate=choice.speculation())`.
     """
     if not isinstance(max_budget, int) or isinstance(max_budget, bool) or max_budget < 1:
@@ -250,6 +326,28 @@ def autotune(
         )
     trajectories = Trajectories.load(trajectories_path(graphs[max_budget], root))
     measured = [graphs[1], graphs[max_budget]] if max_budget > 1 else [graphs[1]]
+    dynamic_graphs: dict[int, DynamicGraph] = {}
+    if dynamic:
+        if batch_size > 1:
+            raise ValueError(
+                f"batch_size={batch_size}: dynamic graphs are autotuned one request at a time"
+            )
+        featured = record_trajectories(
+            model,
+            cfg,
+            listed,
+            horizon=max(horizon, max_budget),
+            seed=seed,
+            progress=progress,
+            draft_noise=draft_noise,
+            features=3,
+        )
+        replay = DynamicReplay(featured)
+        for budget in range(1, max_budget + 1):
+            dynamic_graphs[budget] = calibrate_dynamic(
+                featured, budget, replay=replay, provenance={"task": task, "n_samples": n_samples}
+            )
+        measured.append(dynamic_graphs[max_budget])
     costs, path = load_or_measure(
         model,
         cfg,
@@ -263,12 +361,14 @@ def autotune(
         progress=progress,
     )
     candidates = predict(trajectories, graphs, costs, cfg, keyed=draft_noise == "keyed")
+    if dynamic_graphs:
+        candidates += predict_dynamic(featured, dynamic_graphs, costs, cfg, replay)
     candidates = [c for c in candidates if c.layout in lossless_layouts(cfg.cache)]
     best, why = choose(candidates, margin)
     return AutoChoice(
         best.budget,
         best.layout,
-        graphs[best.budget],
+        dynamic_graphs[best.budget] if best.kind == "dynamic" else graphs[best.budget],
         best.speedup_wall,
         best.speedup_nfe,
         why,

@@ -44,6 +44,7 @@ from spiffy.decoding.modes import VERIFY_LAYOUTS, effective_layout, get_cache_mo
 from spiffy.decoding.speculative import Speculation, SpiffyDecoder
 from spiffy.decoding.strategies import STRATEGIES
 from spiffy.graph.draft_graph import DraftGraph
+from spiffy.graph.dynamic import DynamicGraph
 from spiffy.graph.files import atomic_write_text, slug
 
 FORMAT, VERSION = "spiffy.calibration.costs", 2
@@ -297,7 +298,7 @@ def time_outside_model(
     model: torch.nn.Module,
     cfg: GenerationConfig,
     prompts: list[torch.Tensor],
-    graphs: list[DraftGraph],
+    graphs: list[DraftGraph | DynamicGraph],
     layouts: list[str],
     *,
     rounds: int = 2,
@@ -313,7 +314,7 @@ def time_outside_model(
     for lay in layouts:
         for g in graphs:
             speculation = Speculation(g, verify=lay, draft_noise=draft_noise)
-            decoders[(lay, len(g.nodes))] = SpiffyDecoder(model, cfg, speculation)
+            decoders[overhead_key(lay, g)] = SpiffyDecoder(model, cfg, speculation)
     order = torch.Generator().manual_seed(seed)
     outside: dict[tuple, list[list[float]]] = {k: [[] for _ in prompts] for k in decoders}
     model_s: list[list[float]] = [[] for _ in prompts]
@@ -337,12 +338,25 @@ def time_outside_model(
     for (lay, nodes), values in per_prompt.items():
         if lay == "base":
             continue
+        overhead.setdefault(lay, {})
         extra = sum(values) - sum(
             base
         )  # noise can make it slightly negative: no overhead is the floor
         overhead[lay][nodes] = max(0.0, 1000 * extra / max(1, sum(forwards[(lay, nodes)])))
     base_model_ms = 1000 * sum(statistics.median(v) for v in model_s)
     return step_ms, overhead, base_model_ms, sum(forwards[("base", 0)])
+
+
+DYNAMIC = "dynamic:"  # overhead_ms of dynamic graphs: under "dynamic:<layout>", keyed by their budget
+
+
+def overhead_key(layout: str, graph: DraftGraph | DynamicGraph) -> tuple[str, int]:
+    """Where a graph's measured overhead lives in `overhead_ms`: a static graph's under its layout by its node
+    count, a dynamic graph's (which scores its pool at every forward, docs/algorithm.md §5.10) under
+    `dynamic:<layout>` by its budget."""
+    if isinstance(graph, DynamicGraph):
+        return DYNAMIC + layout, graph.budget
+    return layout, len(graph.nodes)
 
 
 def device_name(device: torch.device) -> str:
@@ -376,8 +390,13 @@ def cost_key(model: torch.nn.Module, cfg: GenerationConfig, prompt_len: int, ext
     }
 
 
-def graphs_digest(graphs: list[DraftGraph]) -> str:
-    text = json.dumps([[list(map(list, n)) for n in g.nodes] for g in graphs])
+def graphs_digest(graphs: list[DraftGraph | DynamicGraph]) -> str:
+    text = json.dumps(
+        [
+            g.to_json() if isinstance(g, DynamicGraph) else [list(map(list, n)) for n in g.nodes]
+            for g in graphs
+        ]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -385,7 +404,7 @@ def load_or_measure(
     model: torch.nn.Module,
     cfg: GenerationConfig,
     prompts: list[torch.Tensor],
-    graphs: list[DraftGraph],
+    graphs: list[DraftGraph | DynamicGraph],
     *,
     model_name: str,
     root: str | Path = "runs/graphs",
@@ -398,8 +417,9 @@ def load_or_measure(
 ) -> tuple[CostModel, Path]:
     """The cached cost model of this configuration on this device, or a fresh measurement (seconds).
 
-    `graphs` (non-empty, e.g. the smallest and largest candidate) are the graphs whose overhead is measured;
-    `max_states` bounds the timed states per forward (default: the largest graph's nodes + 1). `batch`: the
+    `graphs` (non-empty, e.g. the smallest and largest candidate) are the graphs whose overhead is measured
+    (dynamic graphs too, `overhead_key`); `max_states` bounds the timed states per forward (default: the
+    largest graph's rows + 1). `batch`: the
     forwards are timed per request of `batch` stacked requests (batched decoding, docs/algorithm.md §13).
     """
     if not graphs:
@@ -413,7 +433,7 @@ def load_or_measure(
         )
     layouts = lossless_layouts(cfg.cache)
     prompt_len = int(statistics.median(int(p.numel()) for p in prompts))
-    max_states = max_states or max(len(g.nodes) for g in graphs) + 1
+    max_states = max_states or max(overhead_key("", g)[1] for g in graphs) + 1
     states = state_grid(max_states)
     used = prompts[:overhead_prompts]
     key = cost_key(

@@ -114,7 +114,8 @@ def calibration_args(cfg: RunConfig, model, tokenizer, gen: dict) -> tuple[tuple
 
 
 def build_auto(cfg: RunConfig, model, tokenizer, gen: dict):
-    """`graph.budget=auto`: the D* and lossless layout predicted fastest on this device (an `AutoChoice`)."""
+    """`graph.budget=auto`: the D* and lossless layout predicted fastest on this device (an `AutoChoice`);
+    with `graph.source=dynamic`, among static and dynamic graphs."""
     from spiffy.calibration.autotune import autotune
 
     args, shared = calibration_args(cfg, model, tokenizer, gen)
@@ -124,6 +125,7 @@ def build_auto(cfg: RunConfig, model, tokenizer, gen: dict):
         max_budget=cfg.graph.max_budget,
         margin=cfg.graph.auto_margin,
         batch_size=eval_batch(cfg),
+        dynamic=cfg.graph.source == "dynamic",
     )
 
 

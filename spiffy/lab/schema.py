@@ -228,10 +228,10 @@ class GraphConfig:
         _choice("graph", "source", self.source, GRAPH_SOURCES)
         _choice("graph", "rule", self.rule, SELECTION_RULES)
         if self.budget == AUTO:
-            if self.source != "calibrate":
+            if self.source not in ("calibrate", "dynamic"):
                 raise ValueError(
-                    f"graph.budget='auto' replays calibration trajectories: it needs graph.source='calibrate', "
-                    f"not {self.source!r} (or give graph.budget=D)"
+                    f"graph.budget='auto' replays calibration trajectories: it needs graph.source='calibrate' "
+                    f"(or 'dynamic', which adds dynamic graphs), not {self.source!r} (or give graph.budget=D)"
                 )
             if self.prune is not None:
                 raise ValueError(

@@ -249,3 +249,60 @@ def test_autotune_models_the_block_causal_cache(tmp_path):
     fused = GenerationConfig(**{**cfg.to_dict(), "fuse_next": True})
     with pytest.raises(ValueError, match="fuse_next=True"):
         spiffy.autotune(model, fused, prompts, **kw)
+
+
+def test_dynamic_candidates_replay_the_forwards_and_drafts_the_decoder_runs(fixture_model):
+    """Dynamic graphs (docs/algorithm.md §5.10): the predicted NFE and states per forward are the real
+    decoder's (each forward's drafts replayed from the recorded anchor features)."""
+    from spiffy.calibration.autotune import predict_dynamic
+    from spiffy.calibration.dynamic import calibrate_dynamic
+    from tests.calibration.test_calibrate import prompts
+
+    cfg = GenerationConfig(gen_length=32, block_length=8, steps=32)
+    test = prompts(3, seed=4)
+    trajectories = record_trajectories(fixture_model, cfg, test, progress=False, features=3)
+    graphs = {d: calibrate_dynamic(trajectories, d) for d in (2, 5)}
+    candidates = predict_dynamic(trajectories, graphs, scripted_costs(lambda n: 1.0, max_states=6), cfg)
+    assert [(c.kind, c.budget, c.nodes) for c in candidates] == [("dynamic", 2, 2), ("dynamic", 5, 5)]
+    for candidate in candidates:
+        nfe = drafts = 0
+        decoder = spiffy.build_decoder(
+            fixture_model, cfg, speculate=spiffy.Speculation(graphs[candidate.budget])
+        )
+        for i, prompt in enumerate(test):
+            stats = decoder.generate(prompt, request_id=i).stats
+            nfe, drafts = nfe + stats.nfe, drafts + stats.drafts_verified
+        in_block = nfe - cfg.num_blocks * len(test)
+        assert candidate.speedup_nfe == pytest.approx(32 * len(test) / nfe)
+        assert candidate.states_per_forward == pytest.approx((in_block + drafts) / in_block)
+
+
+def test_autotune_with_dynamic_graphs_measures_them_and_can_choose_one(tmp_path, monkeypatch):
+    """`dynamic=True`: static and dynamic graphs of every budget compete on the same cost model, the dynamic
+    graphs' own overhead measured; a chosen dynamic graph decodes exactly the base decoder's tokens."""
+    from spiffy.calibration import autotune as module
+    from spiffy.graph.dynamic import DynamicGraph
+
+    model = ScriptedModel()
+    kw = dict(model_name="scripted", task="scripted", n_samples=2, max_budget=3, root=tmp_path)
+    choice = spiffy.autotune(model, CFG, PROMPTS, progress=False, dynamic=True, **kw)
+    kinds = sorted((c.kind, c.budget) for c in choice.candidates)
+    assert kinds == [("dynamic", 1), ("dynamic", 2), ("dynamic", 3)] + [("static", d) for d in range(4)]
+    costs = CostModel.from_json(open(choice.costs_path).read(), choice.costs_path)
+    assert set(costs.overhead_ms) == {"exact", "dynamic:exact"} and set(costs.overhead_ms["dynamic:exact"]) == {3}
+
+    def pick_dynamic(candidates, margin):
+        best = next(c for c in candidates if c.kind == "dynamic" and c.budget == 2)
+        return best, "forced"
+
+    monkeypatch.setattr(module, "choose", pick_dynamic)
+    choice = spiffy.autotune(model, CFG, PROMPTS, progress=False, dynamic=True, **kw)
+    assert isinstance(choice.graph, DynamicGraph) and choice.graph.budget == 2
+    assert choice.to_dict()["kind"] == "dynamic"
+    decoder = spiffy.build_decoder(model, CFG, speculate=choice.speculation())
+    base = spiffy.build_decoder(model, CFG)
+    for i, prompt in enumerate(PROMPTS):
+        a, b = base.generate(prompt, request_id=i), decoder.generate(prompt, request_id=i)
+        assert torch.equal(a.tokens, b.tokens) and b.stats.nfe < a.stats.nfe
+    with pytest.raises(ValueError, match="batch_size=2"):
+        spiffy.autotune(model, CFG, PROMPTS, progress=False, dynamic=True, batch_size=2, **kw)

@@ -100,3 +100,29 @@ def dynamic_graphs(draw):
 @given(**llada_cases(dynamic_graphs()))
 def test_property_dynamic_spiffy_equals_base(graph, **case):
     check_llada_case(graph, **case)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(graph=dynamic_graphs(), masked=st.integers(1, 8), seed=st.integers(0, 100))
+def test_selection_takes_each_slot_levels_best_scored_nodes(graph, masked, seed):
+    """One sort for all slot levels = per level, the `count` best scores, ties to the lower pool index; and
+    only nodes at slot levels get a score (the others are never drafted)."""
+    from spiffy.decoding.dynamic import AnchorFeatures, DynamicTensors
+
+    g = torch.Generator().manual_seed(seed)
+    lb = 8
+    conf = torch.rand(lb, generator=g, dtype=torch.float64).sort(descending=True).values
+    conf = torch.where(torch.arange(lb) < masked, conf, float("-inf"))
+    probs = torch.rand(lb, 3, generator=g, dtype=torch.float64).sort(-1, descending=True).values
+    features = AnchorFeatures(conf, probs)
+    tensors = DynamicTensors(graph)
+    score = tensors.scores(features)
+    levels = graph.pool.levels
+    expected = []
+    for level in sorted(set(graph.slots)):
+        nodes = [q for q, lv in enumerate(levels) if lv == level]
+        ranked = sorted(nodes, key=lambda q: (-score[q].item(), q))
+        expected += ranked[: graph.slots.count(level)]
+    assert tensors.select(features).tolist() == expected
+    off_slots = [q for q, lv in enumerate(levels) if lv not in graph.slots]
+    assert all(score[q].item() == float("-inf") for q in off_slots)
