@@ -182,10 +182,13 @@ def main() -> None:
     p.add_argument("--n-calib", type=int, default=20, help="calibration prompts")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-budget", type=int, default=10)
-    p.add_argument("--budgets", type=int, nargs="*", default=None, help="fixed D to sweep (default: all)")
+    p.add_argument(
+        "--budgets", type=int, nargs="*", default=None, help="fixed D to sweep (default: all)"
+    )
     p.add_argument("--margin", type=float, default=MARGIN)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--root", default="runs/graphs")  # committed: results/graphs (reproduce_results.sh)
+    # committed: results/graphs (reproduce_results.sh)
+    p.add_argument("--root", default="runs/graphs")
     p.add_argument("--name", default="auto_cpu")
     p.add_argument("--out", default="runs/auto")  # committed: results/auto
     args = p.parse_args()
