@@ -1,7 +1,7 @@
 """`graph.budget=auto` against its base and every fixed D, side by side in one process (issue #20).
 
-    python scripts/auto_study.py                                   # vanilla, prefix, dual, threshold0.9 bases
-    python scripts/auto_study.py --bases dual --n 10 --rounds 1    # quicker
+    python scripts/auto_study.py                                   # bases: vanilla, prefix/dual cache, threshold
+    python scripts/auto_study.py --bases kv_cache --n 10 --rounds 1  # quicker
 
 Per base decoder: `autotune` measures this device's cost model afresh (in this process) and chooses D*; then the
 base, Spiffy with the graph calibrated at every fixed D = 1..max, and the auto choice (its own decoder instance)
@@ -25,15 +25,15 @@ from spiffy.calibration.store import load_or_calibrate
 from spiffy.decoding.build import build_decoder, generation_config
 from spiffy.decoding.speculative import Speculation
 from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
-from spiffy.lab.benchmarks import BASES, environment
-from spiffy.tasks.registry import TASKS, task_generation
+from spiffy.lab.benchmarks import environment, generation_for
+from spiffy.tasks.registry import TASKS
 
 MODEL_NAME = "tiny-llada-arith"
 
 
 def setup(model, tok, base: str, args) -> dict:
     """The auto choice and the decoders (base, every fixed D, auto) of one base decoder."""
-    cfg = generation_config(**task_generation("arith", temperature=0.0, **BASES[base]))
+    cfg = generation_config(**generation_for("arith", base, 0.0))
     prompts = [encode(tok, t) for t in TASKS["arith"].calibration(args.n_calib, 0)]
     common = dict(model_name=MODEL_NAME, task="arith", n_samples=args.n_calib, root=args.root)
     t0 = time.perf_counter()
@@ -176,21 +176,27 @@ def markdown(results: list[dict], env: dict, args) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bases", nargs="+", default=["vanilla", "prefix", "dual", "threshold0.9"])
+    bases = ["vanilla", "kv_cache:cache=prefix", "kv_cache", "multi_token"]  # decoder presets
+    p.add_argument("--bases", nargs="+", default=bases)
     p.add_argument("--n", type=int, default=30, help="held-out test problems")
     p.add_argument("--n-calib", type=int, default=20, help="calibration prompts")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-budget", type=int, default=10)
-    p.add_argument("--budgets", type=int, nargs="*", default=None, help="fixed D to sweep (default: all)")
+    p.add_argument(
+        "--budgets", type=int, nargs="*", default=None, help="fixed D to sweep (default: all)"
+    )
     p.add_argument("--margin", type=float, default=MARGIN)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--root", default="runs/graphs")  # committed: results/graphs (reproduce_results.sh)
+    # committed: results/graphs (reproduce_results.sh)
+    p.add_argument("--root", default="runs/graphs")
     p.add_argument("--name", default="auto_cpu")
     p.add_argument("--out", default="runs/auto")  # committed: results/auto
     args = p.parse_args()
     for base in args.bases:
-        if base not in BASES:
-            raise SystemExit(f"--bases: {base!r} is not one of {sorted(BASES)}")
+        try:
+            generation_for("arith", base, 0.0)
+        except ValueError as e:
+            raise SystemExit(f"--bases: {e}") from None
     model, tok = load_for_study("embedded", threads=args.threads)
     setups = {base: setup(model, tok, base, args) for base in args.bases}
     prompts = arith_test_prompts(tok, args.n)

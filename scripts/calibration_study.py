@@ -50,14 +50,14 @@ def main() -> None:
         nargs="+",
         default=[
             "vanilla",
-            "fixed_k2",
-            "fixed_k4",
-            "threshold0.9",
-            "threshold0.8",
-            "threshold0.7",
-            "prefix",
-            "dual",
-            "dual_threshold0.9",
+            "vanilla:rule=fixed_k,k=2",
+            "vanilla:rule=fixed_k,k=4",
+            "multi_token",
+            "multi_token:tau=0.8",
+            "multi_token:tau=0.7",
+            "kv_cache:cache=prefix",
+            "kv_cache",
+            "kv_cache:rule=threshold,tau=0.9",
         ],
     )
     p.add_argument("--temperature", type=float, default=0.0)

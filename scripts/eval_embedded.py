@@ -18,7 +18,7 @@ from pathlib import Path
 import spiffy
 from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.eval.offline import accuracy, formatted_share, load_for_study, score_arith
-from spiffy.lab.benchmarks import BASES, generation_for
+from spiffy.lab.benchmarks import generation_for
 from spiffy.tasks.arith import ArithConfig, generate_split
 
 
@@ -32,8 +32,8 @@ def main() -> None:
     p.add_argument(
         "--base",
         default=None,
-        choices=sorted(BASES),
-        help="decoder preset (default: vanilla; sdar for block-causal models)",
+        help="decoder preset of spiffy/conf/decoder, <preset>[:key=value,...] (default: vanilla; sdar for "
+        "block-causal models)",
     )
     p.add_argument("--gen", default="{}", help="JSON GenerationConfig fields, e.g. stop_ids")
     args = p.parse_args()

@@ -31,11 +31,13 @@ step python scripts/temperature_study.py --n-test 100 --measure 20 --out results
 step python scripts/bench.py --out results/bench --name graphs_cpu --n 30 --decoders vanilla vanilla+spiffy@chain:3 \
   vanilla+spiffy@chain:5 vanilla+spiffy@chain:5/shared vanilla+spiffy@fig2 \
   vanilla+spiffy@fig2/shared vanilla+spiffy@chain:10 vanilla+spiffy@chain:10/shared
-# Table 2 in full: every base decoder with and without Spiffy (graphs calibrated per base, D=8 as in the paper)
+# Table 2 in full: every base decoder with and without Spiffy (graphs calibrated per base, D=8 as in the paper);
+# bases are decoder presets (spiffy/conf/decoder) with overrides, `<preset>[:key=value,...]`
 step python scripts/bench.py --out results/bench --name bases_cpu --n 30 --graph calibrated:8 --decoders vanilla vanilla+spiffy \
-  fixed_k2 fixed_k2+spiffy fixed_k4 fixed_k4+spiffy threshold0.9 threshold0.9+spiffy \
-  threshold0.8 threshold0.8+spiffy threshold0.7 threshold0.7+spiffy prefix prefix+spiffy \
-  dual dual+spiffy dual_threshold0.9 dual_threshold0.9+spiffy
+  vanilla:rule=fixed_k,k=2 vanilla:rule=fixed_k,k=2+spiffy vanilla:rule=fixed_k,k=4 \
+  vanilla:rule=fixed_k,k=4+spiffy multi_token multi_token+spiffy multi_token:tau=0.8 multi_token:tau=0.8+spiffy \
+  multi_token:tau=0.7 multi_token:tau=0.7+spiffy kv_cache:cache=prefix kv_cache:cache=prefix+spiffy \
+  kv_cache kv_cache+spiffy kv_cache:rule=threshold,tau=0.9 kv_cache:rule=threshold,tau=0.9+spiffy
 # SDAR (fixture model, tests/fixtures): model calls of the reference loop, its fusions, Spiffy (docs/algorithm.md §12)
 step python scripts/sdar_fusions.py --out results/tables
 # the embedded block-causal model tiny-sdar-arith: model card accuracy (SDAR base, 1 token/step, stop at EOS)
@@ -43,17 +45,18 @@ step python scripts/eval_embedded.py --model tiny-sdar-arith --n 200 --gen '{"st
   --json results/tiny_sdar_eval.json
 # ... its wall-clock table: SDAR bases vs + Spiffy (calibrated D, fusions, chain graphs), 1 thread, float32
 step python scripts/bench.py --out results/bench --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 200 \
-  --gen '{"stop_ids": [96]}' --cost-curve --name sdar_cpu --decoders sdar sdar_dynamic0.9 \
-  sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar+spiffy@calibrated:10 sdar_fused \
-  sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused \
-  sdar_fused+spiffy@calibrated:10/fused sdar+spiffy@chain:3 sdar+spiffy@chain:5 sdar+spiffy@chain:10 \
-  sdar_dynamic0.9+spiffy@calibrated:10
+  --gen '{"stop_ids": [96]}' --cost-curve --name sdar_cpu --decoders sdar sdar_dynamic \
+  sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar+spiffy@calibrated:10 sdar:fuse_next=true \
+  sdar:fuse_next=true+spiffy@calibrated:3/fused sdar:fuse_next=true+spiffy@calibrated:5/fused \
+  sdar:fuse_next=true+spiffy@calibrated:10/fused sdar+spiffy@chain:3 sdar+spiffy@chain:5 sdar+spiffy@chain:10 \
+  sdar_dynamic+spiffy@calibrated:10
 # ... and the block-length x D sweep (one model copy per block length, all interleaved in one process)
 step python scripts/bench.py --out results/bench --model tiny-sdar-arith --model-name tiny-sdar-arith --threads 1 --n 100 \
   --gen '{"stop_ids": [96]}' --cost-curve --block-sizes 8 4 16 --name sdar_sweep_cpu --decoders sdar \
-  sdar_fused sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 sdar_fused+spiffy@calibrated:2/fused \
-  sdar_fused+spiffy@calibrated:3/fused sdar_fused+spiffy@calibrated:5/fused sdar_fused+spiffy@calibrated:8/fused
-# graph.budget=auto against its base and every fixed D, side by side (vanilla, prefix, dual, threshold 0.9)
+  sdar:fuse_next=true sdar+spiffy@calibrated:3 sdar+spiffy@calibrated:5 \
+  sdar:fuse_next=true+spiffy@calibrated:2/fused sdar:fuse_next=true+spiffy@calibrated:3/fused \
+  sdar:fuse_next=true+spiffy@calibrated:5/fused sdar:fuse_next=true+spiffy@calibrated:8/fused
+# graph.budget=auto against its base and every fixed D, side by side (vanilla, prefix and dual caches, threshold 0.9)
 step python scripts/auto_study.py --out results/auto --n 30 --rounds 3 --root /tmp/spiffy_auto_graphs
 # the default job of run.py (lm-eval path, W&B offline) and the README's example sweeps
 step python run.py "${STORE[@]}" eval.progress=false

@@ -144,6 +144,12 @@ def load_llada2_fixture():
     return model
 
 
+@pytest.fixture(scope="module")
+def llada2():
+    """`load_llada2_fixture()`, one per test module (a module may register hooks on it)."""
+    return load_llada2_fixture()
+
+
 def tiny_random_llada2(seed: int = 0, vocab: int = 24, layers: int = 2):
     """A random LLaDA2 MoE model in float64 (layer 0 dense, MoE after; mask id vocab-1, EOS vocab-2)."""
     from spiffy.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
@@ -171,6 +177,8 @@ def tiny_random_llada2(seed: int = 0, vocab: int = 24, layers: int = 2):
     with torch.no_grad():
         for layer in model.model.layers[cfg.first_k_dense_replace :]:
             layer.mlp.gate.expert_bias.normal_(0, 0.3)
-        model.lm_head.weight.mul_(8.0)  # sharpen the distributions so that drafts are sometimes right
+        model.lm_head.weight.mul_(
+            8.0
+        )  # sharpen the distributions so that drafts are sometimes right
     model.register_forward_hook(_never_predict_mask)
     return model

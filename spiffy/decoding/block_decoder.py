@@ -21,7 +21,8 @@ would be reached at (row r of graph level l at `step + l`) in one batched call, 
 next state equals (`walk.py`), and follows the links on the device. A single read brings the links and the
 draft validity to the host; the host replays the walk in plain Python. The rare cases where a row is reached at
 another step (a transition that committed nothing, or a multi-token transition landing on a deeper draft) finish
-transition by transition (`_walk_slowly`), which is the loop of docs/algorithm.md §5.4 verbatim. Drafts for the next forward are
+transition by transition (`_walk_slowly`), which is the loop of docs/algorithm.md §5.4 verbatim. Both walks,
+and the replay of recorded trajectories, apply one acceptance rule (`walk.walk_step`). Drafts for the next forward are
 built from the device-side end of the walk before the read, so their validity comes with it.
 """
 
@@ -51,7 +52,17 @@ from spiffy.decoding.types import (
     Done,
     StatsRecorder,
 )
-from spiffy.decoding.walk import Rows, WalkLinks, link_rows, replay, row_index
+from spiffy.decoding.walk import (
+    COMPLETE,
+    STAY,
+    STOP,
+    Rows,
+    WalkLinks,
+    link_rows,
+    replay,
+    row_index,
+    walk_step,
+)
 from spiffy.models.base import DiffusionLM, DiffusionLMOutput
 from spiffy.models.loading import ModelSpec, model_spec
 
@@ -687,12 +698,13 @@ class BlockDecoder:
                 done = bool(self.rule.complete_rows(state[None], new[None], ctx)[0])
             else:
                 done = self.rule.is_complete(has_mask, step)
-            if done:
+            move = walk_step(done, bool(same), match >= 1)
+            if move == COMPLETE:
                 return WalkEnd(taken, new, True, r, match, **seen)
-            stalled = stalled + 1 if same else 0
-            if same:
+            stalled = stalled + 1 if move == STAY else 0
+            if move == STAY:
                 continue
-            if match < 1:
+            if move == STOP:
                 return WalkEnd(taken, new, False, r, **seen)
             seen["accepted"].append(rows.levels[match])
             r, state = match, new

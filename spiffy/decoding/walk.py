@@ -8,9 +8,11 @@ level deeper, unless the transition does not depend on the step), marks complete
 follows the links from row 0 on the device (pointer doubling), so that drafts for the next forward can be built
 before the host looks. `WalkLinks.read` is the one device read; `replay` walks the links on the host.
 
-`follow` is the same walk on states known in advance (recorded trajectories, `spiffy.calibration.replay`): the
-rule both apply is one: the walk moves to the next state while it was verified by the last forward, or equals the
-current state (a transition that committed nothing), and stops where a forward is needed.
+`walk_step` is the acceptance rule every walk applies, one transition at a time: `replay` on the host links,
+`BlockDecoder`'s transition-by-transition walk, and `follow`, the walk on states known in advance (recorded
+trajectories, `spiffy.calibration.replay`): the walk moves to the next state while it was verified by the last
+forward, or equals the current state (a transition that committed nothing), and stops where a forward is needed
+or the block is complete.
 """
 
 from __future__ import annotations
@@ -122,16 +124,38 @@ def link_rows(rows: Rows, step: int, ctx: TransitionContext, step_free: bool) ->
     return WalkLinks(new, conf, nxt, complete, same, match, end[:1])
 
 
+# what the acceptance walk does after one transition (`walk_step`)
+COMPLETE, STAY, MOVE, STOP = "complete", "stay", "move", "stop"
+
+
+def walk_step(complete: bool, same: bool, verified: bool) -> str:
+    """The acceptance rule at one transition (docs/algorithm.md §5.4), the one every walk applies: the
+    decoder's (`replay`, and `BlockDecoder`'s transition-by-transition walk) and the replay of recorded
+    trajectories (`follow`, `spiffy.calibration.replay`). The transition's result `complete`s the block: the
+    walk ends (`COMPLETE`); else it equals the state it was applied to (`same`: it committed nothing): the walk
+    stays there, one step on (`STAY`); else it is a state the last forward `verified`: the walk moves to it
+    (`MOVE`); else a forward is needed (`STOP`)."""
+    if complete:
+        return COMPLETE
+    if same:
+        return STAY
+    return MOVE if verified else STOP
+
+
 State = TypeVar("State")
 
 
 def follow(states: Sequence[State], verified: Container[State], current: State) -> int:
-    """How many of the successive next `states` the acceptance walk takes from `current` without a forward:
-    it moves on while the next state is `verified` (a state the last forward computed the distribution of) or
-    equals the state it is at (a transition that committed nothing), docs/algorithm.md §5.4."""
+    """How many of the successive next `states` the acceptance walk (`walk_step`) takes from `current` without
+    a forward: it moves on while the next state is `verified` (a state the last forward computed the
+    distribution of) or equals the state it is at. The states are a block's transitions before its last, so
+    none completes it."""
     taken = 0
-    while taken < len(states) and (states[taken] in verified or states[taken] == current):
-        current = states[taken]
+    while taken < len(states):
+        nxt = states[taken]
+        if walk_step(False, nxt == current, nxt in verified) == STOP:
+            break
+        current = nxt
         taken += 1
     return taken
 
@@ -174,16 +198,19 @@ def _later(rows: Rows, device, kind: str | None) -> torch.Tensor:
 
 
 def replay(host: HostLinks) -> tuple[list[int], str]:
-    """The walk on the host: the rows visited from row 0 and why it stopped (`complete`: the block is done;
-    `anchor`: a forward is needed; `same` / `offlevel`: a row is reached at another step than assumed)."""
+    """The walk (`walk_step`) on the host: the rows visited from row 0 and why it stopped (`complete`: the
+    block is done; `anchor`: a forward is needed; `same` / `offlevel`: a row is reached at another step than
+    the batched transitions assumed, so the decoder goes on one transition at a time)."""
     r, path = 0, [0]
     while True:
-        if host.complete[r]:
+        step = walk_step(host.complete[r], host.same[r], host.match[r] >= 1)
+        if step == COMPLETE:
             return path, "complete"
-        if host.same[r]:
+        if step == STAY:
             return path, "same"
-        if host.nxt[r] != r:
+        # a move to the verified row one level deeper, whose transition the batch computed
+        if step == MOVE and host.nxt[r] != r:
             r = host.nxt[r]
             path.append(r)
             continue
-        return path, ("offlevel" if host.match[r] >= 1 else "anchor")
+        return path, ("offlevel" if step == MOVE else "anchor")

@@ -2,17 +2,19 @@
 
 `spiffy bench ARGS` and `python scripts/bench.py ARGS` are the same command.
 
-    python scripts/bench.py --decoders vanilla vanilla+spiffy@calibrated:10 dual dual+spiffy@calibrated:10
+    python scripts/bench.py --decoders vanilla vanilla+spiffy@calibrated:10 kv_cache kv_cache+spiffy@calibrated:10
+    python scripts/bench.py --decoders multi_token:tau=0.8 multi_token:tau=0.8+spiffy  # a preset, overridden
     python scripts/bench.py --device cuda --dtype bfloat16 ...      # unchanged on a GPU
     python scripts/bench.py --decoders --name fig5_cpu              # the cost curve only (Figure 5)
     python scripts/bench.py --decoders --shape llada-8b --layers 2 --prompt-len 900 --gen-length 256 \\
         --block-length 32 --cost-curve 0 1 2 3 5 8 10 --layouts exact prefix dual --name fig5_llada8b_cpu
     python scripts/bench.py --decoders --cost-curve --shape llada-8b --layers 2 --hidden 256 \\
         --peak-memory 10 --name peak_memory_cpu
-    python scripts/bench.py --decoders vanilla dual dual+spiffy@calibrated:5 --n 64 --batch-sizes 1 4 16 64 \
+    python scripts/bench.py --decoders vanilla kv_cache kv_cache+spiffy@calibrated:5 --n 64 --batch-sizes 1 4 16 64 \
         --cost-curve 0 2 5 10 --name batching_cpu                    # throughput vs batch size, batched cost
     python scripts/bench.py --model tiny-sdar-arith --model-name tiny-sdar-arith --gen '{"stop_ids": [96]}' \
-        --cost-curve --decoders sdar sdar+spiffy@calibrated:5 sdar_fused sdar_fused+spiffy@calibrated:5/fused
+        --cost-curve --decoders sdar sdar+spiffy@calibrated:5 sdar:fuse_next=true \
+        sdar:fuse_next=true+spiffy@calibrated:5/fused
 
 Writes `<out>/<name>.json` and `<out>/<name>.md` (`--out` defaults to runs/bench; the committed results pass
 `--out results/bench`). NFE ratios are hardware-independent; wall-clock ratios are
@@ -61,7 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-name", default="tiny-llada-arith")
     p.add_argument("--task", default="arith")
     p.add_argument(
-        "--decoders", nargs="*", default=["vanilla", "vanilla+spiffy"], help="none: cost curve only"
+        "--decoders",
+        nargs="*",
+        default=["vanilla", "vanilla+spiffy"],
+        help="<preset>[:key=value,...][+spiffy[@graph][/shared|/cross|/fused]], presets of "
+        "spiffy/conf/decoder; none: cost curve only",
     )
     p.add_argument("--graph", default="calibrated:10", help="graph for '+spiffy' without '@'")
     p.add_argument("--gen", default="{}", help="JSON GenerationConfig fields for every decoder")
@@ -113,7 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="throughput table: query tokens per forward (0: no limit; default: the device's default)",
     )
-    p.add_argument("--out", default="runs/bench", help="folder for <name>.json/.md (committed: results/bench)")
+    p.add_argument(
+        "--out", default="runs/bench", help="folder for <name>.json/.md (committed: results/bench)"
+    )
     return p.parse_args(argv)
 
 

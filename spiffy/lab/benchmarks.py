@@ -1,7 +1,8 @@
 """Side-by-side benchmarks in one process (docs/algorithm.md §7): decoders interleaved per prompt, and the cost curve.
 
-Decoder specs are `<base>` or `<base>+spiffy[@<graph>][/shared|/cross|/fused]`, where `<base>` names a preset of
-`BASES` and `<graph>` is a spec string (`chain:10`, `fig2`), a JSON path, or `calibrated:<D>[:<rule>]`
+Decoder specs are `<base>` or `<base>+spiffy[@<graph>][/shared|/cross|/fused]`, where `<base>` is a decoder preset
+of spiffy/conf/decoder with optional overrides, `<preset>[:key=value,...]` (`spiffy.lab.presets`; e.g.
+`multi_token:tau=0.8`, `kv_cache:cache=prefix`, `sdar:fuse_next=true`), and `<graph>` is a spec string (`chain:10`, `fig2`), a JSON path, or `calibrated:<D>[:<rule>]`
 (calibrated for that base on the task's calibration split, cached in `$GRAPH_ROOT`, default runs/graphs;
 scripts/reproduce_results.sh sets results/graphs); `/shared` is the paper's
 near-lossless layout, `/cross` continues the walk across blocks (docs/algorithm.md §5.4), `/fused` (SDAR) stores a finished
@@ -28,34 +29,15 @@ from spiffy.decoding.batching import CallStacker
 from spiffy.decoding.block_decoder import BlockDecoder, DecoderOptions
 from spiffy.decoding.build import build_decoder
 from spiffy.decoding.config import GenerationConfig
-from spiffy.decoding.rules import get_rule
 from spiffy.decoding.speculative import Speculation
 from spiffy.decoding.strategies import STRATEGIES
 from spiffy.eval.offline import completion_text, encode
+from spiffy.lab.presets import preset_generation, preset_settings
 from spiffy.lab.profiling import peak_memory, reads_between_forwards
 from spiffy.models.loading import model_spec
 from spiffy.tasks.arith import format_prompt
-from spiffy.tasks.registry import TASKS, task_generation
+from spiffy.tasks.registry import TASKS
 from spiffy.tasks.scoring import is_correct
-
-BASES: dict[str, dict] = {
-    "vanilla": {},
-    "fixed_k2": dict(rule="fixed_k", k=2),
-    "fixed_k4": dict(rule="fixed_k", k=4),
-    "threshold0.9": dict(rule="threshold", tau=0.9),
-    "threshold0.8": dict(rule="threshold", tau=0.8),
-    "threshold0.7": dict(rule="threshold", tau=0.7),
-    "factor1": dict(rule="factor", factor=1.0),
-    "prefix": dict(cache="prefix"),
-    "dual": dict(cache="dual"),
-    "dual_threshold0.9": dict(cache="dual", rule="threshold", tau=0.9),
-    # block-causal (SDAR) models, docs/algorithm.md §12: the exact cache is implied; steps_per_block defaults to the block
-    # length (one token per step); `_fused`: each block's store forward also starts the next block
-    "sdar": dict(rule="sdar_static"),
-    "sdar_fused": dict(rule="sdar_static", fuse_next=True),
-    "sdar_dynamic0.9": dict(rule="sdar_dynamic", tau=0.9),
-    "sdar_dynamic0.9_fused": dict(rule="sdar_dynamic", tau=0.9, fuse_next=True),
-}
 
 
 @dataclass
@@ -72,8 +54,12 @@ class DecoderSpec:
     @classmethod
     def parse(cls, text: str, default_graph: str) -> DecoderSpec:
         base, _, spiffy = text.partition("+")
-        if base not in BASES:
-            raise ValueError(f"decoder spec {text!r}: base {base!r} not in {sorted(BASES)}")
+        _, speculation = preset_settings(base)  # raises for an unknown preset or key, naming it
+        if speculation.get("speculate") and not spiffy:
+            raise ValueError(
+                f"decoder spec {text!r}: that preset speculates; the bench writes Spiffy over a base "
+                "as '<base>+spiffy[@graph]' (e.g. kv_cache+spiffy for spiffy_kv_cache)"
+            )
         if not spiffy:
             return cls(text, base)
         if not spiffy.startswith("spiffy"):
@@ -96,12 +82,9 @@ class DecoderSpec:
 
 
 def generation_for(task: str, base: str, temperature: float, **overrides) -> dict:
-    """The task's preset with the base's settings and `overrides` (GenerationConfig fields); block-causal rules
-    default to one token per step (`steps_per_block` = the block length)."""
-    gen = {**BASES[base], **overrides}
-    if get_rule(gen.get("rule", "schedule")).block_causal and "steps_per_block" not in gen:
-        gen["steps_per_block"] = gen.get("block_length", TASKS[task].generation["block_length"])
-    return task_generation(task, temperature=temperature, **gen)
+    """The task's preset with the base decoder's settings (`<preset>[:key=value,...]`, a preset of
+    spiffy/conf/decoder) and `overrides` (GenerationConfig fields): `spiffy.lab.presets.preset_generation`."""
+    return preset_generation(task, base, temperature, **overrides)
 
 
 def make_decoder(
@@ -470,7 +453,9 @@ def batch_throughput(
                 "rows_per_forward": batch["rows_per_forward"],
                 "model_share": batch["model_s"] / batch["wall_s"] if batch["wall_s"] else 0.0,
                 # Spiffy's drafting, masks and walk over drafts, against the batch's model time
-                "overhead_vs_model": cell["overhead_s"] / batch["model_s"] if batch["model_s"] else 0.0,
+                "overhead_vs_model": cell["overhead_s"] / batch["model_s"]
+                if batch["model_s"]
+                else 0.0,
                 "identical_to_batch_1": cell["identical"] if 1 in batch_sizes else None,
             }
         )
@@ -520,7 +505,9 @@ def batched_cost_curve(
             strategy.run(start)
             starts.append(start.call)
             for d in drafts:
-                pending = strategy.verify_call(canvas, block, canvas[block].repeat(d + 1, 1), verify)
+                pending = strategy.verify_call(
+                    canvas, block, canvas[block].repeat(d + 1, 1), verify
+                )
                 strategy.run(pending)
                 verifies[d].append(pending.call)
         stacker = CallStacker(model, block_causal=spec.block_causal)

@@ -13,9 +13,9 @@ from spiffy.calibration.phases import phase_starts, select_phased
 from spiffy.calibration.trajectories import record_trajectories
 from spiffy.decoding.config import GenerationConfig
 from spiffy.graph.draft_graph import DraftGraph
-from tests.conftest import tiny_random_model
-from tests.decoding.test_losslessness import RULES, assert_lossless, draft_graphs
 from tests.calibration.test_calibrate import prompts
+from tests.conftest import tiny_random_model
+from tests.helpers.lossless import RULES, assert_lossless, draft_graphs
 
 
 def phased(*graphs: DraftGraph, starts=None) -> DraftGraph:

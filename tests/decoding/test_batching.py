@@ -8,29 +8,20 @@ import itertools
 import pytest
 import torch
 from hypothesis import Phase, given, settings
-from hypothesis import strategies as st
 
 import spiffy
 from spiffy.decoding.batching import CallStacker, ModelCall
 from spiffy.models.kv import KVCache, bidirectional_attention, stack_caches
-from tests.conftest import tiny_random_model, tiny_random_sdar
-from tests.decoding.test_losslessness import RULES, SDAR_RULES, draft_graphs
+from tests.conftest import tiny_random_sdar
+from tests.helpers.lossless import (
+    BATCH_CASES,
+    RULES,
+    SDAR_RULES,
+    assert_batch_equals_alone,
+    batch_case,
+)
 
 PROMPTS = [[71, 124, 84, 108, 88], [5, 9], [33, 44, 55, 66, 77, 88, 99, 110, 12], [7]]
-
-
-def assert_batch_equals_alone(decoder, prompts, request_ids, seed=0, **batch_kw):
-    """Decode alone, then in a batch (and in reverse order); every request must come out the same."""
-    alone = [decoder.generate(p, request_id=r, seed=seed) for p, r in zip(prompts, request_ids)]
-    batch = decoder.generate_batch(prompts, request_ids, seed, **batch_kw)
-    backwards = decoder.generate_batch(prompts[::-1], request_ids[::-1], seed, **batch_kw)
-    for a, b, c in zip(alone, batch, reversed(list(backwards)), strict=True):
-        for other in (b, c):
-            assert torch.equal(a.tokens, other.tokens)
-            assert torch.equal(a.canvas, other.canvas)
-            assert a.stats.nfe == other.stats.nfe
-            assert a.stats.accepted_per_forward == other.stats.accepted_per_forward
-    return alone, batch
 
 
 @pytest.mark.parametrize(
@@ -211,39 +202,9 @@ def test_a_token_cap_changes_the_forwards_not_the_outputs(fixture_model):
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate])
-@given(
-    model_seed=st.integers(0, 3),
-    prompts=st.lists(st.lists(st.integers(0, 19), min_size=1, max_size=9), min_size=2, max_size=4),
-    blocks=st.sampled_from([(8, 4), (12, 4), (16, 8)]),
-    rule=st.sampled_from(list(RULES)),
-    cache=st.sampled_from(["none", "prefix", "dual"]),
-    temperature=st.sampled_from([0.0, 0.5, 1.5]),
-    graph=st.one_of(st.none(), draft_graphs()),
-    seed=st.integers(0, 1000),
-    batch_size=st.integers(1, 4),
-    sdar=st.booleans(),
-)
-def test_property_batch_equals_batch_of_one(
-    model_seed, prompts, blocks, rule, cache, temperature, graph, seed, batch_size, sdar
-):
-    gen_length, block_length = blocks
-    if sdar:
-        model = tiny_random_sdar(seed=model_seed, block_size=block_length)
-        rule, kw = "sdar_static", {"steps_per_block": block_length}
-        cache = "none"  # implies SDAR's exact block-causal cache
-    else:
-        model, kw = tiny_random_model(seed=model_seed), RULES[rule]
-    speculate = spiffy.Speculation(graph) if graph is not None else None
-    decoder = spiffy.build_decoder(
-        model,
-        gen_length=gen_length,
-        block_length=block_length,
-        rule=rule,
-        cache=cache,
-        temperature=temperature,
-        speculate=speculate,
-        **kw,
-    )
+@given(**BATCH_CASES)
+def test_property_batch_equals_batch_of_one(prompts, seed, batch_size, **case):
+    decoder = batch_case(**case)
     ids = [seed + i for i in range(len(prompts))]
     assert_batch_equals_alone(decoder, prompts, ids, seed=seed, batch_size=batch_size)
 

@@ -4,7 +4,6 @@ cross-block walk, with NFE no larger; and its drafts have static shapes."""
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 
 import pytest
@@ -15,34 +14,20 @@ from hypothesis import strategies as st
 import spiffy
 from spiffy.decoding.dynamic import DynamicDrafter
 from spiffy.graph.dynamic import DynamicGraph, dynamic_graph
-from tests.conftest import tiny_random_model
-from tests.decoding.test_losslessness import RULES, assert_lossless, draft_graphs
-
-
-@pytest.mark.parametrize(
-    ("rule", "cache", "temperature"),
-    list(itertools.product(RULES, ["none", "prefix", "dual"], [0.0, 0.7])),
+from tests.helpers.lossless import (
+    FIXTURE_GRID,
+    check_llada_case,
+    draft_graphs,
+    fixture_savings,
+    llada_cases,
 )
+
+
+@pytest.mark.parametrize(("rule", "cache", "temperature"), FIXTURE_GRID)
 def test_dynamic_drafting_is_lossless_for_every_base_decoder(
     fixture_model, rule, cache, temperature
 ):
-    prompt = torch.tensor([71, 124, 84, 108, 88])
-    saved = 0
-    for graph in ("dynamic:3", "dynamic:10"):
-        base, spec = assert_lossless(
-            fixture_model,
-            prompt,
-            graph,
-            request_id=7,
-            seed=3,
-            gen_length=32,
-            block_length=8,
-            rule=rule,
-            cache=cache,
-            temperature=temperature,
-            **RULES[rule],
-        )
-        saved += base.stats.nfe - spec.stats.nfe
+    saved = fixture_savings(fixture_model, ("dynamic:3", "dynamic:10"), rule, cache, temperature)
     if rule == "schedule":
         assert saved > 0  # it must actually save forwards on the one-token-per-step base
 
@@ -112,36 +97,9 @@ def dynamic_graphs(draw):
 @settings(
     max_examples=40, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate]
 )  # no shrinking: bounded CI time
-@given(
-    model_seed=st.integers(0, 3),
-    prompt=st.lists(st.integers(0, 19), min_size=1, max_size=6),
-    blocks=st.sampled_from([(8, 4), (12, 4), (16, 8), (12, 12)]),
-    rule=st.sampled_from(list(RULES)),
-    cache=st.sampled_from(["none", "prefix", "dual"]),
-    temperature=st.sampled_from([0.0, 0.5, 1.5]),
-    graph=dynamic_graphs(),
-    seed=st.integers(0, 1000),
-    cross_block=st.booleans(),
-)
-def test_property_dynamic_spiffy_equals_base(
-    model_seed, prompt, blocks, rule, cache, temperature, graph, seed, cross_block
-):
-    model = tiny_random_model(seed=model_seed)
-    gen_length, block_length = blocks
-    assert_lossless(
-        model,
-        torch.tensor(prompt),
-        graph,
-        request_id=seed % 7,
-        seed=seed,
-        gen_length=gen_length,
-        block_length=block_length,
-        rule=rule,
-        cache=cache,
-        temperature=temperature,
-        cross_block=cross_block and cache == "none",
-        **RULES[rule],
-    )
+@given(**llada_cases(dynamic_graphs()))
+def test_property_dynamic_spiffy_equals_base(graph, **case):
+    check_llada_case(graph, **case)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)

@@ -18,6 +18,7 @@ from spiffy.graph.draft_graph import DraftGraph
 from spiffy.lab.profiling import reads_between_forwards
 from spiffy.models.base import DiffusionLM
 from tests.conftest import tiny_random_model
+from tests.helpers.lossless import draft_graphs
 from tests.helpers.scripted_model import ScriptedModel
 
 DECODERS = {
@@ -142,21 +143,13 @@ def _reference_prune(tensors, pair_probs, graph: DraftGraph, keep: int) -> list[
     return [r for r, q in enumerate(node) if q in kept]
 
 
-@st.composite
-def graphs(draw):
-    nodes: list[tuple] = []
-    for _ in range(draw(st.integers(1, 10))):
-        parent = draw(st.sampled_from([()] + nodes))
-        used = {i for i, _ in parent}
-        i = draw(st.integers(1, 5).filter(lambda v: v not in used))
-        node = tuple(sorted(parent + ((i, draw(st.integers(1, 3))),)))
-        if node not in nodes:
-            nodes.append(node)
-    return DraftGraph.from_formulas(nodes)
-
-
 @settings(max_examples=80, deadline=None, derandomize=True)
-@given(graph=graphs(), keep=st.integers(1, 8), keyed=st.booleans(), seed=st.integers(0, 99))
+@given(
+    graph=draft_graphs(max_nodes=10),
+    keep=st.integers(1, 8),
+    keyed=st.booleans(),
+    seed=st.integers(0, 99),
+)
 def test_vectorised_pruning_equals_the_reference(graph, keep, keyed, seed):
     tensors = GraphTensors.from_graph(graph, keyed=keyed)
     g = torch.Generator().manual_seed(seed)

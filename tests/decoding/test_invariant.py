@@ -23,7 +23,13 @@ from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.decoding.forward import Pending
 from spiffy.decoding.strategies import STRATEGIES
 from tests.conftest import load_llada2_fixture, tiny_random_model, tiny_random_sdar
-from tests.decoding.test_losslessness import RULES, SDAR_RULES, draft_graphs
+from tests.helpers.lossless import (
+    BATCH_CASES,
+    RULES,
+    SDAR_RULES,
+    assert_batch_equals_alone,
+    batch_case,
+)
 
 INVARIANT = DecoderOptions(invariant=True)
 DTYPES = [torch.float32, torch.bfloat16]
@@ -50,7 +56,9 @@ def recording_verified_rows(monkeypatch):
                         row[block] = states[r]
                         key = (name, block.start, tuple(row.tolist()))
                         if key in seen:
-                            assert torch.equal(seen[key], result.logits[r]), "a state's logits moved"
+                            assert torch.equal(seen[key], result.logits[r]), (
+                                "a state's logits moved"
+                            )
                         seen[key] = result.logits[r].clone()
                     return result
 
@@ -76,7 +84,9 @@ def model_of(family: str, dtype: torch.dtype, device: str, fixtures: dict):
         return tiny_random_sdar(block_size=4).to(dtype=dtype, device=device)
     if family == "llada-random":
         return tiny_random_model().to(dtype=dtype, device=device)
-    if family == "llada2":  # the fixture's mask and EOS ids are generate arguments, set on the config
+    if (
+        family == "llada2"
+    ):  # the fixture's mask and EOS ids are generate arguments, set on the config
         return load_llada2_fixture().to(dtype=dtype, device=device)
     return spiffy.load_model(fixtures[family], dtype=dtype).to(device)
 
@@ -242,42 +252,11 @@ def test_sdar_grid_in_invariant_mode(monkeypatch, fixtures, dtype, rule, tempera
 
 @pytest.mark.slow
 @settings(max_examples=30, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate])
-@given(
-    model_seed=st.integers(0, 3),
-    prompts=st.lists(st.lists(st.integers(0, 19), min_size=1, max_size=9), min_size=2, max_size=4),
-    blocks=st.sampled_from([(8, 4), (12, 4), (16, 8)]),
-    rule=st.sampled_from(list(RULES)),
-    cache=st.sampled_from(["none", "prefix", "dual"]),
-    temperature=st.sampled_from([0.0, 0.5, 1.5]),
-    graph=st.one_of(st.none(), draft_graphs()),
-    seed=st.integers(0, 1000),
-    batch_size=st.integers(1, 4),
-    sdar=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
-)
-def test_property_batch_equals_alone_in_lower_precision(
-    model_seed, prompts, blocks, rule, cache, temperature, graph, seed, batch_size, sdar, dtype
-):
+@given(**BATCH_CASES, dtype=st.sampled_from(DTYPES))
+def test_property_batch_equals_alone_in_lower_precision(prompts, seed, batch_size, dtype, **case):
     """The batching property test (tests/decoding/test_batching.py) in float32 and bfloat16, invariant mode."""
-    gen_length, block_length = blocks
-    if sdar:
-        model = tiny_random_sdar(seed=model_seed, block_size=block_length).to(dtype)
-        rule, kw, cache = "sdar_static", {"steps_per_block": block_length}, "none"
-    else:
-        model, kw = tiny_random_model(seed=model_seed).to(dtype), RULES[rule]
-    decoder = spiffy.build_decoder(
-        model,
-        gen_length=gen_length,
-        block_length=block_length,
-        rule=rule,
-        cache=cache,
-        temperature=temperature,
-        options=INVARIANT,
-        speculate=spiffy.Speculation(graph) if graph is not None else None,
-        **kw,
-    )
+    decoder = batch_case(**case, dtype=dtype, options=INVARIANT)
     ids = [seed + i for i in range(len(prompts))]
-    alone = [decoder.generate(p, request_id=r, seed=seed) for p, r in zip(prompts, ids)]
-    batch = decoder.generate_batch(prompts, ids, seed, batch_size=batch_size)
-    for a, b in zip(alone, batch, strict=True):
-        assert torch.equal(a.canvas, b.canvas) and a.stats.nfe == b.stats.nfe
+    assert_batch_equals_alone(
+        decoder, prompts, ids, seed=seed, reverse=False, batch_size=batch_size
+    )

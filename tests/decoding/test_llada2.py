@@ -18,16 +18,20 @@ from spiffy.decoding.llada2_rules import (
     threshold_quota,
     unmask_positions,
 )
-from tests.conftest import load_llada2_fixture
 
-ARGS = ("version", "gen_length", "block_length", "steps", "threshold", "eos_early_stop", "minimal_topk",
-        "temperature", "top_k", "top_p")
+ARGS = (
+    "version",
+    "gen_length",
+    "block_length",
+    "steps",
+    "threshold",
+    "eos_early_stop",
+    "minimal_topk",
+    "temperature",
+    "top_k",
+    "top_p",
+)
 ARGS_21 = ("editing_threshold", "max_post_steps", "num_to_transfer")
-
-
-@pytest.fixture(scope="module")
-def llada2():
-    return load_llada2_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,10 @@ def test_build_decoder_equals_model_generate(llada2, expected):
         settings = llada2_settings(**reference_kwargs(case), eos_id=expected["eos_id"])
         result = spiffy.build_decoder(llada2, **settings).generate(torch.tensor(case["prompt"]))
         _, via_generate = llada2.generate(
-            torch.tensor([case["prompt"]]), eos_id=126, mask_id=127, return_result=True,
+            torch.tensor([case["prompt"]]),
+            eos_id=126,
+            mask_id=127,
+            return_result=True,
             **reference_kwargs(case),
         )
         assert torch.equal(result.canvas, via_generate.canvas)
@@ -89,10 +96,17 @@ def test_threshold_quota_and_selection():
     neg = float("-inf")
     conf = torch.tensor([0.2, neg, 0.96, 0.97], dtype=torch.float64)
     masked = conf > neg
-    assert unmask_positions(conf, masked, 1, 0.95).tolist() == [2, 3]  # all above tau (more than quota)
+    assert unmask_positions(conf, masked, 1, 0.95).tolist() == [
+        2,
+        3,
+    ]  # all above tau (more than quota)
     assert unmask_positions(conf, masked, 3, 0.95).tolist() == [3, 2, 0]  # too few: the top 3
     assert unmask_positions(conf, masked, 2, 1.0).tolist() == [3, 2]  # tau 1.0: never reached
-    assert unmask_positions(conf, masked, 9, 1.0).tolist() == [3, 2, 0]  # never more than the masked
+    assert unmask_positions(conf, masked, 9, 1.0).tolist() == [
+        3,
+        2,
+        0,
+    ]  # never more than the masked
     # the reference compares float32 p with float32(threshold), strictly
     tau32 = float32_threshold(0.7)
     assert tau32 != 0.7
@@ -136,15 +150,51 @@ def test_eos_early_stop_needs_a_fresh_eos_and_no_mask_before_it():
         (dict(rule="llada2_threshold", steps_per_block=4), "tau=None"),
         (dict(rule="llada2_threshold", steps_per_block=4, tau=1.5), "tau=1.5"),
         (dict(rule="llada2_threshold", steps_per_block=5, tau=0.9), "steps_per_block=5"),
-        (dict(rule="llada2_edit", tau=0.9, max_post_steps=1, num_to_transfer=1), "editing_threshold=None"),
-        (dict(rule="llada2_edit", tau=0.9, editing_threshold=2.0, max_post_steps=1, num_to_transfer=1),
-         "editing_threshold=2.0"),
-        (dict(rule="llada2_edit", tau=0.9, editing_threshold=0.5, max_post_steps=-1, num_to_transfer=1),
-         "max_post_steps=-1"),
-        (dict(rule="llada2_edit", tau=0.9, editing_threshold=0.5, max_post_steps=1, num_to_transfer=0),
-         "num_to_transfer=0"),
-        (dict(rule="llada2_edit", tau=0.9, editing_threshold=0.5, max_post_steps=1, num_to_transfer=1,
-              eos_early_stop=True), "eos_early_stop=True"),
+        (
+            dict(rule="llada2_edit", tau=0.9, max_post_steps=1, num_to_transfer=1),
+            "editing_threshold=None",
+        ),
+        (
+            dict(
+                rule="llada2_edit",
+                tau=0.9,
+                editing_threshold=2.0,
+                max_post_steps=1,
+                num_to_transfer=1,
+            ),
+            "editing_threshold=2.0",
+        ),
+        (
+            dict(
+                rule="llada2_edit",
+                tau=0.9,
+                editing_threshold=0.5,
+                max_post_steps=-1,
+                num_to_transfer=1,
+            ),
+            "max_post_steps=-1",
+        ),
+        (
+            dict(
+                rule="llada2_edit",
+                tau=0.9,
+                editing_threshold=0.5,
+                max_post_steps=1,
+                num_to_transfer=0,
+            ),
+            "num_to_transfer=0",
+        ),
+        (
+            dict(
+                rule="llada2_edit",
+                tau=0.9,
+                editing_threshold=0.5,
+                max_post_steps=1,
+                num_to_transfer=1,
+                eos_early_stop=True,
+            ),
+            "eos_early_stop=True",
+        ),
         (dict(rule="threshold", tau=0.9, editing_threshold=0.5), "editing_threshold=0.5"),
         (dict(rule="fixed_k", k=1, eos_early_stop=True), "eos_early_stop=True"),
         (dict(rule="threshold", tau=0.0), "tau=0.0"),
@@ -176,6 +226,11 @@ def test_llada2_model_takes_block_causal_rules_at_any_block_length(llada2):
         spiffy.build_decoder(llada2, gen_length=8, block_length=4, rule="threshold", tau=0.9)
     for block in (2, 4, 8):
         out = spiffy.build_decoder(
-            llada2, gen_length=8, block_length=block, rule="llada2_threshold", steps_per_block=2, tau=0.9
+            llada2,
+            gen_length=8,
+            block_length=block,
+            rule="llada2_threshold",
+            steps_per_block=2,
+            tau=0.9,
         ).generate(torch.tensor([3, 4, 5]))
         assert out.tokens.numel() == 8 and not (out.tokens == 127).any()

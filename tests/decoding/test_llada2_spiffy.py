@@ -12,11 +12,16 @@ from hypothesis import strategies as st
 
 import spiffy
 from tests.conftest import _never_predict_mask, load_llada2_fixture, tiny_random_llada2
-from tests.decoding.test_losslessness import assert_lossless, draft_graphs
+from tests.helpers.lossless import assert_lossless, draft_graphs
 
 RULES = {
     "llada2_threshold": {"steps_per_block": 4, "tau": 0.5},
-    "llada2_edit": {"tau": 0.7, "editing_threshold": 0.5, "max_post_steps": 2, "num_to_transfer": 1},
+    "llada2_edit": {
+        "tau": 0.7,
+        "editing_threshold": 0.5,
+        "max_post_steps": 2,
+        "num_to_transfer": 1,
+    },
 }
 PROMPTS = [[14, 85, 49, 44, 72, 39, 24, 74], [6, 19, 64], [5, 9, 14, 3, 22, 70]]
 
@@ -24,7 +29,9 @@ PROMPTS = [[14, 85, 49, 44, 72, 39, 24, 74], [6, 19, 64], [5, 9, 14, 3, 22, 70]]
 @pytest.fixture(scope="module")
 def llada2():
     model = load_llada2_fixture()
-    model.register_forward_hook(_never_predict_mask)  # at T > 0 the random model could sample the mask id
+    model.register_forward_hook(
+        _never_predict_mask
+    )  # at T > 0 the random model could sample the mask id
     return model
 
 
@@ -38,14 +45,18 @@ def calibrated(llada2):
     graphs = {}
     for rule, params in RULES.items():
         cfg = spiffy.GenerationConfig(gen_length=16, block_length=4, rule=rule, **params)
-        graphs[rule] = select_graph(record_trajectories(llada2, cfg, calib, progress=False), 6, "degree1")
+        graphs[rule] = select_graph(
+            record_trajectories(llada2, cfg, calib, progress=False), 6, "degree1"
+        )
     return graphs
 
 
 @pytest.mark.parametrize(("rule", "temperature"), list(itertools.product(RULES, [0.0, 0.7])))
 def test_spiffy_on_llada2_is_lossless_and_saves_calls(llada2, calibrated, rule, temperature):
     saved = 0
-    fusions = [(False, False), (False, True)] + ([(True, False), (True, True)] if rule != "llada2_edit" else [])
+    fusions = [(False, False), (False, True)] + (
+        [(True, False), (True, True)] if rule != "llada2_edit" else []
+    )
     for (request_id, prompt), graph, (fuse_store, fuse_next) in itertools.product(
         enumerate(PROMPTS), ["chain:4", "fig2", calibrated[rule]], fusions
     ):
@@ -72,16 +83,29 @@ def test_eos_early_stop_is_lossless(llada2, early):
     """2.0's stop inside a block at EOS, with the EOS id made likely (a stop id the model predicts)."""
     for request_id, prompt in enumerate(PROMPTS):
         assert_lossless(
-            llada2, torch.tensor(prompt), "chain:4", request_id, 0, gen_length=16, block_length=4,
-            rule="llada2_threshold", eos_early_stop=early, stop_ids=[126], **RULES["llada2_threshold"],
+            llada2,
+            torch.tensor(prompt),
+            "chain:4",
+            request_id,
+            0,
+            gen_length=16,
+            block_length=4,
+            rule="llada2_threshold",
+            eos_early_stop=early,
+            stop_ids=[126],
+            **RULES["llada2_threshold"],
         )
 
 
 def test_fuse_store_with_editing_is_refused(llada2):
     with pytest.raises(ValueError, match="fuse_store=True with rule='llada2_edit'"):
         spiffy.build_decoder(
-            llada2, gen_length=8, block_length=4, rule="llada2_edit",
-            speculate=spiffy.Speculation("chain:3", fuse_store=True), **RULES["llada2_edit"],
+            llada2,
+            gen_length=8,
+            block_length=4,
+            rule="llada2_edit",
+            speculate=spiffy.Speculation("chain:3", fuse_store=True),
+            **RULES["llada2_edit"],
         )
 
 
@@ -104,15 +128,32 @@ def test_fuse_store_with_editing_is_refused(llada2):
     early=st.booleans(),
 )
 def test_property_spiffy_equals_base_on_llada2(
-    model_seed, prompt, gen_length, block_length, rule, steps_fraction, tau, editing,
-    max_post_steps, transfer, temperature, graph, seed, fuse, early,
+    model_seed,
+    prompt,
+    gen_length,
+    block_length,
+    rule,
+    steps_fraction,
+    tau,
+    editing,
+    max_post_steps,
+    transfer,
+    temperature,
+    graph,
+    seed,
+    fuse,
+    early,
 ):
     model = tiny_random_llada2(seed=model_seed)
     if rule == "llada2_threshold":
-        params = dict(steps_per_block=max(1, round(block_length * steps_fraction)), eos_early_stop=early)
+        params = dict(
+            steps_per_block=max(1, round(block_length * steps_fraction)), eos_early_stop=early
+        )
         fuse_store = fuse
     else:
-        params = dict(editing_threshold=editing, max_post_steps=max_post_steps, num_to_transfer=transfer)
+        params = dict(
+            editing_threshold=editing, max_post_steps=max_post_steps, num_to_transfer=transfer
+        )
         fuse_store = False
     assert_lossless(
         model,

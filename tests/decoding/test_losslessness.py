@@ -11,70 +11,24 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import spiffy
-from spiffy.graph import DraftGraph
-from tests.conftest import _never_predict_mask, tiny_random_model, tiny_random_sdar
+from tests.conftest import _never_predict_mask, tiny_random_sdar
+from tests.helpers.lossless import (
+    FIXTURE_GRID,
+    RULES,
+    SDAR_RULES,
+    assert_lossless,
+    check_llada_case,
+    draft_graphs,
+    fixture_savings,
+    llada_cases,
+)
 
-RULES = {
-    "schedule": {},
-    "fixed_k": {"k": 2},
-    "threshold": {"tau": 0.6},
-    "factor": {"factor": 1.0},
-}
 GRAPHS = ["chain:4", "fig2", "topk:3", "chain:10"]
 
 
-def assert_lossless(
-    model,
-    prompt,
-    graph,
-    request_id=0,
-    seed=0,
-    verify="exact",
-    cross_block=False,
-    fuse_store=False,
-    **kwargs,
-):
-    base = spiffy.build_decoder(model, **kwargs).generate(prompt, request_id=request_id, seed=seed)
-    speculation = spiffy.Speculation(
-        graph, verify=verify, cross_block=cross_block, fuse_store=fuse_store
-    )
-    spec = spiffy.build_decoder(model, speculate=speculation, **kwargs).generate(
-        prompt, request_id=request_id, seed=seed
-    )
-    assert torch.equal(spec.canvas, base.canvas), (
-        kwargs
-    )  # the prompt region too (SDAR may rewrite it)
-    assert torch.equal(spec.tokens, base.tokens), kwargs
-    assert spec.stats.nfe <= base.stats.nfe
-    # nfe_base is known without running the base: its transitions (+ SDAR's prefill and store calls)
-    assert spec.stats.nfe_base == base.stats.nfe_base
-    if not kwargs.get("fuse_next"):
-        assert base.stats.nfe == base.stats.nfe_base
-    return base, spec
-
-
-@pytest.mark.parametrize(
-    ("rule", "cache", "temperature"),
-    list(itertools.product(RULES, ["none", "prefix", "dual"], [0.0, 0.7])),
-)
+@pytest.mark.parametrize(("rule", "cache", "temperature"), FIXTURE_GRID)
 def test_every_base_decoder_on_the_fixture(fixture_model, rule, cache, temperature):
-    prompt = torch.tensor([71, 124, 84, 108, 88])
-    saved = 0
-    for graph in GRAPHS:
-        base, spec = assert_lossless(
-            fixture_model,
-            prompt,
-            graph,
-            request_id=7,
-            seed=3,
-            gen_length=32,
-            block_length=8,
-            rule=rule,
-            cache=cache,
-            temperature=temperature,
-            **RULES[rule],
-        )
-        saved += base.stats.nfe - spec.stats.nfe
+    saved = fixture_savings(fixture_model, GRAPHS, rule, cache, temperature)
     if rule == "schedule":
         assert saved > 0  # Spiffy must actually save forwards on the one-token-per-step base
 
@@ -98,53 +52,12 @@ def test_remasking_and_eos_options(tiny_model, remasking, cache):
         )
 
 
-@st.composite
-def draft_graphs(draw):
-    """Random valid graphs: grow nodes by adding one (i, j) pair to an existing node or the root."""
-    nodes: list[tuple] = []
-    for _ in range(draw(st.integers(1, 8))):
-        parent = draw(st.sampled_from([()] + nodes))
-        used = {i for i, _ in parent}
-        i = draw(st.integers(1, 5).filter(lambda v: v not in used))
-        node = tuple(sorted(parent + ((i, draw(st.integers(1, 3))),)))
-        if node not in nodes:
-            nodes.append(node)
-    return DraftGraph.from_formulas(nodes)
-
-
 @settings(
     max_examples=60, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate]
 )  # no shrinking: bounded CI time
-@given(
-    model_seed=st.integers(0, 3),
-    prompt=st.lists(st.integers(0, 19), min_size=1, max_size=6),
-    blocks=st.sampled_from([(8, 4), (12, 4), (16, 8), (12, 12)]),
-    rule=st.sampled_from(list(RULES)),
-    cache=st.sampled_from(["none", "prefix", "dual"]),
-    temperature=st.sampled_from([0.0, 0.5, 1.5]),
-    graph=draft_graphs(),
-    seed=st.integers(0, 1000),
-    cross_block=st.booleans(),
-)
-def test_property_spiffy_equals_base(
-    model_seed, prompt, blocks, rule, cache, temperature, graph, seed, cross_block
-):
-    model = tiny_random_model(seed=model_seed)
-    gen_length, block_length = blocks
-    assert_lossless(
-        model,
-        torch.tensor(prompt),
-        graph,
-        request_id=seed % 7,
-        seed=seed,
-        gen_length=gen_length,
-        block_length=block_length,
-        rule=rule,
-        cache=cache,
-        temperature=temperature,
-        cross_block=cross_block and cache == "none",
-        **RULES[rule],
-    )
+@given(**llada_cases(draft_graphs()))
+def test_property_spiffy_equals_base(graph, **case):
+    check_llada_case(graph, **case)
 
 
 @pytest.mark.parametrize(
@@ -255,11 +168,6 @@ def test_keyed_drafts_recover_acceptance_at_high_temperature(fixture_model):
 
 # --- SDAR (block-causal, docs/algorithm.md §12): drafts are block rows against the exact cache; both fusions
 
-SDAR_RULES = {
-    "sdar_static": {"steps_per_block": 4},
-    "sdar_dynamic": {"steps_per_block": 4, "tau": 0.5},
-    "sdar_sequential": {"steps_per_block": 4},
-}
 SDAR_PROMPTS = [[14, 85, 49, 44, 72, 39, 24, 74], [6, 19, 64], [5, 9, 14, 3, 22, 70]]
 
 

@@ -7,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from spiffy.lab import cli
+from spiffy.lab.schema import register_configs
 
 
 def test_usage_lists_every_registered_command_and_unknown_ones_fail(capsys):
@@ -36,6 +37,7 @@ def test_version_and_env_report(capsys):
 
 
 def test_packaged_config_composes_with_the_help_template():
+    register_configs()  # as `spiffy run` does before composing: the config's defaults start with run_schema
     with initialize_config_module(config_module="spiffy.conf", version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     template = cfg.hydra.help.template

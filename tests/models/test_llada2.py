@@ -10,12 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import spiffy
 from spiffy.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM, block_causal_additive_mask
-from tests.conftest import load_llada2_fixture, tiny_random_llada2
-
-
-@pytest.fixture(scope="module")
-def llada2():
-    return load_llada2_fixture()
+from tests.conftest import tiny_random_llada2
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +39,9 @@ def test_logits_match_reference_within_1e12(llada2, expected):
     for case in cases:
         ids = torch.tensor([case["input_ids"]])
         mask = _mask(case["attention_mask"], ids.shape[1], expected["block_length_used"])
-        out = llada2(ids, position_ids=torch.tensor([case["position_ids"]]), attention_mask=mask).logits
+        out = llada2(
+            ids, position_ids=torch.tensor([case["position_ids"]]), attention_mask=mask
+        ).logits
         assert out.dtype == torch.float32  # the reference's `logits.float()`
         ref = torch.tensor(case["logits"], dtype=torch.float64)
         assert (out[0].double() - ref).abs().max().item() <= 1e-12, case["note"]
@@ -65,7 +62,9 @@ def test_router_chooses_the_reference_experts_and_weights(llada2, expected):
         return hook
 
     handles = [
-        llada2.model.layers[int(entry["layer"])].mlp.gate.register_forward_hook(keep(int(entry["layer"])))
+        llada2.model.layers[int(entry["layer"])].mlp.gate.register_forward_hook(
+            keep(int(entry["layer"]))
+        )
         for entry in probe["layers"]
     ]
     try:
@@ -111,7 +110,9 @@ def test_bool_mask_equals_the_additive_block_mask_and_none_is_full(llada2):
     later = ids.clone()
     later[0, 9] = (later[0, 9] + 1) % 126
     assert not torch.equal(llada2(later).logits[0, 0], full[0, 0])  # no mask: position 0 sees 9
-    assert torch.equal(llada2(later, attention_mask=additive).logits[0, :8], a[0, :8])  # block-causal
+    assert torch.equal(
+        llada2(later, attention_mask=additive).logits[0, :8], a[0, :8]
+    )  # block-causal
     with pytest.raises(ValueError, match="max_position_embeddings"):
         llada2(ids, position_ids=torch.arange(510, 521))
     with pytest.raises(ValueError, match=r"\(B, 1, Q, K\)"):
@@ -132,7 +133,9 @@ def test_block_by_block_cache_equals_the_masked_full_forward(llada2):
     # other GEMM shapes than the full forward: float64 rounding before the float32 cast, not bitwise
     torch.testing.assert_close(torch.cat(rows), full, rtol=0, atol=1e-6)
     states = torch.randint(0, 126, (3, 4))
-    batch = llada2(states, position_ids=torch.arange(8, 12), kv_cache=cache.slice_positions(8)).logits
+    batch = llada2(
+        states, position_ids=torch.arange(8, 12), kv_cache=cache.slice_positions(8)
+    ).logits
     for r in range(3):
         alone = llada2(states[r : r + 1], kv_cache=cache.slice_positions(8)).logits[0]
         torch.testing.assert_close(batch[r], alone, rtol=0, atol=1e-6)
@@ -161,7 +164,12 @@ def test_auto_classes_and_spec_without_remote_code(llada2_fixture_dir, llada2):
     for auto in (AutoModel, AutoModelForCausalLM):
         assert isinstance(auto.from_pretrained(llada2_fixture_dir), LLaDA2MoeModelLM)
     spec = spiffy.model_spec(llada2)
-    assert (spec.mask_id, spec.eos_id, spec.block_causal, spec.attention_block_size) == (127, 126, True, 0)
+    assert (spec.mask_id, spec.eos_id, spec.block_causal, spec.attention_block_size) == (
+        127,
+        126,
+        True,
+        0,
+    )
     with pytest.raises(ValueError, match="mask_token_id is None"):
         spiffy.model_spec(spiffy.load_model(llada2_fixture_dir))
     published = LLaDA2MoeConfig()
