@@ -2,8 +2,8 @@
 model's parameters (docs/algorithm.md §5.10).
 
 A `DynamicGraph` does not fix the drafts: at every forward the decoder scores every pool node by its estimated
-probability of being the base's next state(s), computed from the live anchor, and fills the D slots level by
-level with the best nodes whose parent is drafted. The slots' levels are fixed, so every forward verifies D rows
+probability of being the base's next state(s), computed from the live anchor, and fills each slot level with
+that level's best nodes. The slots' levels are fixed, so every forward verifies D rows
 of known levels (static shapes, no host read to learn them). `dynamic_graph(D)` is the uncalibrated default
 (`graph="dynamic:D"`); `spiffy.calibration.dynamic` fits the pool, the slots and the exponents to recorded
 trajectories. This module imports nothing from the decoders or calibration.

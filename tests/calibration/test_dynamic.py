@@ -58,3 +58,22 @@ def test_replay_needs_recorded_features(fixture_model):
         DynamicReplay(traj)
     with pytest.raises(ValueError, match="features=0"):
         record_trajectories(fixture_model, cfg, prompts(1), progress=False, features=0)
+
+
+def test_slot_search_moves_one_slot_at_a_time_while_a_move_saves_enough():
+    from spiffy.calibration.dynamic import improve_slots
+    from spiffy.graph.dynamic import generic_pool
+
+    pool = generic_pool(4)
+    target = (1, 1, 2, 3)
+
+    def nfe(shape):  # 10 forwards per slot away from the target shape
+        return 100 + 10 * sum(a != b for a, b in zip(sorted(shape), target, strict=True))
+
+    assert improve_slots((1, 2, 3, 4), nfe, pool) == target
+    # a move saving less than the margin (here 1 of ~120 forwards, < 2 %) is not taken
+    assert improve_slots((1, 2, 3, 4), lambda s: 120 - (s == (1, 1, 2, 3)), pool) == (1, 2, 3, 4)
+    # every drafted level keeps the level below it: (1, 1, 3, 4) is never tried
+    tried = []
+    improve_slots((1, 2, 3, 4), lambda s: tried.append(s) or 100, pool)
+    assert tried and all(lv == 1 or lv - 1 in s for s in tried for lv in s)
