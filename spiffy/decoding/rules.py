@@ -259,38 +259,40 @@ def _dream_threshold_batched(rule, sorted_conf, n, steps, masked_at_start):
     return torch.where(quota != 0, torch.minimum(quota, take), quota)
 
 
-@register_rule(
-    "sdar_static",
-    params=("steps_per_block",),
-    selects=True,
-    block_causal=True,
-    summary="SDAR: the top n[s] positions by confidence",
-)
-def _sdar_static(rule, conf, masked, step):
-    return select_positions("sdar_static", conf, masked, step, rule.steps_per_block, None)
+# SDAR's remasking strategies (docs/algorithm.md §12), one chooser each (`sdar_rules.select_positions`):
+# name -> (parameters, ranks by position, summary)
+SDAR_STRATEGIES = {
+    "sdar_static": (("steps_per_block",), False, "SDAR: the top n[s] positions by confidence"),
+    "sdar_dynamic": (
+        ("steps_per_block", "tau"),
+        False,
+        "SDAR: every masked confidence > tau if at least n[s], else the top n[s]",
+    ),
+    "sdar_sequential": (
+        ("steps_per_block",),
+        True,
+        "SDAR: n[s] positions from the first masked one",
+    ),
+}
 
 
-@register_rule(
-    "sdar_dynamic",
-    params=("steps_per_block", "tau"),
-    selects=True,
-    block_causal=True,
-    summary="SDAR: every masked confidence > tau if at least n[s], else the top n[s]",
-)
-def _sdar_dynamic(rule, conf, masked, step):
-    return select_positions("sdar_dynamic", conf, masked, step, rule.steps_per_block, rule.tau)
+def _sdar_chooser(name: str) -> Callable:
+    def select(rule, conf, masked, step):
+        tau = rule.tau if "tau" in SDAR_STRATEGIES[name][0] else None
+        return select_positions(name, conf, masked, step, rule.steps_per_block, tau)
+
+    return select
 
 
-@register_rule(
-    "sdar_sequential",
-    params=("steps_per_block",),
-    selects=True,
-    block_causal=True,
-    ranks_by_position=True,
-    summary="SDAR: n[s] positions from the first masked one",
-)
-def _sdar_sequential(rule, conf, masked, step):
-    return select_positions("sdar_sequential", conf, masked, step, rule.steps_per_block, None)
+for _name, (_params, _by_position, _summary) in SDAR_STRATEGIES.items():
+    register_rule(
+        _name,
+        params=_params,
+        selects=True,
+        block_causal=True,
+        ranks_by_position=_by_position,
+        summary=_summary,
+    )(_sdar_chooser(_name))
 
 
 def _llada2_threshold_complete(rule, states, new, ctx):
@@ -310,7 +312,9 @@ def _llada2_threshold_complete(rule, states, new, ctx):
     complete=_llada2_threshold_complete,
 )
 def _llada2_threshold(rule, conf, masked, step):
-    quota = llada2_rules.threshold_quota(conf.numel(), rule.steps_per_block, step, int(masked.sum()))
+    quota = llada2_rules.threshold_quota(
+        conf.numel(), rule.steps_per_block, step, int(masked.sum())
+    )
     return llada2_rules.unmask_positions(conf, masked, quota, rule.tau)
 
 

@@ -63,14 +63,28 @@ def parse_decoder(text: str) -> tuple[str, dict]:
         raise ValueError(f"decoder {text!r}: preset {name!r} is not one of {preset_names()}")
     known = {f.name for f in dataclasses.fields(DecoderConfig)} - {"name"}
     given = {}
-    for item in filter(None, rest.split(",")):
+    for item in _items(rest):
         key, eq, value = item.partition("=")
         if not eq or key not in known:
             raise ValueError(
                 f"decoder {text!r}: {item!r} must be key=value with a decoder key, one of {sorted(known)}"
             )
-        given[key] = yaml.safe_load(value)
+        try:
+            given[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"decoder {text!r}: {item!r} has no YAML value") from None
     return name, given
+
+
+def _items(text: str) -> list[str]:
+    """`text` split at the commas outside brackets (`stop_ids=[1,2],tau=0.8` is two items)."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [item for item in [*items, text[start:]] if item]
 
 
 def preset_settings(text: str) -> tuple[dict, dict]:
@@ -88,7 +102,7 @@ def preset_settings(text: str) -> tuple[dict, dict]:
 
 def preset_generation(task: str, text: str, temperature: float, **overrides) -> dict:
     """Every `GenerationConfig` field of the decoder `<preset>[:key=value,...]` on `task`'s preset, with
-    `overrides` (`GenerationConfig` fields) last. As in `spiffy run`: `steps = gen_length / steps_per_token`
+    `overrides` (`GenerationConfig` fields) last; `temperature` unless the decoder sets its own. As in `spiffy run`: `steps = gen_length / steps_per_token`
     for the rules that read `steps`; a rule with `steps_per_block` left unset gets the block length (one token
     per step; the SDAR presets read the model's block size, which is the block length here)."""
     gen, _ = preset_settings(text)
@@ -109,4 +123,4 @@ def preset_generation(task: str, text: str, temperature: float, **overrides) -> 
     unknown = sorted(set(gen) - set(GenerationConfig.field_names()))
     if unknown:
         raise ValueError(f"decoder {text!r}: {unknown} are not GenerationConfig fields")
-    return task_generation(task, temperature=temperature, **gen)
+    return task_generation(task, **{"temperature": temperature, **gen})

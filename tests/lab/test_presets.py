@@ -36,10 +36,12 @@ def test_presets_with_overrides_give_the_settings_they_name():
         "sdar:fuse_next=true": dict(rule="sdar_static", fuse_next=True, steps_per_block=block),
         "sdar_dynamic": dict(rule="sdar_dynamic", tau=0.9, steps_per_block=block),
         "vanilla:steps_per_token=2": dict(steps=TASKS["arith"].generation["gen_length"] // 2),
+        "vanilla:stop_ids=[5,7]": dict(stop_ids=(5, 7)),  # a list value's commas
     }
     for text, settings in cases.items():
         want = task_generation("arith", temperature=0.7, **settings)
         assert generation_for("arith", text, 0.7) == want, text
+    assert generation_for("arith", "vanilla:temperature=0.0", 0.7)["temperature"] == 0.0  # its own
     # overrides of the call win; steps_per_block follows an overridden block length
     got = generation_for("arith", "sdar", 0.0, block_length=4, gen_length=16)
     assert (got["block_length"], got["steps_per_block"], got["gen_length"]) == (4, 4, 16)
@@ -57,6 +59,7 @@ def test_decoder_specs_parse_presets_and_spiffy_over_them():
         ("threshold0.9", "preset 'threshold0.9' is not one of"),
         ("vanilla:bogus=1", "'bogus=1' must be key=value with a decoder key"),
         ("vanilla:tau", "'tau' must be key=value"),
+        ("vanilla:stop_ids=[5", "'stop_ids=\\[5' has no YAML value"),
         ("vanilla:gen_length=64", "'gen_length=64' must be key=value with a decoder"),
         ("spiffy_kv_cache", "that preset speculates"),
         ("vanilla:compile=true", "compile=true is a run option"),
