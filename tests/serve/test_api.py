@@ -125,3 +125,39 @@ def test_models_health_ready_metrics(served):
         line for line in text.splitlines() if line.startswith('spiffy_requests_total{outcome="ok"}')
     ]
     assert int(ok[0].split()[-1]) >= 1
+
+
+def test_chat_template_models_and_models_without_one(served):
+    """A tokenizer with a chat template renders the conversation with it (generation prompt added); a model
+    with neither a template nor the embedded format is a 400 naming `messages`."""
+    import copy
+
+    from spiffy.serve.service import RequestError
+
+    _, service, _, _ = served
+    templated = copy.copy(service)
+    templated.tokenizer = copy.copy(service.tokenizer)
+    templated.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]
+    assert templated.chat_format == "template"
+    assert templated.chat_prompt(messages) == "<system>Be brief.\n<user>1+1?\n<assistant>"
+    assert service.chat_format == "qa"
+    assert (
+        service.chat_prompt(
+            [
+                {"role": "user", "content": "a?"},
+                {"role": "assistant", "content": "1"},
+                {"role": "user", "content": "b?"},
+            ]
+        )
+        == "Question: a?\nAnswer: 1\n\nQuestion: b?\nAnswer:"
+    )
+    plain = copy.copy(service)
+    plain.cfg = copy.deepcopy(service.cfg)
+    plain.cfg.model.path = "some/checkpoint"
+    with pytest.raises(RequestError, match="has no chat template") as err:
+        plain.chat_prompt(messages)
+    assert err.value.param == "messages"
