@@ -78,7 +78,8 @@ class EngineLoop:
         return self._pending
 
     def live(self) -> int:
-        return sum(len(e._live) for e in list(self._engines.values()))
+        """Requests decoding now (admitted by their engine), the rest of `pending` waits."""
+        return sum(1 for job in list(self._jobs.values()) if job.handle.state.begun)
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -177,9 +178,9 @@ class EngineLoop:
         except (
             Exception
         ) as error:  # the engine itself failed: every request in it fails with the reason
-            for request in [*engine._live, *engine._waiting]:
-                job = self._jobs.pop(id(request), None)
-                if job is not None:
+            for key, job in list(self._jobs.items()):
+                if job.handle.engine is engine:
+                    del self._jobs[key]
                     self._end(job, "error", error)
             self._engines.pop(id(engine.decoder), None)
             return
