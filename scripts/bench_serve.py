@@ -2,7 +2,8 @@
 several concurrencies and request rates, for a base decoder and its Spiffy version side by side, like
 `vllm bench serve`: TTFT (arrival to the first committed block), time per output block after the first, p50/p99
 request latency, output tokens/s. It also runs the concurrency-16 workload on the engine loop in this process
-(no HTTP), interleaved with the HTTP runs, to measure what the HTTP layer costs.
+(no HTTP), interleaved with the HTTP runs (the `openai` client streamed, and a plain `httpx` client not
+streamed, whose parsing costs the shared CPU less), to measure what the HTTP layer costs.
 
     python scripts/bench_serve.py                      # starts one server per decoder on a free port
     python scripts/bench_serve.py --url http://h:8000 --only spiffy   # a running server (no in-process run)
@@ -26,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -269,22 +271,26 @@ def main(argv=None) -> int:
             if not args.url:  # HTTP vs in-process at concurrency 16, interleaved
                 inproc = InProcess(overrides)
                 inproc.run(texts[:8], 4)
+                raw = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=32))
+                plain = lambda t, t0: raw.post(f"{url}/v1/completions", json={"prompt": t}).json()  # noqa: E731
                 pairs = []
                 for _ in range(args.rounds):
                     _, wall_http = run_load(http, texts, concurrency=16)
+                    _, wall_plain = run_load(plain, texts, concurrency=16)
                     rows, wall_in = inproc.run(texts, 16)
                     check(rows, texts, expected, f"{name} in-process")
-                    pairs.append((wall_http, wall_in))
+                    pairs.append((wall_http, wall_in, wall_plain))
                 inproc.close()
-                http_s = statistics.median(p[0] for p in pairs)
-                in_s = statistics.median(p[1] for p in pairs)
+                http_s, in_s, plain_s = (statistics.median(p[i] for p in pairs) for i in range(3))
                 overhead.append(
                     {
                         "decoder": name,
                         "http_wall_s": http_s,
                         "in_process_wall_s": in_s,
                         "http_overhead": http_s / in_s - 1,
-                        "pairs": pairs,
+                        "plain_http_wall_s": plain_s,
+                        "plain_http_overhead": plain_s / in_s - 1,
+                        "rounds": pairs,
                     }
                 )
                 print(json.dumps(overhead[-1]), flush=True)
@@ -332,8 +338,10 @@ def write(args, results, overhead, load_before, load_after) -> None:
             "",
         ]
         lines += [
-            f"- {o['decoder']}: HTTP {o['http_wall_s']:.2f} s vs in-process {o['in_process_wall_s']:.2f} s: "
-            f"{100 * o['http_overhead']:+.1f} %"
+            f"- {o['decoder']}: in-process {o['in_process_wall_s']:.2f} s; HTTP with the `openai` client, "
+            f"streamed {o['http_wall_s']:.2f} s ({100 * o['http_overhead']:+.1f} %); HTTP with a plain "
+            f"`httpx` client, not streamed {o['plain_http_wall_s']:.2f} s "
+            f"({100 * o['plain_http_overhead']:+.1f} %)"
             for o in overhead
         ]
         lines.append("")
