@@ -42,7 +42,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", default="low_confidence")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", default="runs/graphs")  # committed: results/graphs (reproduce_results.sh)
+    p.add_argument(
+        "--root", default="runs/graphs"
+    )  # committed: results/graphs (reproduce_results.sh)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--force", action="store_true")
     args = p.parse_args()

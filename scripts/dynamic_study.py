@@ -59,7 +59,12 @@ def spot_check(model, gen, graph, prompts, replay: DynamicReplay, test) -> dict:
         same &= torch.equal(a.tokens, b.tokens)
         nfe, base_nfe = nfe + b.stats.nfe, base_nfe + a.stats.nfe
     sub = DynamicReplay(test.subset(range(len(prompts))))
-    return {"tokens_equal": same, "measured_nfe": nfe, "replayed_nfe": sub.evaluate(graph).nfe, "base_nfe": base_nfe}
+    return {
+        "tokens_equal": same,
+        "measured_nfe": nfe,
+        "replayed_nfe": sub.evaluate(graph).nfe,
+        "base_nfe": base_nfe,
+    }
 
 
 def order(trajectories) -> dict:
@@ -81,7 +86,8 @@ def order(trajectories) -> dict:
                 counts[1] += 1
                 previous = set(key)
     return {
-        f"{k}: best free rank, top token": (a / n if n else float("nan")) for k, (a, n) in hits.items()
+        f"{k}: best free rank, top token": (a / n if n else float("nan"))
+        for k, (a, n) in hits.items()
     } | {"transitions counted": hits["first"][1] + hits["later"][1]}
 
 
@@ -126,7 +132,9 @@ def main() -> None:
     for base, overrides in BASES.items():
         gen = task_generation("arith", **overrides)
         slug = base.replace(" ", "").replace(",", "_")
-        calib = recorded(model, gen, calib_prompts, cache, f"{slug}-calib{args.n_calib}", args.horizon)
+        calib = recorded(
+            model, gen, calib_prompts, cache, f"{slug}-calib{args.n_calib}", args.horizon
+        )
         test = recorded(model, gen, test_prompts, cache, f"{slug}-test{args.n_test}", args.horizon)
         replay = DynamicReplay(test)
         orders.append({"base": base, **order(test)})
@@ -148,20 +156,37 @@ def main() -> None:
                 max(row["dynamic:D"], row["calibrated dynamic"]) / row["anchor oracle"]
             )
             rows.append(row)
-            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+            print(
+                {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True
+            )
             if budget == max(args.budgets) and args.spot:
-                spots.append({"base": base, "D": budget, **spot_check(model, gen, dynamic, test_prompts[: args.spot], replay, test)})
+                spots.append(
+                    {
+                        "base": base,
+                        "D": budget,
+                        **spot_check(model, gen, dynamic, test_prompts[: args.spot], replay, test),
+                    }
+                )
                 print(spots[-1], flush=True)
             if budget == max(args.budgets) and args.wall and gen["cache"] == "dual":
                 load = os.getloadavg()[0]
                 seconds = wall_clock(
-                    model, gen, {"base": None, "static": static, "dynamic": dynamic}, test_prompts[: args.wall]
+                    model,
+                    gen,
+                    {"base": None, "static": static, "dynamic": dynamic},
+                    test_prompts[: args.wall],
                 )
-                walls.append({"base": base, "D": budget, **{f"{k} s/problem": v for k, v in seconds.items()},
-                              "static speedup": seconds["base"] / seconds["static"],
-                              "dynamic speedup": seconds["base"] / seconds["dynamic"],
-                              "dynamic / static (time)": seconds["dynamic"] / seconds["static"],
-                              "load average (before, after)": f"{load:.1f}, {os.getloadavg()[0]:.1f}"})
+                walls.append(
+                    {
+                        "base": base,
+                        "D": budget,
+                        **{f"{k} s/problem": v for k, v in seconds.items()},
+                        "static speedup": seconds["base"] / seconds["static"],
+                        "dynamic speedup": seconds["base"] / seconds["dynamic"],
+                        "dynamic / static (time)": seconds["dynamic"] / seconds["static"],
+                        "load average (before, after)": f"{load:.1f}, {os.getloadavg()[0]:.1f}",
+                    }
+                )
                 print(walls[-1], flush=True)
     write(rows, spots, walls, orders, args)
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from spiffy.calibration.calibrate import evaluate, select_graph
 from spiffy.calibration.oracle import anchor_oracle, trajectory_oracle
@@ -63,10 +62,15 @@ def study(model, tok, args) -> pd.DataFrame:
     for base, overrides in BASES.items():
         gen = task_generation("arith", **overrides)
         slug = base.replace(" ", "").replace(",", "_")
-        calib = recorded(model, gen, calib_prompts, cache, f"{slug}-calib{args.n_calib}", args.horizon)
+        calib = recorded(
+            model, gen, calib_prompts, cache, f"{slug}-calib{args.n_calib}", args.horizon
+        )
         test = recorded(model, gen, test_prompts, cache, f"{slug}-test{args.n_test}", args.horizon)
         for budget in args.budgets:
-            traj, anchor = trajectory_oracle(test, budget), anchor_oracle(test, budget, top=args.top)
+            traj, anchor = (
+                trajectory_oracle(test, budget),
+                anchor_oracle(test, budget, top=args.top),
+            )
             best = select_graph(calib, budget, "best")
             row = {
                 "base": base,
@@ -80,7 +84,9 @@ def study(model, tok, args) -> pd.DataFrame:
             }
             row["calibrated / anchor oracle"] = row["calibrated"] / anchor.speedup_nfe
             rows.append(row)
-            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+            print(
+                {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True
+            )
     return pd.DataFrame(rows)
 
 

@@ -26,7 +26,14 @@ sys.path.insert(0, str(ROOT))
 from spiffy.lab.report import experiment_table, rows_frame  # noqa: E402
 from spiffy.lab.results import read_rows  # noqa: E402
 
-TABLE_METRICS = ["accuracy", "nfe_mean", "nfe_base_mean", "speedup_nfe", "speedup_wall", "agreement"]
+TABLE_METRICS = [
+    "accuracy",
+    "nfe_mean",
+    "nfe_base_mean",
+    "speedup_nfe",
+    "speedup_wall",
+    "agreement",
+]
 
 
 def logged_rows(results: str | Path, experiment: str) -> list[dict]:
@@ -64,12 +71,16 @@ def build(experiment: str, rows: list[dict], *, entity: str, project: str, onlin
         return wr.Runset(
             name=name,
             filters=expr.And(expr.Metric("Group") == experiment, *filters),
-            pinned_columns=[f"config:{a.split('.', 1)[0]}.value.{a.split('.', 1)[1]}" for a in axes if "." in a]
+            pinned_columns=[
+                f"config:{a.split('.', 1)[0]}.value.{a.split('.', 1)[1]}" for a in axes if "." in a
+            ]
             + [f"summary:{m}" for m in TABLE_METRICS],
             **where,
         )
 
-    bases = sorted({(r["config"]["decoder"]["rule"], r["config"]["decoder"]["cache"]) for r in rows})
+    bases = sorted(
+        {(r["config"]["decoder"]["rule"], r["config"]["decoder"]["cache"]) for r in rows}
+    )
     blocks = [
         wr.H1(f"spiffy: {experiment}"),
         wr.P(
@@ -221,11 +232,19 @@ def api_keys(entity: str, project: str, experiment: str) -> dict[str, set[str]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("experiment")
-    p.add_argument("--results", default="runs/results", help="result store (results_dir of the sweep)")
+    p.add_argument(
+        "--results", default="runs/results", help="result store (results_dir of the sweep)"
+    )
     p.add_argument("--mode", choices=("offline", "online"), default="offline")
-    p.add_argument("--project", default=None, help="W&B project (default: the rows' tracking.project)")
-    p.add_argument("--entity", default=None, help="W&B entity (default: the rows', else your default)")
-    p.add_argument("--out", default=None, help="offline spec path (default runs/reports/<experiment>.json)")
+    p.add_argument(
+        "--project", default=None, help="W&B project (default: the rows' tracking.project)"
+    )
+    p.add_argument(
+        "--entity", default=None, help="W&B entity (default: the rows', else your default)"
+    )
+    p.add_argument(
+        "--out", default=None, help="offline spec path (default runs/reports/<experiment>.json)"
+    )
     args = p.parse_args(argv)
 
     rows = logged_rows(args.results, args.experiment)
@@ -272,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     if dirs:
         print("upload the offline runs, then build it online:")
         print("  wandb sync " + " ".join(dirs))
-        print(f"  python scripts/wandb_report.py {args.experiment} --results {args.results} --mode online")
+        print(
+            f"  python scripts/wandb_report.py {args.experiment} --results {args.results} --mode online"
+        )
     return 0
 
 

@@ -141,7 +141,9 @@ def predict(
     extra_calls = sum(b.extra_calls for b in blocks)
     # block-causal caches: the prefills and one store per block, the same calls with or without drafts
     stores = len(blocks) if extra_calls else 0
-    common_ms = stores * costs.block_start_ms + (extra_calls - stores) * costs.meta.get("prefill_ms", 0.0)
+    common_ms = stores * costs.block_start_ms + (extra_calls - stores) * costs.meta.get(
+        "prefill_ms", 0.0
+    )
     out = []
     for layout in costs.forward_ms:
         base_ms = len(blocks) * costs.block_start_ms + transitions * costs.step_ms + common_ms
@@ -222,7 +224,9 @@ def predict_dynamic(
             nfe = len(blocks) + n_in
             expected = replay.evaluate(graph).nfe
             if nfe != expected:  # the replay must be the evaluator's walk
-                raise RuntimeError(f"dynamic replay NFE {nfe} != evaluate NFE {expected} at D={budget}")
+                raise RuntimeError(
+                    f"dynamic replay NFE {nfe} != evaluate NFE {expected} at D={budget}"
+                )
             key = overhead_key(layout, graph)
             extra = n_in * costs.overhead(*key) if key[0] in costs.overhead_ms else 0.0
             ms = len(blocks) * costs.block_start_ms + fwd_ms + transitions * costs.step_ms + extra

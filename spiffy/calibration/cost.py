@@ -347,7 +347,9 @@ def time_outside_model(
     return step_ms, overhead, base_model_ms, sum(forwards[("base", 0)])
 
 
-DYNAMIC = "dynamic:"  # overhead_ms of dynamic graphs: under "dynamic:<layout>", keyed by their budget
+DYNAMIC = (
+    "dynamic:"  # overhead_ms of dynamic graphs: under "dynamic:<layout>", keyed by their budget
+)
 
 
 def overhead_key(layout: str, graph: DraftGraph | DynamicGraph) -> tuple[str, int]:

@@ -21,6 +21,7 @@ from spiffy.decoding.dynamic import AnchorFeatures, DynamicTensors
 from spiffy.graph.draft_graph import DraftGraph, Formula
 from spiffy.graph.dynamic import DynamicGraph, default_slots, generic_pool
 
+
 class DynamicReplay:
     """The recorded origins' features stacked by block length, ready to score many dynamic graphs."""
 
@@ -59,7 +60,9 @@ class DynamicReplay:
         nodes = graph.pool.nodes
         model = (graph.pool, graph.gap_weight, graph.rank_bias, graph.token_power)
         if model not in self._scores:
-            self._scores = {model: [tensors.scores(self._features(f, graph)) for _, f in self.groups]}
+            self._scores = {
+                model: [tensors.scores(self._features(f, graph)) for _, f in self.groups]
+            }
         out = {}
         for (origins, features), score in zip(self.groups, self._scores[model], strict=True):
             chosen = tensors.select(self._features(features, graph), score).tolist()
@@ -110,7 +113,8 @@ def choice_events(trajectories: Trajectories, top: int) -> tuple[torch.Tensor, .
     for e, r in enumerate(rows):
         free[e, list(r[1])] = False
     certainty = -torch.log((1 - conf.clamp(0.0, 1.0)).clamp_min(1e-12))
-    rel = torch.arange(conf.shape[1]).expand_as(conf)  # absolute ranks (the race's weights are fixed)
+    # absolute ranks (the race's weights are fixed)
+    rel = torch.arange(conf.shape[1]).expand_as(conf)
     chosen = torch.tensor([r[2] for r in rows])
     logp = torch.tensor([r[3] for r in rows], dtype=torch.float64).clamp_min(1e-300).log()
     return certainty, free, rel, chosen, logp, torch.tensor([r[4] for r in rows])
@@ -174,6 +178,7 @@ def calibrate_dynamic(
         slots = tuple(min(s, depth) for s in slots)
         if slots not in shapes and _fits(pool, slots):
             shapes.append(slots)
+
     def nfe(slots) -> int:
         graph = DynamicGraph(pool, tuple(slots), gap, bias, token)
         return replay.evaluate(graph, cross_block=cross_block).nfe
@@ -204,8 +209,10 @@ def improve_slots(slots, nfe, pool: DraftGraph, margin: float = SHAPE_MARGIN) ->
                 shape = list(current)
                 shape.remove(a)
                 shape = tuple(sorted([*shape, b]))
-                if shape in seen or not _fits(pool, shape) or any(
-                    lv > 1 and lv - 1 not in shape for lv in shape
+                if (
+                    shape in seen
+                    or not _fits(pool, shape)
+                    or any(lv > 1 and lv - 1 not in shape for lv in shape)
                 ):
                     continue
                 seen.add(shape)

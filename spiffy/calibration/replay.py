@@ -76,7 +76,9 @@ def walk_block_at(
     while t < block.transitions:
         nfe += 1  # a forward at X_t verifying the drafts
         nodes = nodes_at(t)
-        accepted = follow(block.keys[t - 1], nodes, EMPTY)  # the decoder's walk (spiffy.decoding.walk)
+        accepted = follow(
+            block.keys[t - 1], nodes, EMPTY
+        )  # the decoder's walk (spiffy.decoding.walk)
         if cross_block and t + accepted + 1 == block.transitions:
             completed = block.complete[t - 1] in nodes
         t += accepted + 1

@@ -29,7 +29,9 @@ def float32_threshold(value: float) -> float:
 
 def threshold_quota(block_length: int, steps: int, step: int, masked_left: int) -> int:
     """`n[step]` of LLaDA2.0's schedule (`B // S` plus one for the first `B % S` steps)."""
-    if step >= steps:  # the reference leaves the block with masks here; it never happens without a mask argmax
+    if (
+        step >= steps
+    ):  # the reference leaves the block with masks here; it never happens without a mask argmax
         raise RuntimeError(
             f"the block still has {masked_left} masked positions after steps_per_block={steps} "
             "steps (the model predicted the mask id)"
@@ -37,7 +39,9 @@ def threshold_quota(block_length: int, steps: int, step: int, masked_left: int) 
     return block_length // steps + (1 if step < block_length % steps else 0)
 
 
-def unmask_positions(conf: torch.Tensor, masked: torch.Tensor, quota: int, tau: float) -> torch.Tensor:
+def unmask_positions(
+    conf: torch.Tensor, masked: torch.Tensor, quota: int, tau: float
+) -> torch.Tensor:
     """Masked positions with `conf > tau` if at least `quota` of them, else the top `min(quota, masked)` by
     `conf` (ties to the lowest index). `conf` (Lb,) is -inf at unmasked positions."""
     high = masked & (conf > float32_threshold(tau))
@@ -48,7 +52,11 @@ def unmask_positions(conf: torch.Tensor, masked: torch.Tensor, quota: int, tau: 
 
 
 def edited_positions(
-    p: torch.Tensor, x0: torch.Tensor, state: torch.Tensor, masked: torch.Tensor, prompt_in_block: int,
+    p: torch.Tensor,
+    x0: torch.Tensor,
+    state: torch.Tensor,
+    masked: torch.Tensor,
+    prompt_in_block: int,
     editing_threshold: float,
 ) -> torch.Tensor:
     """LLaDA2.1's edits (Lb,) bool: generated positions unmasked at the start of the step whose prediction
@@ -58,8 +66,9 @@ def edited_positions(
     return editable & (x0 != state) & (p > float32_threshold(editing_threshold))
 
 
-def eos_stop_rows(states: torch.Tensor, new: torch.Tensor, eos_id: int, mask_id: int,
-                  prompt_in_block: int) -> torch.Tensor:
+def eos_stop_rows(
+    states: torch.Tensor, new: torch.Tensor, eos_id: int, mask_id: int, prompt_in_block: int
+) -> torch.Tensor:
     """LLaDA2.0's `eos_early_stop` (N,) bool: this step wrote an EOS and no mask precedes the first EOS of
     the generated part of the block (earlier blocks hold neither: they would have stopped the request)."""
     gen_new, gen_old = new[:, prompt_in_block:], states[:, prompt_in_block:]
@@ -88,8 +97,9 @@ class PostCounter:
         self.calls += int(not bool((state == mask_id).any()))
 
 
-def edit_complete_rows(states: torch.Tensor, new: torch.Tensor, mask_id: int, post_calls: int,
-                       max_post_steps: int) -> torch.Tensor:
+def edit_complete_rows(
+    states: torch.Tensor, new: torch.Tensor, mask_id: int, post_calls: int, max_post_steps: int
+) -> torch.Tensor:
     """LLaDA2.1's end of block after one call per row (N,) bool: a call on a mask-free state that edited
     nothing, or a mask-free result when the next call would exceed `max_post_steps` post calls."""
     free_before = (states != mask_id).all(1)

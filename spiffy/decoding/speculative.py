@@ -51,7 +51,9 @@ class Speculation:
 
     graph: DraftGraph | DynamicGraph | str
     verify: str = "exact"
-    prune: int | None = None  # keep only the best `prune` nodes per forward (docs/algorithm.md §5.6)
+    prune: int | None = (
+        None  # keep only the best `prune` nodes per forward (docs/algorithm.md §5.6)
+    )
     # "keyed": rank tokens/positions under future steps' keyed noise (§5.7)
     draft_noise: str = "none"
     # continue the walk across a block boundary when the complete state was a verified draft (docs/algorithm.md §5.4,
@@ -130,10 +132,14 @@ class SpiffyDecoder(BlockDecoder):
                 f"fuse_store=True with rule={cfg.rule!r}: a complete draft does not end a LLaDA2.1 block "
                 "(post calls may still edit it), so drafts keep a mask (docs/llada2.md)"
             )
-        self.keep_kv = speculation.fuse_store  # keep the verified rows' K/V to store a finished draft
+        self.keep_kv = (
+            speculation.fuse_store
+        )  # keep the verified rows' K/V to store a finished draft
         self.keyed = speculation.draft_noise == "keyed"
         self._dynamic = None
-        if isinstance(self.graph, DynamicGraph):  # drafts chosen per forward (docs/algorithm.md §5.10)
+        if isinstance(
+            self.graph, DynamicGraph
+        ):  # drafts chosen per forward (docs/algorithm.md §5.10)
             self._dynamic = DynamicDrafter(self.graph, self.device, keyed=self.keyed)
             return
         # one (graph, tensors) per phase of a phased graph (drafts chosen by the masked count), else one

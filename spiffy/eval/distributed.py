@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-DEFAULT_TIMEOUT_S = 1800  # torch's own default for gloo; bounds every wait, including rank 0's calibration
+DEFAULT_TIMEOUT_S = (
+    1800  # torch's own default for gloo; bounds every wait, including rank 0's calibration
+)
 
 
 class RankFailed(RuntimeError):
@@ -60,7 +62,9 @@ def launched_ranks() -> tuple[int, int, int]:
             raise ValueError(f"environment {key}={raw!r} must be an integer") from None
     rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"environment RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} is not a valid rank")
+        raise ValueError(
+            f"environment RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} is not a valid rank"
+        )
     return rank, world, local
 
 
@@ -179,7 +183,9 @@ def checked(ranks: Ranks, what: str, fn: Callable[[], Any]) -> Any:
     """`fn()` on every rank, then `check_all`: a failure on any rank fails all of them with its error."""
     try:
         value = fn()
-    except Exception as error:  # KeyboardInterrupt and SystemExit leave at once; the launcher stops the rest
+    except (
+        Exception
+    ) as error:  # KeyboardInterrupt and SystemExit leave at once; the launcher stops the rest
         check_all(ranks, what, error)
         raise
     check_all(ranks, what, None)
@@ -233,4 +239,3 @@ def merge_in_request_order(per_rank: list[list]) -> list:
         merged,
         key=lambda r: (tasks.index(r.request_id.rsplit(":", 2)[0]), *request_order(r.request_id)),
     )
-

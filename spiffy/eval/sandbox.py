@@ -47,7 +47,9 @@ class Limits:
 
     timeout_s: float = 10.0  # wall clock; then the whole sandbox is killed
     cpu_s: int = 10  # RLIMIT_CPU per process
-    memory_bytes: int = 2 << 30  # total resident memory of all its processes; also RLIMIT_AS of each
+    memory_bytes: int = (
+        2 << 30
+    )  # total resident memory of all its processes; also RLIMIT_AS of each
     file_bytes: int = 16 << 20  # RLIMIT_FSIZE
     processes: int = 32  # RLIMIT_NPROC (sandbox processes)
     open_files: int = 64  # RLIMIT_NOFILE
@@ -255,7 +257,9 @@ def run_program(source: str, limits: Limits = Limits(), *, isolated: bool = True
             raise
         stderr = run.stderr
         if run.out_of_memory:
-            stderr += f"\n[sandbox: killed: the processes used more than {limits.memory_bytes} bytes]"
+            stderr += (
+                f"\n[sandbox: killed: the processes used more than {limits.memory_bytes} bytes]"
+            )
         status = "timed out" if run.timed_out else "passed" if run.returncode == 0 else "failed"
         if run.out_of_memory:
             status = "failed"

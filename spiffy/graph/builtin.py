@@ -58,7 +58,9 @@ def parse_graph_spec(spec: str) -> DraftGraph | DynamicGraph:
     return SPECS[name](int(arg))
 
 
-def resolve_graph(graph: DraftGraph | DynamicGraph | str | os.PathLike) -> DraftGraph | DynamicGraph:
+def resolve_graph(
+    graph: DraftGraph | DynamicGraph | str | os.PathLike,
+) -> DraftGraph | DynamicGraph:
     """A graph from a graph, a path to a graph JSON (static or dynamic), or a spec string."""
     if isinstance(graph, (DraftGraph, DynamicGraph)):
         return graph

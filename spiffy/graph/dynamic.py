@@ -47,7 +47,9 @@ class DynamicGraph:
         object.__setattr__(self, "slots", tuple(self.slots))
         object.__setattr__(self, "rank_bias", tuple(float(b) for b in self.rank_bias))
         if not self.rank_bias or not all(math.isfinite(b) for b in self.rank_bias):
-            raise ValueError(f"rank_bias={list(self.rank_bias)} must be a non-empty list of finite numbers")
+            raise ValueError(
+                f"rank_bias={list(self.rank_bias)} must be a non-empty list of finite numbers"
+            )
         if not self.slots or any(not isinstance(s, int) or s < 1 for s in self.slots):
             raise ValueError(f"slots={list(self.slots)} must be a non-empty list of levels >= 1")
         if list(self.slots) != sorted(self.slots):

@@ -39,7 +39,9 @@ class Claim:
 
     def release(self) -> None:
         self._stop.set()
-        if owner(self.path).get("token") == self.token:  # never remove a claim someone else took over
+        if (
+            owner(self.path).get("token") == self.token
+        ):  # never remove a claim someone else took over
             self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> Claim:

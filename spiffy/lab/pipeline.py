@@ -271,7 +271,9 @@ def checked_job(dict_cfg: DictConfig) -> tuple[RunConfig, dict, str, Path]:
         preflight(cfg)
         key = store.job_key(resolved)
         folder = store.experiment_dir(cfg.results_dir, cfg.experiment_name)
-        store.check_writable(folder)  # a full disk or a read-only store fails now, not after the evaluation
+        store.check_writable(
+            folder
+        )  # a full disk or a read-only store fails now, not after the evaluation
     except (ValueError, OSError) as err:
         raise ConfigError(user_message(err)) from err
     return cfg, resolved, key, folder
@@ -293,7 +295,9 @@ def run(dict_cfg: DictConfig) -> float:
     A job whose row is already stored is not rerun (unless `force`): its stored summary is printed. Otherwise it
     claims its key (`spiffy.lab.claims`), so an identical job started elsewhere skips instead of duplicating it.
     """
-    cfg, resolved, key, folder = checked_job(dict_cfg)  # every rank: nothing is loaded before these pass
+    cfg, resolved, key, folder = checked_job(
+        dict_cfg
+    )  # every rank: nothing is loaded before these pass
     ranks = distributed.join(cfg.model.device, timeout_s=cfg.eval.dist_timeout_s)
     if not ranks.is_main:  # rank 0 decides whether the job runs (store, claim) and tells the others
         go = distributed.share_from_rank0(ranks, "the job's start", lambda: None)
@@ -507,7 +511,9 @@ def evaluate_job(cfg: RunConfig, ranks: distributed.Ranks | None = None):
         ranks, "calibration", lambda: choose_graph(cfg, model, tokenizer, gen)
     )
     graph_s = time.perf_counter() - t0
-    if isinstance(graph, DraftGraph) and auto is None and len(graph.nodes) < graph.budget:  # said, not clamped
+    if (
+        isinstance(graph, DraftGraph) and auto is None and len(graph.nodes) < graph.budget
+    ):  # said, not clamped
         print(
             f"note: graph.budget={graph.budget}, but calibration found {len(graph.nodes)} nodes worth drafting: "
             f"the graph has {len(graph.nodes)} (the row records it as graph_nodes)"

@@ -236,7 +236,9 @@ def read_rows(path: str | Path) -> list[dict]:
 def check_writable(folder: Path, probe_bytes: int = 64 << 10) -> None:
     """Create `folder` and write, fsync and remove a probe file of `probe_bytes` in it, so that a read-only
     store or a full disk fails before the evaluation, naming the folder (OSError)."""
-    probe = folder / f".write-probe-{platform.node()}-{os.getpid()}"  # unique on a shared filesystem
+    probe = (
+        folder / f".write-probe-{platform.node()}-{os.getpid()}"
+    )  # unique on a shared filesystem
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as f:
@@ -292,7 +294,11 @@ def environment(device: str, dtype: str | None = None, invariant: bool = False) 
 
     from spiffy.models.numerics import machine
 
-    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
+    name = (
+        torch.cuda.get_device_name(torch.device(device))
+        if device.startswith("cuda")
+        else cpu_name()
+    )
     return {
         "device": device,
         "device_name": name,

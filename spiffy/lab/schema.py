@@ -93,7 +93,9 @@ class TaskConfig:
             )
         known = lm_eval_tasks()
         if self.lm_eval_task not in known:
-            raise ValueError(f"task.lm_eval_task={self.lm_eval_task!r} is not a task; known: {known}")
+            raise ValueError(
+                f"task.lm_eval_task={self.lm_eval_task!r} is not a task; known: {known}"
+            )
         calibrating = sorted(name for name, t in TASKS.items() if t.calibration is not None)
         if self.calibration_task is not None and self.calibration_task not in calibrating:
             raise ValueError(
@@ -296,7 +298,9 @@ class EvalConfig:
         if self.dist_timeout_s <= 0:
             raise ValueError(f"eval.dist_timeout_s={self.dist_timeout_s} must be > 0 (seconds)")
         if not self.max_verify_gib > 0 or self.max_verify_gib == float("inf"):
-            raise ValueError(f"eval.max_verify_gib={self.max_verify_gib} must be a finite number > 0")
+            raise ValueError(
+                f"eval.max_verify_gib={self.max_verify_gib} must be a finite number > 0"
+            )
         if self.threads < 0:
             raise ValueError(f"eval.threads={self.threads} must be >= 0 (0 = torch's default)")
         try:
@@ -325,7 +329,9 @@ class RunConfig:
         from spiffy.decoding.rules import RULES
 
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32) (numpy's seed range)")
+            raise ValueError(
+                f"seed={self.seed!r} must be an integer in [0, 2**32) (numpy's seed range)"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]*", self.experiment_name):
             raise ValueError(
                 f"experiment_name={self.experiment_name!r} must be a folder name: letters, digits and "
@@ -399,7 +405,9 @@ def check_budget_bound(cfg: RunConfig) -> None:
     if g.source == "chain":
         most = steps * blocks if cfg.decoder.cross_block else steps
         if budget > most:
-            where = "the job's steps (cross-block)" if cfg.decoder.cross_block else "a block's steps"
+            where = (
+                "the job's steps (cross-block)" if cfg.decoder.cross_block else "a block's steps"
+            )
             raise ValueError(
                 f"graph.budget={budget} with graph.source='chain': chain:D drafts D steps ahead, and {where} "
                 f"number {most}: the maximum is graph.budget={most}"

@@ -42,8 +42,12 @@ def markdown(title: str, table, note: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="spiffy tables", description=__doc__.splitlines()[0])
-    p.add_argument("--results", default="runs/results", help="result rows (committed: results/runs)")
-    p.add_argument("--out", default="runs/tables", help="tables and plots (committed: results/tables)")
+    p.add_argument(
+        "--results", default="runs/results", help="result rows (committed: results/runs)"
+    )
+    p.add_argument(
+        "--out", default="runs/tables", help="tables and plots (committed: results/tables)"
+    )
     p.add_argument("--experiment", nargs="*", default=None)
     p.add_argument(
         "--cost-curve", default=None, help="scripts/bench.py JSON holding a cost curve (Figure 5)"

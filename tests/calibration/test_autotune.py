@@ -88,7 +88,9 @@ def test_the_replay_counts_the_forwards_and_drafts_the_decoder_runs(cfg):
     phased = DraftGraph(c3.nodes, c3.parents, 3, phases=((1, (0,)), (8, (0, 1, 2))))
     two = DraftGraph.from_formulas([[(1, 1)], [(2, 1)], [(1, 1), (2, 1)]])
     for graph in (c3, two, phased):
-        (candidate,) = [c for c in predict(trajectories, {3: graph}, scripted_costs(lambda n: 1.0), cfg)]
+        (candidate,) = [
+            c for c in predict(trajectories, {3: graph}, scripted_costs(lambda n: 1.0), cfg)
+        ]
         nfe = drafts = 0
         for i, prompt in enumerate(PROMPTS):
             decoder = spiffy.build_decoder(model, cfg, speculate=spiffy.Speculation(graph))
@@ -101,7 +103,9 @@ def test_the_replay_counts_the_forwards_and_drafts_the_decoder_runs(cfg):
 
 
 def test_drafts_counter_drops_nodes_beyond_the_masked_positions_and_complete_drafts():
-    graph = DraftGraph.from_formulas([[(1, 1)], [(1, 1), (2, 1)], [(3, 1)], [(1, 1), (2, 1), (3, 1)]])
+    graph = DraftGraph.from_formulas(
+        [[(1, 1)], [(1, 1), (2, 1)], [(3, 1)], [(1, 1), (2, 1), (3, 1)]]
+    )
     count = drafts_counter(graph, keyed=False)
     # m = 3: all but the node filling every masked position; m = 2: only ranks <= 2 that leave a mask
     assert [count(m) for m in (1, 2, 3, 4)] == [0, 1, 3, 4]
@@ -176,7 +180,10 @@ def test_a_malformed_cost_model_file_raises_naming_its_path(tmp_path):
         path.write_text(broken)
         with pytest.raises(ValueError, match=f"cost model file '{path}' is malformed"):
             measure(tmp_path, [chain(2)])
-    for key, match in (("forward_ms", "blocks x states"), ("base_forward_ms", "does not match blocks")):
+    for key, match in (
+        ("forward_ms", "blocks x states"),
+        ("base_forward_ms", "does not match blocks"),
+    ):
         broken = json.loads(json.dumps(data))
         table = broken[key]["exact"] if key == "forward_ms" else broken[key]
         del table[0]
@@ -219,8 +226,15 @@ def test_the_store_keeps_a_phased_graphs_phases(tmp_path, monkeypatch):
     phased = DraftGraph(((((1, 1),), ((2, 1),))), ((-1,), (-1,)), 1, phases=((1, (0,)), (3, (1,))))
     monkeypatch.setattr(store, "select_graph", lambda *args, **kwargs: phased)
     graph = store.load_or_calibrate(
-        ScriptedModel(), CFG, lambda: PROMPTS, model_name="s", task="t", n_samples=2, budget=1,
-        root=tmp_path, progress=False,
+        ScriptedModel(),
+        CFG,
+        lambda: PROMPTS,
+        model_name="s",
+        task="t",
+        n_samples=2,
+        budget=1,
+        root=tmp_path,
+        progress=False,
     )
     assert graph.phases == phased.phases and len(graph.nodes) == 2 and graph.budget == 1
 
@@ -231,9 +245,13 @@ def test_autotune_models_the_block_causal_cache(tmp_path):
     from tests.conftest import tiny_random_llada2
 
     model = tiny_random_llada2()
-    cfg = GenerationConfig(gen_length=8, block_length=4, rule="llada2_threshold", steps_per_block=4, tau=0.9)
+    cfg = GenerationConfig(
+        gen_length=8, block_length=4, rule="llada2_threshold", steps_per_block=4, tau=0.9
+    )
     prompts = [torch.tensor([1, 2, 3, 4, 5]), torch.tensor([6, 7, 8, 9, 10, 11])]
-    kw = dict(model_name="tiny-llada2", task="t", n_samples=2, max_budget=2, root=tmp_path, progress=False)
+    kw = dict(
+        model_name="tiny-llada2", task="t", n_samples=2, max_budget=2, root=tmp_path, progress=False
+    )
     choice = spiffy.autotune(model, cfg, prompts, **kw)
     assert sorted(c.budget for c in choice.candidates) == [0, 1, 2]
     costs = CostModel.from_json(open(choice.costs_path).read(), choice.costs_path)
@@ -262,8 +280,13 @@ def test_dynamic_candidates_replay_the_forwards_and_drafts_the_decoder_runs(fixt
     test = prompts(3, seed=4)
     trajectories = record_trajectories(fixture_model, cfg, test, progress=False, features=3)
     graphs = {d: calibrate_dynamic(trajectories, d) for d in (2, 5)}
-    candidates = predict_dynamic(trajectories, graphs, scripted_costs(lambda n: 1.0, max_states=6), cfg)
-    assert [(c.kind, c.budget, c.nodes) for c in candidates] == [("dynamic", 2, 2), ("dynamic", 5, 5)]
+    candidates = predict_dynamic(
+        trajectories, graphs, scripted_costs(lambda n: 1.0, max_states=6), cfg
+    )
+    assert [(c.kind, c.budget, c.nodes) for c in candidates] == [
+        ("dynamic", 2, 2),
+        ("dynamic", 5, 5),
+    ]
     for candidate in candidates:
         nfe = drafts = 0
         decoder = spiffy.build_decoder(
@@ -287,9 +310,13 @@ def test_autotune_with_dynamic_graphs_measures_them_and_can_choose_one(tmp_path,
     kw = dict(model_name="scripted", task="scripted", n_samples=2, max_budget=3, root=tmp_path)
     choice = spiffy.autotune(model, CFG, PROMPTS, progress=False, dynamic=True, **kw)
     kinds = sorted((c.kind, c.budget) for c in choice.candidates)
-    assert kinds == [("dynamic", 1), ("dynamic", 2), ("dynamic", 3)] + [("static", d) for d in range(4)]
+    assert kinds == [("dynamic", 1), ("dynamic", 2), ("dynamic", 3)] + [
+        ("static", d) for d in range(4)
+    ]
     costs = CostModel.from_json(open(choice.costs_path).read(), choice.costs_path)
-    assert set(costs.overhead_ms) == {"exact", "dynamic:exact"} and set(costs.overhead_ms["dynamic:exact"]) == {3}
+    assert set(costs.overhead_ms) == {"exact", "dynamic:exact"} and set(
+        costs.overhead_ms["dynamic:exact"]
+    ) == {3}
 
     def pick_dynamic(candidates, margin):
         best = next(c for c in candidates if c.kind == "dynamic" and c.budget == 2)

@@ -4,7 +4,6 @@ decoding, and the calibration."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import spiffy
 from spiffy.calibration.dynamic import DynamicReplay, calibrate_dynamic, evaluate_dynamic, fit_model
@@ -30,7 +29,9 @@ def test_replay_matches_decoding(fixture_model, settings, tmp_path):
     for graph in (dynamic_graph(5), calibrate_dynamic(traj, 6)):
         replayed = evaluate_dynamic(graph, traj).nfe
         measured = 0
-        decoder = spiffy.build_decoder(fixture_model, speculate=spiffy.Speculation(graph), **settings)
+        decoder = spiffy.build_decoder(
+            fixture_model, speculate=spiffy.Speculation(graph), **settings
+        )
         for i, prompt in enumerate(test):
             measured += decoder.generate(prompt, request_id=i).stats.nfe
         # the replay scores all origins in one batch, the decoder one anchor per forward: equal unless two
@@ -46,7 +47,9 @@ def test_calibration_fits_the_model_and_never_loses_to_its_chain_shape(fixture_m
     graph = calibrate_dynamic(traj, 6, provenance={"task": "random"})
     assert graph.budget == 6 and graph.provenance == {"task": "random"}
     depth = max(graph.pool.levels)
-    chain_shape = DynamicGraph(graph.pool, tuple(min(s, depth) for s in range(1, 7)), gap, bias, token)
+    chain_shape = DynamicGraph(
+        graph.pool, tuple(min(s, depth) for s in range(1, 7)), gap, bias, token
+    )
     replay = DynamicReplay(traj)
     assert replay.evaluate(graph).nfe <= replay.evaluate(chain_shape).nfe
 

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-import spiffy
 from spiffy.calibration.calibrate import evaluate, select_graph
 from spiffy.calibration.oracle import anchor_oracle, trajectory_oracle
 from spiffy.calibration.trajectories import record_trajectories
@@ -72,7 +71,9 @@ def test_trajectory_oracle_replay_equals_decoding_with_the_true_future(fixture_m
 def test_on_a_predictable_model_both_oracles_take_d_plus_one_transitions_per_forward(budget):
     # the stable scripted model commits (1,1), (2,1), ... relative to every anchor: nothing to guess
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=16)
-    traj = record_trajectories(ScriptedModel(), cfg, [torch.tensor([1, 2])], horizon=10, progress=False)
+    traj = record_trajectories(
+        ScriptedModel(), cfg, [torch.tensor([1, 2])], horizon=10, progress=False
+    )
     per_block = 1 + math.ceil(7 / (budget + 1))  # the block start, then D + 1 transitions a forward
     assert trajectory_oracle(traj, budget).nfe == 2 * per_block
     assert anchor_oracle(traj, budget, top=1).nfe == 2 * per_block

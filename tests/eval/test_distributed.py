@@ -13,7 +13,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from spiffy.eval import distributed
-from spiffy.eval.distributed import Ranks, RankFailed
+from spiffy.eval.distributed import RankFailed, Ranks
 from tests.eval.test_harness import instance, lm  # noqa: F401 - the fixture
 
 
@@ -61,7 +61,17 @@ def test_records_of_the_shards_merge_in_single_process_order():
     rank0 = [Rec("a:0:0"), Rec("a:2:0"), Rec("a:4:0"), Rec("b:0:0"), Rec("b:0:1"), Rec("b:2:0")]
     rank1 = [Rec("a:1:0"), Rec("a:3:0"), Rec("b:1:0")]
     merged = [r.request_id for r in distributed.merge_in_request_order([rank0, rank1])]
-    assert merged == ["a:0:0", "a:1:0", "a:2:0", "a:3:0", "a:4:0", "b:0:0", "b:0:1", "b:1:0", "b:2:0"]
+    assert merged == [
+        "a:0:0",
+        "a:1:0",
+        "a:2:0",
+        "a:3:0",
+        "a:4:0",
+        "b:0:0",
+        "b:0:1",
+        "b:1:0",
+        "b:2:0",
+    ]
 
 
 def test_padding_requests_are_answered_without_decoding_or_recording(lm):  # noqa: F811
@@ -99,7 +109,11 @@ def _worker(rank: int, port: int, scenario: str, queue) -> None:
     import os
 
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     import torch.distributed as dist
 

@@ -245,7 +245,9 @@ def test_a_program_that_leaves_the_process_group_is_killed_at_the_timeout(close_
     marker = f"spiffy-setsid-{uuid.uuid4().hex}"
     start = time.perf_counter()
     try:
-        outcome = run_program(_escape_in_new_session(marker, close_stdio=close_stdio), Limits(timeout_s=2.0))
+        outcome = run_program(
+            _escape_in_new_session(marker, close_stdio=close_stdio), Limits(timeout_s=2.0)
+        )
         elapsed = time.perf_counter() - start
         assert outcome.status == "timed out" and elapsed < 8, (outcome, elapsed)
         time.sleep(0.2)
@@ -291,7 +293,9 @@ def test_the_timeout_kill_holds_for_a_non_root_user():
 
     setpriv = shutil.which("setpriv")
     python = shutil.which("python3", path="/usr/bin:/bin")
-    assert os.geteuid() == 0 and setpriv, "the test switches to nobody, so it runs as root (as CI does)"
+    assert os.geteuid() == 0 and setpriv, (
+        "the test switches to nobody, so it runs as root (as CI does)"
+    )
     assert python, "a system python3 in /usr/bin or /bin runs the non-root check"
     package = Path(tempfile.mkdtemp(prefix="spiffy-nonroot-", dir="/tmp"))
     try:
@@ -299,13 +303,27 @@ def test_the_timeout_kill_holds_for_a_non_root_user():
         (package / "spiffy" / "__init__.py").write_text("")
         (package / "spiffy" / "eval" / "__init__.py").write_text("")
         for module in ("sandbox.py", "supervise.py"):
-            shutil.copy(Path(sandbox.__file__).with_name(module), package / "spiffy" / "eval" / module)
+            shutil.copy(
+                Path(sandbox.__file__).with_name(module), package / "spiffy" / "eval" / module
+            )
         for path in [package, *package.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         done = subprocess.run(
-            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--", python, "-c",
-             NON_ROOT_CHECK, TOUCH_IN_CHILDREN],
-            capture_output=True, text=True, cwd="/", timeout=60,
+            [
+                setpriv,
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                python,
+                "-c",
+                NON_ROOT_CHECK,
+                TOUCH_IN_CHILDREN,
+            ],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=60,
             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package), "HOME": "/tmp"},
         )
     finally:
@@ -345,7 +363,9 @@ def test_memory_is_limited_in_total_not_per_process():
     assert not outcome.passed and "used more than 167772160 bytes" in outcome.stderr, outcome
 
 
-@pytest.mark.parametrize("exit_early", ["import sys\n    sys.exit(0)\n", "import os\n    os._exit(0)\n"])
+@pytest.mark.parametrize(
+    "exit_early", ["import sys\n    sys.exit(0)\n", "import os\n    os._exit(0)\n"]
+)
 def test_a_completion_that_exits_before_the_tests_does_not_pass(exit_early):
     problems = load_humaneval()["test"].select(range(2))
     refs = [

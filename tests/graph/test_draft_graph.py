@@ -103,9 +103,13 @@ def test_a_graph_must_fit_the_block_and_the_vocabulary():
 
     graph = DraftGraph.from_formulas([[(1, 1)], [(1, 1), (9, 5)]])
     check_graph_fits(graph, block_length=9, vocab_size=5)
-    with pytest.raises(ValueError, match=r"node 1 \[\(1, 1\), \(9, 5\)\] has position rank 9.*maximum"):
+    with pytest.raises(
+        ValueError, match=r"node 1 \[\(1, 1\), \(9, 5\)\] has position rank 9.*maximum"
+    ):
         check_graph_fits(graph, block_length=8, vocab_size=5, source="g.json")
-    with pytest.raises(ValueError, match=r"draft graph g.json: node 1 .* token rank 5, but the vocabulary has 4"):
+    with pytest.raises(
+        ValueError, match=r"draft graph g.json: node 1 .* token rank 5, but the vocabulary has 4"
+    ):
         check_graph_fits(graph, block_length=9, vocab_size=4, source="g.json")
 
 
@@ -116,7 +120,10 @@ def test_a_decoder_refuses_a_graph_whose_ranks_it_cannot_index():
     graph = DraftGraph.from_formulas([[(1, 10**6)]])
     with pytest.raises(ValueError, match="token rank 1000000, but the vocabulary has 24 tokens"):
         spiffy.build_decoder(
-            tiny_random_model(), gen_length=8, block_length=8, steps=8,
+            tiny_random_model(),
+            gen_length=8,
+            block_length=8,
+            steps=8,
             speculate=spiffy.Speculation(graph),
         )
 

@@ -15,7 +15,9 @@ def test_budget_auto_job_records_the_chosen_budget_and_its_prediction(tmp_path):
     assert sorted(c["budget"] for c in auto["candidates"]) == [0, 1, 2]
     chosen = next(c for c in auto["candidates"] if c["budget"] == auto["budget"])
     assert m["predicted_speedup_wall"] == chosen["speedup_wall"] >= 1.0
-    assert m["agreement"] == 1.0 and "speedup_wall" in m  # measured beside the base, even for D* = 0
+    assert (
+        m["agreement"] == 1.0 and "speedup_wall" in m
+    )  # measured beside the base, even for D* = 0
     assert row["name"] == f"arith-spiffy-Dauto{auto['budget']}"
     assert (row["graph"] is None) == (auto["budget"] == 0)
     assert f"auto: D*={auto['budget']}" in proc.stdout

@@ -37,7 +37,9 @@ def row(key, experiment="exp", value=1.0):
 
 def test_job_key_ignores_what_cannot_change_a_result():
     base = store.job_key(config())
-    assert store.job_key(config(threads=0)) == base  # threads, progress, tracking, force: not the result
+    assert (
+        store.job_key(config(threads=0)) == base
+    )  # threads, progress, tracking, force: not the result
     assert store.job_key({**config(), "force": True, "tracking": {"mode": "online"}}) == base
     assert store.job_key(config(budget=5)) != base
     assert store.job_key(config(rule="greedy")) != base
@@ -53,7 +55,11 @@ def test_batch_size_is_an_axis_of_the_job_key():
 
 
 def test_vanilla_jobs_of_a_budget_sweep_share_one_key():
-    keys = {store.job_key(config("vanilla", False, b, r)) for b in (3, 5, 8) for r in ("degree1", "greedy")}
+    keys = {
+        store.job_key(config("vanilla", False, b, r))
+        for b in (3, 5, 8)
+        for r in ("degree1", "greedy")
+    }
     assert len(keys) == 1
     # Spiffy at D = 0 drafts nothing either: its graph settings do not matter, its decoder name does
     assert store.job_key(config(budget=0)) == store.job_key(config(budget=0, rule="greedy"))
@@ -182,7 +188,9 @@ def _concurrent_writers(tmp_path, writers, n):
         pending.get()
     rows = store.read_rows(tmp_path)
     keys = sorted(r["job_key"] for r in rows)
-    expected = sorted([f"w{w}-{i}" for w in range(writers) for i in range(n)] + [f"shared{i}" for i in range(n)])
+    expected = sorted(
+        [f"w{w}-{i}" for w in range(writers) for i in range(n)] + [f"shared{i}" for i in range(n)]
+    )
     assert keys == expected  # every row exactly once
     assert seen_counts == sorted(seen_counts)  # a reader never loses a row it saw
     assert not [p for p in (tmp_path / "exp").iterdir() if p.name.endswith(".tmp")]

@@ -33,7 +33,10 @@ def test_every_setting_reaches_every_consumer():
 def test_unknown_names_raise_with_the_known_ones():
     with pytest.raises(ValueError, match=r"rule='fast' is not a known transition rule; known: \["):
         rules.TransitionRule("fast")
-    with pytest.raises(ValueError, match=r"cache='full' is not known; known: \['block_causal', 'dual', 'none', 'prefix'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"cache='full' is not known; known: \['block_causal', 'dual', 'none', 'prefix'\]",
+    ):
         get_cache_mode("full")
     from spiffy.calibration.calibrate import SELECTORS, select_graph
     from spiffy.calibration.trajectories import Trajectories
@@ -59,7 +62,10 @@ def test_a_new_rule_with_a_new_parameter_needs_two_files(monkeypatch, tiny_model
     )
     try:
         extended = dataclasses.make_dataclass(
-            "Extended", [("alpha", float | None, None)], bases=(spiffy.GenerationConfig,), frozen=True
+            "Extended",
+            [("alpha", float | None, None)],
+            bases=(spiffy.GenerationConfig,),
+            frozen=True,
         )
         cfg = extended(gen_length=16, block_length=8, rule="alpha", alpha=0.5)
         with pytest.raises(ValueError, match="alpha=None: rule='alpha' needs alpha"):

@@ -13,7 +13,12 @@ register_configs()
 
 
 def test_dry_run_lists_jobs_with_their_action(tmp_path, capsys):
-    sweep = ["hydra/launcher=slurm", "decoder=vanilla,spiffy", "graph.budget=3,10", f"results_dir={tmp_path}"]
+    sweep = [
+        "hydra/launcher=slurm",
+        "decoder=vanilla,spiffy",
+        "graph.budget=3,10",
+        f"results_dir={tmp_path}",
+    ]
     jobs = plan(sweep)
     assert [j["overrides"] for j in jobs] == [
         f"decoder=vanilla graph.budget=3 results_dir={tmp_path}",
@@ -31,11 +36,17 @@ def test_dry_run_lists_jobs_with_their_action(tmp_path, capsys):
         held.release()
     assert dry_run(sweep) == 0
     out = capsys.readouterr().out
-    assert "dry run: 4 job(s), hydra/launcher=slurm" in out and "2 to run, 1 done (skip), 0 running elsewhere, 1 duplicate(s)" in out
+    assert (
+        "dry run: 4 job(s), hydra/launcher=slurm" in out
+        and "2 to run, 1 done (skip), 0 running elsewhere, 1 duplicate(s)" in out
+    )
 
 
 def test_dry_run_names_the_job_with_a_bad_value(capsys):
-    with pytest.raises(ValueError, match=r"job #1 \(graph.budget=-1\): graph.budget=-1 must be 'auto' or an integer >= 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"job #1 \(graph.budget=-1\): graph.budget=-1 must be 'auto' or an integer >= 0",
+    ):
         plan(["graph.budget=3,-1"])
     assert dry_run(["graph.budget=3,ten"]) == 1
     assert "job #1 (graph.budget=ten)" in capsys.readouterr().out
@@ -49,7 +60,9 @@ def test_launcher_configs_compose_with_their_plugins(launcher):
 
     conf = CONF_DIR
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+        cfg = compose(
+            config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True
+        )
     params = cfg.hydra.launcher
     if launcher == "slurm":
         assert params._target_.endswith("SlurmLauncher")

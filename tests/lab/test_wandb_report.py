@@ -18,7 +18,9 @@ pytest.importorskip("wandb_workspaces")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("wandb_report", ROOT / "scripts" / "wandb_report.py")
+    spec = importlib.util.spec_from_file_location(
+        "wandb_report", ROOT / "scripts" / "wandb_report.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -28,7 +30,12 @@ def job_config(decoder: str, budget: int, rule="schedule", cache="none") -> dict
     return {
         "model": {"name": "tiny"},
         "task": {"name": "arith", "calibration_task": None},
-        "decoder": {"name": decoder, "rule": rule, "cache": cache, "speculate": decoder != "vanilla"},
+        "decoder": {
+            "name": decoder,
+            "rule": rule,
+            "cache": cache,
+            "speculate": decoder != "vanilla",
+        },
         "graph": {"budget": budget, "source": "calibrate", "rule": "degree1", "n_samples": 20},
         "eval": {"threads": 1},
         "tracking": {"mode": "offline"},
@@ -87,7 +94,11 @@ def test_offline_report_spec_refers_only_to_logged_keys(logged, tmp_path, capsys
         "Calibration transfer",
     ]
     refs = {(section, key) for _, section, key in spec["references"]}
-    assert {("config", "graph.budget"), ("summary", "speedup_nfe"), ("history", "acceptance/accepted")} <= refs
+    assert {
+        ("config", "graph.budget"),
+        ("summary", "speedup_nfe"),
+        ("history", "acceptance/accepted"),
+    } <= refs
     assert ("config", "decoder.name") in refs  # a sweep axis of the rows is a runs-table column
     assert "wandb sync" in capsys.readouterr().out
 

