@@ -31,6 +31,7 @@ from spiffy.calibration.oracle import anchor_oracle, trajectory_oracle
 from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
 from spiffy.graph.builtin import chain
 from spiffy.graph.dynamic import dynamic_graph
+from spiffy.lab.report import plot_panels
 from spiffy.tasks.registry import TASKS, task_generation
 
 BASES = {
@@ -192,32 +193,15 @@ def main() -> None:
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bases = list(dict.fromkeys(df["base"]))
-    fig, axes = plt.subplots(1, len(bases), figsize=(4 * len(bases), 3.4), sharey=True)
-    for ax, base in zip(axes, bases, strict=True):
-        sub = df[df["base"] == base]
-        for col, style in (
-            ("trajectory oracle", "k-o"),
-            ("anchor oracle", "b-s"),
-            ("calibrated dynamic", "m-D"),
-            ("dynamic:D", "m:x"),
-            ("calibrated static", "g-^"),
-            ("chain:D", "r--v"),
-        ):
-            ax.plot(sub["D"], sub[col], style, label=col)
-        ax.set_title(base)
-        ax.set_xlabel("D (drafts per forward)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("NFE speedup over the base")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    series = [
+        ("trajectory oracle", "k-o"),
+        ("anchor oracle", "b-s"),
+        ("calibrated dynamic", "m-D"),
+        ("dynamic:D", "m:x"),
+        ("calibrated static", "g-^"),
+        ("chain:D", "r--v"),
+    ]
+    plot_panels(df, series, path)
 
 
 def write(rows, spots, walls, orders, args) -> None:

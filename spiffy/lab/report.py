@@ -221,6 +221,37 @@ def plot_speedup(
     _finish(fig, path, ax)
 
 
+def plot_panels(
+    table: pd.DataFrame,
+    series: list[tuple[str, str]],
+    path: str | Path,
+    *,
+    panel: str = "base",
+    x: str = "D",
+    xlabel: str = "D (drafts per forward)",
+    ylabel: str = "NFE speedup over the base",
+) -> None:
+    """One panel per value of `panel` (in order of appearance), each drawing `series` = (column, matplotlib
+    style) against `x`: the oracle and dynamic-drafting studies' figure."""
+    plt = _pyplot()
+    panels = list(dict.fromkeys(table[panel]))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True, squeeze=False
+    )
+    for ax, name in zip(axes[0], panels, strict=True):
+        sub = table[table[panel] == name]
+        for column, style in series:
+            ax.plot(sub[x], sub[column], style, label=column)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_acceptance(table: pd.DataFrame, path: str | Path) -> None:
     """Acceptance per graph level: the share of forwards whose walk accepted a level-l draft."""
     long = acceptance_frame(table)

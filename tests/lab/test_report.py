@@ -257,3 +257,32 @@ def test_batching_plot_from_a_bench_payload(tmp_path):
     )
     plot_batching({"decoders": decoders}, tmp_path / "only.png")
     assert (tmp_path / "b.png").stat().st_size > 0 and (tmp_path / "only.png").stat().st_size > 0
+
+
+def test_study_panels_one_per_base_in_order(tmp_path, monkeypatch):
+    """`scripts/oracle_study.py` and `scripts/dynamic_study.py` draw this figure: one panel per base, in the
+    table's order, each with every requested series against D."""
+    import matplotlib.figure
+
+    from spiffy.lab.report import plot_panels
+
+    table = pd.DataFrame(
+        [
+            {"base": b, "D": d, "chain:D": 1 + d / 10, "anchor oracle": 1 + d / 5}
+            for b in ("block 8", "block 32", "dual cache, block 8")
+            for d in (3, 5, 10)
+        ]
+    )
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        saved.append([(ax.get_title(), [line.get_label() for line in ax.lines]) for ax in fig.axes])
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    plot_panels(table, [("anchor oracle", "b-s"), ("chain:D", "r--v")], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert saved == [
+        [(b, ["anchor oracle", "chain:D"]) for b in ("block 8", "block 32", "dual cache, block 8")]
+    ]
