@@ -28,27 +28,20 @@ import spiffy
 from spiffy.calibration.calibrate import evaluate, select_graph
 from spiffy.calibration.dynamic import DynamicReplay, calibrate_dynamic
 from spiffy.calibration.oracle import anchor_oracle, trajectory_oracle
-from spiffy.eval.offline import arith_test_prompts, encode, load_for_study
+from spiffy.eval.offline import load_for_study
 from spiffy.graph.builtin import chain
 from spiffy.graph.dynamic import dynamic_graph
 from spiffy.lab.report import plot_panels
-from spiffy.tasks.registry import TASKS, task_generation
-
-BASES = {
-    "block 8": dict(),
-    "block 32": dict(block_length=32),
-    "dual cache, block 8": dict(cache="dual"),
-    "dual cache, block 32": dict(cache="dual", block_length=32),
-}
 
 
-def recorded(model, gen, prompts, cache, name, horizon):
+def _oracle_study():
+    """`scripts/oracle_study.py` as a module: its prompts and recorded trajectory sets are this study's."""
     from importlib.util import module_from_spec, spec_from_file_location
 
     spec = spec_from_file_location("oracle_study", Path(__file__).with_name("oracle_study.py"))
     module = module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.recorded(model, gen, prompts, cache, name, horizon)
+    return module
 
 
 def spot_check(model, gen, graph, prompts, replay: DynamicReplay, test) -> dict:
@@ -126,17 +119,12 @@ def main() -> None:
     p.add_argument("--out", default="results/tables")
     args = p.parse_args()
     model, tok = load_for_study(args.model, args.threads)
-    test_prompts = arith_test_prompts(tok, args.n_test)
-    calib_prompts = [encode(tok, t) for t in TASKS["arith"].calibration(args.n_calib, 0)]
-    cache = Path(args.cache) if args.cache else None
+    oracle_study = _oracle_study()
+    test_prompts, calib_prompts = oracle_study.study_prompts(tok, args)
     rows, spots, walls, orders = [], [], [], []
-    for base, overrides in BASES.items():
-        gen = task_generation("arith", **overrides)
-        slug = base.replace(" ", "").replace(",", "_")
-        calib = recorded(
-            model, gen, calib_prompts, cache, f"{slug}-calib{args.n_calib}", args.horizon
-        )
-        test = recorded(model, gen, test_prompts, cache, f"{slug}-test{args.n_test}", args.horizon)
+    for base, gen, calib, test in oracle_study.trajectory_sets(
+        model, test_prompts, calib_prompts, args
+    ):
         replay = DynamicReplay(test)
         orders.append({"base": base, **order(test)})
         for budget in args.budgets:

@@ -53,13 +53,19 @@ def recorded(model, gen: dict, prompts, cache: Path | None, name: str, horizon: 
     return traj
 
 
-def study(model, tok, args) -> pd.DataFrame:
-    test_prompts = arith_test_prompts(tok, args.n_test)
-    calib_prompts = [encode(tok, t) for t in TASKS["arith"].calibration(args.n_calib, 0)]
+def study_prompts(tok, args) -> tuple[list, list]:
+    """The `--n-test` held-out `arith` test problems and the `--n-calib` calibration prompts, encoded."""
+    test = arith_test_prompts(tok, args.n_test)
+    calib = [encode(tok, t) for t in TASKS["arith"].calibration(args.n_calib, 0)]
+    return test, calib
+
+
+def trajectory_sets(model, test_prompts, calib_prompts, args):
+    """For each base of `BASES`: (its name, its settings, calibration trajectories, test trajectories), recorded
+    or reused from `--cache` (`scripts/dynamic_study.py` replays the same sets)."""
     cache = Path(args.cache) if args.cache else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
-    rows = []
     for base, overrides in BASES.items():
         gen = task_generation("arith", **overrides)
         slug = base.replace(" ", "").replace(",", "_")
@@ -67,6 +73,12 @@ def study(model, tok, args) -> pd.DataFrame:
             model, gen, calib_prompts, cache, f"{slug}-calib{args.n_calib}", args.horizon
         )
         test = recorded(model, gen, test_prompts, cache, f"{slug}-test{args.n_test}", args.horizon)
+        yield base, gen, calib, test
+
+
+def study(model, tok, args) -> pd.DataFrame:
+    rows = []
+    for base, _, calib, test in trajectory_sets(model, *study_prompts(tok, args), args):
         for budget in args.budgets:
             traj, anchor = (
                 trajectory_oracle(test, budget),
