@@ -11,7 +11,7 @@ from hypothesis import Phase, given, settings
 
 import spiffy
 from spiffy.decoding.batching import CallStacker, ModelCall
-from spiffy.models.kv import KVCache, bidirectional_attention, stack_caches
+from spiffy.models.kv import KVCache, bidirectional_attention
 from tests.conftest import tiny_random_sdar
 from tests.helpers.lossless import (
     BATCH_CASES,
@@ -20,6 +20,7 @@ from tests.helpers.lossless import (
     assert_batch_equals_alone,
     batch_case,
 )
+from tests.helpers.stacking import fail_request_1_in_block_2, stacked_attention_case
 
 PROMPTS = [[71, 124, 84, 108, 88], [5, 9], [33, 44, 55, 66, 77, 88, 99, 110, 12], [7]]
 
@@ -124,14 +125,7 @@ def test_batch_input_errors(fixture_model):
 def test_a_failing_request_stops_the_batch(fixture_model):
     """An error in one request's decode reaches the caller; the others are stopped, not left waiting."""
     decoder = spiffy.build_decoder(fixture_model, gen_length=16, block_length=8)
-    original = decoder.enter_block
-
-    def failing(state, carry):
-        if state.request_id == 1 and state.index == 1:
-            raise RuntimeError("request 1 fails in its second block")
-        return original(state, carry)
-
-    decoder.enter_block = failing
+    fail_request_1_in_block_2(decoder)
     with pytest.raises(RuntimeError, match="request 1 fails"):
         decoder.generate_batch(PROMPTS, batch_size=4)
 
@@ -139,26 +133,13 @@ def test_a_failing_request_stops_the_batch(fixture_model):
 def test_stacked_cache_attention_equals_each_cache_alone():
     """Rows of several requests, each with its own cache (different lengths), in one attention call."""
     torch.manual_seed(0)
-    heads, kv_heads, hd, q = 4, 2, 8, 3
-    caches, queries, fresh = [], [], []
-    for length, rows in [(5, 2), (9, 1), (7, 3)]:
-        layers = ((torch.randn(1, kv_heads, length, hd, dtype=torch.float64),) * 2,)
-        caches.append(KVCache(layers, insert_at=length))
-        queries.append(torch.randn(rows, heads, q, hd, dtype=torch.float64))
-        fresh.append(torch.randn(rows, kv_heads, q, hd, dtype=torch.float64))
     group = 3
-    stacked = stack_caches(caches, group)
-    mask = torch.zeros(3 * group, q, stacked.length + q, dtype=torch.bool)
-    qs, ks = [], []
-    for c, (cache, qq, kk) in enumerate(zip(caches, queries, fresh)):
-        pad = group - qq.shape[0]
-        qs.append(torch.cat([qq, qq[:1].expand(pad, -1, -1, -1)]))
-        ks.append(torch.cat([kk, kk[:1].expand(pad, -1, -1, -1)]))
-        mask[c * group : (c + 1) * group, :, : cache.length] = True
-        mask[c * group : (c + 1) * group, :, stacked.length :] = True
-    together = bidirectional_attention(
-        torch.cat(qs), torch.cat(ks), torch.cat(ks), mask, stacked, 0
+    caches, queries, fresh, stacked, q_all, k_all, mask = stacked_attention_case(
+        lambda *shape: torch.randn(*shape, dtype=torch.float64),
+        [(5, 2), (9, 1), (7, 3)],
+        group=group,
     )
+    together = bidirectional_attention(q_all, k_all, k_all, mask, stacked, 0)
     for c, (cache, qq, kk) in enumerate(zip(caches, queries, fresh)):
         alone = bidirectional_attention(qq, kk, kk, None, cache, 0)
         rows = together[c * group : c * group + qq.shape[0]]

@@ -10,6 +10,7 @@ import spiffy
 from spiffy.decoding.engine import Engine
 from spiffy.decoding.types import BlockEvent
 from tests.conftest import tiny_random_sdar
+from tests.helpers.stacking import fail_request_1_in_block_2
 
 PROMPTS = [[71, 124, 84, 108, 88], [5, 9], [33, 44, 55, 66, 77, 88, 99, 110, 12], [7]]
 
@@ -173,15 +174,8 @@ def test_engine_input_errors(fixture_model):
 def test_a_failing_request_fails_alone_in_the_engine(fixture_model):
     """An error in one request's step marks that request failed; the others finish as alone."""
     decoder = spiffy.build_decoder(fixture_model, gen_length=16, block_length=8)
-    original = decoder.enter_block
-
-    def failing(state, carry):
-        if state.request_id == 1 and state.index == 1:
-            raise RuntimeError("request 1 fails in its second block")
-        return original(state, carry)
-
     alone = [decoder.generate(p, request_id=i) for i, p in enumerate(PROMPTS)]
-    decoder.enter_block = failing
+    fail_request_1_in_block_2(decoder)
     engine = Engine(decoder)
     requests = [engine.add_request(p, request_id=i) for i, p in enumerate(PROMPTS)]
     while engine.has_unfinished():

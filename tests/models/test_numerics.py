@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from spiffy.decoding.block_decoder import DecoderOptions
 from spiffy.models import numerics
-from spiffy.models.kv import KVCache, bidirectional_attention, stack_caches
+from spiffy.models.kv import KVCache, bidirectional_attention
+from tests.helpers.stacking import stacked_attention_case
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -82,31 +83,16 @@ def test_invariant_attention_ignores_stacking_and_padding(dtype, device):
     """Rows of several requests with caches of different lengths (zero-padded, masked) in one call: each
     request's rows are bitwise its rows alone; in float64 the mode matches the default attention."""
     g = torch.Generator().manual_seed(0)
-    heads, kv_heads, hd, q = 4, 2, 8, 3
 
-    def rand(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dt)
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
-    caches, queries, fresh = [], [], []
-    for length, rows in [(5, 2), (41, 1), (7, 3)]:
-        layers = ((rand(1, kv_heads, length, hd), rand(1, kv_heads, length, hd)),)
-        caches.append(KVCache(layers, insert_at=length))
-        queries.append(rand(rows, heads, q, hd))
-        fresh.append(rand(rows, kv_heads, q, hd))
     group = 3
-    stacked = stack_caches(caches, group)
-    mask = torch.zeros(3 * group, q, stacked.length + q, dtype=torch.bool, device=device)
-    qs, ks = [], []
-    for c, (cache, qq, kk) in enumerate(zip(caches, queries, fresh)):
-        pad = group - qq.shape[0]
-        qs.append(torch.cat([qq, qq[:1].expand(pad, -1, -1, -1)]))
-        ks.append(torch.cat([kk, kk[:1].expand(pad, -1, -1, -1)]))
-        mask[c * group : (c + 1) * group, :, : cache.length] = True
-        mask[c * group : (c + 1) * group, :, stacked.length :] = True
+    caches, queries, fresh, stacked, q_all, k_all, mask = stacked_attention_case(
+        rand, [(5, 2), (41, 1), (7, 3)], group=group, device=device
+    )
     with numerics.invariant_numerics():
-        together = bidirectional_attention(
-            torch.cat(qs), torch.cat(ks), torch.cat(ks), mask, stacked, 0
-        )
+        together = bidirectional_attention(q_all, k_all, k_all, mask, stacked, 0)
         for c, (cache, qq, kk) in enumerate(zip(caches, queries, fresh)):
             alone = bidirectional_attention(qq, kk, kk, None, cache, 0)
             assert torch.equal(together[c * group : c * group + qq.shape[0]], alone)
